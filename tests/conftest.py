@@ -1,0 +1,159 @@
+"""Shared fixtures: real photos (scikit-image, scikit-learn) written as image folders in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import sys
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))  # the tools are scripts; tests import them as modules
+
+
+@cache
+def photos() -> list[np.ndarray]:
+    """Real RGB photos of several sizes and aspect ratios."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    images = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
+    images += list(load_sample_images().images)
+    return images
+
+
+def photo(n: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """The n-th distinct real image: a crop of a photo, resized to `size` (width, height)."""
+    source = photos()[n % len(photos())]
+    h, w = source.shape[:2]
+    k = n // len(photos())
+    top, left = (k * 37) % (h // 3), (k * 53) % (w // 3)
+    crop = Image.fromarray(source[top : top + 2 * h // 3, left : left + 2 * w // 3])
+    return crop.resize(size, Image.Resampling.BICUBIC)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def exif_rotated_jpeg(img: Image.Image) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encode(img, "JPEG", quality=90, exif=exif)
+
+
+def cmyk_jpeg(img: Image.Image) -> bytes:
+    return encode(img.convert("CMYK"), "JPEG", quality=90)
+
+
+def png16(img: Image.Image) -> bytes:
+    grey = np.asarray(img.convert("L"), dtype=np.uint16) * 257
+    return encode(Image.fromarray(grey), "PNG")
+
+
+def rgba_png(img: Image.Image) -> bytes:
+    rgba = img.convert("RGBA")
+    alpha = np.full(rgba.size[::-1], 255, np.uint8)
+    alpha[:, : rgba.width // 2] = 0  # left half fully transparent
+    rgba.putalpha(Image.fromarray(alpha))
+    return encode(rgba, "PNG")
+
+
+# Every kind of valid input, and the conversion reason the tool must record (None: copied).
+VALID_KINDS = {
+    "baseline.jpg": (lambda im: encode(im, "JPEG", quality=90), None),
+    "gray.jpeg": (lambda im: encode(im.convert("L"), "JPEG", quality=90), None),
+    "progressive.jpg": (lambda im: encode(im, "JPEG", quality=90, progressive=True), "jpeg_progressive"),
+    "cmyk.jpg": (cmyk_jpeg, "jpeg_cmyk"),
+    "rotated.jpg": (exif_rotated_jpeg, "exif_rotated"),
+    "photo.png": (lambda im: encode(im, "PNG"), "format_png"),
+    "alpha.png": (rgba_png, "format_png"),
+    "deep.png": (png16, "format_png"),
+    "photo.webp": (lambda im: encode(im, "WEBP", quality=90), "format_webp"),
+    "photo.bmp": (lambda im: encode(im, "BMP"), "format_bmp"),
+    "photo.tif": (lambda im: encode(im, "TIFF"), "format_tiff"),
+    "palette.gif": (lambda im: encode(im.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"), "format_gif"),
+}
+LONG_NAME = "nested.dir/deeper/" + "a very long file name with spaces, dots.and-dashes " * 3 + ".v2.JPG"
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def write_class(folder: Path, first: int, kinds=VALID_KINDS) -> int:
+    """One file of every kind, each a different real image; returns how many."""
+    for i, (name, (make, _)) in enumerate(kinds.items()):
+        size = (96 + 8 * (i % 3), 72 + 10 * (i % 4))
+        write(folder / name, make(photo(first + i, size)))
+    return len(kinds)
+
+
+def write_bad_files(folder: Path) -> dict[str, int]:
+    """One input of each skip reason (with --min-side 8); returns the expected counts."""
+    good = encode(photo(0), "JPEG", quality=90)
+    write(folder / "empty.jpg", b"")
+    write(folder / "truncated.jpg", good[: len(good) // 2])
+    write(folder / "random.png", np.random.default_rng(0).bytes(5000))
+    write(folder / "notes.txt", b"not an image")
+    write(folder / "tiny.png", encode(photo(1, (6, 5)), "PNG"))
+    write(folder / ".DS_Store", b"hidden files are ignored")
+    return {"empty": 1, "truncated": 1, "undecodable": 1, "not_image": 1, "too_small": 1}
+
+
+@pytest.fixture
+def class_folders(tmp_path: Path) -> Path:
+    """SRC/<class>/... with three classes (one with a dot in its name), all inputs valid but two
+    non-images; `cat` also holds a long nested name full of dots and spaces."""
+    src = tmp_path / "src"
+    for c, name in enumerate(["zebra", "cat", "dog.big"]):
+        write_class(src / name, first=c * 20)
+    write(src / "cat" / LONG_NAME, encode(photo(99), "JPEG", quality=90))
+    write(src / "dog.big" / "LICENSE.txt", b"CC-BY")
+    write(src / "README.md", b"top-level file")
+    return src
+
+
+@pytest.fixture
+def digits_folder(tmp_path: Path) -> Path:
+    """scikit-learn's handwritten digits as a class folder tree (1797 real 8x8 images)."""
+    from make_shards import export_digits
+
+    return export_digits(tmp_path / "digits")
+
+
+def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, int, tuple]]:
+    """(key, label, decoded HWC shape) of every sample, read by DALI's webdataset reader with
+    the written index files and decoded on CPU."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    tars = sorted(split_dir.glob("*.tar"))
+    count = sum(int(p.with_suffix(".idx").read_text().split()[1]) for p in tars)
+
+    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(
+            paths=[str(p) for p in tars], index_paths=[str(p.with_suffix(".idx")) for p in tars],
+            ext=["jpg", "cls"], missing_component_behavior="error", name="reader",
+        )
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls
+
+    p = pipe()
+    p.build()
+    seen = []
+    while len(seen) < count:
+        images, labels = p.run()
+        for i in range(len(images)):
+            if len(seen) == count:
+                break
+            key = images[i].source_info().rsplit(":", 1)[1].split(".", 1)[0]
+            seen.append((key, int(bytes(np.array(labels[i])).decode("ascii")), images.at(i).shape))
+    return seen

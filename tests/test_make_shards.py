@@ -1,0 +1,302 @@
+"""tools/make_shards.py and tools/verify_shards.py on real photos, end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import LONG_NAME, ROOT, VALID_KINDS, encode, photo, read_with_dali, write, write_bad_files, write_class
+from make_shards import make_shards
+from pipelines.shards import ShardFormatError, jpeg_frame_marker, load_manifest, read_index, sample_key, verify_shards
+
+MAKE_SHARDS = [sys.executable, str(ROOT / "tools" / "make_shards.py")]
+
+
+def run_tool(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*MAKE_SHARDS, *map(str, args)], capture_output=True, text=True, **kwargs)
+
+
+def shard_members(out: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} of every sample in a split, read with tarfile."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted((out / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for info in tar:
+                key, ext = info.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return samples
+
+
+def expected_keys(src: Path, classes: list[str]) -> dict[str, int]:
+    """key -> label of every image file under SRC/<class>/ (all valid in the fixture)."""
+    return {
+        sample_key(p.relative_to(src).as_posix()): classes.index(p.relative_to(src).parts[0])
+        for p in src.rglob("*")
+        if p.is_file() and p.suffix.lower() not in (".txt", ".md") and not p.name.startswith(".")
+    }
+
+
+def test_class_folders_round_trip_through_dali_and_webdataset(class_folders, tmp_path):
+    out = tmp_path / "out"
+    result = run_tool(class_folders, out, "--val-fraction", "0.25", "--max-count", "7", "--workers", "2",
+                      "--max-bad-fraction", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert "train: 28 samples in 4 shard(s)" in result.stdout
+
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes == ["cat", "dog.big", "zebra"]
+    manifest = load_manifest(out)
+    # 13 cat images (12 kinds + the long name), 12 dog.big, 12 zebra; val = round(n / 4)
+    assert manifest["splits"]["val"]["per_class"] == {"cat": 3, "dog.big": 3, "zebra": 3}
+    assert manifest["splits"]["train"]["per_class"] == {"cat": 10, "dog.big": 9, "zebra": 9}
+    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [7, 7, 7, 7]
+    assert manifest["skipped_counts"] == {"not_image": 1, "outside_class": 1}
+    assert manifest["inputs"] == 39
+    reasons = Counter(r for _, r in VALID_KINDS.values() if r)
+    assert manifest["converted_counts"] == {r: 3 * n for r, n in reasons.items()}
+
+    expected = expected_keys(class_folders, classes)
+    assert len(expected) == 37
+    for reader in ("dali", "webdataset"):
+        seen = []
+        for split in ("train", "val"):
+            if reader == "dali":
+                rows = read_with_dali(out / split)
+                assert all(shape[2] == 3 for _, _, shape in rows)  # decodes to RGB
+                seen += [(key, label) for key, label, _ in rows]
+            else:
+                urls = [str(p) for p in sorted((out / split).glob("*.tar"))]
+                seen += [(s["__key__"], s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False).decode("pil")]
+        assert len(seen) == len(set(seen)) == 37, reader  # nothing duplicated
+        assert dict(seen) == expected, reader  # nothing lost, every label right
+
+
+def test_long_nested_names_index_past_gnu_long_name_headers(class_folders, tmp_path):
+    make_shards(src=class_folders, out=tmp_path / "out", val_fraction=0, progress=False, max_bad_fraction=0.1)
+    key = sample_key(f"cat/{LONG_NAME}")
+    assert len(key) + len(".jpg") > 100 and "." not in key and " " not in key
+    tar_path = tmp_path / "out" / "train" / "shard-000000.tar"
+    entry = next(m for s in read_index(tar_path.with_suffix(".idx")) for m in s if m.name == f"{key}.jpg")
+    with open(tar_path, "rb") as f:
+        f.seek(entry.offset)
+        assert f.read(entry.size) == (class_folders / "cat" / LONG_NAME).read_bytes()  # baseline: copied
+
+
+def test_converted_images_are_clean_and_faithful(class_folders, tmp_path):
+    out = tmp_path / "out"
+    make_shards(src=class_folders, out=out, val_fraction=0, progress=False, max_bad_fraction=0.1)
+    samples = shard_members(out, "train")
+
+    def decoded(name: str, cls: str = "zebra") -> tuple[bytes, Image.Image]:
+        data = samples[sample_key(f"{cls}/{name}")]["jpg"]
+        return data, Image.open(io.BytesIO(data))
+
+    for name in VALID_KINDS:
+        data, img = decoded(name)
+        assert img.format == "JPEG" and jpeg_frame_marker(data) == 0xC0, name  # baseline
+        assert img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1, name
+    assert decoded("baseline.jpg")[0] == (class_folders / "zebra" / "baseline.jpg").read_bytes()
+    assert decoded("gray.jpeg")[1].mode == "L"
+
+    source = Image.open(class_folders / "zebra" / "rotated.jpg")
+    assert decoded("rotated.jpg")[1].size == source.size[::-1]  # rotation applied once
+
+    alpha = np.asarray(decoded("alpha.png")[1], dtype=float)
+    assert alpha[:, : alpha.shape[1] // 2 - 4].min() > 245  # transparent half composited over white
+
+    deep = np.asarray(decoded("deep.png")[1], dtype=float)
+    reference = np.asarray(Image.open(class_folders / "zebra" / "deep.png"), dtype=float) / 257
+    assert deep.shape == reference.shape and np.abs(deep - reference).mean() < 2  # scaled, not clipped
+
+    cmyk = np.asarray(decoded("cmyk.jpg")[1].convert("RGB"), dtype=float)
+    original = np.asarray(Image.open(class_folders / "zebra" / "cmyk.jpg").convert("RGB"), dtype=float)
+    assert np.abs(cmyk - original).mean() < 3
+
+
+def test_max_side_downsizes_keeping_aspect(class_folders, tmp_path):
+    out = tmp_path / "out"
+    manifest = make_shards(src=class_folders, out=out, val_fraction=0, max_side=50, progress=False, max_bad_fraction=0.1)
+    assert manifest["converted_counts"]["downsized"] == 37
+    img = Image.open(io.BytesIO(shard_members(out, "train")[sample_key("cat/photo.png")]["jpg"]))
+    source = Image.open(class_folders / "cat" / "photo.png")
+    assert max(img.size) == 50 and abs(img.width / img.height - source.width / source.height) < 0.03
+
+
+def test_train_val_layout_kept_as_given_and_bad_inputs_counted(tmp_path):
+    src = tmp_path / "src"
+    valid = {("train", "ant"): write_class(src / "train" / "ant", 0), ("train", "bee"): write_class(src / "train" / "bee", 20)}
+    valid[("val", "ant")] = write_class(src / "val" / "ant", 40, dict(list(VALID_KINDS.items())[:5]))
+    valid[("val", "bee")] = 0
+    bad = write_bad_files(src / "train" / "bee")
+    bad_val = write_bad_files(src / "val" / "bee")
+    write(src / "val" / "bee" / "ok.jpg", encode(photo(3), "JPEG"))
+    valid[("val", "bee")] += 1
+
+    result = run_tool(src, tmp_path / "out", "--min-side", "8", "--max-bad-fraction", "0.5", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["layout"] == "train_val"
+    for (split, cls), n in valid.items():
+        assert manifest["splits"][split]["per_class"][cls] == n, (split, cls)
+    expected_skips = Counter(bad) + Counter(bad_val)
+    assert manifest["skipped_counts"] == dict(expected_skips)
+    assert len(manifest["skipped"]) == sum(expected_skips.values())
+    assert {"path": "train/bee/truncated.jpg", "reason": "truncated"}.items() <= next(
+        s for s in manifest["skipped"] if s["path"] == "train/bee/truncated.jpg").items()
+    assert "skipped 10: empty 2, not_image 2, too_small 2, truncated 2, undecodable 2" in result.stdout
+    assert verify_shards(tmp_path / "out", workers=1) == []
+
+
+def test_too_many_bad_inputs_fail_but_keep_the_manifest(tmp_path):
+    src = tmp_path / "src"
+    write_class(src / "ant", 0)
+    write_bad_files(src / "ant")
+    out = tmp_path / "out"
+    result = run_tool(src, out, "--min-side", "8")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"make_shards: error: 5 of 17 inputs skipped (29.4% > --max-bad-fraction 1.0%); "
+        f"the list is under 'skipped' in {out.resolve() / 'manifest.json'}"
+    )
+    with pytest.raises(ShardFormatError, match="records a failed make_shards run"):
+        load_manifest(out)
+    assert len(load_manifest(out, allow_errors=True)["skipped"]) == 5
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_images", "only_bad", "inside"])
+def test_unusable_sources_are_one_line_errors(tmp_path, case):
+    src = tmp_path / "src"
+    if case == "empty":
+        src.mkdir()
+    elif case == "no_images":
+        write_class(src / "ant", 0)
+        write(src / "bee" / "notes.txt", b"text")
+    elif case == "only_bad":
+        write_class(src / "ant", 0)
+        write(src / "bee" / "broken.jpg", b"\xff\xd8 not really")
+    out = src / "out" if case == "inside" else tmp_path / "out"
+    if case == "inside":
+        write_class(src / "ant", 0)
+    result = run_tool(src, out, "--max-bad-fraction", "1")
+    expected = {
+        "missing": (2, f"source folder {src} does not exist"),
+        "empty": (2, f"{src} has no class folders"),
+        "no_images": (2, f"class folder {src / 'bee'} has no image files"),
+        "only_bad": (1, "class 'bee' has no valid train image"),
+        "inside": (2, "must not be inside SRC"),
+    }[case]
+    assert result.returncode == expected[0]
+    assert expected[1] in result.stderr and "Traceback" not in result.stderr
+
+
+def test_multi_digit_labels_survive_the_round_trip(tmp_path):
+    src = tmp_path / "src"
+    for c in range(120):
+        for i in range(2):
+            write(src / f"class_{c:03d}" / f"{i}.jpg", encode(photo(c * 2 + i, (16, 12)), "JPEG"))
+    out = tmp_path / "out"
+    make_shards(src=src, out=out, val_fraction=0, max_count=50, progress=False)
+    rows = read_with_dali(out / "train", batch_size=32)
+    labels = Counter(label for _, label, _ in rows)
+    assert labels == {c: 2 for c in range(120)}
+    urls = [str(p) for p in sorted((out / "train").glob("*.tar"))]
+    assert Counter(s["cls"] for s in wds.WebDataset(urls, shardshuffle=False).decode()) == labels
+
+
+def test_same_input_gives_byte_identical_shards(digits_folder, tmp_path):
+    runs = []
+    for n, workers in enumerate((1, 2)):
+        out = tmp_path / f"out{n}"
+        make_shards(src=digits_folder, out=out, max_count=500, workers=workers, progress=False)
+        runs.append(out)
+    first, second = (load_manifest(r) for r in runs)
+    assert first == second
+    assert len(first["splits"]["train"]["shards"]) == 4
+    for split in ("train", "val"):
+        for a in sorted((runs[0] / split).iterdir()):
+            assert a.read_bytes() == (runs[1] / split / a.name).read_bytes(), a.name
+    # a different seed gives another split and order
+    other = make_shards(src=digits_folder, out=tmp_path / "seed1", max_count=500, seed=1, progress=False)
+    assert other["splits"]["train"]["shards"][0]["sha256"] != first["splits"]["train"]["shards"][0]["sha256"]
+
+
+def test_killed_run_leaves_no_complete_looking_shard(digits_folder, tmp_path):
+    out, flag = tmp_path / "out", tmp_path / "paused"
+    # Pause inside the 10th write, with shards of 4: two shards done, the third one open.
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT / 'tools')!r})
+import make_shards
+from pathlib import Path
+from pipelines import shards
+write, calls = shards.ShardWriter.write, []
+def paused_write(self, *args):
+    calls.append(1)
+    if len(calls) == 10:
+        Path({str(flag)!r}).touch()
+        time.sleep(600)
+    return write(self, *args)
+shards.ShardWriter.write = paused_write
+sys.exit(make_shards.main([{str(digits_folder)!r}, {str(out)!r}, "--max-count", "4", "--workers", "2"]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the run never reached the pause"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        ".shard-000002.tar.tmp", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+    for tar_path in sorted((out / "train").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: (m.offset_data, m.size) for m in tar}
+        indexed = {m.name: (m.offset, m.size) for s in read_index(tar_path.with_suffix(".idx")) for m in s}
+        assert members == indexed and len(indexed) == 8
+
+    refused = run_tool(digits_folder, out)
+    assert refused.returncode == 2 and "pass --overwrite" in refused.stderr
+    assert run_tool(digits_folder, out, "--overwrite").returncode == 0
+    assert not list(out.rglob("*.tmp")) and verify_shards(out, decode=False) == []
+
+
+def test_verify_reports_what_is_wrong(digits_folder, tmp_path):
+    out = tmp_path / "out"
+    make_shards(src=digits_folder, out=out, max_count=600, progress=False)
+    verify = [sys.executable, str(ROOT / "tools" / "verify_shards.py"), str(out)]
+    clean = subprocess.run(verify, capture_output=True, text=True)
+    assert clean.returncode == 0 and clean.stdout.strip() == f"{out}: OK"
+
+    shard = out / "train" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    entry = read_index(shard.with_suffix(".idx"))[5][1]  # the 6th sample's jpg
+    data[entry.offset + 2 : entry.offset + 40] = bytes(38)  # wipe its JPEG headers
+    shard.write_bytes(data)
+    (out / "val" / "shard-000000.idx").write_text("v1.2 3\njpg 0 1 x.jpg\n")
+    broken = subprocess.run(verify, capture_output=True, text=True)
+    assert broken.returncode == 1
+    lines = broken.stdout.strip().splitlines()
+    assert f"{shard}: sha256 differs from the manifest (modified after sharding)" in lines
+    assert any(line.startswith(f"{shard}: sample {entry.name.split('.')[0]}: does not decode") for line in lines)
+    assert any("header says 3 samples, found 1" in line for line in lines)
+    assert lines[-1] == f"{out}: {len(lines) - 1} problems"
+
+    shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    problems = verify_shards(out, decode=False)
+    assert f"{shard}: {len(data) // 2} bytes, manifest says {len(data)}" in problems

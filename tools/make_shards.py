@@ -1,0 +1,406 @@
+"""Convert a raw image folder into WebDataset shards that DALI and `webdataset` both read.
+
+    python tools/make_shards.py SRC OUT [--val-fraction 0.1] [--workers N] ...
+
+SRC is either `SRC/<class>/**/<image>` (split into train/val here, stratified per class) or
+`SRC/train/<class>/...` + `SRC/val/<class>/...` (kept as given); `sklearn:digits` shards
+scikit-learn's bundled handwritten digits (real images, 10 classes, no download).
+
+Every `.jpg` written is a baseline 8-bit RGB or grayscale JPEG: clean JPEGs are copied byte
+for byte, everything else is decoded and re-encoded once. Transparent images are composited
+over white. Bad inputs are skipped, counted and listed in `OUT/manifest.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipelines.shards import (
+    CLASSES_FILE,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    SPLITS,
+    ShardWriter,
+    decode_fully,
+    jpeg_problems,
+    sample_key,
+)
+
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+BACKGROUND = (255, 255, 255)  # transparent pixels become white
+BUILTIN_SOURCES = ("sklearn:digits",)
+
+
+class ShardingError(Exception):
+    """A problem with the user's input or options; main() prints it as one line."""
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    quality: int
+    max_side: int | None
+    min_side: int
+
+
+@dataclass(frozen=True)
+class Source:
+    relpath: str  # POSIX, relative to SRC
+    label: int
+
+
+# --- one image ----------------------------------------------------------------------------
+
+def convert_image(path: str, opts: EncodeOptions) -> tuple[str, bytes | str | None, list[str]]:
+    """("ok", new jpeg bytes, conversion reasons), ("ok", None, []) for a file to copy as it
+    is (cheaper than sending its bytes between processes), or ("skip", reason, [detail])."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return "skip", "unreadable", [str(e)]
+    if not data:
+        return "skip", "empty", ["zero bytes"]
+    try:
+        # the JPEG hint skips Pillow's format probing, a tenth of the validation cost
+        img = Image.open(io.BytesIO(data), formats=["JPEG"] if data[:2] == b"\xff\xd8" else None)
+        reasons = jpeg_problems(img, data)
+        if opts.max_side and max(img.size) > opts.max_side:
+            reasons.append("downsized")
+        decode_fully(img) if not reasons else img.load()
+    except Image.DecompressionBombError as e:
+        return "skip", "too_large", [str(e)]
+    except UnidentifiedImageError:
+        return "skip", "undecodable", ["not an image Pillow recognises"]
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        reason = "truncated" if "truncated" in str(e) else "undecodable"
+        return "skip", reason, [f"{type(e).__name__}: {e}"]
+    if not reasons:
+        if min(img.size) < opts.min_side:
+            return "skip", "too_small", [f"{img.width}x{img.height} < --min-side {opts.min_side}"]
+        return "ok", None, []
+
+    img = to_rgb_or_gray(ImageOps.exif_transpose(img))
+    if img is None:
+        return "skip", "unsupported_mode", [f"pixel mode {Image.open(io.BytesIO(data)).mode}"]
+    if opts.max_side and max(img.size) > opts.max_side:
+        scale = opts.max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    if min(img.size) < opts.min_side:
+        return "skip", "too_small", [f"{img.width}x{img.height} < --min-side {opts.min_side}"]
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=opts.quality)  # baseline, no EXIF/ICC carried over
+    return "ok", out.getvalue(), reasons
+
+
+def to_rgb_or_gray(img: Image.Image) -> Image.Image | None:
+    """8-bit RGB or L; alpha composited over BACKGROUND; None for float pixels."""
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode.startswith("I"):  # 16/32-bit integer grayscale, e.g. 16-bit PNG and TIFF
+        pixels = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    if mode == "F":
+        return None
+    if "A" in mode or "a" in mode or (mode == "P" and "transparency" in img.info):
+        background = Image.new("RGBA", img.size, BACKGROUND + (255,))
+        flat = Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+        return flat.convert("L") if mode in ("LA", "La") else flat
+    return img.convert("RGB")  # CMYK, P, YCbCr, LAB, HSV
+
+
+# --- the source tree ----------------------------------------------------------------------
+
+def find_sources(src: Path, *, val_fraction: float, seed: int, classes_file: Path | None):
+    """Class names, shuffled per-split sources, non-image inputs skipped, and the layout name."""
+    top = sorted(p for p in src.iterdir() if not p.name.startswith("."))
+    top_dirs = {p.name for p in top if p.is_dir()}
+    presplit = "train" in top_dirs and top_dirs <= set(SPLITS)
+    roots = {s: src / s for s in SPLITS if s in top_dirs} if presplit else {None: src}
+
+    files: dict[str | None, dict[str, list[str]]] = {}
+    skipped = []
+    for split, root in roots.items():
+        files[split] = {}
+        for entry in sorted(root.iterdir()):
+            rel = entry.relative_to(src).as_posix()
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                skipped.append({"path": rel, "reason": "outside_class", "detail": "not inside a class folder"})
+                continue
+            names = files[split].setdefault(entry.name, [])
+            for dirpath, dirnames, filenames in os.walk(entry, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                prefix = Path(dirpath).relative_to(src).as_posix()
+                for name in sorted(filenames):
+                    if name.startswith("."):
+                        continue
+                    rel = f"{prefix}/{name}"
+                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                        names.append(rel)
+                    else:
+                        skipped.append({"path": rel, "reason": "not_image", "detail": "extension"})
+
+    found = sorted(set().union(*(f.keys() for f in files.values())))
+    if not found:
+        raise ShardingError(f"{src} has no class folders (expected SRC/<class>/<image> or SRC/train/<class>/...)")
+    if classes_file:
+        classes = load_class_list(classes_file)
+        if unknown := [c for c in found if c not in classes]:
+            raise ShardingError(f"class folders {unknown[:5]} are not in --classes {classes_file}")
+    else:
+        classes = found
+    for split, per_class in files.items():
+        for name, paths in per_class.items():
+            if not paths:
+                where = src / split / name if split else src / name
+                raise ShardingError(f"class folder {where} has no image files")
+    if presplit and (missing := sorted(files.get("val", {}).keys() - files["train"].keys())):
+        raise ShardingError(f"classes {missing[:5]} have a val folder but no train folder in {src}")
+
+    label = {name: i for i, name in enumerate(classes)}
+    rng = random.Random(seed)
+    splits: dict[str, list[Source]] = {s: [] for s in SPLITS}
+    if presplit:
+        for split, per_class in files.items():
+            splits[split] = [Source(p, label[c]) for c, paths in per_class.items() for p in paths]
+    else:
+        for name, paths in files[None].items():
+            paths = sorted(paths)
+            rng.shuffle(paths)
+            n_val = min(math.floor(len(paths) * val_fraction + 0.5), len(paths) - 1)
+            splits["val"] += [Source(p, label[name]) for p in paths[:n_val]]
+            splits["train"] += [Source(p, label[name]) for p in paths[n_val:]]
+    for sources in splits.values():
+        # shuffled across shards so no shard is a single class; sorted first for determinism
+        sources.sort(key=lambda s: s.relpath)
+        rng.shuffle(sources)
+    return classes, splits, skipped, ("train_val" if presplit else "class_folders")
+
+
+def load_class_list(path: Path) -> list[str]:
+    """Class names from a JSON list or a text file with one name per line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ShardingError(f"--classes {path}: {e.strerror}") from None
+    names = json.loads(text) if text.lstrip().startswith("[") else [l.strip() for l in text.splitlines() if l.strip()]
+    if len(set(names)) != len(names):
+        raise ShardingError(f"--classes {path} lists a class twice")
+    return names
+
+
+def export_digits(dest: Path) -> Path:
+    """scikit-learn's bundled handwritten digits as an image folder: dest/<digit>/<n>.png."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for n, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+        folder = dest / str(target)
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = np.rint(pixels * (255 / 16)).astype(np.uint8)
+        Image.fromarray(grey, "L").save(folder / f"{n:04d}.png")
+    return dest
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+def prepare_output(out: Path, *, overwrite: bool) -> None:
+    ours = [out / s for s in SPLITS] + [out / MANIFEST_FILE, out / CLASSES_FILE]
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ShardingError(f"{out} is not empty; pass --overwrite to replace the shards in it")
+        for path in ours:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def make_shards(
+    *,
+    src: str | Path,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    classes_file: Path | None = None,
+    quality: int = 95,
+    max_side: int | None = None,
+    min_side: int = 1,
+    max_count: int = 10_000,
+    max_size: int = 1_000_000_000,
+    max_bad_fraction: float = 0.01,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write shards, classes.json and manifest.json under `out`; returns the manifest.
+
+    Raises ShardingError for unusable input or options, before any work. A run that skips
+    more than `max_bad_fraction` of its inputs, or leaves a class without a train sample,
+    still writes everything and lists why under the manifest's "errors" (loaders refuse it).
+    """
+    options = dict(val_fraction=val_fraction, seed=seed, classes=str(classes_file) if classes_file else None,
+                   quality=quality, max_side=max_side, min_side=min_side, max_count=max_count,
+                   max_size=max_size, max_bad_fraction=max_bad_fraction)
+    if not 0 <= val_fraction < 1:
+        raise ShardingError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if max_count < 1 or max_size < 1024:
+        raise ShardingError("--max-count must be >= 1 and --max-size >= 1 KiB")
+    if not 1 <= quality <= 100:
+        raise ShardingError(f"--quality must be in 1..100, got {quality}")
+    out = Path(out).resolve()
+    with contextlib.ExitStack() as stack:
+        if str(src) in BUILTIN_SOURCES:
+            folder = export_digits(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        else:
+            folder = Path(src).resolve()
+            if not folder.is_dir():
+                raise ShardingError(f"source folder {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
+            if out == folder or folder in out.parents:
+                raise ShardingError(f"OUT {out} must not be inside SRC {folder}")
+        classes, splits, skipped, layout = find_sources(folder, val_fraction=val_fraction, seed=seed, classes_file=classes_file)
+        prepare_output(out, overwrite=overwrite)
+
+        jobs = [(split, s) for split in SPLITS for s in splits[split]]
+        inputs = len(jobs) + len(skipped)  # skipped so far: the non-image files
+        writers = {split: ShardWriter(out / split, max_count, max_size) for split in SPLITS}
+        per_class = {split: Counter() for split in SPLITS}
+        converted = []
+        start = time.perf_counter()
+        with Pool(workers or os.cpu_count()) as pool:
+            convert = partial(convert_image, opts=EncodeOptions(quality, max_side, min_side))
+            results = pool.imap(convert, [os.path.join(folder, s.relpath) for _, s in jobs], chunksize=16)
+            for (split, source), (status, payload, info) in tqdm(
+                zip(jobs, results), total=len(jobs), unit="img", disable=not progress, desc="sharding"
+            ):
+                if status == "skip":
+                    skipped.append({"path": source.relpath, "reason": payload, "detail": info[0]})
+                    continue
+                if payload is None:
+                    with open(os.path.join(folder, source.relpath), "rb") as f:
+                        payload = f.read()
+                writers[split].write(sample_key(source.relpath), source.label, payload)
+                per_class[split][source.label] += 1
+                if info:  # conversion reasons
+                    converted.append({"path": source.relpath, "reasons": info})
+        for writer in writers.values():
+            writer.close()
+        elapsed = time.perf_counter() - start
+
+    errors = []
+    if inputs and len(skipped) / inputs > max_bad_fraction:
+        errors.append(f"{len(skipped)} of {inputs} inputs skipped ({len(skipped) / inputs:.1%} > --max-bad-fraction "
+                      f"{max_bad_fraction:.1%}); the list is under 'skipped' in {out / MANIFEST_FILE}")
+    present = {s.label for _, s in jobs}
+    errors += [f"class {name!r} has no valid train image (see 'skipped' in {out / MANIFEST_FILE})"
+               for i, name in enumerate(classes) if i in present and not per_class["train"][i]]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": str(src) if str(src) in BUILTIN_SOURCES else str(folder),
+        "layout": layout,
+        "options": options,
+        "num_classes": len(classes),
+        "inputs": inputs,
+        "splits": {
+            split: {
+                "samples": sum(per_class[split].values()),
+                "per_class": {name: per_class[split][i] for i, name in enumerate(classes)},
+                "shards": writers[split].shards,
+            }
+            for split in SPLITS
+        },
+        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "converted_counts": dict(sorted(Counter(r for c in converted for r in c["reasons"]).items())),
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "converted": sorted(converted, key=lambda c: c["path"]),
+        "errors": errors,
+    }
+    (out / CLASSES_FILE).write_text(json.dumps(classes, indent=1) + "\n")
+    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    return {**manifest, "elapsed_s": elapsed}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summary(manifest: dict, out: Path) -> str:
+    lines = []
+    for split, info in manifest["splits"].items():
+        lines.append(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+    skipped = manifest["skipped_counts"]
+    lines.append(f"skipped {sum(skipped.values())}" + (": " + ", ".join(f"{k} {v}" for k, v in skipped.items()) if skipped else ""))
+    conv = manifest["converted_counts"]
+    lines.append(f"re-encoded {len(manifest['converted'])}" + (": " + ", ".join(f"{k} {v}" for k, v in conv.items()) if conv else ""))
+    done = sum(i["samples"] for i in manifest["splits"].values()) + sum(skipped.values())
+    lines.append(f"{done} inputs in {manifest['elapsed_s']:.1f} s ({done / max(manifest['elapsed_s'], 1e-9):.0f} images/s)")
+    lines.append(f"wrote {out} ({MANIFEST_FILE}, {CLASSES_FILE}, train/, val/)")
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or with K/M/G)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("src", help=f"image folder, or one of {', '.join(BUILTIN_SOURCES)}")
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="val share per class (class-folder layout; 0: no val)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the val split and the shuffle")
+    parser.add_argument("--classes", type=Path, help="class names in id order (JSON list or one per line)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    parser.add_argument("--max-side", type=int, help="downsize images whose longer side exceeds this")
+    parser.add_argument("--min-side", type=int, default=1, help="skip images whose shorter side is below this")
+    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most")
+    parser.add_argument("--max-size", type=parse_size, default="1G", help="bytes per shard at most (K/M/G suffixes)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail when more inputs are skipped")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel worker processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty OUT")
+    args = parser.parse_args(argv)
+    try:
+        manifest = make_shards(
+            src=args.src, out=args.out, val_fraction=args.val_fraction, seed=args.seed, classes_file=args.classes,
+            quality=args.quality, max_side=args.max_side, min_side=args.min_side, max_count=args.max_count,
+            max_size=args.max_size, max_bad_fraction=args.max_bad_fraction, workers=args.workers, overwrite=args.overwrite,
+        )
+    except ShardingError as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 2
+    print(summary(manifest, args.out))
+    for error in manifest["errors"]:
+        print(f"make_shards: error: {error}", file=sys.stderr)
+    return 1 if manifest["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

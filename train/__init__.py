@@ -1,0 +1,1 @@
+"""The model, the DeepSpeed engine, the training loop, checkpoints and logging."""
