@@ -20,7 +20,9 @@ from PIL import Image
 
 from conftest import LONG_NAME, ROOT, VALID_KINDS, encode, photo, read_with_dali, write, write_bad_files, write_class
 from make_shards import make_shards
-from pipelines.shards import ShardFormatError, jpeg_frame_marker, load_manifest, read_index, sample_key, verify_shards
+from pipelines.shards import (
+    ShardFormatError, jpeg_frame_marker, load_manifest, read_index, sample_key, tar_header, verify_shards,
+)
 
 MAKE_SHARDS = [sys.executable, str(ROOT / "tools" / "make_shards.py")]
 
@@ -300,3 +302,11 @@ def test_verify_reports_what_is_wrong(digits_folder, tmp_path):
     shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated
     problems = verify_shards(out, decode=False)
     assert f"{shard}: {len(data) // 2} bytes, manifest says {len(data)}" in problems
+
+
+@pytest.mark.parametrize("name,size", [("k.cls", 1), ("key-0123456789.jpg", 60_000), ("x" * 95 + ".jpg", 0),
+                                       ("y" * 96 + ".jpg", 7), ("naïve-ü.jpg", 8**11 - 1), ("big.jpg", 8**11)])
+def test_tar_header_is_byte_identical_to_tarfile(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    assert tar_header(name, size) == info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
