@@ -348,6 +348,19 @@ def _jpeg_problem(data: bytes) -> str | None:
     return f"not a clean JPEG ({', '.join(problems)})" if problems else None
 
 
+def find_undecodable(tars: list[Path]) -> tuple[Path, str, str] | None:
+    """The first (shard, key, problem) whose JPEG does not decode, scanning in order; or None."""
+    for tar_path in tars:
+        with open(tar_path, "rb") as f:
+            for sample in read_index(Path(tar_path).with_suffix(".idx")):
+                for member in sample:
+                    if member.ext == "jpg":
+                        f.seek(member.offset)
+                        if problem := _jpeg_problem(f.read(member.size)):
+                            return Path(tar_path), member.name.split(".", 1)[0], problem
+    return None
+
+
 def verify_shards(root: Path, *, decode: bool = True, workers: int | None = None) -> list[str]:
     """Everything wrong with a shard folder against its manifest; an empty list when sound.
 

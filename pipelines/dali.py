@@ -1,0 +1,102 @@
+"""The DALI graphs: one definition for CPU and GPU, the device a parameter.
+
+On GPU (`device_id` set) JPEGs decode with `device="mixed"` (nvJPEG / the hardware decoder) and
+every later operator runs on the GPU; on CPU (`device_id=None`) the same graph runs CPU operators.
+"""
+
+from __future__ import annotations
+
+from nvidia.dali import fn, math as dmath, pipeline_def, types
+
+from pipelines.spec import PreprocessSpec
+
+INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
+LABEL_BYTES = 10  # `.cls` is ASCII decimal: up to 10 digits
+
+
+def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT):
+    """Decode -> resize -> center crop -> normalize, as the HF processor does.
+
+    Resize sizes are computed per sample from the JPEG header with the processor's rounding
+    (long side floored), not left to DALI's; crop offsets are floored like HF's
+    (`rounding="truncate"`), and the resize antialiases like PIL.
+    """
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    if spec.resize_to:
+        height, width = (float(v) for v in spec.resize_to)
+    else:
+        shape = fn.peek_image_shape(jpegs, dtype=types.INT64)
+        short = dmath.min(shape[0], shape[1])
+        height = fn.cast(spec.resize_shortest * shape[0] // short, dtype=types.FLOAT)
+        width = fn.cast(spec.resize_shortest * shape[1] // short, dtype=types.FLOAT)
+    images = fn.resize(images, resize_y=height, resize_x=width, interp_type=INTERP[spec.interpolation],
+                       antialias=True)
+    return _normalize(images, spec=spec, crop=spec.crop, layout=layout, dtype=dtype)
+
+
+def train_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT,
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 color_jitter: float = 0.0, auto_augment: str | None = None):
+    """Random-resized-crop (fused with decoding) to the processor's output size, random flip,
+    optional colour jitter and RandAugment/TrivialAugment, the processor's normalization."""
+    height, width = spec.output_size
+    images = fn.decoders.image_random_crop(
+        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+        random_area=list(scale), random_aspect_ratio=list(ratio),
+    )
+    images = fn.resize(images, size=[height, width], interp_type=INTERP[spec.interpolation], antialias=True)
+    if color_jitter:
+        images = fn.color_twist(
+            images,
+            brightness=fn.random.uniform(range=[1 - color_jitter, 1 + color_jitter]),
+            contrast=fn.random.uniform(range=[1 - color_jitter, 1 + color_jitter]),
+            saturation=fn.random.uniform(range=[1 - color_jitter, 1 + color_jitter]),
+        )
+    if auto_augment == "rand_augment":
+        from nvidia.dali.auto_aug import rand_augment
+
+        images = rand_augment.rand_augment(images, n=2, m=9, shape=[height, width])
+    elif auto_augment == "trivial_augment":
+        from nvidia.dali.auto_aug import trivial_augment
+
+        images = trivial_augment.trivial_augment_wide(images, shape=[height, width])
+    elif auto_augment is not None:
+        raise ValueError(f"auto_augment must be rand_augment, trivial_augment or None, got {auto_augment!r}")
+    return _normalize(images, spec=spec, crop=None, layout=layout, dtype=dtype,
+                      mirror=fn.random.coin_flip(probability=0.5))
+
+
+def _normalize(images, *, spec: PreprocessSpec, crop, layout: str, dtype, mirror=0):
+    kwargs = dict(crop=list(crop), crop_pos_x=0.5, crop_pos_y=0.5) if crop else {}
+    return fn.crop_mirror_normalize(
+        images, mean=spec.pixel_mean, std=spec.pixel_std, dtype=dtype, output_layout=layout,
+        rounding="truncate", mirror=mirror, **kwargs,
+    )
+
+
+def padded_labels(cls):
+    """The ASCII `.cls` bytes, zero-padded to LABEL_BYTES so a batch is one array."""
+    return fn.pad(cls, axes=[0], shape=[LABEL_BYTES], fill_value=0)
+
+
+@pipeline_def(enable_conditionals=True)
+def shard_pipeline(*, tars: list[str], indexes: list[str], spec: PreprocessSpec, train: bool, gpu: bool,
+                   shard_id: int, num_shards: int, layout: str, dtype, augment: dict):
+    """Read WebDataset shards (this rank's part), preprocess, and return (images, labels)."""
+    jpegs, cls = fn.readers.webdataset(
+        paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=1024,
+        pad_last_batch=True, name="reader",
+    )
+    if train:
+        images = train_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, **augment)
+    else:
+        images = eval_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype)
+    return images, padded_labels(cls)
+
+
+@pipeline_def
+def file_pipeline(*, files: list[str], spec: PreprocessSpec, gpu: bool):
+    """The eval preprocessing of plain image files, in order (parity checks)."""
+    jpegs, _ = fn.readers.file(files=files, name="reader")
+    return eval_images(jpegs, spec=spec, gpu=gpu)

@@ -1,0 +1,201 @@
+"""The loader that training iterates: DALI pipelines over this rank's part of the shards.
+
+    loader = create_loader(data=OUT, split="train", spec=spec, batch_size=64, train=True,
+                           rank=rank, world_size=world, device="cuda")
+    for batch in loader:  # one epoch of {"pixel_values": (N,3,H,W), "labels": (N,), "mask": (N,), "keys": [N]}
+        ...
+
+Sharding (DALI's reader, `shard_id` = rank, `num_shards` = world size): rank r reads samples
+[floor(r*N/W), floor((r+1)*N/W)) of the split, shuffled for training, and moves to the next
+part each epoch. The rules that keep ranks in lockstep and counts exact:
+
+- train: every rank yields `(N // W) // batch_size` full batches per epoch; the at most
+  `batch_size + 1` samples per rank left over are dropped for that epoch (other ones each epoch,
+  since the order is reshuffled). No sample is repeated within an epoch; when N is a multiple
+  of W * batch_size every sample is seen exactly once.
+- eval: every rank yields `ceil(ceil(N / W) / batch_size)` batches of `batch_size`; `mask` marks
+  the real samples, so summing over masked samples on all ranks counts each sample exactly once
+  (padding is never counted), while every rank runs the same number of forward passes (ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from pipelines.dali import shard_pipeline
+from pipelines.shards import ShardFormatError, find_undecodable, load_manifest, read_index
+from pipelines.spec import PreprocessSpec
+
+
+class DataError(RuntimeError):
+    """A sample that fails at run time; the message names the shard and the key."""
+
+
+def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train: bool) -> dict:
+    """The split's manifest entry, after checking that its shards can serve this run.
+
+    Checks, before any batch: the manifest (and that its run did not fail), that every shard and
+    index file exists with the manifest's size and sample count, that there are at least as many
+    shards as ranks, and that a training rank gets at least one full batch.
+    """
+    data = Path(data)
+    manifest = load_manifest(data)
+    info = manifest["splits"].get(split)
+    if not info or not info["samples"]:
+        raise ShardFormatError(f"{data}: split {split!r} is empty (make_shards --val-fraction 0 writes no val)")
+    problems = []
+    for record in info["shards"]:
+        tar, idx = data / split / record["name"], data / split / record["index"]
+        if not tar.is_file() or not idx.is_file():
+            problems.append(f"{tar if not tar.is_file() else idx}: missing")
+        elif tar.stat().st_size != record["bytes"]:
+            problems.append(f"{tar}: {tar.stat().st_size} bytes, manifest says {record['bytes']} (truncated or modified)")
+        elif len(read_index(idx)) != record["samples"]:
+            problems.append(f"{idx}: sample count differs from the manifest")
+    if problems:
+        raise ShardFormatError("; ".join(problems) + f" (tools/verify_shards.py {data} checks everything)")
+    if len(info["shards"]) < world_size:
+        raise ShardFormatError(
+            f"{data}/{split} has {len(info['shards'])} shards for {world_size} ranks; rerun tools/make_shards.py "
+            f"with --max-count {max(1, info['samples'] // world_size)} or less"
+        )
+    if train and info["samples"] // world_size < batch_size:
+        raise ShardFormatError(
+            f"{data}/{split}: {info['samples']} samples over {world_size} ranks is less than one batch of "
+            f"{batch_size} per rank; lower the micro batch size"
+        )
+    return info
+
+
+def create_loader(
+    *,
+    data: str | Path,
+    split: str,
+    spec: PreprocessSpec,
+    batch_size: int,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device | None = None,
+    num_threads: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    augment: dict | None = None,
+    expected_size: tuple[int, int] | None = None,
+    state: dict | None = None,
+) -> "DaliLoader":
+    """A DaliLoader over `data/split` for this rank; `device` defaults to the local GPU if any.
+
+    `expected_size` is the model's input size, checked against the processor's output size.
+    `state` is a `DaliLoader.state_dict()` to resume from.
+    """
+    if expected_size is not None and tuple(expected_size) != spec.output_size:
+        raise ValueError(f"the model expects {tuple(expected_size)} images but {spec.processor} "
+                         f"produces {spec.output_size}; use the model's own processor")
+    info = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    tars = [str(Path(data) / split / r["name"]) for r in info["shards"]]
+    pipe = shard_pipeline(
+        tars=tars, indexes=[t[: -len(".tar")] + ".idx" for t in tars], spec=spec, train=train, gpu=gpu,
+        shard_id=rank, num_shards=world_size, layout="HWC" if channels_last else "CHW",
+        dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT, augment=augment or {},
+        batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
+        device_id=(device.index or 0) if gpu else None, seed=seed + rank,
+        enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=2,
+    )
+    pipe.build()
+    return DaliLoader(pipe, tars=tars, samples=info["samples"], batch_size=batch_size, rank=rank, world_size=world_size,
+                      train=train, device=device, dtype=dtype, channels_last=channels_last, state=state)
+
+
+class DaliLoader:
+    """Iterates one epoch per `iter()`; `len()` is the batches per epoch, equal on every rank."""
+
+    def __init__(self, pipe, *, tars: list[str], samples: int, batch_size: int, rank: int, world_size: int, train: bool,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, state: dict | None):
+        self.pipe, self.tars, self.samples, self.batch_size, self.train = pipe, tars, samples, batch_size, train
+        self.device, self.dtype, self.channels_last = device, dtype, channels_last
+        # this rank's part, by DALI's own split rule
+        self.rank_samples = (rank + 1) * samples // world_size - rank * samples // world_size
+        self.reader_batches = math.ceil(self.rank_samples / batch_size)  # one reader epoch (padded)
+        if train:
+            self.steps = (samples // world_size) // batch_size
+        else:
+            self.steps = math.ceil(math.ceil(samples / world_size) / batch_size)
+        self.epoch = (state or {}).get("epoch", 0)
+        self.step = (state or {}).get("step", 0)  # batches of the current epoch already returned
+        self.read = (state or {}).get("read", 0)  # reader batches of the current epoch consumed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        while self.step < self.steps:
+            valid = min(self.batch_size, max(0, self.rank_samples - self.step * self.batch_size))
+            if self.read < self.reader_batches:
+                batch = self._next_batch()
+            else:  # eval only: this rank's data is done but others' is not; a fully masked batch
+                batch = dict(self._last)
+            batch["mask"] = torch.arange(self.batch_size, device=self.device) < valid
+            self._last = batch
+            self.step += 1
+            yield batch
+        while self.read < self.reader_batches:  # drop the rest of the reader's epoch
+            self._run()
+        self.epoch, self.step, self.read = self.epoch + 1, 0, 0
+
+    def state_dict(self) -> dict:
+        """Where this loader stands: epoch, step, and DALI's reader position and RNG state."""
+        return {"epoch": self.epoch, "step": self.step, "read": self.read, "dali": self.pipe.checkpoint()}
+
+    def _run(self):
+        try:
+            outputs = self.pipe.run()
+        except RuntimeError as e:
+            # DALI's message names the operator, not the sample: find the sample ourselves
+            found = find_undecodable(self.tars)
+            where = f"shard {found[0]}, sample {found[1]}: {found[2]}" if found else "no sample fails to decode with Pillow"
+            raise DataError(f"{where}; DALI: {_first_error_line(str(e))}") from e
+        self.read += 1
+        return outputs
+
+    def _next_batch(self) -> dict:
+        images, labels = self._run()
+        keys = [sample_key_of(images[i].source_info()) for i in range(len(images))]
+        images = images.as_tensor()
+        pixels = torch.empty(images.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
+                             device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(images, pixels, cuda_stream=stream)
+        if self.channels_last:  # DALI wrote NHWC: the same memory is NCHW in channels_last layout
+            pixels = pixels.permute(0, 3, 1, 2)
+        labels = parse_labels(np.asarray(labels.as_tensor())).to(self.device)
+        return {"pixel_values": pixels.to(self.dtype), "labels": labels, "keys": keys}
+
+
+def sample_key_of(source_info: str) -> str:
+    """The sample key in DALI's source info `path/shard.tar:offset:key.ext`."""
+    return source_info.rsplit(":", 1)[-1].split(".", 1)[0]
+
+
+def parse_labels(padded: np.ndarray) -> torch.Tensor:
+    """(N, LABEL_BYTES) zero-padded ASCII decimals -> (N,) int64."""
+    values = np.zeros(len(padded), dtype=np.int64)
+    for column in padded.T:
+        digit = column != 0
+        values = np.where(digit, values * 10 + (column.astype(np.int64) - 48), values)
+    return torch.from_numpy(values)
+
+
+def _first_error_line(message: str) -> str:
+    lines = [l.strip() for l in message.splitlines() if l.strip() and "pipeline" not in l.lower() and not l.startswith(" ")]
+    return lines[-1] if lines else "error"

@@ -1,0 +1,210 @@
+"""pipelines/: processor specs, parity with the HF processors, and the sharded DALI loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from check_parity import grey_level_differences, summarize
+from conftest import ROOT, encode, photo, write
+from make_shards import make_shards
+from pipelines.loader import DataError, create_loader
+from pipelines.shards import ShardFormatError, load_manifest, read_index
+from pipelines.spec import ProcessorError, spec_from_processor
+
+T = transformers
+PROCESSORS = {
+    "vit": lambda: T.ViTImageProcessorPil(),
+    "deit": lambda: T.DeiTImageProcessorPil(),
+    "convnext-crop-pct": lambda: T.ConvNextImageProcessorPil(size={"shortest_edge": 224}),
+    "convnext-384": lambda: T.ConvNextImageProcessorPil(),
+    "beit": lambda: T.BeitImageProcessorPil(),
+    "bit": lambda: T.BitImageProcessorPil(),
+    "clip": lambda: T.CLIPImageProcessorPil(),
+    "siglip": lambda: T.SiglipImageProcessorPil(),
+    "mobilenet-v2": lambda: T.MobileNetV2ImageProcessorPil(),
+    "levit": lambda: T.LevitImageProcessorPil(),
+    "efficientnet-bicubic": lambda: T.EfficientNetImageProcessorPil(),
+}
+# (width, height): landscape, portrait, odd crop margins, smaller than the target, square, extreme
+PARITY_SIZES = [(500, 375), (375, 500), (333, 251), (97, 61), (224, 224), (640, 427), (251, 333), (1001, 97)]
+TINY_VIT = lambda: T.ViTImageProcessorPil(size={"height": 16, "width": 16})  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def parity_images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("parity")
+    files = []
+    for i, size in enumerate(PARITY_SIZES):
+        files.append(folder / f"{i}_{size[0]}x{size[1]}.jpg")
+        photo(i, size).save(files[-1], quality=90)
+    return files
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    """Digits: 1618 train samples in 17 shards, 179 (odd) val samples in 2 shards."""
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    make_shards(src="sklearn:digits", out=out, max_count=100, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_class_shards(tmp_path_factory) -> Path:
+    """119 classes (labels up to 118) x 3 real images: 238 train, 119 val."""
+    root = tmp_path_factory.mktemp("many")
+    for c in range(119):
+        for i in range(3):
+            write(root / "src" / f"c{c:03d}" / f"{i}.jpg", encode(photo(c * 3 + i, (20, 16)), "JPEG", quality=90))
+    make_shards(src=root / "src", out=root / "shards", val_fraction=0.34, max_count=40, progress=False)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("name", PROCESSORS)
+def test_eval_pipeline_matches_the_hf_processor(name, parity_images):
+    figures = summarize(grey_level_differences(PROCESSORS[name](), parity_images))
+    assert figures["mean"] <= 0.2 and figures["p99"] <= 1, figures
+    assert figures["max_interior"] <= 10 and figures["max"] <= 16, figures
+
+
+def test_efficientnet_nearest_matches_all_but_a_few_pixels(parity_images):
+    # NEAREST picks a neighbouring source pixel where DALI's and PIL's sample positions round apart
+    figures = summarize(grey_level_differences(T.EfficientNetImageProcessorPil(resample=0), parity_images))
+    print("efficientnet nearest", figures)
+    assert figures["mean"] <= 0.2 and figures["p99"] <= 1, figures
+
+
+def test_the_checkpoint_config_overrides_class_defaults(tmp_path):
+    T.ConvNextImageProcessorPil(size={"shortest_edge": 160}, crop_pct=0.9, image_mean=[0.4, 0.5, 0.6],
+                                resample=2).save_pretrained(tmp_path)
+    spec = spec_from_processor(tmp_path)
+    assert (spec.resize_shortest, spec.crop, spec.interpolation) == (177, (160, 160), "bilinear")
+    assert spec.mean == (0.4, 0.5, 0.6) and spec.output_size == (160, 160)
+    levit = spec_from_processor(T.LevitImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112}))
+    assert (levit.resize_shortest, levit.crop) == (128, (112, 112))
+    effnet = spec_from_processor(T.EfficientNetImageProcessorPil(rescale_offset=True, image_std=[0.5, 0.25, 0.5]))
+    assert effnet.offset == 1.0 and effnet.std == (0.25, 0.0625, 0.25)  # include_top divides by std twice
+
+
+def test_unmappable_processors_are_named(tmp_path):
+    with pytest.raises(ProcessorError, match=r"DetrImageProcessor is not supported: cannot map its fields \[.*'size'"):
+        spec_from_processor(T.DetrImageProcessorPil())
+    with pytest.raises(ProcessorError, match="ViTImageProcessor: cannot map do_resize=False"):
+        spec_from_processor(T.ViTImageProcessorPil(do_resize=False))
+    with pytest.raises(ProcessorError, match="cannot load an image processor from"):
+        spec_from_processor(tmp_path / "nowhere")
+
+
+def test_check_parity_cli(tmp_path, parity_images):
+    T.BitImageProcessorPil(size={"shortest_edge": 160}, crop_size={"height": 144, "width": 144}).save_pretrained(tmp_path / "proc")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_parity.py"), "--processor", str(tmp_path / "proc"),
+         "--images", str(parity_images[0].parent)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 + len(parity_images) + 1
+    figures = json.loads(lines[-1])
+    assert set(figures) == {"mean", "p99", "max", "max_interior", "images"} and figures["images"] == len(parity_images)
+    assert figures["mean"] <= 0.2 and figures["p99"] <= 1 and figures["max"] <= 16
+
+
+def all_keys(data: Path, split: str) -> set[str]:
+    return {sample[0].name.split(".")[0] for tar in sorted((data / split).glob("*.idx")) for sample in read_index(tar)}
+
+
+def test_eval_loader_counts_every_val_sample_once(digit_shards):
+    loader = create_loader(data=digit_shards, split="val", spec=spec_from_processor(TINY_VIT()), batch_size=16,
+                           train=False, device="cpu")
+    batches = list(loader)
+    assert len(batches) == len(loader) == 12  # ceil(179 / 16)
+    keys = [k for b in batches for k, m in zip(b["keys"], b["mask"]) if m]
+    labels = torch.cat([b["labels"][b["mask"]] for b in batches])
+    assert len(keys) == len(set(keys)) == 179 and set(keys) == all_keys(digit_shards, "val")
+    classes = json.loads((digit_shards / "classes.json").read_text())
+    per_class = load_manifest(digit_shards)["splits"]["val"]["per_class"]
+    assert Counter(classes[i] for i in labels.tolist()) == Counter(per_class)
+    assert batches[0]["pixel_values"].shape == (16, 3, 16, 16) and batches[0]["pixel_values"].dtype == torch.float32
+
+
+def test_train_loader_epoch_outputs_and_exact_resume(digit_shards):
+    spec = spec_from_processor(TINY_VIT())
+    make = lambda state=None: create_loader(  # noqa: E731
+        data=digit_shards, split="train", spec=spec, batch_size=16, train=True, device="cpu", seed=3,
+        dtype=torch.bfloat16, channels_last=True, augment={"color_jitter": 0.2, "auto_augment": "trivial_augment"},
+        state=state)
+    loader = make()
+    assert len(loader) == 1618 // 16
+    epoch = list(loader)
+    keys = [k for b in epoch for k in b["keys"]]
+    assert len(epoch) == 101 and len(keys) == len(set(keys)) == 1616  # two dropped, none repeated
+    pixels = epoch[0]["pixel_values"]
+    assert pixels.shape == (16, 3, 16, 16) and pixels.dtype == torch.bfloat16
+    assert pixels.is_contiguous(memory_format=torch.channels_last)
+    second_epoch_keys = [k for b in loader for k in b["keys"]]
+    assert second_epoch_keys != keys  # reshuffled
+
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(make(state))
+    for want in expected:
+        got = next(resumed)
+        assert got["keys"] == want["keys"]
+        assert torch.equal(got["pixel_values"], want["pixel_values"])  # same augmentation RNG too
+
+
+def test_two_ranks_split_the_data_exactly(many_class_shards, tmp_path):
+    manifest = load_manifest(many_class_shards)
+    assert (manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]) == (238, 119)
+    subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29561", str(ROOT / "tests" / "dist_loader_script.py"),
+                    str(many_class_shards), str(tmp_path), "7"], check=True, capture_output=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for split, steps in (("train", 17), ("val", 9)):  # 238 / (2 * 7); ceil(ceil(119 / 2) / 7)
+        assert [r[split]["steps"] for r in ranks] == [r[split]["len"] for r in ranks] == [steps, steps]
+        samples = [tuple(s) for r in ranks for s in r[split]["samples"]]
+        assert len(samples) == len(set(samples)) == manifest["splits"][split]["samples"]  # each exactly once
+        assert {k for k, _ in samples} == all_keys(many_class_shards, split)
+        assert Counter(label for _, label in samples) == Counter(
+            {i: n for i, n in enumerate(manifest["splits"][split]["per_class"].values())})
+
+
+def test_preflight_errors_say_what_to_change(digit_shards, tmp_path):
+    spec = spec_from_processor(TINY_VIT())
+    common = dict(spec=spec, batch_size=8, device="cpu")
+    with pytest.raises(ShardFormatError, match=r"has 2 shards for 4 ranks; rerun tools/make_shards.py with --max-count 44"):
+        create_loader(data=digit_shards, split="val", train=False, rank=0, world_size=4, **common)
+    with pytest.raises(ValueError, match=r"the model expects \(224, 224\) images but ViTImageProcessor produces \(16, 16\)"):
+        create_loader(data=digit_shards, split="val", train=False, expected_size=(224, 224), **common)
+    copy = tmp_path / "copy"
+    shutil.copytree(digit_shards, copy)
+    shard = copy / "train" / "shard-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:-10240])
+    with pytest.raises(ShardFormatError, match=rf"{shard}: \d+ bytes, manifest says \d+ \(truncated or modified\)"):
+        create_loader(data=copy, split="train", train=True, **common)
+    make_shards(src="sklearn:digits", out=tmp_path / "noval", val_fraction=0, progress=False)
+    with pytest.raises(ShardFormatError, match="split 'val' is empty"):
+        create_loader(data=tmp_path / "noval", split="val", train=False, **common)
+
+
+def test_undecodable_sample_at_run_time_names_shard_and_key(digit_shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(digit_shards, copy)
+    shard = copy / "val" / "shard-000001.tar"
+    entry = read_index(shard.with_suffix(".idx"))[4][1]
+    data = bytearray(shard.read_bytes())
+    data[entry.offset : entry.offset + entry.size] = bytes(entry.size)  # same size: pre-flight passes
+    shard.write_bytes(data)
+    loader = create_loader(data=copy, split="val", spec=spec_from_processor(TINY_VIT()), batch_size=8,
+                           train=False, device="cpu")
+    with pytest.raises(DataError, match=rf"shard {shard}, sample {entry.name.split('.')[0]}"):
+        list(loader)
