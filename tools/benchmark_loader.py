@@ -1,0 +1,124 @@
+"""Images/s of the DALI loaders against the HF processor in a PyTorch DataLoader.
+
+    python tools/benchmark_loader.py [--data OUT] [--processor NAME_OR_DIR] [--device cpu|gpu]
+
+Both read the same shards (`--data`, or ImageNet-like 500x375 JPEGs cut from real photos, built
+in a temporary folder), on the same cores, in the same run: the DALI train and eval loaders (the
+objects training iterates), the baseline users have today (`webdataset` + the processor's PIL
+backend in a DataLoader with as many workers as DALI has threads), and DALI's decoder alone (the
+ceiling). Prints a table and writes a bar chart to `--chart`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from pipelines.loader import create_loader
+from pipelines.spec import load_processor, spec_from_processor
+
+
+def time_epoch(batches) -> float:
+    """Images/s over one pass, the first batch (pipeline start-up) excluded."""
+    iterator = iter(batches)
+    next(iterator)
+    count, start = 0, time.perf_counter()
+    for batch in iterator:
+        count += len(batch["pixel_values"])
+    return count / (time.perf_counter() - start)
+
+
+def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int):
+    import webdataset as wds
+
+    def preprocess(sample):
+        pixels = processor(sample["jpg"].convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "labels": sample["cls"]}
+
+    dataset = wds.WebDataset(tars, shardshuffle=False, workersplitter=wds.split_by_worker, empty_check=False)
+    dataset = dataset.decode("pil").map(preprocess)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+
+
+def decode_only(tars: list[str], *, batch_size: int, threads: int, gpu: bool):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=0 if gpu else None)
+    def pipe():
+        jpegs = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg"],
+                                      pad_last_batch=True, name="reader")
+        return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    batches = -(-p.reader_meta("reader")["epoch_size"] // batch_size)
+    return ({"pixel_values": range(batch_size)} for _ in range(batches) if p.run())
+
+
+def bar_chart(rows: dict[str, float], path: Path) -> None:
+    width, bar, pad = 760, 34, 10
+    img = Image.new("RGB", (width, pad + len(rows) * (bar + pad)), "white")
+    draw = ImageDraw.Draw(img)
+    top = max(rows.values())
+    for i, (name, rate) in enumerate(rows.items()):
+        y = pad + i * (bar + pad)
+        draw.rectangle([260, y, 260 + int((width - 380) * rate / top), y + bar], fill=(60, 120, 200))
+        draw.text((pad, y + bar // 3), name, fill="black")
+        draw.text((270 + int((width - 380) * rate / top), y + bar // 3), f"{rate:.0f} img/s", fill="black")
+    img.save(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="shards from make_shards (default: build 1200 ImageNet-like images)")
+    parser.add_argument("--processor", help="hub name or folder (default: ViT's 224x224 processor)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--chart", type=Path, default=Path("benchmark_loader.png"))
+    args = parser.parse_args()
+    if args.processor:
+        processor = load_processor(args.processor)
+    else:
+        from transformers import ViTImageProcessorPil
+
+        processor = ViTImageProcessorPil()
+    spec = spec_from_processor(processor)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            from benchmark_shards import write_imagenet_like
+            from make_shards import make_shards
+
+            write_imagenet_like(Path(tmp) / "src", 1200)
+            data = Path(tmp) / "shards"
+            make_shards(src=Path(tmp) / "src", out=data, val_fraction=0.5, max_count=100, progress=False)
+        tars = [str(p) for p in sorted((data / "val").glob("*.tar"))]
+        gpu = args.device == "gpu"
+        common = dict(data=data, spec=spec, batch_size=args.batch_size, num_threads=args.threads,
+                      device="cuda" if gpu else "cpu")
+        rows = {
+            "HF processor DataLoader": time_epoch(hf_baseline(tars, processor, batch_size=args.batch_size, workers=args.threads)),
+            "DALI eval loader": time_epoch(create_loader(split="val", train=False, **common)),
+            "DALI train loader": time_epoch(create_loader(split="val", train=True, **common)),
+            "DALI decode only": time_epoch(decode_only(tars, batch_size=args.batch_size, threads=args.threads, gpu=gpu)),
+        }
+    base, ceiling = rows["HF processor DataLoader"], rows["DALI decode only"]
+    print(f"{spec.processor} -> {spec.output_size}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}")
+    print(f"{'':<26} {'images/s':>9} {'vs HF':>7} {'of decode':>10}")
+    for name, rate in rows.items():
+        print(f"{name:<26} {rate:>9.0f} {rate / base:>6.2f}x {rate / ceiling:>9.0%}")
+    bar_chart(rows, args.chart)
+    print(f"chart: {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
