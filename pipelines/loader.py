@@ -122,7 +122,7 @@ class DaliLoader:
 
     def __init__(self, pipe, *, tars: list[str], samples: int, batch_size: int, rank: int, world_size: int, train: bool,
                  device: torch.device, dtype: torch.dtype, channels_last: bool, state: dict | None):
-        self.pipe, self.tars, self.samples, self.batch_size, self.train = pipe, tars, samples, batch_size, train
+        self.pipe, self.tars, self.samples, self.batch_size = pipe, tars, samples, batch_size
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         # this rank's part, by DALI's own split rule
         self.rank_samples = (rank + 1) * samples // world_size - rank * samples // world_size

@@ -310,3 +310,13 @@ def test_tar_header_is_byte_identical_to_tarfile(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
     assert tar_header(name, size) == info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_float_pixels_are_skipped_as_unsupported(tmp_path):
+    src = tmp_path / "src"
+    write_class(src / "ant", 0)
+    depth = Image.fromarray(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64), "F")
+    write(src / "ant" / "depth.tif", encode(depth, "TIFF"))
+    manifest = make_shards(src=src, out=tmp_path / "out", val_fraction=0, max_bad_fraction=0.1, progress=False)
+    assert manifest["skipped"] == [{"path": "ant/depth.tif", "reason": "unsupported_mode", "detail": "pixel mode F"}]
+    assert manifest["splits"]["train"]["samples"] == len(VALID_KINDS)

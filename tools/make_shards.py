@@ -98,9 +98,10 @@ def convert_image(path: str, opts: EncodeOptions) -> tuple[str, bytes | str | No
             return "skip", "too_small", [f"{img.width}x{img.height} < --min-side {opts.min_side}"]
         return "ok", None, []
 
+    mode = img.mode
     img = to_rgb_or_gray(ImageOps.exif_transpose(img))
     if img is None:
-        return "skip", "unsupported_mode", [f"pixel mode {Image.open(io.BytesIO(data)).mode}"]
+        return "skip", "unsupported_mode", [f"pixel mode {mode}"]
     if opts.max_side and max(img.size) > opts.max_side:
         scale = opts.max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
