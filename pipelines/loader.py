@@ -30,7 +30,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dali import shard_pipeline
-from pipelines.shards import ShardFormatError, find_undecodable, load_manifest, read_index
+from pipelines.shards import ShardFormatError, find_undecodable, index_name, load_manifest, read_index
 from pipelines.spec import PreprocessSpec
 
 
@@ -105,7 +105,7 @@ def create_loader(
     gpu = device.type == "cuda"
     tars = [str(Path(data) / split / r["name"]) for r in info["shards"]]
     pipe = shard_pipeline(
-        tars=tars, indexes=[t[: -len(".tar")] + ".idx" for t in tars], spec=spec, train=train, gpu=gpu,
+        tars=tars, indexes=[str(Path(data) / split / r["index"]) for r in info["shards"]], spec=spec, train=train, gpu=gpu,
         shard_id=rank, num_shards=world_size, layout="HWC" if channels_last else "CHW",
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT, augment=augment or {},
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),

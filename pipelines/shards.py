@@ -352,7 +352,7 @@ def find_undecodable(tars: list[Path]) -> tuple[Path, str, str] | None:
     """The first (shard, key, problem) whose JPEG does not decode, scanning in order; or None."""
     for tar_path in tars:
         with open(tar_path, "rb") as f:
-            for sample in read_index(Path(tar_path).with_suffix(".idx")):
+            for sample in read_index(Path(tar_path).with_name(index_name(Path(tar_path).name))):
                 for member in sample:
                     if member.ext == "jpg":
                         f.seek(member.offset)

@@ -135,6 +135,8 @@ def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, i
     the written index files and decoded on CPU."""
     from nvidia.dali import fn, pipeline_def, types
 
+    from pipelines.loader import sample_key_of
+
     tars = sorted(split_dir.glob("*.tar"))
     count = sum(int(p.with_suffix(".idx").read_text().split()[1]) for p in tars)
 
@@ -154,6 +156,6 @@ def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, i
         for i in range(len(images)):
             if len(seen) == count:
                 break
-            key = images[i].source_info().rsplit(":", 1)[1].split(".", 1)[0]
+            key = sample_key_of(images[i].source_info())
             seen.append((key, int(bytes(np.array(labels[i])).decode("ascii")), images.at(i).shape))
     return seen

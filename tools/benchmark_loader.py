@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.loader import create_loader
+from pipelines.shards import index_name
 from pipelines.spec import load_processor, spec_from_processor
 
 
@@ -52,14 +53,15 @@ def decode_only(tars: list[str], *, batch_size: int, threads: int, gpu: bool):
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=0 if gpu else None)
     def pipe():
-        jpegs = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg"],
+        jpegs = fn.readers.webdataset(paths=tars, index_paths=[index_name(t) for t in tars], ext=["jpg"],
                                       pad_last_batch=True, name="reader")
         return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
     p = pipe()
     p.build()
-    batches = -(-p.reader_meta("reader")["epoch_size"] // batch_size)
-    return ({"pixel_values": range(batch_size)} for _ in range(batches) if p.run())
+    for _ in range(-(-p.reader_meta("reader")["epoch_size"] // batch_size)):
+        (images,) = p.run()
+        yield {"pixel_values": range(len(images))}
 
 
 def bar_chart(rows: dict[str, float], path: Path) -> None:
