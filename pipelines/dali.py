@@ -36,7 +36,7 @@ def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", 
 
 def train_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT,
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 color_jitter: float = 0.0, auto_augment: str | None = None):
+                 hflip: float = 0.5, color_jitter: float = 0.0, auto_augment: str | None = None):
     """Random-resized-crop (fused with decoding) to the processor's output size, random flip,
     optional colour jitter and RandAugment/TrivialAugment, the processor's normalization."""
     height, width = spec.output_size
@@ -63,7 +63,7 @@ def train_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW",
     elif auto_augment is not None:
         raise ValueError(f"auto_augment must be rand_augment, trivial_augment or None, got {auto_augment!r}")
     return _normalize(images, spec=spec, crop=None, layout=layout, dtype=dtype,
-                      mirror=fn.random.coin_flip(probability=0.5))
+                      mirror=fn.random.coin_flip(probability=hflip) if hflip else 0)
 
 
 def _normalize(images, *, spec: PreprocessSpec, crop, layout: str, dtype, mirror=0):

@@ -1,0 +1,326 @@
+"""train/main.py under the real DeepSpeed launcher: 2 CPU ranks, ZeRO-2/3, two nodes, export, W&B."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, photo
+from make_shards import make_shards
+
+TINY_RESNET = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
+               "layer_type": "basic", "downsample_in_first_stage": False}
+TINY_VIT = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(*, ranks: int | None = 2, extra: list[str] = ()) -> list[str]:
+    """The deepspeed launcher (ranks=None: plain python, a world of one)."""
+    if ranks is None:
+        return [sys.executable, str(ROOT / "train" / "main.py")]
+    return ["deepspeed", *(["--num_gpus", str(ranks)]), "--master_port", str(free_port()), *extra,
+            str(ROOT / "train" / "main.py")]
+
+
+def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, check: bool = True,
+          cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    done = subprocess.run(launcher(ranks=ranks) + args, capture_output=True, text=True, env=env, cwd=cwd or ROOT,
+                          timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def evals(output_dir: Path) -> list[dict]:
+    return [m for m in metrics(output_dir) if "eval/top1" in m]
+
+
+def wandb_records(run_file: Path):
+    """The protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte
+    record headers); wandb 0.31 has no Python reader for it."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, chunk = run_file.read_bytes(), 7, b""
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        if (left := 32768 - pos % 32768) < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if length == 0 and kind == 0:  # block padding
+            pos += left
+            continue
+        chunk += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            yield record
+
+
+def wandb_history(output_dir: Path) -> tuple[dict[int, dict], dict]:
+    """({step: logged values}, run config) of the run's single offline W&B run."""
+    (run_file,) = list((output_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    history, config = {}, {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            history.setdefault(row["_step"], {}).update(row)
+        elif kind == "run":
+            config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+    return history, config
+
+
+def val_images(data: Path) -> list[tuple[Image.Image, int]]:
+    images = []
+    for shard in sorted((data / "val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            samples: dict[str, dict] = {}
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        images += [(Image.open(io.BytesIO(s["jpg"])), int(s["cls"])) for s in samples.values()]
+    return images
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Digits shards (1618 train / 179 val), photo shards (36 train / 12 val, 4 classes), model
+    configs and a 32x32 image processor."""
+    from transformers import ViTImageProcessorPil
+
+    root = tmp_path_factory.mktemp("train")
+    make_shards(src="sklearn:digits", out=root / "digits", max_count=100, progress=False)
+    for n in range(48):
+        folder = root / "photos" / f"class{n % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        photo(n, (48, 40)).save(folder / f"{n}.jpg", quality=90)
+    make_shards(src=root / "photos", out=root / "photo_shards", val_fraction=0.25, max_count=6, progress=False)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(root / "processor")
+    for name, config in (("resnet", TINY_RESNET), ("vit", TINY_VIT)):
+        (root / f"{name}.json").write_text(json.dumps(config))
+    return {"root": root, "digits": root / "digits", "photos": root / "photo_shards", "processor": root / "processor",
+            "resnet": root / "resnet.json", "vit": root / "vit.json"}
+
+
+def common(files, data: str, model: str, out: Path) -> list[str]:
+    return ["--data", str(files[data]), "--model_config", str(files[model]), "--processor", str(files["processor"]),
+            "--output_dir", str(out), "--precision", "fp32", "--hflip", "0", "--crop_scale", "0.6", "1"]
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_ranks_train_evaluate_and_export(files, tmp_path, zero):
+    from transformers import pipeline
+
+    out = tmp_path / "run"
+    done = train(["--ds_config", f"ds_configs/{zero}.json", *common(files, "digits", "resnet", out),
+                  "--epochs", "2", "--micro_batch_size", "32", "--lr", "3e-3", "--log_steps", "5",
+                  *(["--channels_last"] if zero == "zero3" else [])])
+    assert "best eval top-1" in done.stdout and str(out / "model") in done.stdout
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["world_size"] == 2 and config["deepspeed"]["zero_optimization"]["stage"] == int(zero[-1])
+    assert config["deepspeed"]["train_batch_size"] == 64
+
+    rows = metrics(out)
+    losses = [m["train/loss"] for m in rows if "train/loss" in m]
+    assert [m["step"] for m in rows if "train/loss" in m] == list(range(5, 51, 5))  # 1618 // 2 // 32 = 25 per epoch
+    assert losses[-1] < 0.5 * losses[0]
+    assert [(e["step"], e["eval/samples_counted"]) for e in evals(out)] == [(25, 179), (50, 179)]
+    final = evals(out)[-1]
+    assert final["eval/top1"] > 0.8
+
+    # the export predicts class names with the HF processor (PIL) exactly as well as the trainer's eval
+    classifier = pipeline("image-classification", model=str(out / "model"))
+    images = val_images(files["digits"])
+    hits = sum(classifier(image, top_k=1)[0]["label"] == str(label) for image, label in images)
+    assert (len(images), hits) == (179, round(final["eval/top1"] * 179))
+
+    # checkpoints: the last two and the best, each complete
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000025", "step-00000050"]
+    assert all((out / "checkpoints" / k / "complete.json").is_file() for k in kept)
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000050"
+
+
+def test_every_shipped_deepspeed_config_trains_the_same(files, tmp_path):
+    """fp32 ZeRO stages 1-3 and CPU offload are the same math: the same losses step by step."""
+    losses = {}
+    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
+        out = tmp_path / name
+        train(["--ds_config", f"ds_configs/{name}.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+               "--micro_batch_size", "6", "--log_steps", "1", "--wandb_mode", "disabled", "--eval_steps", "5"])
+        losses[name] = [m["train/loss"] for m in metrics(out) if "train/loss" in m] + [evals(out)[-1]["eval/loss"]]
+    assert len(losses["zero1"]) == 6
+    for name in ("zero2", "zero3", "zero3_offload"):
+        assert losses[name] == pytest.approx(losses["zero1"], rel=1e-4), name
+
+
+def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
+    out = tmp_path / "run"
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--epochs", "2",
+           "--micro_batch_size", "6", "--log_steps", "1", "--label_smoothing", "0.1", "--mixup_alpha", "0.2",
+           "--cutmix_alpha", "1.0"])
+    history, config = wandb_history(out)
+    assert config["world_size"] == 2 and config["deepspeed"]["train_batch_size"] == 12
+    rows = metrics(out)
+    assert {m["step"] for m in rows} == set(history) == set(range(1, 7))  # 36 // 2 // 6 = 3 steps per epoch
+    for row in rows:
+        for key, value in row.items():
+            if key != "step":
+                assert history[row["step"]][key] == pytest.approx(value, rel=1e-6), key
+    expected = {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "perf/step_time",
+                "perf/data_wait_fraction", "eval/loss", "eval/top1", "eval/top5"}
+    assert expected <= set(history[3]) and expected <= set(history[6])
+    assert history[3]["eval/samples/_type"] == "table-file" and history[3]["eval/samples/nrows"] == 6
+    assert all(0 <= history[s]["perf/data_wait_fraction"] < 1 for s in history)
+
+
+def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out, port = tmp_path / "run", str(free_port())
+    args = ["--ds_config", str(ROOT / "ds_configs/zero2.json"), *common(files, "photos", "vit", out),
+            "--epochs", "2", "--micro_batch_size", "6", "--record_keys"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+                               "--master_addr", "127.0.0.1", "--master_port", port, str(ROOT / "train" / "main.py"),
+                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for k in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    seen = {rank: [json.loads(line) for line in (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+    train_keys = shard_keys(files["photos"] / "train")
+    for epoch in (0, 1):
+        keys = [k for rank in (0, 1) for row in seen[rank][3 * epoch:3 * epoch + 3] for k in row["keys"]]
+        assert len(keys) == 36 and set(keys) == train_keys  # 36 samples, each exactly once, across the nodes
+    assert set(seen[0][0]["keys"]).isdisjoint(seen[1][0]["keys"])
+
+
+def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
+    losses = {}
+    for flag in ([], ["--gradient_checkpointing"]):
+        out = tmp_path / ("gc" if flag else "plain")
+        train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "4",
+               "--micro_batch_size", "6", "--log_steps", "1", "--wandb_mode", "disabled", *flag], ranks=1)
+        losses[bool(flag)] = [m["train/loss"] for m in metrics(out) if "train/loss" in m]
+    assert len(losses[False]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
+
+
+def test_builtin_default_trains_digits_to_90_percent(tmp_path):
+    done = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, cwd=tmp_path,
+                 env={"DDV_CACHE_DIR": str(tmp_path / "cache")})
+    out = tmp_path / "outputs" / "digits-resnet-tiny"
+    assert evals(out)[-1]["eval/top1"] >= 0.9 and evals(out)[-1]["eval/samples_counted"] == 179
+    assert (out / "model" / "model.safetensors").is_file() and str(out / "model").endswith("digits-resnet-tiny/model")
+    assert "outputs/digits-resnet-tiny/model" in done.stdout
+    # a second run refuses to overwrite it, and says how to go on
+    again = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, cwd=tmp_path, check=False,
+                  env={"DDV_CACHE_DIR": str(tmp_path / "cache")})
+    assert again.returncode == 2 and "--resume auto" in again.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "unknown_model", "processor"])
+def test_bad_configuration_fails_before_training(files, tmp_path, case):
+    out = tmp_path / "run"
+    args = {"missing_data": ["--data", str(tmp_path / "nowhere"), "--model_config", str(files["resnet"]),
+                             "--processor", str(files["processor"])],
+            "class_count": ["--data", str(files["photos"]), "--model_config", str(tmp_path / "five.json"),
+                            "--processor", str(files["processor"])],
+            "batch_arithmetic": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
+                                 "--processor", str(files["processor"]), "--ds_config", str(tmp_path / "ds.json"),
+                                 "--micro_batch_size", "8"],
+            "unknown_model": ["--data", str(files["photos"]), "--model", str(tmp_path / "no-such-model")],
+            "processor": ["--data", str(files["photos"]), "--model_config", str(files["vit"])]}[case]
+    (tmp_path / "five.json").write_text(json.dumps({**TINY_RESNET, "num_labels": 5}))
+    (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 20, "train_micro_batch_size_per_gpu": "auto"}))
+    done = train([*args, "--output_dir", str(out)], ranks=None, check=False, env={"WANDB_MODE": "disabled"})
+    expected = {"missing_data": f"{tmp_path / 'nowhere'}/manifest.json not found",
+                "class_count": "has 5 labels but the shards have 4 classes",
+                "batch_arithmetic": "train_batch_size 20 != micro batch 8 x grad_accum 1 x world size 1 = 8",
+                "unknown_model": f"--model {tmp_path / 'no-such-model'}: cannot build an image classifier",
+                "processor": "pass --processor NAME_OR_DIR"}[case]
+    assert done.returncode == 2 and expected in done.stderr, done.stderr[-3000:]
+    assert "nothing was trained" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def shard_keys(split_dir: Path) -> set[str]:
+    keys = set()
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys |= {m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".cls")}
+    return keys
+
+
+def test_mixup_and_cutmix_targets_follow_the_mixed_pixels():
+    import numpy as np
+    import torch
+    from train.main import mix_batch
+
+    pixels = torch.stack([torch.from_numpy(np.array(photo(n, (40, 32)))).permute(2, 0, 1).float() for n in range(4)])
+    labels = torch.tensor([0, 1, 2, 3])
+    rng = np.random.default_rng(0)
+    mixed, targets = mix_batch(pixels, labels, num_classes=5, mixup_alpha=0.4, cutmix_alpha=0.0, rng=rng)
+    lam = targets[0, 0].item()
+    assert 0 < lam < 1 and targets[0, 3].item() == pytest.approx(1 - lam) and targets.sum(1).tolist() == [1.0] * 4
+    assert torch.allclose(mixed, lam * pixels + (1 - lam) * pixels.flip(0))
+
+    mixed, targets = mix_batch(pixels, labels, num_classes=5, mixup_alpha=0.0, cutmix_alpha=1.0, rng=rng)
+    pasted = ((mixed[0] == pixels[3]).all(0) & (pixels[0] != pixels[3]).any(0)).float().mean().item()
+    assert 0 < pasted < 1 and (mixed[0] == pixels[0]).all(0).float().mean().item() == pytest.approx(1 - pasted, abs=0.02)
+    # the partner's target weight is the pasted box's share of the image
+    assert targets[0, 3].item() == pytest.approx(pasted, abs=0.02) and targets[0, 0] + targets[0, 3] == 1
+    assert mix_batch(pixels, labels, num_classes=5, mixup_alpha=0, cutmix_alpha=0, rng=rng)[1] is labels
+
+
+def test_deepspeed_config_auto_values_and_conflicts():
+    from train.args import TrainArgs
+    from train.config import resolve_batch, resolve_precision, resolve_schedule
+
+    raw = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    problems: list[str] = []
+    args = TrainArgs(micro_batch_size=8, grad_accum=2, lr=0.01)
+    config = resolve_batch(raw, args, world_size=3, problems=problems)
+    assert problems == [] and config["train_batch_size"] == 48 and config["optimizer"]["params"]["lr"] == 0.01
+    assert resolve_precision(config, TrainArgs(precision="fp32"), device_type="cpu", problems=problems) == "fp32"
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    resolve_schedule(config, args, total_steps=100, warmup_steps=5)
+    assert config["scheduler"] == {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": 100, "warmup_num_steps": 5, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0,
+        "warmup_type": "linear"}}
+
+    fixed = {**raw, "train_micro_batch_size_per_gpu": 16, "train_batch_size": 64}
+    resolve_batch(fixed, TrainArgs(micro_batch_size=8), world_size=2, problems=problems)
+    assert len(problems) == 2
+    assert "train_micro_batch_size_per_gpu is 16 but --micro_batch_size is 8" in problems[0]
+    assert "train_batch_size 64 != micro batch 16 x grad_accum 1 x world size 2 = 32; use --grad_accum 2" in problems[1]
+    problems.clear()
+    resolve_precision({"fp16": {"enabled": True}}, TrainArgs(), device_type="cpu", problems=problems)
+    assert problems == ["--precision fp16 needs a GPU; use bf16 or fp32 on CPU"]

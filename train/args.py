@@ -1,0 +1,91 @@
+"""The trainer's arguments: one typed dataclass, each field's doc is its `--help` line.
+
+Fields that DeepSpeed's config also holds (micro batch, accumulation, lr, ...) default to None:
+the config's value wins when it is a number, the CLI fills it when the config says "auto"; both
+set to different numbers is a configuration error (see train/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """Everything wrong with a run's configuration, found before any work, in one message."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(f"  - {p}" for p in problems))
+
+
+def arg(default, doc: str, **kwargs):
+    return field(default=default, metadata={"doc": doc, **kwargs})
+
+
+@dataclass
+class TrainArgs:
+    ds_config: str = arg("ds_configs/zero2.json", "DeepSpeed config JSON; \"auto\" values are filled from these arguments")
+    data: str | None = arg(None, "shards written by tools/make_shards.py (default: scikit-learn's digits, built into a cache folder)")
+    model: str | None = arg(None, "pretrained model: hub name or local folder (its head is resized to the classes)")
+    model_config: str | None = arg(None, "model config JSON with a model_type, trained from random init")
+    processor: str | None = arg(None, "image processor (hub name or folder) when the model has none")
+    output_dir: str | None = arg(None, "where checkpoints, metrics, the export and W&B files go (default: outputs/DATA-MODEL)")
+    overwrite_output_dir: bool = arg(False, "start over in an output dir that already holds checkpoints")
+    resume: str | None = arg(None, "auto (newest complete checkpoint in the output dir, or a fresh start) or a checkpoint folder")
+
+    epochs: float = arg(3.0, "epochs to train (ignored when --max_steps is set)")
+    max_steps: int | None = arg(None, "optimizer steps to train")
+    micro_batch_size: int | None = arg(None, "images per rank per forward pass (the DALI batch; default 32)")
+    grad_accum: int | None = arg(None, "micro batches per optimizer step (default 1)")
+    eval_batch_size: int | None = arg(None, "images per rank per eval forward pass (default: the micro batch)")
+    lr: float | None = arg(None, "peak learning rate (default 1e-3)")
+    weight_decay: float | None = arg(None, "AdamW weight decay, not applied to biases and norms (default 0.05)")
+    warmup_steps: int | None = arg(None, "linear warmup steps (default: 5%% of the steps)")
+    lr_scheduler: str = arg("cosine", "decay after warmup", choices=["cosine", "linear", "constant"])
+    max_grad_norm: float | None = arg(None, "gradient clipping (default 1.0; 0 disables)")
+    label_smoothing: float = arg(0.0, "label smoothing of the cross entropy")
+    mixup_alpha: float = arg(0.0, "mixup Beta(alpha, alpha); 0 disables")
+    cutmix_alpha: float = arg(0.0, "cutmix Beta(alpha, alpha); 0 disables (with mixup: one of the two per batch)")
+    precision: str = arg("auto", "auto: bf16 where the hardware has it, else fp16 on GPU and fp32 on CPU",
+                         choices=["auto", "bf16", "fp16", "fp32"])
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    channels_last: bool = arg(False, "channels-last input (faster convolutions on GPU)")
+    seed: int = arg(0, "seed of model init, data order and augmentation")
+
+    crop_scale: tuple[float, float] = arg((0.08, 1.0), "random-resized-crop area range", nargs=2, type=float)
+    hflip: float = arg(0.5, "horizontal flip probability")
+    color_jitter: float = arg(0.0, "brightness/contrast/saturation jitter strength")
+    auto_augment: str | None = arg(None, "automatic augmentation", choices=["rand_augment", "trivial_augment"])
+    data_threads: int | None = arg(None, "DALI threads per rank (default: this rank's share of the CPU cores)")
+
+    eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")
+    save_steps: int | None = arg(None, "checkpoint every N steps, and at the end (default: at every eval)")
+    save_total_limit: int = arg(2, "recent checkpoints to keep, besides the best by top-1")
+    log_steps: int = arg(10, "log train scalars every N steps")
+    wandb_project: str = arg("dali-deepspeed-vision", "W&B project")
+    wandb_mode: str | None = arg(None, "default: online when an API key is configured, else offline",
+                                 choices=["online", "offline", "disabled"])
+    wandb_run_name: str | None = arg(None, "W&B run name (default: the output dir's name)")
+    synthetic_data: bool = arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
+    record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    """TrainArgs from the command line (DeepSpeed's launcher adds --local_rank, which is ignored)."""
+    parser = argparse.ArgumentParser(prog="deepspeed train/main.py", description="Train a Hugging Face image "
+                                     "classifier with DeepSpeed on DALI-fed WebDataset shards.")
+    for f in fields(TrainArgs):
+        meta, flag = dict(f.metadata), "--" + f.name
+        doc = meta.pop("doc")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=doc)
+            continue
+        kind = {"int | None": int, "float | None": float, "float": float, "int": int}.get(f.type, str)
+        shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
+        parser.add_argument(flag, type=meta.pop("type", kind), default=f.default, help=doc + shown, **meta)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    namespace = vars(parser.parse_args(argv))
+    namespace.pop("local_rank")
+    namespace["crop_scale"] = tuple(namespace["crop_scale"])
+    return TrainArgs(**namespace)

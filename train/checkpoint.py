@@ -1,0 +1,138 @@
+"""Checkpoints that are complete or invisible, and the export to a `save_pretrained` folder.
+
+Layout under OUTPUT/checkpoints/:
+
+    step-00000120/            DeepSpeed's files (model, optimizer and scheduler states per rank)
+        trainer_state_rank0.pt  everything else this rank needs to resume (loader, RNG, step, ...)
+        complete.json         written last, after every rank finished writing
+    latest                    the newest complete tag (DeepSpeed's format), replaced by rename
+
+A folder without `complete.json` is a save that was interrupted: never resumed from, reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+MARKER = "complete.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says which and why."""
+
+
+def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, local_rank: int,
+                    top1: float | None, keep: int) -> Path:
+    """Saves DeepSpeed's state and this rank's `state`; marks the folder complete once all ranks are done.
+
+    Then prunes: keeps the newest `keep` complete checkpoints and the best by top-1.
+    """
+    tag = f"step-{step:08d}"
+    path = root / tag
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(state, path / f"trainer_state_rank{rank}.pt")
+    _pause_for_tests("save")
+    dist.barrier()
+    if local_rank == 0:  # one writer per node: the folder lives on each node's disk
+        _write_atomic(path / MARKER, json.dumps({"step": step, "top1": top1, "world_size": dist.get_world_size(),
+                                                 "time": time.time()}))
+        _write_atomic(root / "latest", tag)
+        _prune(root, keep=keep)
+    dist.barrier()
+    return path
+
+
+def complete_checkpoints(root: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, partial) checkpoint folders under `root`, oldest first."""
+    folders = sorted(p for p in Path(root).glob("step-*") if p.is_dir())
+    return [p for p in folders if (p / MARKER).is_file()], [p for p in folders if not (p / MARKER).is_file()]
+
+
+def find_resume(resume: str | None, root: Path) -> tuple[Path | None, list[Path]]:
+    """The checkpoint to resume from (None: fresh start) and the partial ones that were skipped."""
+    complete, partial = complete_checkpoints(root)
+    if resume is None:
+        return None, partial
+    if resume == "auto":
+        return (complete[-1] if complete else None), partial
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"--resume {resume}: incomplete (no {MARKER}; the save was interrupted); "
+                              f"use --resume auto to take the newest complete one")
+    return path, partial
+
+
+def checkpoint_info(path: Path) -> dict:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def load_checkpoint(engine, path: Path, *, rank: int) -> dict:
+    """Restores DeepSpeed's state from `path` and returns this rank's trainer state."""
+    path = Path(path)
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    return torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
+
+
+def export_model(*, checkpoint: Path, config, processor, out: Path) -> Path:
+    """A `save_pretrained` folder with fp32 weights consolidated from the ZeRO checkpoint, the
+    config (with id2label) and the image processor: what `transformers.pipeline` loads."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints every step it takes
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    model = AutoModelForImageClassification.from_config(config)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied weights are stored once in the checkpoint; anything else missing is a bug
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return set(tied)
+
+
+def _prune(root: Path, *, keep: int) -> None:
+    complete, _ = complete_checkpoints(root)
+    scored = [(checkpoint_info(p).get("top1"), p) for p in complete]
+    best = max((s for s in scored if s[0] is not None), key=lambda s: s[0], default=(None, None))[1]
+    for path in complete[:-keep] if keep > 0 else complete:
+        if path != best and path != complete[-1]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pause_for_tests(where: str) -> None:
+    """TRAIN_PAUSE_IN=save makes every save sleep here (between writing and marking complete), so a
+    test can kill the run mid-save."""
+    if os.environ.get("TRAIN_PAUSE_IN") == where:
+        time.sleep(float(os.environ.get("TRAIN_PAUSE_SECONDS", "60")))
+

@@ -1,0 +1,136 @@
+"""The DeepSpeed config, resolved: "auto" values filled from the arguments, one batch arithmetic.
+
+As in Hugging Face Trainer's DeepSpeed integration, a config value may be "auto"; then the CLI
+value (or its default) is used. A number in the config and a different number on the CLI is an
+error rather than a silent choice. The batch identity that DeepSpeed enforces,
+micro x accumulation x world = train batch, is checked here first, with a message that says
+what to change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from train.args import TrainArgs
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = {"micro_batch_size": 32, "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.05, "max_grad_norm": 1.0}
+SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+def load_ds_config(path: str | Path, problems: list[str]) -> dict:
+    """The JSON at `path` (relative to the working dir, else to the repo), or {} with the reason
+    appended to `problems`."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (REPO / path).exists():
+        path = REPO / path
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        problems.append(f"--ds_config {path}: {e.strerror} (the configs ship in ds_configs/)")
+    except json.JSONDecodeError as e:
+        problems.append(f"--ds_config {path}: not valid JSON ({e})")
+    return {}
+
+
+def hardware_precision(device_type: str) -> str:
+    """bf16 where the hardware runs it natively, else fp16 on GPUs and fp32 on CPUs."""
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def resolve_batch(raw: dict, args: TrainArgs, *, world_size: int, problems: list[str]) -> dict:
+    """A copy of `raw` with the batch sizes, clipping and optimizer filled; checks the arithmetic."""
+    config = copy.deepcopy(raw)
+    fill = _filler(args, problems)
+    micro = fill(config, "train_micro_batch_size_per_gpu", "micro_batch_size")
+    accum = fill(config, "gradient_accumulation_steps", "grad_accum")
+    fill(config, "gradient_clipping", "max_grad_norm")
+    train_batch = config.get("train_batch_size", "auto")
+    if isinstance(micro, int) and isinstance(accum, int):
+        product = micro * accum * world_size
+        if train_batch == "auto":
+            config["train_batch_size"] = product
+        elif train_batch != product:
+            hint = (f"--grad_accum {train_batch // (micro * world_size)}" if train_batch % (micro * world_size) == 0
+                    else "\"auto\" in the config, or a train_batch_size that micro x world divides")
+            problems.append(
+                f"{args.ds_config}: train_batch_size {train_batch} != micro batch {micro} x grad_accum {accum} "
+                f"x world size {world_size} = {product}; use {hint}"
+            )
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    fill(params, "lr", "lr", where="optimizer.params.lr")
+    fill(params, "weight_decay", "weight_decay", where="optimizer.params.weight_decay")
+    for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
+        if params.get(key, "auto") == "auto":
+            params[key] = default
+    return config
+
+
+def resolve_precision(config: dict, args: TrainArgs, *, device_type: str, problems: list[str]) -> str:
+    """Sets bf16/fp16 `enabled` in `config`; returns "bf16", "fp16" or "fp32"."""
+    explicit = [p for p in ("bf16", "fp16") if config.get(p, {}).get("enabled") is True]
+    precision = args.precision
+    if precision == "auto":
+        precision = explicit[0] if explicit else hardware_precision(device_type)
+    elif explicit and explicit != [precision]:
+        problems.append(f"{args.ds_config}: {explicit[0]} is enabled but --precision is {precision}; "
+                        f"set \"enabled\": \"auto\" in the config or drop --precision")
+    if precision == "fp16" and device_type != "cuda":
+        problems.append("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    for p in ("bf16", "fp16"):
+        section = config.setdefault(p, {})
+        section["enabled"] = precision == p
+        if p == "fp16" and section.get("loss_scale", "auto") == "auto":
+            section["loss_scale"] = 0  # dynamic loss scaling
+    if precision != "fp32":
+        # DeepSpeed 0.19 casts parameters only; BatchNorm's running stats must follow them
+        config.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
+    return precision
+
+
+def resolve_schedule(config: dict, args: TrainArgs, *, total_steps: int, warmup_steps: int) -> None:
+    """Fills the scheduler (DeepSpeed's warmup schedulers, from --lr_scheduler when the config has none)."""
+    lr = config["optimizer"]["params"]["lr"]
+    scheduler = config.setdefault("scheduler", {"type": SCHEDULERS[args.lr_scheduler], "params": {}})
+    params = scheduler.setdefault("params", {})
+    values = {"total_num_steps": total_steps, "warmup_num_steps": warmup_steps, "warmup_max_lr": lr,
+              "warmup_min_lr": 0.0, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}
+    accepted = {"WarmupCosineLR": ("total_num_steps", "warmup_num_steps", "warmup_min_ratio", "cos_min_ratio", "warmup_type"),
+                "WarmupDecayLR": ("total_num_steps", "warmup_num_steps", "warmup_max_lr", "warmup_min_lr", "warmup_type"),
+                "WarmupLR": ("warmup_num_steps", "warmup_max_lr", "warmup_min_lr", "warmup_type")}
+    for key in accepted.get(scheduler["type"], ()):
+        if params.get(key, "auto") == "auto":
+            params[key] = values[key]
+    config.setdefault("steps_per_print", 10**9)  # the trainer prints its own progress
+    config.setdefault("wall_clock_breakdown", False)
+
+
+def find_autos(config: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of values still "auto" (a config key this trainer does not know)."""
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += find_autos(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(prefix + key)
+    return found
+
+
+def _filler(args: TrainArgs, problems: list[str]):
+    def fill(section: dict, key: str, name: str, where: str | None = None):
+        cli, value = getattr(args, name), section.get(key, "auto")
+        if value == "auto":
+            section[key] = DEFAULTS[name] if cli is None else cli
+        elif cli is not None and cli != value:
+            problems.append(f"{args.ds_config}: {where or key} is {value} but --{name} is {cli}; "
+                            f"drop one, or set \"auto\" in the config")
+        return section[key]
+
+    return fill

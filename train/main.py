@@ -1,0 +1,509 @@
+"""Train a Hugging Face image classifier with DeepSpeed on DALI-fed WebDataset shards.
+
+    deepspeed train/main.py --ds_config ds_configs/zero2.json [--data OUT] [--model NAME_OR_DIR] ...
+
+`setup` resolves and checks everything (data, model, processor, DeepSpeed config, batch
+arithmetic, output dir, checkpoint to resume) and raises one ConfigError listing every problem
+before any work starts. `fit` is the loop: `train_step`, with logging, eval and checkpointing as
+hooks around it. Everything a run writes goes under --output_dir.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the repo's packages, not train/'s modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+
+from pipelines.loader import DataError, create_loader
+from pipelines.shards import ShardFormatError, load_classes, load_manifest
+from pipelines.spec import ProcessorError, spec_from_processor
+from train.args import ConfigError, TrainArgs, parse_args
+from train.checkpoint import (CheckpointError, checkpoint_info, complete_checkpoints, export_model, find_resume,
+                              load_checkpoint, save_checkpoint)
+from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
+from train.data import SyntheticLoader, builtin_digits
+from train.metrics import RunLogger, default_wandb_mode, viewable
+from train.model import (BUILTIN_MODEL, build_model, builtin_processor, model_input_size, model_source,
+                         parameter_groups)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
+# not mirror-symmetric
+BUILTIN_RECIPE = {"epochs": 4.0, "hflip": 0.0, "crop_scale": (0.6, 1.0), "lr": 2e-3}
+
+
+@dataclass
+class Run:
+    """Everything setup resolved; `fit` reads it and advances `step`."""
+
+    args: TrainArgs
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    precision: str
+    data: Path
+    classes: list[str]
+    spec: object
+    processor: object
+    engine: object
+    train_loader: object
+    eval_loader: object | None
+    output_dir: Path
+    total_steps: int
+    steps_per_epoch: int
+    eval_steps: int
+    save_steps: int
+    logger: RunLogger
+    ds_config: dict
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"top1": None, "step": None})
+    mix_rng: np.random.Generator | None = None
+    last_eval: dict = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _init_distributed()
+    rank = dist.get_rank()
+    _quiet_libraries(rank)
+    try:
+        run = setup(args)
+    except (ConfigError, CheckpointError) as e:
+        if rank == 0:
+            print(f"train: configuration error, nothing was trained:\n{e}", file=sys.stderr)
+        return 2
+    try:
+        result = fit(run)
+    except DataError as e:
+        if rank == 0:
+            print(f"train: data error at step {run.step}: {e}\n(the last complete checkpoint is in {run.checkpoints})",
+                  file=sys.stderr)
+        return 3
+    finally:
+        run.logger.finish()
+    if rank == 0:
+        print(result)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+# --- setup: everything checked before any work ------------------------------------------------
+
+def setup(args: TrainArgs) -> Run:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    accelerator = get_accelerator()
+    device = torch.device(accelerator.device_name(local_rank)) if accelerator.device_name() != "cpu" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # ranks on one CPU share its cores
+        torch.set_num_threads(_cpu_share())
+    problems: list[str] = []
+
+    builtin = args.data is None
+    if builtin:
+        args = _with_recipe(args, BUILTIN_RECIPE)
+    data = builtin_digits(local_rank=local_rank) if builtin else Path(args.data)
+    manifest, classes = None, []
+    try:
+        manifest, classes = load_manifest(data), load_classes(data)
+    except ShardFormatError as e:
+        problems.append(f"--data: {e}")
+
+    ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
+    precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
+
+    model_config, processor = args.model_config, args.processor
+    if not args.model and not model_config:
+        if builtin:
+            model_config, processor = BUILTIN_MODEL, processor or builtin_processor()
+        else:
+            problems.append("no model: pass --model NAME_OR_DIR (pretrained) or --model_config JSON (random init)")
+    model = image_processor = spec = None
+    if classes and (args.model or model_config):
+        torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
+        model, image_processor = build_model(model=args.model, model_config=model_config, processor=processor,
+                                             classes=classes, problems=problems)
+    elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
+        model_source(model=args.model, model_config=args.model_config, problems=problems)
+    if image_processor is not None:
+        try:
+            spec = spec_from_processor(image_processor)
+        except ProcessorError as e:
+            problems.append(f"image processor: {e}")
+    if args.gradient_checkpointing and model is not None and not model.supports_gradient_checkpointing:
+        problems.append(f"--gradient_checkpointing: {type(model).__name__} does not support it")
+
+    output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
+    resume, trainer_state = None, {}
+    try:
+        resume, partial = find_resume(args.resume, output_dir / "checkpoints")
+        if partial and rank == 0:
+            print(f"train: ignoring {len(partial)} incomplete checkpoint(s) (interrupted saves): "
+                  f"{', '.join(p.name for p in partial)}")
+    except CheckpointError as e:
+        problems.append(str(e))
+    if args.resume is None and not args.overwrite_output_dir and complete_checkpoints(output_dir / "checkpoints")[0]:
+        problems.append(f"{output_dir} holds checkpoints of an earlier run: --resume auto continues it, "
+                        f"--overwrite_output_dir starts over, or pick another --output_dir")
+    if resume is not None:
+        trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes, problems=problems)
+
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    accum = ds_config.get("gradient_accumulation_steps")
+    train_loader = eval_loader = None
+    if not problems:
+        loader_args = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
+                           dtype=DTYPES[precision], channels_last=args.channels_last,
+                           num_threads=args.data_threads or _cpu_share(), expected_size=model_input_size(model))
+        try:
+            augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
+                       "auto_augment": args.auto_augment}
+            train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment,
+                                         state=trainer_state.get("train_loader"), **loader_args)
+            if manifest["splits"].get("val", {}).get("samples"):
+                eval_loader = create_loader(split="val", batch_size=args.eval_batch_size or micro, train=False,
+                                            **loader_args)
+        except (ShardFormatError, ValueError) as e:
+            problems.append(f"--data {data}: {e}")
+
+    steps_per_epoch = total_steps = 0
+    if train_loader is not None:
+        steps_per_epoch = len(train_loader) // accum
+        if steps_per_epoch == 0:
+            problems.append(f"one epoch of {data}/train is {len(train_loader)} micro batches per rank, fewer than "
+                            f"--grad_accum {accum}; lower the micro batch or the accumulation")
+        total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+        # DeepSpeed's warmup schedulers need at least one warmup step
+        warmup = max(1, args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps))
+        resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
+        if autos := find_autos(ds_config):
+            problems.append(f"{args.ds_config}: nothing fills {', '.join(autos)} (\"auto\"); set values")
+    _agree(problems)
+    if problems:
+        raise ConfigError(problems)
+
+    if args.synthetic_data:
+        train_loader = SyntheticLoader(train_loader, num_classes=len(classes), seed=args.seed + rank)
+    eval_steps = args.eval_steps or steps_per_epoch
+    save_steps = args.save_steps or eval_steps
+    if args.overwrite_output_dir and resume is None and local_rank == 0:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config)
+
+    run_config = {"args": asdict(args), "deepspeed": ds_config, "preprocess": asdict(spec), "precision": precision,
+                  "world_size": world, "device": device.type, "data": str(data), "classes": len(classes),
+                  "train_samples": manifest["splits"]["train"]["samples"],
+                  "val_samples": manifest["splits"].get("val", {}).get("samples", 0),
+                  "parameters": sum(p.numel() for p in model.parameters()) if args.model or model_config else None}
+    if rank == 0:
+        (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+    mode, why = (args.wandb_mode, "--wandb_mode") if args.wandb_mode else default_wandb_mode()
+    run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
+              data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
+              train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
+              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, ds_config=ds_config,
+              logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank))
+    if resume is not None:
+        _restore(run, load_checkpoint(engine, resume, rank=rank))
+    run.logger = RunLogger(output_dir=output_dir, enabled=rank == 0, mode=mode, project=args.wandb_project,
+                           name=args.wandb_run_name or output_dir.name, config=run_config,
+                           run_id=trainer_state.get("wandb_run_id"), resume_step=run.step if resume else None)
+    if rank == 0:
+        zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+        print(f"train: {world} rank(s) on {device.type}, {precision}, ZeRO-{zero}; {data}: "
+              f"{run_config['train_samples']} train / {run_config['val_samples']} val images, {len(classes)} classes; "
+              f"{type(model).__name__} ({run_config['parameters'] / 1e6:.2f}M parameters)\n"
+              f"train: {total_steps} steps ({steps_per_epoch} per epoch) of {ds_config['train_batch_size']} images "
+              f"= {micro} micro x {accum} accumulation x {world} ranks\n"
+              f"train: output in {output_dir}; W&B {mode} ({why})"
+              + (f"\ntrain: resuming from {resume} (step {run.step})" if resume else ""))
+    return run
+
+
+# --- fit: the loop -----------------------------------------------------------------------------
+
+def fit(run: Run) -> str:
+    """Trains to run.total_steps; returns the summary printed at the end."""
+    engine, args = run.engine, run.args
+    engine.train()
+    batches = step_batches(run)
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+    meter = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
+    first_step, started = run.step, time.perf_counter()
+    last_saved = None
+    while run.step < run.total_steps:
+        micro_batches, wait = next(batches)
+        loss = train_step(run, micro_batches)
+        run.step += 1
+        if args.record_keys:
+            record_keys(run, micro_batches)
+        meter["wait"] += wait
+        meter["steps"] += 1
+        if run.step % args.log_steps == 0 or run.step == run.total_steps:
+            log_train(run, loss, meter, bar)
+        if run.eval_loader is not None and (run.step % run.eval_steps == 0 or run.step == run.total_steps):
+            log_eval(run, evaluate(run))
+            meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
+        if run.step % run.save_steps == 0 or run.step == run.total_steps:
+            last_saved = save(run)
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if run.rank == 0:
+        export_model(checkpoint=last_saved, config=engine.module.config, processor=run.processor,
+                     out=run.output_dir / "model")
+    dist.barrier()
+    images = (run.step - first_step) * run.ds_config["train_batch_size"]
+    best = f"{run.best['top1']:.2%} at step {run.best['step']}" if run.best["top1"] is not None else "no eval"
+    wandb = (f"{run.logger.run_dir.removesuffix('/files')} (upload: wandb sync DIR)" if run.logger.run_dir
+             and run.logger.run.settings.mode == "offline" else (run.logger.run_dir or "disabled"))
+    return (f"train: done, {run.step - first_step} steps in {elapsed:.0f}s ({images / elapsed:.0f} images/s incl. "
+            f"eval), best eval top-1 {best}\n"
+            f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / 'model'}\n"
+            f"  checkpoints: {run.checkpoints} (latest {last_saved.name})\n"
+            f"  metrics:     {run.output_dir / 'metrics.jsonl'}\n"
+            f"  W&B run:     {wandb}")
+
+
+def step_batches(run: Run):
+    """Yields (the micro batches of one optimizer step, seconds spent waiting for them), across
+    epochs; an epoch's last micro batches that do not fill a step are dropped."""
+    accum = run.ds_config["gradient_accumulation_steps"]
+    while True:
+        group, wait, tick = [], 0.0, time.perf_counter()
+        for batch in run.train_loader:
+            wait += time.perf_counter() - tick
+            group.append(batch)
+            if len(group) == accum:
+                yield group, wait
+                group, wait = [], 0.0
+            tick = time.perf_counter()
+
+
+def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor:
+    """One optimizer step: forward, backward and DeepSpeed's step for each micro batch (DeepSpeed
+    accumulates and steps the optimizer on the last). Returns the mean loss of this rank."""
+    losses = []
+    for batch in micro_batches:
+        pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], num_classes=len(run.classes),
+                                    mixup_alpha=run.args.mixup_alpha, cutmix_alpha=run.args.cutmix_alpha,
+                                    rng=run.mix_rng)
+        logits = run.engine(pixel_values=pixels).logits
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=run.args.label_smoothing)
+        run.engine.backward(loss)
+        run.engine.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mixup_alpha: float,
+              cutmix_alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (one per batch, chosen at random when both are on), on the batch's device.
+    Returns the pixels and the targets: class ids, or class probabilities when mixed."""
+    if not mixup_alpha and not cutmix_alpha:
+        return pixels, labels
+    use_cutmix = bool(cutmix_alpha) and (not mixup_alpha or rng.random() < 0.5)
+    lam = float(rng.beta(*(2 * [cutmix_alpha if use_cutmix else mixup_alpha])))
+    partner = pixels.flip(0)
+    if use_cutmix:  # paste a box of area (1 - lam) from the partner image; lam follows the clipped box
+        height, width = pixels.shape[-2:]
+        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        pixels = pixels.clone()
+        pixels[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (height * width)
+    else:
+        pixels = pixels * lam + partner * (1 - lam)
+    one_hot = F.one_hot(labels, num_classes).float()
+    return pixels, one_hot * lam + one_hot.flip(0) * (1 - lam)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Loss, top-1 and top-5 over the val split, each sample counted once across ranks."""
+    run.engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5 hits, samples
+    samples = None
+    for batch in run.eval_loader:
+        logits = run.engine(pixel_values=batch["pixel_values"]).logits.float()
+        labels, mask = batch["labels"], batch["mask"]
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        sums += torch.stack([(loss * mask).sum(), (hits[:, 0] & mask).sum(), (hits.any(1) & mask).sum(),
+                             mask.sum()]).to(sums)
+        if samples is None and run.rank == 0:
+            samples = (batch["pixel_values"][mask][:16], labels[mask][:16], logits[mask][:16].argmax(1))
+    dist.all_reduce(sums)
+    run.engine.train()
+    loss, top1, top5, count = sums.tolist()
+    return {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count,
+            "eval/samples_counted": count, "_samples": samples}
+
+
+# --- hooks around the loop ----------------------------------------------------------------------
+
+def log_train(run: Run, loss: torch.Tensor, meter: dict, bar) -> None:
+    """train/ and perf/ scalars, averaged over the steps since the last log."""
+    loss = loss.clone()
+    dist.all_reduce(loss)  # also waits for the device: the interval's time is real
+    get_accelerator().synchronize()
+    elapsed = time.perf_counter() - meter["start"]
+    images_per_sec = meter["steps"] * run.ds_config["train_batch_size"] / elapsed
+    scalars = {"train/loss": loss.item() / run.world_size, "train/lr": run.engine.get_lr()[0],
+               "perf/images_per_sec": images_per_sec, "perf/step_time": elapsed / meter["steps"],
+               "perf/data_wait_fraction": meter["wait"] / elapsed, "train/epoch": run.step / run.steps_per_epoch}
+    grad_norm = run.engine.get_global_grad_norm()
+    if grad_norm is not None:
+        scalars["train/grad_norm"] = float(grad_norm)
+    if run.device.type == "cuda":
+        scalars["perf/gpu_mem"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.logger.log(run.step, scalars)
+    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{images_per_sec:.0f}", refresh=False)
+    meter.update(start=time.perf_counter(), wait=0.0, steps=0)
+
+
+def log_eval(run: Run, result: dict) -> None:
+    samples = result.pop("_samples")
+    run.last_eval = {"step": run.step, **result}
+    if run.best["top1"] is None or result["eval/top1"] > run.best["top1"]:
+        run.best = {"top1": result["eval/top1"], "step": run.step}
+    run.logger.log(run.step, result)
+    if samples is not None:
+        pixels, true, predicted = samples
+        run.logger.log_samples(run.step, images=viewable(pixels, mean=run.spec.pixel_mean, std=run.spec.pixel_std),
+                               true=[run.classes[i] for i in true.tolist()],
+                               predicted=[run.classes[i] for i in predicted.tolist()])
+    if run.rank == 0:
+        tqdm.write(f"step {run.step}: eval loss {result['eval/loss']:.4f}, top-1 {result['eval/top1']:.2%}, "
+                   f"top-5 {result['eval/top5']:.2%} ({int(result['eval/samples_counted'])} images)")
+
+
+def record_keys(run: Run, micro_batches: list[dict]) -> None:
+    folder = run.output_dir / "sample_keys"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"rank{run.rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": run.step, "keys": [k for b in micro_batches for k in b["keys"]]}) + "\n")
+
+
+def save(run: Run) -> Path:
+    top1 = run.last_eval.get("eval/top1") if run.last_eval.get("step") == run.step else None
+    return save_checkpoint(run.engine, root=run.checkpoints, step=run.step, state=trainer_state(run), rank=run.rank,
+                           local_rank=run.local_rank, top1=top1, keep=run.args.save_total_limit)
+
+
+def trainer_state(run: Run) -> dict:
+    """Everything this rank needs to resume besides DeepSpeed's own state."""
+    return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
+            "last_eval": run.last_eval, "classes": len(run.classes), "world_size": run.world_size,
+            "wandb_run_id": run.logger.run_id if run.logger else None, "mix_rng": run.mix_rng.bit_generator.state,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+
+def _restore(run: Run, state: dict) -> None:
+    run.step, run.best, run.last_eval = state["step"], state["best"], state["last_eval"]
+    run.mix_rng.bit_generator.state = state["mix_rng"]
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+
+
+def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str], problems: list[str]) -> dict:
+    info = checkpoint_info(path)
+    if info["world_size"] != world:
+        problems.append(f"--resume {path}: saved by {info['world_size']} ranks, this run has {world}; resume with "
+                        f"{info['world_size']} ranks (the data order and optimizer partitions are per rank)")
+        return {}
+    state = torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
+    if classes and state["classes"] != len(classes):
+        problems.append(f"--resume {path}: trained on {state['classes']} classes, --data has {len(classes)}")
+    return state
+
+
+# --- plumbing -----------------------------------------------------------------------------------
+
+def _init_distributed() -> None:
+    """Under the deepspeed launcher the env holds rank and world; run directly, a world of one."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(verbose=False)
+
+
+def _agree(problems: list[str]) -> None:
+    """Every rank stops if any rank found a problem (ranks must not split into train and exit)."""
+    count = torch.tensor([len(problems)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        count = count.cuda()
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if count.item() and not problems:
+        problems.append("another rank found a problem (its message is printed on that rank)")
+
+
+def _cpu_share() -> int:
+    local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, len(os.sched_getaffinity(0)) // local_world)
+
+
+def _with_recipe(args: TrainArgs, recipe: dict) -> TrainArgs:
+    defaults = TrainArgs()
+    values = asdict(args)
+    for key, value in recipe.items():
+        if values[key] == getattr(defaults, key):
+            values[key] = value
+    return TrainArgs(**values)
+
+
+def _model_name(args: TrainArgs, model) -> str:
+    if args.model:
+        return Path(args.model.rstrip("/")).name
+    if args.model_config:
+        return Path(args.model_config).stem
+    return f"{model.config.model_type}-tiny" if model is not None else "model"
+
+
+def _quiet_libraries(rank: int) -> None:
+    from deepspeed.utils import logger as ds_logger
+    import transformers
+
+    ds_logger.setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if rank != 0:
+        transformers.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Where the numbers go: W&B (rank 0) and OUTPUT/metrics.jsonl, the same scalars in both.
+
+Names group on a W&B dashboard: train/ (loss, lr, grad_norm, skipped_steps), eval/ (loss, top1,
+top5), perf/ (images_per_sec, step_time, data_wait_fraction, gpu_mem).
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def default_wandb_mode() -> tuple[str, str]:
+    """(mode, why): WANDB_MODE if set, online with an API key configured, else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "from WANDB_MODE"
+    if os.environ.get("WANDB_API_KEY"):
+        return "online", "WANDB_API_KEY is set"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online", "an API key is in ~/.netrc"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline", "no W&B API key configured; `wandb sync` uploads it later"
+
+
+class RunLogger:
+    """Logs on rank 0 only; every other rank gets a logger that does nothing."""
+
+    def __init__(self, *, output_dir: Path, enabled: bool, mode: str, project: str, name: str, config: dict,
+                 run_id: str | None, resume_step: int | None):
+        self.enabled, self.run = enabled, None
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # a resumed run continues the log: drop what was logged after the checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=project, name=name, mode=mode, dir=str(output_dir), config=config,
+                                  id=run_id, resume="allow" if run_id else None)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run else None
+
+    @property
+    def run_dir(self) -> str | None:
+        return self.run.dir if self.run else None
+
+    def log(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.run:
+            self.run.log(scalars, step=step)
+
+    def log_samples(self, step: int, *, images: np.ndarray, true: list[str], predicted: list[str]) -> None:
+        """A table of eval images (N,H,W,3 uint8) with their true and predicted labels."""
+        if not self.run:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["image", "true", "predicted"])
+        for image, t, p in zip(images, true, predicted):
+            table.add_data(wandb.Image(image), t, p)
+        self.run.log({"eval/samples": table}, step=step)
+
+    def finish(self) -> None:
+        if self.run:
+            self.run.finish()
+
+
+def viewable(pixel_values: torch.Tensor, *, mean: list[float], std: list[float]) -> np.ndarray:
+    """Normalized (N,3,H,W) pixels back to (N,H,W,3) uint8 for looking at."""
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    pixels = pixel_values.detach().float().cpu() * std_t + mean_t
+    return pixels.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
