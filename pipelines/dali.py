@@ -14,6 +14,11 @@ INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "neare
 LABEL_BYTES = 10  # `.cls` is ASCII decimal: up to 10 digits
 
 
+def decoded(jpegs, *, gpu: bool):
+    """JPEG bytes to RGB uint8 HWC: nvJPEG / the hardware decoder on GPU, libjpeg-turbo on CPU."""
+    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+
 def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT):
     """Decode -> resize -> center crop -> normalize, as the HF processor does.
 
@@ -21,7 +26,7 @@ def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", 
     (long side floored), not left to DALI's; crop offsets are floored like HF's
     (`rounding="truncate"`), and the resize antialiases like PIL.
     """
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = decoded(jpegs, gpu=gpu)
     if spec.resize_to:
         height, width = (float(v) for v in spec.resize_to)
     else:
@@ -81,8 +86,9 @@ def padded_labels(cls):
 
 @pipeline_def(enable_conditionals=True)
 def shard_pipeline(*, tars: list[str], indexes: list[str], spec: PreprocessSpec, train: bool, gpu: bool,
-                   shard_id: int, num_shards: int, layout: str, dtype, augment: dict):
-    """Read WebDataset shards (this rank's part), preprocess, and return (images, labels)."""
+                   shard_id: int, num_shards: int, layout: str, dtype, augment: dict, decode_only: bool = False):
+    """Read WebDataset shards (this rank's part), preprocess, and return (images, labels).
+    `decode_only`: eval images stay decoded RGB, for the exact resize (pipelines/pil_resize.py)."""
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=1024,
@@ -90,13 +96,17 @@ def shard_pipeline(*, tars: list[str], indexes: list[str], spec: PreprocessSpec,
     )
     if train:
         images = train_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, **augment)
+    elif decode_only:
+        images = decoded(jpegs, gpu=gpu)
     else:
         images = eval_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype)
     return images, padded_labels(cls)
 
 
 @pipeline_def
-def file_pipeline(*, files: list[str], spec: PreprocessSpec, gpu: bool):
+def file_pipeline(*, files: list[str], spec: PreprocessSpec, gpu: bool, decode_only: bool = False):
     """The eval preprocessing of plain image files, in order (parity checks)."""
     jpegs, _ = fn.readers.file(files=files, name="reader")
+    if decode_only:
+        return decoded(jpegs, gpu=gpu)
     return eval_images(jpegs, spec=spec, gpu=gpu)

@@ -30,7 +30,8 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dali import shard_pipeline
-from pipelines.shards import ShardFormatError, find_undecodable, index_name, load_manifest, read_index
+from pipelines.pil_resize import exact_eval_image
+from pipelines.shards import ShardFormatError, file_sha256, find_undecodable, load_manifest, read_index
 from pipelines.spec import PreprocessSpec
 
 
@@ -38,12 +39,16 @@ class DataError(RuntimeError):
     """A sample that fails at run time; the message names the shard and the key."""
 
 
-def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train: bool) -> dict:
+def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train: bool,
+              hash_share: tuple[int, int] | None = None) -> dict:
     """The split's manifest entry, after checking that its shards can serve this run.
 
     Checks, before any batch: the manifest (and that its run did not fail), that every shard and
     index file exists with the manifest's size and sample count, that there are at least as many
-    shards as ranks, and that a training rank gets at least one full batch.
+    shards as ranks, and that a training rank gets at least one full batch. With
+    `hash_share=(rank, world)` it also compares the sha256 of every world-th shard (this rank's
+    share, so the ranks hash all shards between them, once) with the manifest: a shard modified
+    after sharding.
     """
     data = Path(data)
     manifest = load_manifest(data)
@@ -51,7 +56,7 @@ def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train
     if not info or not info["samples"]:
         raise ShardFormatError(f"{data}: split {split!r} is empty (make_shards --val-fraction 0 writes no val)")
     problems = []
-    for record in info["shards"]:
+    for n, record in enumerate(info["shards"]):
         tar, idx = data / split / record["name"], data / split / record["index"]
         if not tar.is_file() or not idx.is_file():
             problems.append(f"{tar if not tar.is_file() else idx}: missing")
@@ -59,6 +64,8 @@ def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train
             problems.append(f"{tar}: {tar.stat().st_size} bytes, manifest says {record['bytes']} (truncated or modified)")
         elif len(read_index(idx)) != record["samples"]:
             problems.append(f"{idx}: sample count differs from the manifest")
+        elif hash_share and n % hash_share[1] == hash_share[0] and file_sha256(tar) != record["sha256"]:
+            problems.append(f"{tar}: sha256 differs from the manifest (modified after sharding)")
     if problems:
         raise ShardFormatError("; ".join(problems) + f" (tools/verify_shards.py {data} checks everything)")
     if len(info["shards"]) < world_size:
@@ -91,16 +98,24 @@ def create_loader(
     augment: dict | None = None,
     expected_size: tuple[int, int] | None = None,
     state: dict | None = None,
+    verify_hashes: bool = False,
+    exact_resize: bool = False,
 ) -> "DaliLoader":
     """A DaliLoader over `data/split` for this rank; `device` defaults to the local GPU if any.
 
     `expected_size` is the model's input size, checked against the processor's output size.
-    `state` is a `DaliLoader.state_dict()` to resume from.
+    `state` is a `DaliLoader.state_dict()` to resume from. `verify_hashes`: this rank checks the
+    sha256 of its share of the shards (see `preflight`). `exact_resize` (eval only): DALI decodes,
+    and the resize, crop and normalize are Pillow's own arithmetic on the device
+    (pipelines/pil_resize.py): bit-identical to the processor's PIL backend, and slower.
     """
+    if exact_resize and train:
+        raise ValueError("exact_resize is for eval loaders: training crops at random anyway")
     if expected_size is not None and tuple(expected_size) != spec.output_size:
         raise ValueError(f"the model expects {tuple(expected_size)} images but {spec.processor} "
                          f"produces {spec.output_size}; use the model's own processor")
-    info = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train)
+    info = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train,
+                     hash_share=(rank, world_size) if verify_hashes else None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     tars = [str(Path(data) / split / r["name"]) for r in info["shards"]]
@@ -111,18 +126,22 @@ def create_loader(
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
         device_id=(device.index or 0) if gpu else None, seed=seed + rank,
         enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=2,
+        decode_only=exact_resize,
     )
     pipe.build()
     return DaliLoader(pipe, tars=tars, samples=info["samples"], batch_size=batch_size, rank=rank, world_size=world_size,
-                      train=train, device=device, dtype=dtype, channels_last=channels_last, state=state)
+                      train=train, device=device, dtype=dtype, channels_last=channels_last, state=state,
+                      exact_spec=spec if exact_resize else None)
 
 
 class DaliLoader:
     """Iterates one epoch per `iter()`; `len()` is the batches per epoch, equal on every rank."""
 
     def __init__(self, pipe, *, tars: list[str], samples: int, batch_size: int, rank: int, world_size: int, train: bool,
-                 device: torch.device, dtype: torch.dtype, channels_last: bool, state: dict | None):
+                 device: torch.device, dtype: torch.dtype, channels_last: bool, state: dict | None,
+                 exact_spec: PreprocessSpec | None = None):
         self.pipe, self.tars, self.samples, self.batch_size = pipe, tars, samples, batch_size
+        self.exact_spec = exact_spec
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         # this rank's part, by DALI's own split rule
         self.rank_samples = (rank + 1) * samples // world_size - rank * samples // world_size
@@ -171,6 +190,12 @@ class DaliLoader:
     def _next_batch(self) -> dict:
         images, labels = self._run()
         keys = [sample_key_of(images[i].source_info()) for i in range(len(images))]
+        labels = parse_labels(np.asarray(labels.as_tensor())).to(self.device)
+        if self.exact_spec is not None:  # decoded images of any size: Pillow's resize, one by one
+            pixels = torch.stack([exact_eval_image(self._sample(images[i]), self.exact_spec) for i in range(len(images))])
+            if self.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            return {"pixel_values": pixels.to(self.dtype), "labels": labels, "keys": keys}
         images = images.as_tensor()
         pixels = torch.empty(images.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
                              device=self.device)
@@ -178,8 +203,15 @@ class DaliLoader:
         feed_ndarray(images, pixels, cuda_stream=stream)
         if self.channels_last:  # DALI wrote NHWC: the same memory is NCHW in channels_last layout
             pixels = pixels.permute(0, 3, 1, 2)
-        labels = parse_labels(np.asarray(labels.as_tensor())).to(self.device)
         return {"pixel_values": pixels.to(self.dtype), "labels": labels, "keys": keys}
+
+    def _sample(self, image) -> torch.Tensor:
+        """One DALI sample (CPU or GPU) as a torch tensor on this loader's device."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.asarray(image))
+        out = torch.empty(image.shape(), dtype=torch.uint8, device=self.device)
+        feed_ndarray(image, out, cuda_stream=torch.cuda.current_stream(self.device))
+        return out
 
 
 def sample_key_of(source_info: str) -> str:

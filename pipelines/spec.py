@@ -46,6 +46,13 @@ class PreprocessSpec:
         """The (height, width) of every preprocessed image."""
         return self.crop or self.resize_to or (self.resize_shortest, self.resize_shortest)
 
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is resized to (HF's rounding: long side floored)."""
+        if self.resize_to:
+            return self.resize_to
+        short = min(height, width)
+        return self.resize_shortest * height // short, self.resize_shortest * width // short
+
     @property
     def pixel_mean(self) -> list[float]:
         """Mean in 0-255 pixel units: (x - pixel_mean) / pixel_std equals the processor's math."""

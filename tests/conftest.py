@@ -1,8 +1,13 @@
-"""Shared fixtures: real photos (scikit-image, scikit-learn) written as image folders in tmp_path."""
+"""Shared fixtures: real photos (scikit-image, scikit-learn) written as image folders in tmp_path,
+and running the trainer under the real launcher."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import socket
+import subprocess
 import sys
 from functools import cache
 from pathlib import Path
@@ -159,3 +164,71 @@ def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, i
             key = sample_key_of(images[i].source_info())
             seen.append((key, int(bytes(np.array(labels[i])).decode("ascii")), images.at(i).shape))
     return seen
+
+
+# --- the trainer under the real launcher (tests/test_train.py, tests/test_resume.py) ---------------
+
+TINY_RESNET = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
+               "layer_type": "basic", "downsample_in_first_stage": False}
+TINY_VIT = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(*, ranks: int | None = 2, extra: list[str] = ()) -> list[str]:
+    """The deepspeed launcher (ranks=None: plain python, a world of one)."""
+    if ranks is None:
+        return [sys.executable, str(ROOT / "train" / "main.py")]
+    return ["deepspeed", *(["--num_gpus", str(ranks)]), "--master_port", str(free_port()), *extra,
+            str(ROOT / "train" / "main.py")]
+
+
+def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, check: bool = True,
+          cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    done = subprocess.run(launcher(ranks=ranks) + args, capture_output=True, text=True, env=env, cwd=cwd or ROOT,
+                          timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def evals(output_dir: Path) -> list[dict]:
+    return [m for m in metrics(output_dir) if "eval/top1" in m]
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Digits shards (1618 train / 179 val), photo shards (36 train / 12 val, 4 classes), model
+    configs and a 32x32 image processor."""
+    from make_shards import make_shards
+    from transformers import ViTImageProcessorPil
+
+    root = tmp_path_factory.mktemp("train")
+    make_shards(src="sklearn:digits", out=root / "digits", max_count=100, progress=False)
+    for n in range(48):
+        folder = root / "photos" / f"class{n % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        photo(n, (48, 40)).save(folder / f"{n}.jpg", quality=90)
+    make_shards(src=root / "photos", out=root / "photo_shards", val_fraction=0.25, max_count=6, progress=False)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(root / "processor")
+    for name, config in (("resnet", TINY_RESNET), ("vit", TINY_VIT)):
+        (root / f"{name}.json").write_text(json.dumps(config))
+    return {"root": root, "digits": root / "digits", "photos": root / "photo_shards", "processor": root / "processor",
+            "resnet": root / "resnet.json", "vit": root / "vit.json"}
+
+
+def common(files, data: str, model: str, out: Path) -> list[str]:
+    return ["--data", str(files[data]), "--model_config", str(files[model]), "--processor", str(files["processor"]),
+            "--output_dir", str(out), "--precision", "fp32", "--hflip", "0", "--crop_scale", "0.6", "1"]

@@ -82,6 +82,58 @@ def test_efficientnet_nearest_matches_all_but_a_few_pixels(parity_images):
     assert figures["mean"] <= 0.2 and figures["p99"] <= 1, figures
 
 
+@pytest.mark.parametrize("name", [*PROCESSORS, "efficientnet-nearest"])
+def test_exact_eval_resize_is_bit_identical_to_the_pil_backend(name, parity_images):
+    processor = T.EfficientNetImageProcessorPil(resample=0) if name == "efficientnet-nearest" else PROCESSORS[name]()
+    figures = summarize(grey_level_differences(processor, parity_images, exact=True))
+    assert figures["mean"] == 0 and figures["max"] == 0, figures  # the issue's bound: mean <= 0.01, max <= 2
+
+
+def test_pil_resize_equals_pillow_for_any_sizes():
+    """Random sizes up and down, every filter: both pass orders of Pillow 13 and its NEAREST path."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+    from pipelines.pil_resize import pil_resize
+
+    rng = random.Random(3)
+    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC}
+    for n in range(40):
+        width, height = rng.randint(3, 400), rng.randint(3, 400)
+        size = (rng.randint(3, 300), width if n % 5 == 0 else rng.randint(3, 300))
+        image = photo(n, (width, height))
+        for name, resample in filters.items():
+            expected = np.asarray(image.resize(size[::-1], resample))
+            got = pil_resize(torch.from_numpy(np.array(image)), size, name).numpy()
+            assert np.array_equal(got, expected), (width, height, size, name)
+
+
+def test_exact_eval_loader_gives_the_processor_output(digit_shards):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    processor = T.ViTImageProcessorPil(size={"height": 20, "width": 20})
+    loader = create_loader(data=digit_shards, split="val", spec=spec_from_processor(processor), batch_size=16,
+                           train=False, device="cpu", exact_resize=True, channels_last=True)
+    batches = list(loader)
+    assert len(batches) == 12 and sum(int(b["mask"].sum()) for b in batches) == 179
+    assert batches[0]["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+    pixels = {k: p for b in batches for k, p, m in zip(b["keys"], b["pixel_values"], b["mask"]) if m}
+    with tarfile.open(sorted((digit_shards / "val").glob("*.tar"))[0]) as tar:
+        jpegs = {m.name[:-4]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+    for key, data in list(jpegs.items())[:20]:
+        expected = processor(Image.open(io.BytesIO(data)).convert("RGB"), return_tensors="np")["pixel_values"][0]
+        assert np.abs(pixels[key].numpy() - expected).max() < 1e-5, key
+    with pytest.raises(ValueError, match="exact_resize is for eval loaders"):
+        create_loader(data=digit_shards, split="train", spec=spec_from_processor(processor), batch_size=16,
+                      train=True, device="cpu", exact_resize=True)
+
+
 def test_the_checkpoint_config_overrides_class_defaults(tmp_path):
     T.ConvNextImageProcessorPil(size={"shortest_edge": 160}, crop_pct=0.9, image_mean=[0.4, 0.5, 0.6],
                                 resample=2).save_pretrained(tmp_path)

@@ -4,58 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
-import socket
 import struct
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import ROOT, photo
-from make_shards import make_shards
-
-TINY_RESNET = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
-               "layer_type": "basic", "downsample_in_first_stage": False}
-TINY_VIT = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 64, "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher(*, ranks: int | None = 2, extra: list[str] = ()) -> list[str]:
-    """The deepspeed launcher (ranks=None: plain python, a world of one)."""
-    if ranks is None:
-        return [sys.executable, str(ROOT / "train" / "main.py")]
-    return ["deepspeed", *(["--num_gpus", str(ranks)]), "--master_port", str(free_port()), *extra,
-            str(ROOT / "train" / "main.py")]
-
-
-def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, check: bool = True,
-          cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    done = subprocess.run(launcher(ranks=ranks) + args, capture_output=True, text=True, env=env, cwd=cwd or ROOT,
-                          timeout=600)
-    if check and done.returncode != 0:
-        raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return done
-
-
-def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def evals(output_dir: Path) -> list[dict]:
-    return [m for m in metrics(output_dir) if "eval/top1" in m]
-
+from conftest import ROOT, TINY_RESNET, TINY_VIT, common, evals, free_port, metrics, photo, train
 
 def wandb_records(run_file: Path):
     """The protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte
@@ -107,39 +66,13 @@ def val_images(data: Path) -> list[tuple[Image.Image, int]]:
     return images
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """Digits shards (1618 train / 179 val), photo shards (36 train / 12 val, 4 classes), model
-    configs and a 32x32 image processor."""
-    from transformers import ViTImageProcessorPil
-
-    root = tmp_path_factory.mktemp("train")
-    make_shards(src="sklearn:digits", out=root / "digits", max_count=100, progress=False)
-    for n in range(48):
-        folder = root / "photos" / f"class{n % 4}"
-        folder.mkdir(parents=True, exist_ok=True)
-        photo(n, (48, 40)).save(folder / f"{n}.jpg", quality=90)
-    make_shards(src=root / "photos", out=root / "photo_shards", val_fraction=0.25, max_count=6, progress=False)
-    ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
-                         image_std=[0.5] * 3).save_pretrained(root / "processor")
-    for name, config in (("resnet", TINY_RESNET), ("vit", TINY_VIT)):
-        (root / f"{name}.json").write_text(json.dumps(config))
-    return {"root": root, "digits": root / "digits", "photos": root / "photo_shards", "processor": root / "processor",
-            "resnet": root / "resnet.json", "vit": root / "vit.json"}
-
-
-def common(files, data: str, model: str, out: Path) -> list[str]:
-    return ["--data", str(files[data]), "--model_config", str(files[model]), "--processor", str(files["processor"]),
-            "--output_dir", str(out), "--precision", "fp32", "--hflip", "0", "--crop_scale", "0.6", "1"]
-
-
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_ranks_train_evaluate_and_export(files, tmp_path, zero):
     from transformers import pipeline
 
     out = tmp_path / "run"
     done = train(["--ds_config", f"ds_configs/{zero}.json", *common(files, "digits", "resnet", out),
-                  "--epochs", "2", "--micro_batch_size", "32", "--lr", "3e-3", "--log_steps", "5",
+                  "--epochs", "2", "--micro_batch_size", "32", "--lr", "3e-3", "--log_steps", "5", "--exact_eval_resize",
                   *(["--channels_last"] if zero == "zero3" else [])])
     assert "best eval top-1" in done.stdout and str(out / "model") in done.stdout
     config = json.loads((out / "run_config.json").read_text())
@@ -155,6 +88,7 @@ def test_two_ranks_train_evaluate_and_export(files, tmp_path, zero):
     assert final["eval/top1"] > 0.8
 
     # the export predicts class names with the HF processor (PIL) exactly as well as the trainer's eval
+    # (whose exact eval resize feeds the model the processor's very pixels)
     classifier = pipeline("image-classification", model=str(out / "model"))
     images = val_images(files["digits"])
     hits = sum(classifier(image, top_k=1)[0]["label"] == str(label) for image, label in images)
@@ -184,7 +118,7 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
     out = tmp_path / "run"
     train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--epochs", "2",
            "--micro_batch_size", "6", "--log_steps", "1", "--label_smoothing", "0.1", "--mixup_alpha", "0.2",
-           "--cutmix_alpha", "1.0"])
+           "--cutmix_alpha", "1.0", "--lr", "0.01", "--warmup_steps", "2"])
     history, config = wandb_history(out)
     assert config["world_size"] == 2 and config["deepspeed"]["train_batch_size"] == 12
     rows = metrics(out)
@@ -198,6 +132,9 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
     assert expected <= set(history[3]) and expected <= set(history[6])
     assert history[3]["eval/samples/_type"] == "table-file" and history[3]["eval/samples/nrows"] == 6
     assert all(0 <= history[s]["perf/data_wait_fraction"] < 1 for s in history)
+    # linear warmup over 2 steps, then cosine to 0 at step 6: the rate each step used
+    cosine = [0.01 * (i / 2 if i < 2 else 0.5 * (1 + math.cos(math.pi * (i - 2) / 4))) for i in range(6)]
+    assert [history[s]["train/lr"] for s in range(1, 7)] == pytest.approx(cosine, abs=1e-9)
 
 
 def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_path):
@@ -301,6 +238,7 @@ def test_mixup_and_cutmix_targets_follow_the_mixed_pixels():
 
 
 def test_deepspeed_config_auto_values_and_conflicts():
+    import torch
     from train.args import TrainArgs
     from train.config import resolve_batch, resolve_precision, resolve_schedule
 
@@ -311,10 +249,23 @@ def test_deepspeed_config_auto_values_and_conflicts():
     assert problems == [] and config["train_batch_size"] == 48 and config["optimizer"]["params"]["lr"] == 0.01
     assert resolve_precision(config, TrainArgs(precision="fp32"), device_type="cpu", problems=problems) == "fp32"
     assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
-    resolve_schedule(config, args, total_steps=100, warmup_steps=5)
-    assert config["scheduler"] == {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": 100, "warmup_num_steps": 5, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0,
-        "warmup_type": "linear"}}
+    # no scheduler section: Hugging Face's schedule from --lr_scheduler; a DeepSpeed one gets its autos
+    for name, at_90 in (("cosine", 0.01 * 0.5 * (1 + math.cos(math.pi * 85 / 95))), ("linear", 0.01 * 10 / 95),
+                        ("constant", 0.01)):
+        factory = resolve_schedule(config, TrainArgs(lr_scheduler=name), total_steps=100, warmup_steps=5)
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+        scheduler = factory(optimizer)
+        rates = []
+        for _ in range(91):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert rates[:6] == pytest.approx([0, 0.002, 0.004, 0.006, 0.008, 0.01]) and rates[90] == pytest.approx(at_90)
+    with_section = {**config, "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto",
+                                                                               "warmup_num_steps": "auto"}}}
+    assert resolve_schedule(with_section, args, total_steps=100, warmup_steps=5) is None
+    assert with_section["scheduler"]["params"] == {"total_num_steps": 100, "warmup_num_steps": 5}
+    assert "scheduler" not in config
 
     fixed = {**raw, "train_micro_batch_size_per_gpu": 16, "train_batch_size": 64}
     resolve_batch(fixed, TrainArgs(micro_batch_size=8), world_size=2, problems=problems)
@@ -324,3 +275,27 @@ def test_deepspeed_config_auto_values_and_conflicts():
     problems.clear()
     resolve_precision({"fp16": {"enabled": True}}, TrainArgs(), device_type="cpu", problems=problems)
     assert problems == ["--precision fp16 needs a GPU; use bf16 or fp32 on CPU"]
+
+
+def test_pretrained_folder_gets_a_new_head_under_zero3(files, tmp_path):
+    """A saved 7-class model fine-tuned on 4-class shards: the head is replaced, the body kept."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForImageClassification, ViTImageProcessorPil
+
+    pretrained = tmp_path / "pretrained"
+    torch.manual_seed(1)
+    config = AutoConfig.for_model(**TINY_VIT, num_labels=7)
+    AutoModelForImageClassification.from_config(config).save_pretrained(pretrained)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(pretrained)
+    out = tmp_path / "run"
+    train(["--ds_config", "ds_configs/zero3.json", "--data", str(files["photos"]), "--model", str(pretrained),
+           "--output_dir", str(out), "--precision", "fp32", "--max_steps", "3", "--micro_batch_size", "6",
+           "--lr", "1e-9", "--warmup_steps", "1", "--lr_scheduler", "constant", "--wandb_mode", "disabled"])
+    exported, original = load_file(out / "model" / "model.safetensors"), load_file(pretrained / "model.safetensors")
+    assert exported["classifier.weight"].shape == (4, 32) and original["classifier.weight"].shape == (7, 32)
+    body = [k for k in original if not k.startswith("classifier.")]
+    assert body and all(exported[k].allclose(original[k], atol=1e-6) for k in body)  # lr 1e-9: unchanged
+    labels = json.loads((out / "model" / "config.json").read_text())["id2label"]
+    assert labels == {str(i): f"class{i}" for i in range(4)}
+    assert [m["train/lr"] for m in metrics(out) if "train/lr" in m][-1] == pytest.approx(1e-9)

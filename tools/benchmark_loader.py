@@ -4,7 +4,7 @@
 
 Both read the same shards (`--data`, or ImageNet-like 500x375 JPEGs cut from real photos, built
 in a temporary folder), on the same cores, in the same run: the DALI train and eval loaders (the
-objects training iterates), the baseline users have today (`webdataset` + the processor's PIL
+objects training iterates; the eval loader also with the exact resize, to show its cost), the baseline users have today (`webdataset` + the processor's PIL
 backend in a DataLoader with as many workers as DALI has threads), and DALI's decoder alone (the
 ceiling). Prints a table and writes a bar chart to `--chart`.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from pipelines.dali import decoded
 from pipelines.loader import create_loader
 from pipelines.shards import index_name
 from pipelines.spec import load_processor, spec_from_processor
@@ -49,13 +50,13 @@ def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int):
 
 
 def decode_only(tars: list[str], *, batch_size: int, threads: int, gpu: bool):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=0 if gpu else None)
     def pipe():
         jpegs = fn.readers.webdataset(paths=tars, index_paths=[index_name(t) for t in tars], ext=["jpg"],
                                       pad_last_batch=True, name="reader")
-        return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        return decoded(jpegs, gpu=gpu)
 
     p = pipe()
     p.build()
@@ -109,6 +110,7 @@ def main() -> int:
         rows = {
             "HF processor DataLoader": time_epoch(hf_baseline(tars, processor, batch_size=args.batch_size, workers=args.threads)),
             "DALI eval loader": time_epoch(create_loader(split="val", train=False, **common)),
+            "DALI eval, exact resize": time_epoch(create_loader(split="val", train=False, exact_resize=True, **common)),
             "DALI train loader": time_epoch(create_loader(split="val", train=True, **common)),
             "DALI decode only": time_epoch(decode_only(tars, batch_size=args.batch_size, threads=args.threads, gpu=gpu)),
         }

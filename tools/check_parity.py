@@ -1,11 +1,11 @@
 """How closely the DALI eval pipeline reproduces a Hugging Face image processor.
 
-    python tools/check_parity.py --processor NAME_OR_DIR --images DIR [--device cpu|gpu]
+    python tools/check_parity.py --processor NAME_OR_DIR --images DIR [--device cpu|gpu] [--exact]
 
 Runs the eval pipeline and the processor's PIL backend (the reference) on the same image files
 and prints, per image and overall, the difference in 0-255 grey levels (|a - b| x std x 255):
 mean, 99th percentile, max, and max away from the border (3 pixels in from each edge). The last
-line is one JSON object with the overall figures.
+line is one JSON object with the overall figures. `--exact` checks the exact eval resize.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipelines.dali import file_pipeline
+from pipelines.pil_resize import exact_eval_image
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
 BORDER = 3
@@ -36,21 +38,28 @@ def reference_processor(processor):
     return pil_class(**processor.to_dict())
 
 
-def grey_level_differences(processor, files: list[Path], *, gpu: bool = False) -> list[np.ndarray]:
-    """Per file, |DALI - processor| in 0-255 grey levels, shaped (3, H, W)."""
+def grey_level_differences(processor, files: list[Path], *, gpu: bool = False, exact: bool = False) -> list[np.ndarray]:
+    """Per file, |DALI - processor| in 0-255 grey levels, shaped (3, H, W). `exact`: the exact
+    eval resize (DALI decodes, pipelines/pil_resize.py does the rest on the same device)."""
     spec = spec_from_processor(processor)
     reference = reference_processor(processor)
     pipe = file_pipeline(files=[str(f) for f in files], spec=spec, gpu=gpu, batch_size=len(files),
-                         num_threads=2, device_id=0 if gpu else None)
+                         num_threads=2, device_id=0 if gpu else None, decode_only=exact)
     pipe.build()
     (images,) = pipe.run()
     if gpu:
         images = images.as_cpu()
+    if exact:
+        device = "cuda" if gpu else "cpu"
+        outputs = [exact_eval_image(torch.from_numpy(np.array(images.at(i))).to(device), spec).cpu().numpy()
+                   for i in range(len(files))]
+    else:
+        outputs = [np.asarray(images.at(i)) for i in range(len(files))]
     std = np.asarray(spec.std, dtype=np.float64)[:, None, None]
     differences = []
-    for i, path in enumerate(files):
+    for path, output in zip(files, outputs):
         expected = reference(Image.open(path).convert("RGB"), return_tensors="np")["pixel_values"][0]
-        difference = np.abs(np.asarray(images.at(i), dtype=np.float64) - expected) * std * 255
+        difference = np.abs(np.asarray(output, dtype=np.float64) - expected) * std * 255
         # both sides are float32 images of 8-bit levels: 1 level reads as 1.0000075; drop that noise
         differences.append(np.round(difference, 3))
     return differences
@@ -72,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processor", required=True, help="hub name or folder with preprocessor_config.json")
     parser.add_argument("--images", required=True, type=Path, help="folder of image files")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--exact", action="store_true", help="the exact eval resize (create_loader(exact_resize=True))")
     args = parser.parse_args(argv)
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         processor = load_processor(args.processor)
-        differences = grey_level_differences(processor, files, gpu=args.device == "gpu")
+        differences = grey_level_differences(processor, files, gpu=args.device == "gpu", exact=args.exact)
     except ProcessorError as e:
         print(f"check_parity: error: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,8 @@ class TrainArgs:
     lr: float | None = arg(None, "peak learning rate (default 1e-3)")
     weight_decay: float | None = arg(None, "AdamW weight decay, not applied to biases and norms (default 0.05)")
     warmup_steps: int | None = arg(None, "linear warmup steps (default: 5%% of the steps)")
-    lr_scheduler: str = arg("cosine", "decay after warmup", choices=["cosine", "linear", "constant"])
+    lr_scheduler: str = arg("cosine", "decay after warmup (when the DeepSpeed config has no scheduler)",
+                            choices=["cosine", "linear", "constant"])
     max_grad_norm: float | None = arg(None, "gradient clipping (default 1.0; 0 disables)")
     label_smoothing: float = arg(0.0, "label smoothing of the cross entropy")
     mixup_alpha: float = arg(0.0, "mixup Beta(alpha, alpha); 0 disables")
@@ -57,6 +58,8 @@ class TrainArgs:
     hflip: float = arg(0.5, "horizontal flip probability")
     color_jitter: float = arg(0.0, "brightness/contrast/saturation jitter strength")
     auto_augment: str | None = arg(None, "automatic augmentation", choices=["rand_augment", "trivial_augment"])
+    skip_shard_hashes: bool = arg(False, "skip the sha256 check of the shards before training (each rank hashes 1/world of them)")
+    exact_eval_resize: bool = arg(False, "eval with Pillow's exact resize arithmetic (bit-identical to the HF processor, slower)")
     data_threads: int | None = arg(None, "DALI threads per rank (default: this rank's share of the CPU cores)")
 
     eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")
@@ -68,6 +71,7 @@ class TrainArgs:
                                  choices=["online", "offline", "disabled"])
     wandb_run_name: str | None = arg(None, "W&B run name (default: the output dir's name)")
     synthetic_data: bool = arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
+    max_bad_steps: int = arg(5, "stop after this many consecutive steps skipped for a non-finite loss")
     record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")
 
 

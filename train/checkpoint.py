@@ -37,9 +37,14 @@ def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, lo
     """
     tag = f"step-{step:08d}"
     path = root / tag
+    if not weights_are_finite(engine):
+        raise CheckpointError(f"step {step}: the weights are not finite; not saving {path}")
+    if local_rank == 0 and path.exists():  # left by an interrupted save of this step: start it clean
+        shutil.rmtree(path)
+    dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(state, path / f"trainer_state_rank{rank}.pt")
-    _pause_for_tests("save")
+    _pause_for_tests(step)
     dist.barrier()
     if local_rank == 0:  # one writer per node: the folder lives on each node's disk
         _write_atomic(path / MARKER, json.dumps({"step": step, "top1": top1, "world_size": dist.get_world_size(),
@@ -130,9 +135,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _pause_for_tests(where: str) -> None:
-    """TRAIN_PAUSE_IN=save makes every save sleep here (between writing and marking complete), so a
-    test can kill the run mid-save."""
-    if os.environ.get("TRAIN_PAUSE_IN") == where:
-        time.sleep(float(os.environ.get("TRAIN_PAUSE_SECONDS", "60")))
+def weights_are_finite(engine) -> bool:
+    """Whether every rank's parameters (its ZeRO-3 partitions, or the full copies) and buffers are finite."""
+    tensors = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    tensors += [b for b in engine.module.buffers() if b.is_floating_point()]
+    finite = all(torch.isfinite(t).all() for t in tensors)
+    flag = torch.tensor([float(finite)], device=next(engine.module.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
+
+def _pause_for_tests(step: int) -> None:
+    """Fault injection: TRAIN_PAUSE_SAVE_AT_STEP=N makes the save of step N wait after every rank
+    wrote its files and before it is marked complete, so that a test can kill the job mid-save."""
+    if os.environ.get("TRAIN_PAUSE_SAVE_AT_STEP") == str(step):
+        time.sleep(600)

@@ -19,7 +19,7 @@ from train.args import TrainArgs
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = {"micro_batch_size": 32, "grad_accum": 1, "lr": 1e-3, "weight_decay": 0.05, "max_grad_norm": 1.0}
-SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+HF_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def load_ds_config(path: str | Path, problems: list[str]) -> dict:
@@ -95,21 +95,27 @@ def resolve_precision(config: dict, args: TrainArgs, *, device_type: str, proble
     return precision
 
 
-def resolve_schedule(config: dict, args: TrainArgs, *, total_steps: int, warmup_steps: int) -> None:
-    """Fills the scheduler (DeepSpeed's warmup schedulers, from --lr_scheduler when the config has none)."""
-    lr = config["optimizer"]["params"]["lr"]
-    scheduler = config.setdefault("scheduler", {"type": SCHEDULERS[args.lr_scheduler], "params": {}})
-    params = scheduler.setdefault("params", {})
-    values = {"total_num_steps": total_steps, "warmup_num_steps": warmup_steps, "warmup_max_lr": lr,
-              "warmup_min_lr": 0.0, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}
-    accepted = {"WarmupCosineLR": ("total_num_steps", "warmup_num_steps", "warmup_min_ratio", "cos_min_ratio", "warmup_type"),
-                "WarmupDecayLR": ("total_num_steps", "warmup_num_steps", "warmup_max_lr", "warmup_min_lr", "warmup_type"),
-                "WarmupLR": ("warmup_num_steps", "warmup_max_lr", "warmup_min_lr", "warmup_type")}
-    for key in accepted.get(scheduler["type"], ()):
-        if params.get(key, "auto") == "auto":
-            params[key] = values[key]
+def resolve_schedule(config: dict, args: TrainArgs, *, total_steps: int, warmup_steps: int):
+    """The learning-rate schedule. A `scheduler` section in the config is DeepSpeed's, its "auto"
+    values filled here (returns None). Without one, --lr_scheduler picks Hugging Face's
+    warmup-then-decay schedule (returns a factory for `deepspeed.initialize(lr_scheduler=...)`):
+    step k uses lr x k/warmup during warmup, then decays to 0 at the last step, as in HF Trainer.
+    """
     config.setdefault("steps_per_print", 10**9)  # the trainer prints its own progress
     config.setdefault("wall_clock_breakdown", False)
+    if "scheduler" not in config:
+        from transformers import get_scheduler
+
+        name = HF_SCHEDULERS[args.lr_scheduler]
+        return lambda optimizer: get_scheduler(name, optimizer, num_warmup_steps=warmup_steps,
+                                               num_training_steps=total_steps)
+    params = config["scheduler"].setdefault("params", {})
+    values = {"total_num_steps": total_steps, "warmup_num_steps": warmup_steps,
+              "warmup_max_lr": config["optimizer"]["params"]["lr"], "warmup_min_lr": 0.0, "warmup_type": "linear"}
+    for key, value in values.items():
+        if params.get(key) == "auto":
+            params[key] = value
+    return None
 
 
 def find_autos(config: dict, prefix: str = "") -> list[str]:

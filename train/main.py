@@ -41,7 +41,7 @@ from train.checkpoint import (CheckpointError, checkpoint_info, complete_checkpo
                               load_checkpoint, save_checkpoint)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import SyntheticLoader, builtin_digits
-from train.metrics import RunLogger, default_wandb_mode, viewable
+from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, model_input_size, model_source,
                          parameter_groups)
 
@@ -78,7 +78,10 @@ class Run:
     step: int = 0
     best: dict = field(default_factory=lambda: {"top1": None, "step": None})
     mix_rng: np.random.Generator | None = None
+    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    bad_steps: int = 0  # of them, consecutive up to now
     last_eval: dict = field(default_factory=dict)
+    last_saved: Path | None = None  # the newest complete checkpoint of this run (or the one resumed)
 
     @property
     def checkpoints(self) -> Path:
@@ -98,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = fit(run)
-    except DataError as e:
+    except NonFiniteLoss as e:
         if rank == 0:
-            print(f"train: data error at step {run.step}: {e}\n(the last complete checkpoint is in {run.checkpoints})",
+            print(f"train: stopped: {e}\ntrain: the complete checkpoints in {run.checkpoints} are intact",
                   file=sys.stderr)
+        return 4
+    except DataError as e:  # only the rank that read the sample knows: it speaks, the launcher stops the others
+        print(f"train: rank {rank}: data error at step {run.step + 1}: {e}\n"
+              f"train: the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)", file=sys.stderr)
         return 3
     finally:
         run.logger.finish()
@@ -180,7 +187,8 @@ def setup(args: TrainArgs) -> Run:
     if not problems:
         loader_args = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
                            dtype=DTYPES[precision], channels_last=args.channels_last,
-                           num_threads=args.data_threads or _cpu_share(), expected_size=model_input_size(model))
+                           num_threads=args.data_threads or _cpu_share(), expected_size=model_input_size(model),
+                           verify_hashes=not args.skip_shard_hashes)
         try:
             augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
                        "auto_augment": args.auto_augment}
@@ -188,20 +196,20 @@ def setup(args: TrainArgs) -> Run:
                                          state=trainer_state.get("train_loader"), **loader_args)
             if manifest["splits"].get("val", {}).get("samples"):
                 eval_loader = create_loader(split="val", batch_size=args.eval_batch_size or micro, train=False,
-                                            **loader_args)
+                                            exact_resize=args.exact_eval_resize, **loader_args)
         except (ShardFormatError, ValueError) as e:
             problems.append(f"--data {data}: {e}")
 
     steps_per_epoch = total_steps = 0
+    schedule = None
     if train_loader is not None:
         steps_per_epoch = len(train_loader) // accum
         if steps_per_epoch == 0:
             problems.append(f"one epoch of {data}/train is {len(train_loader)} micro batches per rank, fewer than "
                             f"--grad_accum {accum}; lower the micro batch or the accumulation")
         total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-        # DeepSpeed's warmup schedulers need at least one warmup step
-        warmup = max(1, args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps))
-        resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
+        warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
+        schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
         if autos := find_autos(ds_config):
             problems.append(f"{args.ds_config}: nothing fills {', '.join(autos)} (\"auto\"); set values")
     _agree(problems)
@@ -219,7 +227,8 @@ def setup(args: TrainArgs) -> Run:
 
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config,
+                                      lr_scheduler=schedule)
 
     run_config = {"args": asdict(args), "deepspeed": ds_config, "preprocess": asdict(spec), "precision": precision,
                   "world_size": world, "device": device.type, "data": str(data), "classes": len(classes),
@@ -236,6 +245,10 @@ def setup(args: TrainArgs) -> Run:
               logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank))
     if resume is not None:
         _restore(run, load_checkpoint(engine, resume, rank=rank))
+        run.last_saved = resume
+    if args.record_keys:
+        _keys_log(run).parent.mkdir(exist_ok=True)
+        truncate_log(_keys_log(run), after=run.step)
     run.logger = RunLogger(output_dir=output_dir, enabled=rank == 0, mode=mode, project=args.wandb_project,
                            name=args.wandb_run_name or output_dir.name, config=run_config,
                            run_id=trainer_state.get("wandb_run_id"), resume_step=run.step if resume else None)
@@ -262,11 +275,12 @@ def fit(run: Run) -> str:
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     meter = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
     first_step, started = run.step, time.perf_counter()
-    last_saved = None
     while run.step < run.total_steps:
         micro_batches, wait = next(batches)
+        meter["lr"] = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
         loss = train_step(run, micro_batches)
         run.step += 1
+        guard_non_finite(run, loss)
         if args.record_keys:
             record_keys(run, micro_batches)
         meter["wait"] += wait
@@ -277,12 +291,12 @@ def fit(run: Run) -> str:
             log_eval(run, evaluate(run))
             meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
         if run.step % run.save_steps == 0 or run.step == run.total_steps:
-            last_saved = save(run)
+            run.last_saved = save(run)
         bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - started
     if run.rank == 0:
-        export_model(checkpoint=last_saved, config=engine.module.config, processor=run.processor,
+        export_model(checkpoint=run.last_saved, config=engine.module.config, processor=run.processor,
                      out=run.output_dir / "model")
     dist.barrier()
     images = (run.step - first_step) * run.ds_config["train_batch_size"]
@@ -292,7 +306,7 @@ def fit(run: Run) -> str:
     return (f"train: done, {run.step - first_step} steps in {elapsed:.0f}s ({images / elapsed:.0f} images/s incl. "
             f"eval), best eval top-1 {best}\n"
             f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / 'model'}\n"
-            f"  checkpoints: {run.checkpoints} (latest {last_saved.name})\n"
+            f"  checkpoints: {run.checkpoints} (latest {run.last_saved.name})\n"
             f"  metrics:     {run.output_dir / 'metrics.jsonl'}\n"
             f"  W&B run:     {wandb}")
 
@@ -312,20 +326,37 @@ def step_batches(run: Run):
             tick = time.perf_counter()
 
 
-def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor:
+def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor | None:
     """One optimizer step: forward, backward and DeepSpeed's step for each micro batch (DeepSpeed
-    accumulates and steps the optimizer on the last). Returns the mean loss of this rank."""
+    accumulates and steps the optimizer on the last). A micro batch whose loss is not finite on
+    any rank is backpropagated on none; without accumulation the whole step is skipped. Returns
+    this rank's mean loss over the micro batches used, None when the step was skipped."""
     losses = []
+    buffers = [b for b in run.engine.module.buffers() if b.is_floating_point()]
     for batch in micro_batches:
+        saved = [b.clone() for b in buffers]  # a forward updates BatchNorm statistics, finite or not
         pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], num_classes=len(run.classes),
                                     mixup_alpha=run.args.mixup_alpha, cutmix_alpha=run.args.cutmix_alpha,
                                     rng=run.mix_rng)
-        logits = run.engine(pixel_values=pixels).logits
+        logits = run.engine(pixel_values=_inject_nan(run, pixels)).logits
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=run.args.label_smoothing)
-        run.engine.backward(loss)
-        run.engine.step()
-        losses.append(loss.detach())
-    return torch.stack(losses).mean()
+        finite = all_ranks_finite(loss)
+        if finite:
+            run.engine.backward(loss)
+            losses.append(loss.detach())
+        else:
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+        if finite or len(micro_batches) > 1:  # with accumulation, DeepSpeed's micro-step count must go on
+            run.engine.step()
+    return torch.stack(losses).mean() if losses else None
+
+
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (all ranks then take the same branch)."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mixup_alpha: float,
@@ -355,6 +386,7 @@ def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, *, num_classes: int, m
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Loss, top-1 and top-5 over the val split, each sample counted once across ranks."""
+    average_buffers(run.engine.module)
     run.engine.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5 hits, samples
     samples = None
@@ -376,23 +408,41 @@ def evaluate(run: Run) -> dict:
 
 # --- hooks around the loop ----------------------------------------------------------------------
 
-def log_train(run: Run, loss: torch.Tensor, meter: dict, bar) -> None:
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
+def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
+    """Counts skipped steps; stops after --max_bad_steps consecutive ones."""
+    if loss is not None:
+        run.bad_steps = 0
+        return
+    run.bad_steps += 1
+    run.skipped_steps += 1
+    if run.bad_steps >= run.args.max_bad_steps:
+        raise NonFiniteLoss(f"{run.bad_steps} consecutive steps (to step {run.step}) had a non-finite loss on some "
+                            f"rank and were skipped; lower --lr, check the data, or raise --max_bad_steps")
+
+
+def log_train(run: Run, loss: torch.Tensor | None, meter: dict, bar) -> None:
     """train/ and perf/ scalars, averaged over the steps since the last log."""
-    loss = loss.clone()
-    dist.all_reduce(loss)  # also waits for the device: the interval's time is real
-    get_accelerator().synchronize()
+    get_accelerator().synchronize()  # the interval's time is real
     elapsed = time.perf_counter() - meter["start"]
     images_per_sec = meter["steps"] * run.ds_config["train_batch_size"] / elapsed
-    scalars = {"train/loss": loss.item() / run.world_size, "train/lr": run.engine.get_lr()[0],
+    scalars = {"train/lr": meter["lr"], "train/skipped_steps": run.skipped_steps,
                "perf/images_per_sec": images_per_sec, "perf/step_time": elapsed / meter["steps"],
                "perf/data_wait_fraction": meter["wait"] / elapsed, "train/epoch": run.step / run.steps_per_epoch}
+    if loss is not None:  # every rank has a loss, or none has (skipped steps are agreed)
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        scalars["train/loss"] = loss.item() / run.world_size
     grad_norm = run.engine.get_global_grad_norm()
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
     if run.device.type == "cuda":
         scalars["perf/gpu_mem"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.logger.log(run.step, scalars)
-    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{images_per_sec:.0f}", refresh=False)
+    bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.3f}", img_s=f"{images_per_sec:.0f}", refresh=False)
     meter.update(start=time.perf_counter(), wait=0.0, steps=0)
 
 
@@ -413,13 +463,26 @@ def log_eval(run: Run, result: dict) -> None:
 
 
 def record_keys(run: Run, micro_batches: list[dict]) -> None:
-    folder = run.output_dir / "sample_keys"
-    folder.mkdir(exist_ok=True)
-    with open(folder / f"rank{run.rank}.jsonl", "a") as f:
+    with open(_keys_log(run), "a") as f:
         f.write(json.dumps({"step": run.step, "keys": [k for b in micro_batches for k in b["keys"]]}) + "\n")
 
 
+def _keys_log(run: Run) -> Path:
+    return run.output_dir / "sample_keys" / f"rank{run.rank}.jsonl"
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Averages floating-point buffers (BatchNorm running statistics) over the ranks, as timm's
+    distribute_bn does: each rank updates them from its own batches and DeepSpeed leaves them apart,
+    so eval on every rank, the checkpoint (rank 0's copy) and the export would disagree."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= dist.get_world_size()
+
+
 def save(run: Run) -> Path:
+    average_buffers(run.engine.module)  # every rank resumes with rank 0's copy: make them one
     top1 = run.last_eval.get("eval/top1") if run.last_eval.get("step") == run.step else None
     return save_checkpoint(run.engine, root=run.checkpoints, step=run.step, state=trainer_state(run), rank=run.rank,
                            local_rank=run.local_rank, top1=top1, keep=run.args.save_total_limit)
@@ -428,17 +491,22 @@ def save(run: Run) -> Path:
 def trainer_state(run: Run) -> dict:
     """Everything this rank needs to resume besides DeepSpeed's own state."""
     return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
+            "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
             "last_eval": run.last_eval, "classes": len(run.classes), "world_size": run.world_size,
             "wandb_run_id": run.logger.run_id if run.logger else None, "mix_rng": run.mix_rng.bit_generator.state,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
 
 
 def _restore(run: Run, state: dict) -> None:
     run.step, run.best, run.last_eval = state["step"], state["best"], state["last_eval"]
+    run.skipped_steps, run.bad_steps = state["skipped_steps"], state["bad_steps"]
     run.mix_rng.bit_generator.state = state["mix_rng"]
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
 def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str], problems: list[str]) -> dict:
@@ -455,6 +523,17 @@ def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str]
 
 # --- plumbing -----------------------------------------------------------------------------------
 
+def _inject_nan(run: Run, pixels: torch.Tensor) -> torch.Tensor:
+    """Fault injection for tests: TRAIN_NAN_AT="RANK:STEP,STEP" feeds NaN pixels on that rank at
+    those steps."""
+    spec = os.environ.get("TRAIN_NAN_AT")
+    if spec:
+        rank, steps = spec.split(":")
+        if int(rank) == run.rank and str(run.step + 1) in steps.split(","):
+            return torch.full_like(pixels, float("nan"))
+    return pixels
+
+
 def _init_distributed() -> None:
     """Under the deepspeed launcher the env holds rank and world; run directly, a world of one."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
@@ -464,13 +543,10 @@ def _init_distributed() -> None:
 
 
 def _agree(problems: list[str]) -> None:
-    """Every rank stops if any rank found a problem (ranks must not split into train and exit)."""
-    count = torch.tensor([len(problems)], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        count = count.cuda()
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    if count.item() and not problems:
-        problems.append("another rank found a problem (its message is printed on that rank)")
+    """Every rank gets every rank's problems, so that all stop together and rank 0 prints them all."""
+    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, problems)
+    problems[:] = list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems))
 
 
 def _cpu_share() -> int:

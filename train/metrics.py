@@ -38,12 +38,7 @@ class RunLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
-            # a resumed run continues the log: drop what was logged after the checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        truncate_log(self.path, after=resume_step or 0)
         if mode != "disabled":
             import wandb
 
@@ -81,6 +76,16 @@ class RunLogger:
     def finish(self) -> None:
         if self.run:
             self.run.finish()
+
+
+def truncate_log(path: Path, *, after: int) -> None:
+    """Drops the lines of a per-step JSONL log whose step is past `after` (what a resumed run will
+    log again), so the log has no gap and no duplicate step; `after=0` empties it."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def viewable(pixel_values: torch.Tensor, *, mean: list[float], std: list[float]) -> np.ndarray:

@@ -1,0 +1,179 @@
+"""Resume exactly, survive kills and bad data: the trainer under the real launcher, 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import common, launcher, metrics, train
+from pipelines.shards import file_sha256
+
+
+def resume_args(files, out: Path) -> list[str]:
+    """8 steps over 36 images, 3 steps an epoch: checkpoints at 2, 4 (mid-epoch), 6 and 8."""
+    return ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "8",
+            "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "2", "--eval_steps", "4", "--record_keys"]
+
+
+def wait_for(paths: list[Path], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() < deadline, f"timed out waiting for {paths}"
+        time.sleep(0.5)
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    rows = [m for m in metrics(out) if "train/loss" in m]
+    steps = [m["step"] for m in rows]
+    assert len(steps) == len(set(steps)), f"duplicate steps in metrics.jsonl: {steps}"
+    return {m["step"]: m["train/loss"] for m in rows}
+
+
+def keys_by_step(out: Path, rank: int) -> list[tuple[int, list[str]]]:
+    lines = (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [(row["step"], row["keys"]) for row in map(json.loads, lines)]
+
+
+def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(resume_args(files, straight))
+
+    # kill the whole job while it saves step 6: both ranks wrote their files, none marked it complete
+    job = subprocess.Popen(launcher(ranks=2) + resume_args(files, resumed), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "WANDB_MODE": "offline", "TRAIN_PAUSE_SAVE_AT_STEP": "6"})
+    partial = resumed / "checkpoints" / "step-00000006"
+    try:
+        wait_for([partial / "trainer_state_rank0.pt", partial / "trainer_state_rank1.pt"])
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert not (partial / "complete.json").exists()
+    assert (resumed / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert max(losses_by_step(resumed)) == 6  # steps 5 and 6 ran and were logged before the kill
+
+    # the partial checkpoint is refused by name, skipped by auto, and a new world size is refused
+    explicit = train(resume_args(files, resumed) + ["--resume", str(partial)], check=False)
+    assert explicit.returncode == 2 and "incomplete (no complete.json" in explicit.stderr
+    other_world = train(resume_args(files, resumed) + ["--resume", "auto"], ranks=None, check=False)
+    assert other_world.returncode == 2 and "saved by 2 ranks, this run has 1" in other_world.stderr
+
+    done = train(resume_args(files, resumed) + ["--resume", "auto"])
+    assert "ignoring 1 incomplete checkpoint(s) (interrupted saves): step-00000006" in done.stdout
+    assert f"resuming from {resumed / 'checkpoints' / 'step-00000004'} (step 4)" in done.stdout
+
+    # the same steps, losses, data order and final weights as the run that was never stopped
+    expected, got = losses_by_step(straight), losses_by_step(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    assert [got[s] for s in range(1, 9)] == pytest.approx([expected[s] for s in range(1, 9)], rel=1e-5, abs=1e-6)
+    for rank in (0, 1):
+        assert keys_by_step(resumed, rank) == keys_by_step(straight, rank)
+        assert [s for s, _ in keys_by_step(resumed, rank)] == list(range(1, 9))
+    weights, reference = load_file(resumed / "model" / "model.safetensors"), load_file(straight / "model" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for name in weights:
+        assert weights[name].allclose(reference[name], rtol=1e-5, atol=1e-6), name
+    complete = sorted(p.parent.name for p in (resumed / "checkpoints").glob("step-*/complete.json"))
+    assert complete[-2:] == ["step-00000006", "step-00000008"]
+    assert all((p / "complete.json").exists() for p in (resumed / "checkpoints").glob("step-*"))
+    # one W&B run, continued: both offline run folders carry the same run id
+    run_ids = {p.name.rsplit("-", 1)[-1] for p in (resumed / "wandb").glob("offline-run-*")}
+    assert len(list((resumed / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
+
+
+def test_non_finite_loss_is_skipped_on_every_rank_and_counted(files, tmp_path):
+    out = tmp_path / "run"
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "6",
+           "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "3"], env={"TRAIN_NAN_AT": "1:2,3"})
+    rows = {m["step"]: m for m in metrics(out) if "train/skipped_steps" in m}
+    assert [rows[s]["train/skipped_steps"] for s in range(1, 7)] == [0, 1, 2, 2, 2, 2]
+    assert [s for s in range(1, 7) if "train/loss" not in rows[s]] == [2, 3]
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(w.isfinite().all() for w in weights.values())
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_checkpoints_intact(files, tmp_path):
+    out = tmp_path / "run"
+    done = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "8",
+                  "--micro_batch_size", "6", "--save_steps", "2", "--max_bad_steps", "3"],
+                 env={"TRAIN_NAN_AT": "0:4,5,6"}, check=False)
+    assert done.returncode != 0
+    assert "3 consecutive steps (to step 6) had a non-finite loss" in done.stderr
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert all((checkpoints / name / "complete.json").is_file() for name in ("step-00000002", "step-00000004"))
+
+
+def copy_shards(files, tmp_path: Path) -> Path:
+    data = tmp_path / "shards"
+    shutil.copytree(files["photos"], data)
+    return data
+
+
+def test_modified_or_truncated_shard_is_caught_before_step_0(files, tmp_path):
+    data = copy_shards(files, tmp_path)
+    shard = data / "train" / "shard-000001.tar"  # hashed by rank 1 of 2: its finding reaches rank 0
+    with open(shard, "r+b") as f:
+        f.seek(700)
+        byte = f.read(1)
+        f.seek(700)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "run"),
+            "--data", str(data), "--max_steps", "2", "--micro_batch_size", "6"]
+    done = train(args, check=False)
+    assert done.returncode == 2 and f"{shard}: sha256 differs from the manifest" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+    shutil.copy(files["photos"] / "train" / "shard-000001.tar", shard)
+    truncated = data / "val" / "shard-000000.tar"
+    truncated.write_bytes(truncated.read_bytes()[:-1024])
+    done = train(args, ranks=None, check=False)
+    assert done.returncode == 2 and f"{truncated}: " in done.stderr and "(truncated or modified)" in done.stderr
+
+
+def test_undecodable_sample_mid_run_names_shard_and_key_and_keeps_checkpoints(files, tmp_path):
+    data = copy_shards(files, tmp_path)
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "probe"),
+            "--data", str(data), "--max_steps", "3", "--micro_batch_size", "6", "--record_keys", "--save_steps", "1"]
+    train(args)
+    (step, keys), = [(s, k) for s, k in keys_by_step(tmp_path / "probe", 1) if s == 3]
+    shard = break_sample(data / "train", keys[0])
+
+    out = tmp_path / "run"
+    done = train(args[:args.index("--output_dir") + 1] + [str(out)] + args[args.index("--output_dir") + 2:],
+                 check=False)
+    assert done.returncode != 0
+    assert "rank 1: data error at step 3" in done.stderr and f"shard {shard}, sample {keys[0]}" in done.stderr
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000001", "step-00000002"]
+    assert all((p / "complete.json").is_file() for p in checkpoints.glob("step-*"))
+
+
+def break_sample(split_dir: Path, key: str) -> Path:
+    """Overwrites the JPEG of `key` with zeros in place and records the shard's new sha256 in the
+    manifest, as shards written bad from the start would be: only decoding can find it."""
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            member = next((m for m in tar.getmembers() if m.name == f"{key}.jpg"), None)
+        if member is None:
+            continue
+        with open(shard, "r+b") as f:
+            f.seek(member.offset_data)
+            f.write(bytes(member.size))
+        manifest_path = split_dir.parent / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        for record in manifest["splits"][split_dir.name]["shards"]:
+            if record["name"] == shard.name:
+                record["sha256"] = file_sha256(shard)
+        manifest_path.write_text(json.dumps(manifest))
+        return shard
+    raise AssertionError(f"{key} is in no shard of {split_dir}")
