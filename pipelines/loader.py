@@ -30,9 +30,12 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dali import shard_pipeline
-from pipelines.pil_resize import exact_eval_image
+from pipelines.resize import eval_image
 from pipelines.shards import ShardFormatError, file_sha256, find_undecodable, load_manifest, read_index
 from pipelines.spec import PreprocessSpec
+
+
+RESIZES = ("dali", "torch", "pillow")
 
 
 class DataError(RuntimeError):
@@ -99,25 +102,32 @@ def create_loader(
     expected_size: tuple[int, int] | None = None,
     state: dict | None = None,
     verify_hashes: bool = False,
-    exact_resize: bool = False,
+    resize: str | None = None,
 ) -> "DaliLoader":
     """A DaliLoader over `data/split` for this rank; `device` defaults to the local GPU if any.
 
     `expected_size` is the model's input size, checked against the processor's output size.
     `state` is a `DaliLoader.state_dict()` to resume from. `verify_hashes`: this rank checks the
-    sha256 of its share of the shards (see `preflight`). `exact_resize` (eval only): DALI decodes,
-    and the resize, crop and normalize are Pillow's own arithmetic on the device
-    (pipelines/pil_resize.py): bit-identical to the processor's PIL backend, and slower.
+    sha256 of its share of the shards (see `preflight`).
+
+    `resize` (eval): "dali" resizes in the DALI graph (the default on GPU); "torch" and "pillow"
+    take DALI's decoded images and resize, crop and normalize in torch on the device
+    (pipelines/resize.py): "torch" with torch's antialiased kernels (the default on CPU, where its
+    uint8 kernels are much faster than DALI's CPU resize and closer to Pillow), "pillow" with
+    Pillow's own arithmetic, bit-identical to the processor's PIL backend and slower.
     """
-    if exact_resize and train:
-        raise ValueError("exact_resize is for eval loaders: training crops at random anyway")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    resize = resize or ("dali" if gpu or train else "torch")
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+    if resize != "dali" and train:
+        raise ValueError(f"resize={resize!r} is for eval loaders: training resizes its random crops in DALI")
     if expected_size is not None and tuple(expected_size) != spec.output_size:
         raise ValueError(f"the model expects {tuple(expected_size)} images but {spec.processor} "
                          f"produces {spec.output_size}; use the model's own processor")
     info = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train,
                      hash_share=(rank, world_size) if verify_hashes else None)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
     tars = [str(Path(data) / split / r["name"]) for r in info["shards"]]
     pipe = shard_pipeline(
         tars=tars, indexes=[str(Path(data) / split / r["index"]) for r in info["shards"]], spec=spec, train=train, gpu=gpu,
@@ -126,12 +136,12 @@ def create_loader(
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
         device_id=(device.index or 0) if gpu else None, seed=seed + rank,
         enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=2,
-        decode_only=exact_resize,
+        decode_only=resize != "dali",
     )
     pipe.build()
     return DaliLoader(pipe, tars=tars, samples=info["samples"], batch_size=batch_size, rank=rank, world_size=world_size,
                       train=train, device=device, dtype=dtype, channels_last=channels_last, state=state,
-                      exact_spec=spec if exact_resize else None)
+                      spec=spec, resize=resize)
 
 
 class DaliLoader:
@@ -139,9 +149,9 @@ class DaliLoader:
 
     def __init__(self, pipe, *, tars: list[str], samples: int, batch_size: int, rank: int, world_size: int, train: bool,
                  device: torch.device, dtype: torch.dtype, channels_last: bool, state: dict | None,
-                 exact_spec: PreprocessSpec | None = None):
+                 spec: PreprocessSpec, resize: str):
         self.pipe, self.tars, self.samples, self.batch_size = pipe, tars, samples, batch_size
-        self.exact_spec = exact_spec
+        self.spec, self.resize = spec, resize
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         # this rank's part, by DALI's own split rule
         self.rank_samples = (rank + 1) * samples // world_size - rank * samples // world_size
@@ -191,8 +201,9 @@ class DaliLoader:
         images, labels = self._run()
         keys = [sample_key_of(images[i].source_info()) for i in range(len(images))]
         labels = parse_labels(np.asarray(labels.as_tensor())).to(self.device)
-        if self.exact_spec is not None:  # decoded images of any size: Pillow's resize, one by one
-            pixels = torch.stack([exact_eval_image(self._sample(images[i]), self.exact_spec) for i in range(len(images))])
+        if self.resize != "dali":  # decoded images of any size, resized one by one in torch
+            pixels = torch.stack([eval_image(self._sample(images[i]), self.spec, self.resize)
+                                  for i in range(len(images))])
             if self.channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
             return {"pixel_values": pixels.to(self.dtype), "labels": labels, "keys": keys}

@@ -4,7 +4,7 @@
 
 Both read the same shards (`--data`, or ImageNet-like 500x375 JPEGs cut from real photos, built
 in a temporary folder), on the same cores, in the same run: the DALI train and eval loaders (the
-objects training iterates; the eval loader also with the exact resize, to show its cost), the baseline users have today (`webdataset` + the processor's PIL
+objects training iterates; the eval loader with each resize: DALI's, torch's, Pillow's exact), the baseline users have today (`webdataset` + the processor's PIL
 backend in a DataLoader with as many workers as DALI has threads), and DALI's decoder alone (the
 ceiling). Prints a table and writes a bar chart to `--chart`.
 """
@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.dali import decoded
-from pipelines.loader import create_loader
+from pipelines.loader import RESIZES, create_loader
 from pipelines.shards import index_name
 from pipelines.spec import load_processor, spec_from_processor
 
@@ -109,16 +109,16 @@ def main() -> int:
                       device="cuda" if gpu else "cpu")
         rows = {
             "HF processor DataLoader": time_epoch(hf_baseline(tars, processor, batch_size=args.batch_size, workers=args.threads)),
-            "DALI eval loader": time_epoch(create_loader(split="val", train=False, **common)),
-            "DALI eval, exact resize": time_epoch(create_loader(split="val", train=False, exact_resize=True, **common)),
+            **{f"DALI eval loader, {resize} resize": time_epoch(create_loader(split="val", train=False, resize=resize, **common))
+               for resize in RESIZES},
             "DALI train loader": time_epoch(create_loader(split="val", train=True, **common)),
             "DALI decode only": time_epoch(decode_only(tars, batch_size=args.batch_size, threads=args.threads, gpu=gpu)),
         }
     base, ceiling = rows["HF processor DataLoader"], rows["DALI decode only"]
     print(f"{spec.processor} -> {spec.output_size}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}")
-    print(f"{'':<26} {'images/s':>9} {'vs HF':>7} {'of decode':>10}")
+    print(f"{'':<32} {'images/s':>9} {'vs HF':>7} {'of decode':>10}")
     for name, rate in rows.items():
-        print(f"{name:<26} {rate:>9.0f} {rate / base:>6.2f}x {rate / ceiling:>9.0%}")
+        print(f"{name:<32} {rate:>9.0f} {rate / base:>6.2f}x {rate / ceiling:>9.0%}")
     bar_chart(rows, args.chart)
     print(f"chart: {args.chart}")
     return 0

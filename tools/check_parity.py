@@ -1,11 +1,13 @@
 """How closely the DALI eval pipeline reproduces a Hugging Face image processor.
 
-    python tools/check_parity.py --processor NAME_OR_DIR --images DIR [--device cpu|gpu] [--exact]
+    python tools/check_parity.py --processor NAME_OR_DIR --images DIR [--device cpu|gpu]
+                                 [--resize dali|torch|pillow]
 
 Runs the eval pipeline and the processor's PIL backend (the reference) on the same image files
 and prints, per image and overall, the difference in 0-255 grey levels (|a - b| x std x 255):
 mean, 99th percentile, max, and max away from the border (3 pixels in from each edge). The last
-line is one JSON object with the overall figures. `--exact` checks the exact eval resize.
+line is one JSON object with the overall figures. `--resize` picks the eval resize as
+`create_loader(resize=...)` does (default: the loader's default for the device).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from PIL import Image
 
 from pipelines.dali import file_pipeline
-from pipelines.pil_resize import exact_eval_image
+from pipelines.loader import RESIZES
+from pipelines.resize import eval_image
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
 BORDER = 3
@@ -38,20 +41,20 @@ def reference_processor(processor):
     return pil_class(**processor.to_dict())
 
 
-def grey_level_differences(processor, files: list[Path], *, gpu: bool = False, exact: bool = False) -> list[np.ndarray]:
-    """Per file, |DALI - processor| in 0-255 grey levels, shaped (3, H, W). `exact`: the exact
-    eval resize (DALI decodes, pipelines/pil_resize.py does the rest on the same device)."""
+def grey_level_differences(processor, files: list[Path], *, gpu: bool = False, resize: str = "dali") -> list[np.ndarray]:
+    """Per file, |DALI - processor| in 0-255 grey levels, shaped (3, H, W). `resize` as in
+    `create_loader`: "dali" in the graph; "torch" or "pillow" after DALI's decoder, on the same device."""
     spec = spec_from_processor(processor)
     reference = reference_processor(processor)
     pipe = file_pipeline(files=[str(f) for f in files], spec=spec, gpu=gpu, batch_size=len(files),
-                         num_threads=2, device_id=0 if gpu else None, decode_only=exact)
+                         num_threads=2, device_id=0 if gpu else None, decode_only=resize != "dali")
     pipe.build()
     (images,) = pipe.run()
     if gpu:
         images = images.as_cpu()
-    if exact:
+    if resize != "dali":
         device = "cuda" if gpu else "cpu"
-        outputs = [exact_eval_image(torch.from_numpy(np.array(images.at(i))).to(device), spec).cpu().numpy()
+        outputs = [eval_image(torch.from_numpy(np.array(images.at(i))).to(device), spec, resize).cpu().numpy()
                    for i in range(len(files))]
     else:
         outputs = [np.asarray(images.at(i)) for i in range(len(files))]
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processor", required=True, help="hub name or folder with preprocessor_config.json")
     parser.add_argument("--images", required=True, type=Path, help="folder of image files")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--exact", action="store_true", help="the exact eval resize (create_loader(exact_resize=True))")
+    parser.add_argument("--resize", choices=RESIZES, help="eval resize (default: torch on cpu, dali on gpu)")
     args = parser.parse_args(argv)
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         processor = load_processor(args.processor)
-        differences = grey_level_differences(processor, files, gpu=args.device == "gpu", exact=args.exact)
+        gpu = args.device == "gpu"
+        differences = grey_level_differences(processor, files, gpu=gpu, resize=args.resize or ("dali" if gpu else "torch"))
     except ProcessorError as e:
         print(f"check_parity: error: {e}", file=sys.stderr)
         return 2

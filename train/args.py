@@ -59,7 +59,9 @@ class TrainArgs:
     color_jitter: float = arg(0.0, "brightness/contrast/saturation jitter strength")
     auto_augment: str | None = arg(None, "automatic augmentation", choices=["rand_augment", "trivial_augment"])
     skip_shard_hashes: bool = arg(False, "skip the sha256 check of the shards before training (each rank hashes 1/world of them)")
-    exact_eval_resize: bool = arg(False, "eval with Pillow's exact resize arithmetic (bit-identical to the HF processor, slower)")
+    eval_resize: str | None = arg(None, "eval resize: dali (in the graph), torch (after decoding), pillow (bit-identical "
+                                  "to the HF processor, slower); default torch on CPU, dali on GPU",
+                                  choices=["dali", "torch", "pillow"])
     data_threads: int | None = arg(None, "DALI threads per rank (default: this rank's share of the CPU cores; half of it when training on CPU)")
 
     eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")

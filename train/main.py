@@ -197,7 +197,7 @@ def setup(args: TrainArgs) -> Run:
                                          state=trainer_state.get("train_loader"), **loader_args)
             if manifest["splits"].get("val", {}).get("samples"):
                 eval_loader = create_loader(split="val", batch_size=args.eval_batch_size or micro, train=False,
-                                            exact_resize=args.exact_eval_resize, **loader_args)
+                                            resize=args.eval_resize, **loader_args)
         except (ShardFormatError, ValueError) as e:
             problems.append(f"--data {data}: {e}")
 
