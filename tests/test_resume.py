@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import common, launcher, metrics, train
+from conftest import ROOT, common, launcher, metrics, photo, train
 from pipelines.shards import file_sha256
 
 
@@ -44,6 +45,8 @@ def keys_by_step(out: Path, rank: int) -> list[tuple[int, list[str]]]:
 
 
 def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
+    from transformers import pipeline
+
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(resume_args(files, straight))
 
@@ -66,6 +69,13 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     assert explicit.returncode == 2 and "incomplete (no complete.json" in explicit.stderr
     other_world = train(resume_args(files, resumed) + ["--resume", "auto"], ranks=None, check=False)
     assert other_world.returncode == 2 and "saved by 2 ranks, this run has 1" in other_world.stderr
+    # ... and says how to convert: export the checkpoint's weights, which load as a model
+    assert "tools/export_checkpoint.py" in other_world.stderr
+    exported = tmp_path / "step4-model"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"),
+                    str(resumed / "checkpoints" / "step-00000004"), str(exported)], check=True, capture_output=True)
+    classifier = pipeline("image-classification", model=str(exported))
+    assert {r["label"] for r in classifier(photo(0, (48, 40)), top_k=4)} == {f"class{i}" for i in range(4)}
 
     done = train(resume_args(files, resumed) + ["--resume", "auto"])
     assert "ignoring 1 incomplete checkpoint(s) (interrupted saves): step-00000006" in done.stdout

@@ -6,6 +6,7 @@ Layout under OUTPUT/checkpoints/:
         trainer_state_rank0.pt  everything else this rank needs to resume (loader, RNG, step, ...)
         complete.json         written last, after every rank finished writing
     latest                    the newest complete tag (DeepSpeed's format), replaced by rename
+OUTPUT/model_files/           the model's config and image processor, for exporting any checkpoint
 
 A folder without `complete.json` is a save that was interrupted: never resumed from, reported.
 """
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 MARKER = "complete.json"
+MODEL_FILES = "model_files"  # OUTPUT/model_files/: the run's model config and image processor
 
 
 class CheckpointError(RuntimeError):

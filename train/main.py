@@ -37,8 +37,8 @@ from pipelines.loader import DataError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
-from train.checkpoint import (CheckpointError, checkpoint_info, complete_checkpoints, export_model, find_resume,
-                              load_checkpoint, save_checkpoint)
+from train.checkpoint import (MODEL_FILES, CheckpointError, checkpoint_info, complete_checkpoints, export_model,
+                              find_resume, load_checkpoint, save_checkpoint)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import SyntheticLoader, builtin_digits
 from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
@@ -91,6 +91,14 @@ class Run:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _init_distributed()
+    try:
+        return run_training(args)
+    finally:  # every exit: C++ communication threads left running abort the process at shutdown
+        dist.destroy_process_group()
+
+
+def run_training(args: TrainArgs) -> int:
+    """setup, fit, and the exit code: 0 done, 2 configuration, 3 data, 4 non-finite losses."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
     try:
@@ -107,15 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 4
     except DataError as e:  # only the rank that read the sample knows: it speaks, the launcher stops the others
-        print(f"train: rank {rank}: data error at step {run.step + 1}: {e}\n"
-              f"train: the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)", file=sys.stderr)
+        print(f"train: rank {rank}: data error at step {run.step + 1}: {e}\ntrain: the complete checkpoints in "
+              f"{run.checkpoints} are intact (--resume auto goes on from the newest)", file=sys.stderr)
         return 3
     finally:
         run.logger.finish()
     if rank == 0:
         print(result)
     dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
@@ -238,6 +245,9 @@ def setup(args: TrainArgs) -> Run:
                   "parameters": sum(p.numel() for p in model.parameters()) if args.model or model_config else None}
     if rank == 0:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
+        # what turns any checkpoint into a model folder (tools/export_checkpoint.py)
+        model.config.save_pretrained(output_dir / MODEL_FILES)
+        image_processor.save_pretrained(output_dir / MODEL_FILES)
     mode, why = (args.wandb_mode, "--wandb_mode") if args.wandb_mode else default_wandb_mode()
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
@@ -514,7 +524,9 @@ def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str]
     info = checkpoint_info(path)
     if info["world_size"] != world:
         problems.append(f"--resume {path}: saved by {info['world_size']} ranks, this run has {world}; resume with "
-                        f"{info['world_size']} ranks (the data order and optimizer partitions are per rank)")
+                        f"{info['world_size']} ranks (the data order and optimizer partitions are per rank), or "
+                        f"convert it to weights with `python tools/export_checkpoint.py {path} OUT` and start a "
+                        f"new run from them with --model OUT")
         return {}
     state = torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
     if classes and state["classes"] != len(classes):

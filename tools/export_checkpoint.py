@@ -1,0 +1,38 @@
+"""A trainer checkpoint as a `save_pretrained` folder: fp32 weights consolidated from ZeRO, the
+config with id2label, the image processor. Loads in `transformers.pipeline` and in
+`train/main.py --model OUT` (for example to go on with another number of ranks).
+
+    python tools/export_checkpoint.py OUTPUT/checkpoints/step-00001000 OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from transformers import AutoConfig, AutoImageProcessor
+
+from train.checkpoint import MODEL_FILES, MARKER, export_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint folder (OUTPUT/checkpoints/step-N)")
+    parser.add_argument("out", type=Path, help="the model folder to write")
+    args = parser.parse_args(argv)
+    files = args.checkpoint.resolve().parent.parent / MODEL_FILES
+    if not (args.checkpoint / MARKER).is_file():
+        print(f"export_checkpoint: error: {args.checkpoint} is not a complete checkpoint (no {MARKER})", file=sys.stderr)
+        return 2
+    if not files.is_dir():
+        print(f"export_checkpoint: error: {files} not found: the run's model config is kept there", file=sys.stderr)
+        return 2
+    export_model(checkpoint=args.checkpoint, config=AutoConfig.from_pretrained(files),
+                 processor=AutoImageProcessor.from_pretrained(files), out=args.out)
+    print(f"{args.out}: exported from {args.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
