@@ -168,6 +168,19 @@ def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, i
 
 # --- the trainer under the real launcher (tests/test_train.py, tests/test_resume.py) ---------------
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shared_memory():
+    """Jobs the tests kill cannot remove DeepSpeed's 66 MB /dev/shm all-reduce buffers (a clean
+    exit of train/main.py does); remove what this session left."""
+    import time
+
+    start = time.time()
+    yield
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        if path.stat().st_mtime >= start:
+            path.unlink(missing_ok=True)
+
+
 TINY_RESNET = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
                "layer_type": "basic", "downsample_in_first_stage": False}
 TINY_VIT = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
