@@ -38,6 +38,12 @@ from pipelines.spec import PreprocessSpec
 RESIZES = ("dali", "torch", "pillow")
 
 
+def default_resize(*, gpu: bool, train: bool) -> str:
+    """DALI's resize on GPU (batched, in the graph) and for training (random crops); on CPU eval,
+    torch's uint8 kernels, several times faster than DALI's CPU resize and closer to Pillow."""
+    return "dali" if gpu or train else "torch"
+
+
 class DataError(RuntimeError):
     """A sample that fails at run time; the message names the shard and the key."""
 
@@ -118,7 +124,7 @@ def create_loader(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    resize = resize or ("dali" if gpu or train else "torch")
+    resize = resize or default_resize(gpu=gpu, train=train)
     if resize not in RESIZES:
         raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
     if resize != "dali" and train:

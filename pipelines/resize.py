@@ -46,19 +46,20 @@ FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0)}
 
 
 @lru_cache(maxsize=4096)
-def _nearest(in_size: int, out_size: int) -> torch.Tensor:
+def _nearest(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
     """Pillow's NEAREST source indices: a position accumulated in doubles, then truncated."""
     scale, indices = in_size / out_size, []
     position = scale * 0.5
     for _ in range(out_size):  # added up, not multiplied: the same rounding as Pillow
         indices.append(int(position))
         position += scale
-    return torch.tensor(indices)
+    return torch.tensor(indices, device=device)
 
 
 @lru_cache(maxsize=4096)
-def _weights(in_size: int, out_size: int, interpolation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source indices, fixed-point weights), each (out_size, taps), as Pillow computes them."""
+def _weights(in_size: int, out_size: int, interpolation: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source indices, fixed-point weights), each (out_size, taps), as Pillow computes them, on
+    `device` (cached: an image size seen once costs nothing more, nor a copy to the GPU)."""
     kernel, base_support = FILTERS[interpolation]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
@@ -81,14 +82,13 @@ def _weights(in_size: int, out_size: int, interpolation: str) -> tuple[torch.Ten
         indices[xx, :count] = torch.arange(xmin, xmin + count)
         indices[xx, count:] = xmin
         weights[xx, :count] = torch.tensor(fixed, dtype=torch.int64)
-    return indices, weights
+    # int32 holds every sum: 255 x (sum of |weights| <= 1.2) x 2^22 < 2^31, as in Pillow's own C
+    return indices.to(device), weights.to(device, torch.int32)
 
 
 def _resample(image: torch.Tensor, axis: int, out_size: int, interpolation: str) -> torch.Tensor:
     """One pass along `axis` (0: rows, 1: columns) of an (H, W, C) int32 image."""
-    indices, weights = (t.to(image.device) for t in _weights(image.shape[axis], out_size, interpolation))
-    # int32 holds every sum: 255 x (sum of |weights| <= 1.2) x 2^22 < 2^31, as in Pillow's own C
-    weights = weights.to(torch.int32)
+    indices, weights = _weights(image.shape[axis], out_size, interpolation, image.device)
     if axis == 1:
         total = (image[:, indices] * weights[None, :, :, None]).sum(2, dtype=torch.int32)  # (H, out, C)
     else:
@@ -115,8 +115,7 @@ def pil_resize(image: torch.Tensor, size: tuple[int, int], interpolation: str) -
     if (image.shape[0], image.shape[1]) == (height, width):
         return image
     if interpolation == "nearest":  # one lookup per axis, no arithmetic
-        rows, cols = _nearest(image.shape[0], height), _nearest(image.shape[1], width)
-        return image[rows.to(image.device)][:, cols.to(image.device)]
+        return image[_nearest(image.shape[0], height, image.device)][:, _nearest(image.shape[1], width, image.device)]
     out = image.to(torch.int32)
     axes = (0, 1) if vertical_first(image.shape[0], image.shape[1], height, width) else (1, 0)
     for axis in axes:
@@ -151,6 +150,10 @@ def eval_image(image: torch.Tensor, spec, resize: str) -> torch.Tensor:
     if spec.crop:
         top, left = (resized.shape[0] - spec.crop[0]) // 2, (resized.shape[1] - spec.crop[1]) // 2
         resized = resized[top:top + spec.crop[0], left:left + spec.crop[1]]
-    mean = torch.tensor(spec.pixel_mean, device=image.device)
-    std = torch.tensor(spec.pixel_std, device=image.device)
+    mean, std = _normalization(spec, image.device)
     return ((resized.to(torch.float32) - mean) / std).permute(2, 0, 1)
+
+
+@lru_cache(maxsize=64)
+def _normalization(spec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(spec.pixel_mean, device=device), torch.tensor(spec.pixel_std, device=device)

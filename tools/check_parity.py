@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipelines.dali import file_pipeline
-from pipelines.loader import RESIZES
+from pipelines.loader import RESIZES, default_resize
 from pipelines.resize import eval_image
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         processor = load_processor(args.processor)
         gpu = args.device == "gpu"
-        differences = grey_level_differences(processor, files, gpu=gpu, resize=args.resize or ("dali" if gpu else "torch"))
+        differences = grey_level_differences(processor, files, gpu=gpu,
+                                             resize=args.resize or default_resize(gpu=gpu, train=False))
     except ProcessorError as e:
         print(f"check_parity: error: {e}", file=sys.stderr)
         return 2

@@ -145,9 +145,10 @@ def setup(args: TrainArgs) -> Run:
     if builtin:
         args = _with_recipe(args, BUILTIN_RECIPE)
     data = builtin_digits(local_rank=local_rank) if builtin else Path(args.data)
-    manifest, classes = None, []
+    manifest, classes, val_samples = None, [], 0
     try:
         manifest, classes = load_manifest(data), load_classes(data)
+        val_samples = manifest["splits"].get("val", {}).get("samples", 0)
     except ShardFormatError as e:
         problems.append(f"--data: {e}")
 
@@ -204,7 +205,7 @@ def setup(args: TrainArgs) -> Run:
                        "auto_augment": args.auto_augment}
             train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment,
                                          state=trainer_state.get("train_loader"), **loader_args)
-            if manifest["splits"].get("val", {}).get("samples"):
+            if val_samples:
                 eval_loader = create_loader(split="val", batch_size=args.eval_batch_size or micro, train=False,
                                             resize=args.eval_resize, **loader_args)
         except (ShardFormatError, ValueError) as e:
@@ -243,8 +244,8 @@ def setup(args: TrainArgs) -> Run:
     run_config = {"args": asdict(args), "deepspeed": ds_config, "preprocess": asdict(spec), "precision": precision,
                   "world_size": world, "device": device.type, "data": str(data), "classes": len(classes),
                   "train_samples": manifest["splits"]["train"]["samples"],
-                  "val_samples": manifest["splits"].get("val", {}).get("samples", 0),
-                  "parameters": sum(p.numel() for p in model.parameters()) if args.model or model_config else None}
+                  "val_samples": val_samples,
+                  "parameters": sum(p.numel() for p in model.parameters())}
     if rank == 0:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
         # what turns any checkpoint into a model folder (tools/export_checkpoint.py)
@@ -300,10 +301,15 @@ def fit(run: Run) -> str:
         meter["steps"] += 1
         if run.step % args.log_steps == 0 or run.step == run.total_steps:
             log_train(run, loss, meter, bar)
-        if run.eval_loader is not None and (run.step % run.eval_steps == 0 or run.step == run.total_steps):
+        last = run.step == run.total_steps
+        evaluating = run.eval_loader is not None and (run.step % run.eval_steps == 0 or last)
+        saving = run.step % run.save_steps == 0 or last
+        if evaluating or saving:
+            average_buffers(engine.module)
+        if evaluating:
             log_eval(run, evaluate(run))
             meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
-        if run.step % run.save_steps == 0 or run.step == run.total_steps:
+        if saving:
             run.last_saved = save(run)
         bar.update(1)
     bar.close()
@@ -398,8 +404,8 @@ def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, *, num_classes: int, m
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Loss, top-1 and top-5 over the val split, each sample counted once across ranks."""
-    average_buffers(run.engine.module)
+    """Loss, top-1 and top-5 over the val split, each sample counted once across ranks (after
+    average_buffers: every rank evaluates with the same BatchNorm statistics)."""
     run.engine.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5 hits, samples
     samples = None
@@ -487,7 +493,8 @@ def _keys_log(run: Run) -> Path:
 def average_buffers(module: torch.nn.Module) -> None:
     """Averages floating-point buffers (BatchNorm running statistics) over the ranks, as timm's
     distribute_bn does: each rank updates them from its own batches and DeepSpeed leaves them apart,
-    so eval on every rank, the checkpoint (rank 0's copy) and the export would disagree."""
+    so eval on every rank, the checkpoint (rank 0's copy, which every rank resumes with) and the
+    export would disagree. Called before every eval and save."""
     for buffer in module.buffers():
         if buffer.is_floating_point():
             dist.all_reduce(buffer)
@@ -495,7 +502,6 @@ def average_buffers(module: torch.nn.Module) -> None:
 
 
 def save(run: Run) -> Path:
-    average_buffers(run.engine.module)  # every rank resumes with rank 0's copy: make them one
     top1 = run.last_eval.get("eval/top1") if run.last_eval.get("step") == run.step else None
     return save_checkpoint(run.engine, root=run.checkpoints, step=run.step, state=trainer_state(run), rank=run.rank,
                            local_rank=run.local_rank, top1=top1, keep=run.args.save_total_limit)
@@ -505,7 +511,7 @@ def trainer_state(run: Run) -> dict:
     """Everything this rank needs to resume besides DeepSpeed's own state."""
     return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
             "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
-            "last_eval": run.last_eval, "classes": len(run.classes), "world_size": run.world_size,
+            "last_eval": run.last_eval, "classes": len(run.classes),
             "wandb_run_id": run.logger.run_id if run.logger else None, "mix_rng": run.mix_rng.bit_generator.state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}

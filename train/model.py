@@ -48,7 +48,7 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
             values = {k: v for k, v in values.items() if k not in ("architectures", "id2label", "label2id", "num_labels")}
             config = AutoConfig.for_model(**values, **labels)
             net = AutoModelForImageClassification.from_config(config)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError) as e:
         problems.append(_cannot_build(model, model_config, e))
         return None, None
     try:
@@ -73,7 +73,7 @@ def model_source(*, model: str | None, model_config: str | dict | None, problems
         if model:
             return AutoConfig.from_pretrained(model)
         return model_config if isinstance(model_config, dict) else json.loads(Path(model_config).read_text())
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         problems.append(_cannot_build(model, model_config, e))
         return None
 
