@@ -84,11 +84,12 @@ def padded_labels(cls):
     return fn.pad(cls, axes=[0], shape=[LABEL_BYTES], fill_value=0)
 
 
-@pipeline_def(enable_conditionals=True)
+@pipeline_def
 def shard_pipeline(*, tars: list[str], indexes: list[str], spec: PreprocessSpec, train: bool, gpu: bool,
                    shard_id: int, num_shards: int, layout: str, dtype, augment: dict, decode_only: bool = False):
     """Read WebDataset shards (this rank's part), preprocess, and return (images, labels).
-    `decode_only`: eval images stay decoded RGB, resized later in torch (pipelines/resize.py)."""
+    `decode_only`: eval images stay decoded RGB, resized later in torch (pipelines/resize.py).
+    DALI's automatic augmentations need `enable_conditionals=True` at construction."""
     jpegs, cls = fn.readers.webdataset(
         paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=1024,

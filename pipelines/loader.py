@@ -124,6 +124,8 @@ def create_loader(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: torch sees no CUDA GPU on this machine")
     resize = resize or default_resize(gpu=gpu, train=train)
     if resize not in RESIZES:
         raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
@@ -142,6 +144,8 @@ def create_loader(
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
         device_id=(device.index or 0) if gpu else None, seed=seed + rank,
         enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=2,
+        # only automatic augmentation branches; AutoGraph's rewrite of the graph is otherwise wasted
+        enable_conditionals=bool((augment or {}).get("auto_augment")),
         decode_only=resize != "dali",
     )
     pipe.build()

@@ -18,6 +18,23 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))  # the tools are scripts; tests import them as modules
+# Launched jobs run CPU ranks on every machine (a one-GPU machine cannot host the tests' two GPU
+# ranks); the `gpu`-marked tests ask for CUDA themselves.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs the CUDA path (DALI mixed decode, GPU operators); "
+                                       "skipped where torch sees no GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @cache

@@ -152,6 +152,106 @@ def test_exact_eval_loader_gives_the_processor_output(digit_shards):
                       train=True, device="cpu", resize="pillow")
 
 
+def traced_operators(*, gpu: bool, train: bool, spec, **kwargs) -> tuple[dict[str, str], list[str]]:
+    """Trace a shard pipeline's graph without building it (DALI's `_build_graph`, the step before
+    the backend needs CUDA, is where DALI checks that every operator accepts its inputs' device):
+    {operator: device}, and the devices of the outputs (images, labels)."""
+    from nvidia.dali import types
+    from pipelines.dali import shard_pipeline
+
+    pipe = shard_pipeline(tars=["x.tar"], indexes=["x.idx"], spec=spec, train=train, gpu=gpu, shard_id=0,
+                          num_shards=1, layout="CHW", dtype=types.FLOAT, batch_size=2, num_threads=1,
+                          device_id=0 if gpu else None, **kwargs)
+    pipe._build_graph()
+    return {op._op.schema_name: op._op.device for op in pipe._ops}, [node.device for node in pipe._graph_out]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_one_graph_definition_serves_both_devices(gpu):
+    """The GPU graphs trace on any machine: mixed decode, every image operator on the GPU, labels
+    on the CPU; the CPU graphs have no GPU operator."""
+    image_ops = {"Resize", "CropMirrorNormalize", "ColorTwist"}
+    for train, processor, kwargs in [
+        (False, T.ViTImageProcessorPil(), dict(augment={})),  # fixed size
+        (False, T.ConvNextImageProcessorPil(size={"shortest_edge": 224}), dict(augment={})),  # shortest edge
+        (False, T.ViTImageProcessorPil(), dict(augment={}, decode_only=True)),
+        (True, T.ViTImageProcessorPil(), dict(augment={"color_jitter": 0.4})),
+        (True, T.ViTImageProcessorPil(), dict(augment={"auto_augment": "rand_augment"}, enable_conditionals=True)),
+    ]:
+        operators, outputs = traced_operators(gpu=gpu, train=train, spec=spec_from_processor(processor), **kwargs)
+        decoders = {name: device for name, device in operators.items() if name.startswith("decoders__")}
+        assert list(decoders.values()) == ["mixed" if gpu else "cpu"], (train, operators)
+        assert outputs == (["gpu", "cpu"] if gpu else ["cpu", "cpu"]), (train, kwargs)
+        if gpu:
+            assert all(operators[name] == "gpu" for name in image_ops & set(operators)), operators
+        else:
+            assert set(operators.values()) == {"cpu"}, operators
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resize", ["dali", "torch", "pillow"])
+def test_gpu_eval_loader_gives_the_cpu_loaders_batches(resize, digit_shards):
+    spec = spec_from_processor(T.ViTImageProcessorPil(size={"height": 20, "width": 20}))
+    batches = {device: list(create_loader(data=digit_shards, split="val", spec=spec, batch_size=16, train=False,
+                                          device=device, resize=resize)) for device in ("cpu", "cuda")}
+    assert len(batches["cuda"]) == len(batches["cpu"]) == 12
+    for cpu, gpu in zip(batches["cpu"], batches["cuda"]):
+        assert gpu["pixel_values"].is_cuda and gpu["labels"].is_cuda and gpu["pixel_values"].dtype == torch.float32
+        assert gpu["keys"] == cpu["keys"] and torch.equal(gpu["labels"].cpu(), cpu["labels"])
+        assert torch.equal(gpu["mask"].cpu(), cpu["mask"])
+        # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: close, not equal
+        grey_levels = (gpu["pixel_values"].cpu() - cpu["pixel_values"]).abs() * torch.tensor(spec.std)[:, None, None] * 255
+        assert grey_levels.mean() <= 1, (resize, grey_levels.mean())
+
+
+@pytest.mark.gpu
+def test_gpu_train_loader_output_and_exact_resume(digit_shards):
+    make = lambda device, state=None: create_loader(  # noqa: E731
+        data=digit_shards, split="train", spec=spec_from_processor(TINY_VIT()), batch_size=16, train=True,
+        device=device, seed=3, dtype=torch.bfloat16, channels_last=True, state=state,
+        augment={"color_jitter": 0.2, "auto_augment": "rand_augment"})
+    loader = make("cuda")
+    it = iter(loader)
+    first = [next(it) for _ in range(3)]
+    assert [b["keys"] for b in first] == [b["keys"] for b, _ in zip(make("cpu"), range(3))]  # the reader's order
+    pixels = first[0]["pixel_values"]
+    assert pixels.is_cuda and pixels.dtype == torch.bfloat16 and pixels.shape == (16, 3, 16, 16)
+    assert pixels.is_contiguous(memory_format=torch.channels_last) and first[0]["labels"].is_cuda
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(make("cuda", state))
+    for want in expected:
+        got = next(resumed)
+        assert got["keys"] == want["keys"] and torch.equal(got["pixel_values"], want["pixel_values"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [*PROCESSORS, "efficientnet-nearest"])
+def test_exact_resize_on_the_gpu_equals_the_cpus(name, parity_images):
+    """The same integer arithmetic on CUDA tensors: bit-identical to Pillow there too."""
+    import numpy as np
+    from PIL import Image
+    from pipelines.resize import eval_image
+
+    processor = T.EfficientNetImageProcessorPil(resample=0) if name == "efficientnet-nearest" else PROCESSORS[name]()
+    spec = spec_from_processor(processor)
+    for path in parity_images:
+        image = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+        assert torch.equal(eval_image(image.cuda(), spec, "pillow").cpu(), eval_image(image, spec, "pillow")), path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
+def test_asking_for_a_gpu_without_one_is_a_clear_error(digit_shards, parity_images, tmp_path):
+    with pytest.raises(ValueError, match="device cuda: torch sees no CUDA GPU on this machine"):
+        create_loader(data=digit_shards, split="val", spec=spec_from_processor(TINY_VIT()), batch_size=8,
+                      train=False, device="cuda")
+    TINY_VIT().save_pretrained(tmp_path)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_parity.py"), "--processor", str(tmp_path),
+                             "--images", str(parity_images[0].parent), "--device", "gpu"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--device gpu: torch sees no CUDA GPU" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_checkpoint_config_overrides_class_defaults(tmp_path):
     T.ConvNextImageProcessorPil(size={"shortest_edge": 160}, crop_pct=0.9, image_mean=[0.4, 0.5, 0.6],
                                 resample=2).save_pretrained(tmp_path)

@@ -170,16 +170,17 @@ def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
     assert len(losses[False]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
-def test_builtin_default_trains_digits_to_90_percent(tmp_path):
-    done = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, cwd=tmp_path,
-                 env={"DDV_CACHE_DIR": str(tmp_path / "cache")})
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
+    env = {"DDV_CACHE_DIR": str(tmp_path / "cache"), "DS_ACCELERATOR": device}
+    done = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, cwd=tmp_path, env=env)
     out = tmp_path / "outputs" / "digits-resnet-tiny"
+    assert json.loads((out / "run_config.json").read_text())["device"] == device
     assert evals(out)[-1]["eval/top1"] >= 0.9 and evals(out)[-1]["eval/samples_counted"] == 179
     assert (out / "model" / "model.safetensors").is_file() and str(out / "model").endswith("digits-resnet-tiny/model")
     assert "outputs/digits-resnet-tiny/model" in done.stdout
     # a second run refuses to overwrite it, and says how to go on
-    again = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, cwd=tmp_path, check=False,
-                  env={"DDV_CACHE_DIR": str(tmp_path / "cache")})
+    again = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, cwd=tmp_path, check=False, env=env)
     assert again.returncode == 2 and "--resume auto" in again.stderr
 
 

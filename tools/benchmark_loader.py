@@ -1,12 +1,13 @@
 """Images/s of the DALI loaders against the HF processor in a PyTorch DataLoader.
 
-    python tools/benchmark_loader.py [--data OUT] [--processor NAME_OR_DIR] [--device cpu|gpu]
+    python tools/benchmark_loader.py [--data OUT | --images N] [--processor NAME_OR_DIR] [--device cpu|gpu]
 
-Both read the same shards (`--data`, or ImageNet-like 500x375 JPEGs cut from real photos, built
-in a temporary folder), on the same cores, in the same run: the DALI train and eval loaders (the
-objects training iterates; the eval loader with each resize: DALI's, torch's, Pillow's exact), the baseline users have today (`webdataset` + the processor's PIL
-backend in a DataLoader with as many workers as DALI has threads), and DALI's decoder alone (the
-ceiling). Prints a table and writes a bar chart to `--chart`.
+Both read the same shards (`--data`, or N ImageNet-like 500x375 JPEGs cut from real photos, built
+in a temporary folder; on a GPU take more than the default 1200), on the same cores, in the same
+run: the DALI train and eval loaders (the objects training iterates; the eval loader with each
+resize: DALI's, torch's, Pillow's exact), the baseline users have today (`webdataset` + the
+processor's PIL backend in a DataLoader with as many workers as DALI has threads), and DALI's
+decoder alone (the ceiling). Prints a table and writes a bar chart to `--chart`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw
 from pipelines.dali import decoded
 from pipelines.loader import RESIZES, create_loader
 from pipelines.shards import index_name
-from pipelines.spec import load_processor, spec_from_processor
+from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
 
 def time_epoch(batches) -> float:
@@ -34,6 +35,8 @@ def time_epoch(batches) -> float:
     count, start = 0, time.perf_counter()
     for batch in iterator:
         count += len(batch["pixel_values"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU batches are copied asynchronously
     return count / (time.perf_counter() - start)
 
 
@@ -80,15 +83,21 @@ def bar_chart(rows: dict[str, float], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="shards from make_shards (default: build 1200 ImageNet-like images)")
+    parser.add_argument("--data", type=Path, help="shards from make_shards (default: build --images ImageNet-like ones)")
+    parser.add_argument("--images", type=int, default=1200, help="without --data: images to build, half of them timed")
     parser.add_argument("--processor", help="hub name or folder (default: ViT's 224x224 processor)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--chart", type=Path, default=Path("benchmark_loader.png"))
     args = parser.parse_args()
+    if args.device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu: torch sees no CUDA GPU on this machine")
     if args.processor:
-        processor = load_processor(args.processor)
+        try:
+            processor = load_processor(args.processor)
+        except ProcessorError as e:
+            parser.error(str(e))
     else:
         from transformers import ViTImageProcessorPil
 
@@ -100,7 +109,7 @@ def main() -> int:
             from benchmark_shards import write_imagenet_like
             from make_shards import make_shards
 
-            write_imagenet_like(Path(tmp) / "src", 1200)
+            write_imagenet_like(Path(tmp) / "src", args.images)
             data = Path(tmp) / "shards"
             make_shards(src=Path(tmp) / "src", out=data, val_fraction=0.5, max_count=100, progress=False)
         tars = [str(p) for p in sorted((data / "val").glob("*.tar"))]

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--resize", choices=RESIZES, help="eval resize (default: torch on cpu, dali on gpu)")
     args = parser.parse_args(argv)
+    if args.device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu: torch sees no CUDA GPU on this machine")
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         print(f"check_parity: error: no image files in {args.images}", file=sys.stderr)
