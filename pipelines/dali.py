@@ -6,12 +6,27 @@ every later operator runs on the GPU; on CPU (`device_id=None`) the same graph r
 
 from __future__ import annotations
 
+import torch
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 
 from pipelines.spec import PreprocessSpec
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
 LABEL_BYTES = 10  # `.cls` is ASCII decimal: up to 10 digits
+
+
+class NoGPUError(ValueError):
+    """A GPU pipeline asked for on a machine where torch sees no CUDA GPU."""
+
+
+def device_id_of(device: str | torch.device) -> int | None:
+    """DALI's `device_id` for a torch device: the GPU's index, or None (CPU operators) for the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():  # DALI's own check is an assert deep in pipeline construction
+        raise NoGPUError(f"device {device}: torch sees no CUDA GPU on this machine")
+    return device.index or 0
 
 
 def decoded(jpegs, *, gpu: bool):

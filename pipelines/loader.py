@@ -29,7 +29,7 @@ import torch
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipelines.dali import shard_pipeline
+from pipelines.dali import device_id_of, shard_pipeline
 from pipelines.resize import eval_image
 from pipelines.shards import ShardFormatError, file_sha256, find_undecodable, load_manifest, read_index
 from pipelines.spec import PreprocessSpec
@@ -123,9 +123,8 @@ def create_loader(
     Pillow's own arithmetic, bit-identical to the processor's PIL backend and slower.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
-    if gpu and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: torch sees no CUDA GPU on this machine")
+    device_id = device_id_of(device)
+    gpu = device_id is not None
     resize = resize or default_resize(gpu=gpu, train=train)
     if resize not in RESIZES:
         raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
@@ -142,7 +141,7 @@ def create_loader(
         shard_id=rank, num_shards=world_size, layout="HWC" if channels_last else "CHW",
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT, augment=augment or {},
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
-        device_id=(device.index or 0) if gpu else None, seed=seed + rank,
+        device_id=device_id, seed=seed + rank,
         enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=2,
         # only automatic augmentation branches; AutoGraph's rewrite of the graph is otherwise wasted
         enable_conditionals=bool((augment or {}).get("auto_augment")),

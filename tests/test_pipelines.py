@@ -248,7 +248,7 @@ def test_asking_for_a_gpu_without_one_is_a_clear_error(digit_shards, parity_imag
     TINY_VIT().save_pretrained(tmp_path)
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_parity.py"), "--processor", str(tmp_path),
                              "--images", str(parity_images[0].parent), "--device", "gpu"], capture_output=True, text=True)
-    assert result.returncode == 2 and "--device gpu: torch sees no CUDA GPU" in result.stderr, result.stderr
+    assert result.returncode == 2 and "device cuda: torch sees no CUDA GPU on this machine" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 

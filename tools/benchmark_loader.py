@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines.dali import decoded
+from pipelines.dali import NoGPUError, decoded, device_id_of
 from pipelines.loader import RESIZES, create_loader
 from pipelines.shards import index_name
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
@@ -52,14 +52,14 @@ def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
-def decode_only(tars: list[str], *, batch_size: int, threads: int, gpu: bool):
+def decode_only(tars: list[str], *, batch_size: int, threads: int, device: str):
     from nvidia.dali import fn, pipeline_def
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=0 if gpu else None)
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id_of(device))
     def pipe():
         jpegs = fn.readers.webdataset(paths=tars, index_paths=[index_name(t) for t in tars], ext=["jpg"],
                                       pad_last_batch=True, name="reader")
-        return decoded(jpegs, gpu=gpu)
+        return decoded(jpegs, gpu=device == "cuda")
 
     p = pipe()
     p.build()
@@ -91,8 +91,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--chart", type=Path, default=Path("benchmark_loader.png"))
     args = parser.parse_args()
-    if args.device == "gpu" and not torch.cuda.is_available():
-        parser.error("--device gpu: torch sees no CUDA GPU on this machine")
+    device = "cuda" if args.device == "gpu" else "cpu"
+    try:
+        device_id_of(device)  # before the minutes spent building data and timing the baseline
+    except NoGPUError as e:
+        parser.error(str(e))
     if args.processor:
         try:
             processor = load_processor(args.processor)
@@ -113,15 +116,13 @@ def main() -> int:
             data = Path(tmp) / "shards"
             make_shards(src=Path(tmp) / "src", out=data, val_fraction=0.5, max_count=100, progress=False)
         tars = [str(p) for p in sorted((data / "val").glob("*.tar"))]
-        gpu = args.device == "gpu"
-        common = dict(data=data, spec=spec, batch_size=args.batch_size, num_threads=args.threads,
-                      device="cuda" if gpu else "cpu")
+        common = dict(data=data, spec=spec, batch_size=args.batch_size, num_threads=args.threads, device=device)
         rows = {
             "HF processor DataLoader": time_epoch(hf_baseline(tars, processor, batch_size=args.batch_size, workers=args.threads)),
             **{f"DALI eval loader, {resize} resize": time_epoch(create_loader(split="val", train=False, resize=resize, **common))
                for resize in RESIZES},
             "DALI train loader": time_epoch(create_loader(split="val", train=True, **common)),
-            "DALI decode only": time_epoch(decode_only(tars, batch_size=args.batch_size, threads=args.threads, gpu=gpu)),
+            "DALI decode only": time_epoch(decode_only(tars, batch_size=args.batch_size, threads=args.threads, device=device)),
         }
     base, ceiling = rows["HF processor DataLoader"], rows["DALI decode only"]
     print(f"{spec.processor} -> {spec.output_size}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}")

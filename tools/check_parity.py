@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.dali import file_pipeline
+from pipelines.dali import NoGPUError, device_id_of, file_pipeline
 from pipelines.loader import RESIZES, default_resize
 from pipelines.resize import eval_image
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
@@ -46,14 +46,14 @@ def grey_level_differences(processor, files: list[Path], *, gpu: bool = False, r
     `create_loader`: "dali" in the graph; "torch" or "pillow" after DALI's decoder, on the same device."""
     spec = spec_from_processor(processor)
     reference = reference_processor(processor)
+    device = "cuda" if gpu else "cpu"
     pipe = file_pipeline(files=[str(f) for f in files], spec=spec, gpu=gpu, batch_size=len(files),
-                         num_threads=2, device_id=0 if gpu else None, decode_only=resize != "dali")
+                         num_threads=2, device_id=device_id_of(device), decode_only=resize != "dali")
     pipe.build()
     (images,) = pipe.run()
     if gpu:
         images = images.as_cpu()
     if resize != "dali":
-        device = "cuda" if gpu else "cpu"
         outputs = [eval_image(torch.from_numpy(np.array(images.at(i))).to(device), spec, resize).cpu().numpy()
                    for i in range(len(files))]
     else:
@@ -86,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--resize", choices=RESIZES, help="eval resize (default: torch on cpu, dali on gpu)")
     args = parser.parse_args(argv)
-    if args.device == "gpu" and not torch.cuda.is_available():
-        parser.error("--device gpu: torch sees no CUDA GPU on this machine")
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         print(f"check_parity: error: no image files in {args.images}", file=sys.stderr)
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = args.device == "gpu"
         differences = grey_level_differences(processor, files, gpu=gpu,
                                              resize=args.resize or default_resize(gpu=gpu, train=False))
-    except ProcessorError as e:
+    except (ProcessorError, NoGPUError) as e:
         print(f"check_parity: error: {e}", file=sys.stderr)
         return 2
     print(f"{'image':<40} {'mean':>7} {'p99':>7} {'max':>7} {'max_interior':>13}")
