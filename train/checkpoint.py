@@ -49,9 +49,9 @@ def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, lo
     _pause_for_tests(step)
     dist.barrier()
     if local_rank == 0:  # one writer per node: the folder lives on each node's disk
-        _write_atomic(path / MARKER, json.dumps({"step": step, "top1": top1, "world_size": dist.get_world_size(),
+        write_atomic(path / MARKER, json.dumps({"step": step, "top1": top1, "world_size": dist.get_world_size(),
                                                  "time": time.time()}))
-        _write_atomic(root / "latest", tag)
+        write_atomic(root / "latest", tag)
         _prune(root, keep=keep)
     dist.barrier()
     return path
@@ -131,7 +131,8 @@ def _prune(root: Path, *, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or its old content, never a part: written beside it, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

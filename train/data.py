@@ -1,4 +1,5 @@
-"""The data side of a run: the built-in default shards, and this rank's train and eval loaders."""
+"""The data side of a run besides the DALI loaders: the built-in default shards, and the
+synthetic stand-in for the train loader."""
 
 from __future__ import annotations
 

@@ -512,7 +512,7 @@ def trainer_state(run: Run) -> dict:
     return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
             "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
             "last_eval": run.last_eval, "classes": len(run.classes),
-            "wandb_run_id": run.logger.run_id if run.logger else None, "mix_rng": run.mix_rng.bit_generator.state,
+            "wandb_run_id": run.logger.run_id, "mix_rng": run.mix_rng.bit_generator.state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
 

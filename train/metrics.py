@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.checkpoint import write_atomic
+
 
 def default_wandb_mode() -> tuple[str, str]:
     """(mode, why): WANDB_MODE if set, online with an API key configured, else offline."""
@@ -83,9 +85,7 @@ def truncate_log(path: Path, *, after: int) -> None:
     log again), so the log has no gap and no duplicate step; `after=0` empties it."""
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def viewable(pixel_values: torch.Tensor, *, mean: list[float], std: list[float]) -> np.ndarray:
