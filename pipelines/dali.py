@@ -12,7 +12,6 @@ from nvidia.dali import fn, math as dmath, pipeline_def, types
 from pipelines.spec import PreprocessSpec
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
-LABEL_BYTES = 10  # `.cls` is ASCII decimal: up to 10 digits
 
 
 class NoGPUError(ValueError):
@@ -94,29 +93,22 @@ def _normalize(images, *, spec: PreprocessSpec, crop, layout: str, dtype, mirror
     )
 
 
-def padded_labels(cls):
-    """The ASCII `.cls` bytes, zero-padded to LABEL_BYTES so a batch is one array."""
-    return fn.pad(cls, axes=[0], shape=[LABEL_BYTES], fill_value=0)
-
-
 @pipeline_def
-def shard_pipeline(*, tars: list[str], indexes: list[str], spec: PreprocessSpec, train: bool, gpu: bool,
-                   shard_id: int, num_shards: int, layout: str, dtype, augment: dict, decode_only: bool = False):
-    """Read WebDataset shards (this rank's part), preprocess, and return (images, labels).
+def shard_pipeline(*, source, spec: PreprocessSpec, train: bool, gpu: bool, layout: str, dtype, augment: dict,
+                   decode_only: bool = False):
+    """Preprocess the samples `source` feeds (pipelines/loader.py: JPEG bytes, labels and sample ids
+    of this rank's batches, in the epoch's order) and return (images, labels, ids).
     `decode_only`: eval images stay decoded RGB, resized later in torch (pipelines/resize.py).
     DALI's automatic augmentations need `enable_conditionals=True` at construction."""
-    jpegs, cls = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error",
-        shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=1024,
-        pad_last_batch=True, name="reader",
-    )
+    jpegs, labels, ids = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                            dtype=[types.UINT8, types.INT64, types.INT64])
     if train:
         images = train_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, **augment)
     elif decode_only:
         images = decoded(jpegs, gpu=gpu)
     else:
         images = eval_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype)
-    return images, padded_labels(cls)
+    return images, labels, ids
 
 
 @pipeline_def

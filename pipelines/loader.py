@@ -5,17 +5,22 @@
     for batch in loader:  # one epoch of {"pixel_values": (N,3,H,W), "labels": (N,), "mask": (N,), "keys": [N]}
         ...
 
-Sharding (DALI's reader, `shard_id` = rank, `num_shards` = world size): rank r reads samples
-[floor(r*N/W), floor((r+1)*N/W)) of the split, shuffled for training, and moves to the next
-part each epoch. The rules that keep ranks in lockstep and counts exact:
+The order is ours, not a reader's: `EpochSource` feeds DALI (an external source) the JPEG bytes
+of this rank's batches, read with one `pread` per sample at the offsets of the DALI index.
 
-- train: every rank yields `(N // W) // batch_size` full batches per epoch; the at most
-  `batch_size + 1` samples per rank left over are dropped for that epoch (other ones each epoch,
-  since the order is reshuffled). No sample is repeated within an epoch; when N is a multiple
-  of W * batch_size every sample is seen exactly once.
-- eval: every rank yields `ceil(ceil(N / W) / batch_size)` batches of `batch_size`; `mask` marks
-  the real samples, so summing over masked samples on all ranks counts each sample exactly once
-  (padding is never counted), while every rank runs the same number of forward passes (ZeRO-3).
+- train: every epoch is a fresh permutation of the whole split, seeded by (seed, epoch) and the
+  same on every rank; rank r takes positions [floor(r*N/W), floor((r+1)*N/W)) of it, so the ranks'
+  parts are disjoint, and yields `(N // W) // batch_size` full batches of its part. The at most
+  `batch_size + 1` samples per rank left over are dropped for that epoch (other ones each epoch);
+  none is ever repeated within an epoch, and padding is never trained on.
+- eval: rank r reads samples [floor(r*N/W), floor((r+1)*N/W)) in shard order; every rank yields
+  `ceil(ceil(N / W) / batch_size)` batches of `batch_size`; `mask` marks the real samples (padding
+  repeats one of them), so summing over masked samples on all ranks counts each sample exactly
+  once at every eval, while every rank runs the same number of forward passes (ZeRO-3).
+
+Batches are numbered across epochs and the source maps batch number -> samples, so nothing a
+previous epoch left unread can leak into the next, and DALI's checkpoint (its batch number and
+the augmentation RNG) resumes exactly mid-epoch.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dali import device_id_of, shard_pipeline
 from pipelines.resize import eval_image
-from pipelines.shards import ShardFormatError, file_sha256, find_undecodable, load_manifest, read_index
+from pipelines.shards import (SampleTable, ShardFormatError, file_sha256, jpeg_problem, load_manifest,
+                              read_index)
 from pipelines.spec import PreprocessSpec
 
 
 RESIZES = ("dali", "torch", "pillow")
+PREFETCH = 2  # batches DALI prepares ahead
 
 
 def default_resize(*, gpu: bool, train: bool) -> str:
@@ -48,16 +55,20 @@ class DataError(RuntimeError):
     """A sample that fails at run time; the message names the shard and the key."""
 
 
+class PipelineError(RuntimeError):
+    """DALI failed, and no sample in flight is to blame (e.g. the GPU ran out of memory)."""
+
+
 def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train: bool,
               hash_share: tuple[int, int] | None = None) -> dict:
     """The split's manifest entry, after checking that its shards can serve this run.
 
     Checks, before any batch: the manifest (and that its run did not fail), that every shard and
-    index file exists with the manifest's size and sample count, that there are at least as many
-    shards as ranks, and that a training rank gets at least one full batch. With
-    `hash_share=(rank, world)` it also compares the sha256 of every world-th shard (this rank's
-    share, so the ranks hash all shards between them, once) with the manifest: a shard modified
-    after sharding.
+    index file exists with the manifest's size and sample count, and that a training rank gets at
+    least one full batch (eval needs one sample: ranks without any run fully masked batches).
+    With `hash_share=(rank, world)` it also compares the sha256 of every world-th shard (this
+    rank's share, so the ranks hash all shards between them, once) with the manifest: a shard
+    modified after sharding.
     """
     data = Path(data)
     manifest = load_manifest(data)
@@ -77,11 +88,6 @@ def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train
             problems.append(f"{tar}: sha256 differs from the manifest (modified after sharding)")
     if problems:
         raise ShardFormatError("; ".join(problems) + f" (tools/verify_shards.py {data} checks everything)")
-    if len(info["shards"]) < world_size:
-        raise ShardFormatError(
-            f"{data}/{split} has {len(info['shards'])} shards for {world_size} ranks; rerun tools/make_shards.py "
-            f"with --max-count {max(1, info['samples'] // world_size)} or less"
-        )
     if train and info["samples"] // world_size < batch_size:
         raise ShardFormatError(
             f"{data}/{split}: {info['samples']} samples over {world_size} ranks is less than one batch of "
@@ -135,87 +141,133 @@ def create_loader(
                          f"produces {spec.output_size}; use the model's own processor")
     info = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train,
                      hash_share=(rank, world_size) if verify_hashes else None)
-    tars = [str(Path(data) / split / r["name"]) for r in info["shards"]]
+    table = SampleTable([Path(data) / split / r["name"] for r in info["shards"]])
+    source = EpochSource(table, rank=rank, world_size=world_size, batch_size=batch_size, shuffle=train, seed=seed,
+                         full_batches=train)
     pipe = shard_pipeline(
-        tars=tars, indexes=[str(Path(data) / split / r["index"]) for r in info["shards"]], spec=spec, train=train, gpu=gpu,
-        shard_id=rank, num_shards=world_size, layout="HWC" if channels_last else "CHW",
+        source=source, spec=spec, train=train, gpu=gpu, layout="HWC" if channels_last else "CHW",
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT, augment=augment or {},
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
         device_id=device_id, seed=seed + rank,
-        enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=2,
+        enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=PREFETCH,
         # only automatic augmentation branches; AutoGraph's rewrite of the graph is otherwise wasted
         enable_conditionals=bool((augment or {}).get("auto_augment")),
         decode_only=resize != "dali",
     )
     pipe.build()
-    return DaliLoader(pipe, tars=tars, samples=info["samples"], batch_size=batch_size, rank=rank, world_size=world_size,
-                      train=train, device=device, dtype=dtype, channels_last=channels_last, state=state,
+    return DaliLoader(pipe, source=source, device=device, dtype=dtype, channels_last=channels_last, state=state,
                       spec=spec, resize=resize)
+
+
+class EpochSource:
+    """DALI's external source: batch number (counted over all epochs) -> this rank's samples.
+
+    Stateless by design: DALI passes the batch number (`BatchInfo.iteration`, restored from its
+    checkpoint), so resuming needs nothing of ours. Returns the JPEG bytes, the labels, and the
+    sample ids, where padding (eval, past this rank's part) is `-(id + 1)` of the sample it repeats.
+    """
+
+    def __init__(self, table: SampleTable, *, rank: int, world_size: int, batch_size: int, shuffle: bool,
+                 seed: int, full_batches: bool):
+        self.table, self.rank, self.world_size, self.batch_size = table, rank, world_size, batch_size
+        self.shuffle, self.seed = shuffle, seed
+        n = len(table)
+        if full_batches:  # train: equal on every rank, padding never needed
+            self.steps = (n // world_size) // batch_size
+        else:
+            self.steps = math.ceil(math.ceil(n / world_size) / batch_size)
+        self._parts: dict[int, np.ndarray] = {}
+
+    def part(self, epoch: int) -> np.ndarray:
+        """This rank's sample ids for `epoch`, in the order they are read."""
+        if epoch not in self._parts:
+            n = len(self.table)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._parts = {e: p for e, p in self._parts.items() if e >= epoch - 1}  # prefetch crosses epochs
+            self._parts[epoch] = order[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
+        return self._parts[epoch]
+
+    def batch_ids(self, iteration: int) -> np.ndarray:
+        epoch, step = divmod(iteration, self.steps)
+        part = self.part(epoch)
+        ids = part[step * self.batch_size : (step + 1) * self.batch_size]
+        fill = part[0] if len(part) else 0
+        return np.concatenate([ids, np.full(self.batch_size - len(ids), -(fill + 1), dtype=np.int64)])
+
+    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        ids = self.batch_ids(info.iteration)
+        jpegs, labels = [], np.empty(len(ids), dtype=np.int64)
+        for j, i in enumerate(ids):
+            jpeg, cls = self.table.read(_real(i))
+            if not cls.isdigit():
+                raise DataError(f"{self.table.where(_real(i))}: label {cls[:20]!r} is not a class id")
+            jpegs.append(np.frombuffer(jpeg, dtype=np.uint8))
+            labels[j] = int(cls)
+        return jpegs, labels, ids
+
+
+def _real(i: int) -> int:
+    return int(i) if i >= 0 else -int(i) - 1
 
 
 class DaliLoader:
     """Iterates one epoch per `iter()`; `len()` is the batches per epoch, equal on every rank."""
 
-    def __init__(self, pipe, *, tars: list[str], samples: int, batch_size: int, rank: int, world_size: int, train: bool,
-                 device: torch.device, dtype: torch.dtype, channels_last: bool, state: dict | None,
-                 spec: PreprocessSpec, resize: str):
-        self.pipe, self.tars, self.samples, self.batch_size = pipe, tars, samples, batch_size
-        self.spec, self.resize = spec, resize
+    def __init__(self, pipe, *, source: EpochSource, device: torch.device, dtype: torch.dtype, channels_last: bool,
+                 state: dict | None, spec: PreprocessSpec, resize: str):
+        self.pipe, self.source, self.spec, self.resize = pipe, source, spec, resize
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        # this rank's part, by DALI's own split rule
-        self.rank_samples = (rank + 1) * samples // world_size - rank * samples // world_size
-        self.reader_batches = math.ceil(self.rank_samples / batch_size)  # one reader epoch (padded)
-        if train:
-            self.steps = (samples // world_size) // batch_size
-        else:
-            self.steps = math.ceil(math.ceil(samples / world_size) / batch_size)
+        self.batch_size, self.steps = source.batch_size, source.steps
         self.epoch = (state or {}).get("epoch", 0)
         self.step = (state or {}).get("step", 0)  # batches of the current epoch already returned
-        self.read = (state or {}).get("read", 0)  # reader batches of the current epoch consumed
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
         while self.step < self.steps:
-            valid = min(self.batch_size, max(0, self.rank_samples - self.step * self.batch_size))
-            if self.read < self.reader_batches:
-                batch = self._next_batch()
-            else:  # eval only: this rank's data is done but others' is not; a fully masked batch
-                batch = dict(self._last)
-            batch["mask"] = torch.arange(self.batch_size, device=self.device) < valid
-            self._last = batch
+            batch = self._next_batch()
             self.step += 1
             yield batch
-        while self.read < self.reader_batches:  # drop the rest of the reader's epoch
-            self._run()
-        self.epoch, self.step, self.read = self.epoch + 1, 0, 0
+        self.epoch, self.step = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        """Where this loader stands: epoch, step, and DALI's reader position and RNG state."""
-        return {"epoch": self.epoch, "step": self.step, "read": self.read, "dali": self.pipe.checkpoint()}
+        """Where this loader stands: epoch, step, and DALI's batch number and RNG state."""
+        return {"epoch": self.epoch, "step": self.step, "dali": self.pipe.checkpoint()}
 
     def _run(self):
         try:
-            outputs = self.pipe.run()
-        except RuntimeError as e:
-            # DALI's message names the operator, not the sample: find the sample ourselves
-            found = find_undecodable(self.tars)
-            where = f"shard {found[0]}, sample {found[1]}: {found[2]}" if found else "no sample fails to decode with Pillow"
-            raise DataError(f"{where}; DALI: {_first_error_line(str(e))}") from e
-        self.read += 1
-        return outputs
+            return self.pipe.run()
+        except DataError:  # from the source, naming the sample
+            raise
+        except Exception as e:
+            raise self._diagnose(e) from e
+
+    def _diagnose(self, error: Exception) -> Exception:
+        """DALI's message names an operator, not a sample: check the samples of the batches in
+        flight (this one and the prefetched ones: a bounded amount of work) with Pillow."""
+        table, first = self.source.table, self.epoch * self.steps + self.step
+        message = _first_error_line(str(error))
+        for iteration in range(first, first + PREFETCH + 1):
+            for i in self.source.batch_ids(iteration):
+                if i >= 0 and (problem := jpeg_problem(table.read(int(i))[0])):
+                    return DataError(f"{table.where(int(i))}: {problem}; DALI: {message}")
+        return PipelineError(f"DALI failed at batch {self.step} of epoch {self.epoch} ({message}); every sample of "
+                             f"the batches in flight decodes with Pillow, so this is not a data error as far as can "
+                             f"be told (tools/verify_shards.py {table.tars[0].parent.parent} checks every shard)")
 
     def _next_batch(self) -> dict:
-        images, labels = self._run()
-        keys = [sample_key_of(images[i].source_info()) for i in range(len(images))]
-        labels = parse_labels(np.asarray(labels.as_tensor())).to(self.device)
+        images, labels, ids = self._run()
+        ids = np.asarray(ids.as_tensor())
+        keys = [self.source.table.keys[_real(i)] for i in ids]
+        mask = torch.from_numpy(ids >= 0).to(self.device)
+        labels = torch.from_numpy(np.asarray(labels.as_tensor())).to(self.device)
         if self.resize != "dali":  # decoded images of any size, resized one by one in torch
             pixels = torch.stack([eval_image(self._sample(images[i]), self.spec, self.resize)
                                   for i in range(len(images))])
             if self.channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
-            return {"pixel_values": pixels.to(self.dtype), "labels": labels, "keys": keys}
+            return {"pixel_values": pixels.to(self.dtype), "labels": labels, "mask": mask, "keys": keys}
         images = images.as_tensor()
         pixels = torch.empty(images.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
                              device=self.device)
@@ -223,7 +275,7 @@ class DaliLoader:
         feed_ndarray(images, pixels, cuda_stream=stream)
         if self.channels_last:  # DALI wrote NHWC: the same memory is NCHW in channels_last layout
             pixels = pixels.permute(0, 3, 1, 2)
-        return {"pixel_values": pixels.to(self.dtype), "labels": labels, "keys": keys}
+        return {"pixel_values": pixels.to(self.dtype), "labels": labels, "mask": mask, "keys": keys}
 
     def _sample(self, image) -> torch.Tensor:
         """One DALI sample (CPU or GPU) as a torch tensor on this loader's device."""
@@ -232,20 +284,6 @@ class DaliLoader:
         out = torch.empty(image.shape(), dtype=torch.uint8, device=self.device)
         feed_ndarray(image, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out
-
-
-def sample_key_of(source_info: str) -> str:
-    """The sample key in DALI's source info `path/shard.tar:offset:key.ext`."""
-    return source_info.rsplit(":", 1)[-1].split(".", 1)[0]
-
-
-def parse_labels(padded: np.ndarray) -> torch.Tensor:
-    """(N, LABEL_BYTES) zero-padded ASCII decimals -> (N,) int64."""
-    values = np.zeros(len(padded), dtype=np.int64)
-    for column in padded.T:
-        digit = column != 0
-        values = np.where(digit, values * 10 + (column.astype(np.int64) - 48), values)
-    return torch.from_numpy(values)
 
 
 def _first_error_line(message: str) -> str:

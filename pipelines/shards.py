@@ -2,8 +2,8 @@
 
     OUT/classes.json            class names in id order (id2label)
     OUT/manifest.json           counts, shards (+ sha256), skipped and converted inputs, options
-    OUT/{train,val}/shard-NNNNNN.tar   GNU tar, members `<key>.cls` (ASCII id) and `<key>.jpg`
-    OUT/{train,val}/shard-NNNNNN.idx   DALI webdataset index (the format of DALI's `wds2idx`)
+    OUT/{train,val,test}/shard-NNNNNN.tar   GNU tar, members `<key>.cls` (ASCII id) and `<key>.jpg`
+    OUT/{train,val,test}/shard-NNNNNN.idx   DALI webdataset index (the format of DALI's `wds2idx`)
 
 Everything that knows this layout lives here, so the writer, the verifier and the
 training loaders cannot disagree about it.
@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.json"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 MANIFEST_FORMAT = "image-shards/1"
 INDEX_VERSION = "v1.2"
 BASELINE_SOF = 0xC0
@@ -266,6 +267,57 @@ class ShardWriter:
 
 # --- reading and verifying ---------------------------------------------------------------
 
+class SampleTable:
+    """Where every sample of a split lives, from its DALI index files, and reading sample i with
+    one `pread` (a sample's members are adjacent in the tar: `.cls`, then `.jpg`).
+
+    A few dozen bytes a sample in numpy arrays (ImageNet's 1.28M: about 40 MB with the keys), so
+    that a loader can visit the samples in any order.
+    """
+
+    def __init__(self, tars: list[Path]):
+        self.tars = [Path(t) for t in tars]
+        keys, rows = [], []
+        for n, tar in enumerate(self.tars):
+            for sample in read_index(tar.with_name(index_name(tar.name))):
+                members = {m.ext: m for m in sample}
+                if set(members) != {"cls", "jpg"}:
+                    raise ShardFormatError(f"{tar}: sample {sample[0].name}: members {sorted(members)}, expected cls and jpg")
+                jpg, cls = members["jpg"], members["cls"]
+                start = min(jpg.offset, cls.offset)
+                keys.append(jpg.name.split(".", 1)[0])
+                rows.append((n, start, max(jpg.offset + jpg.size, cls.offset + cls.size) - start,
+                             jpg.offset - start, jpg.size, cls.offset - start, cls.size))
+        self.keys = keys
+        self.rows = np.array(rows, dtype=np.int64).reshape(-1, 7)
+        self._files: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def where(self, i: int) -> str:
+        return f"shard {self.tars[self.rows[i, 0]]}, sample {self.keys[i]}"
+
+    def read(self, i: int) -> tuple[bytes, bytes]:
+        """(jpg bytes, cls bytes) of sample i."""
+        shard, start, length, jpg_at, jpg_size, cls_at, cls_size = (int(v) for v in self.rows[i])
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = self._files[shard] = os.open(self.tars[shard], os.O_RDONLY)
+        data = os.pread(fd, length, start)
+        if len(data) != length:
+            raise ShardFormatError(f"{self.where(i)}: the tar ends before the sample (truncated after indexing)")
+        return data[jpg_at : jpg_at + jpg_size], data[cls_at : cls_at + cls_size]
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __getstate__(self):  # open files do not travel to other processes
+        return {**self.__dict__, "_files": {}}
+
+
 def load_manifest(root: Path, *, allow_errors: bool = False) -> dict:
     """The manifest of a shard folder; a clear error when it is missing, from another tool,
     or records a failed run (too many skipped inputs, a class without train images)."""
@@ -326,7 +378,7 @@ def _verify_one_shard(job: tuple[Path, dict, int, bool]) -> tuple[list[str], lis
                         problems.append(f"{path}: sample {key}: bad label {data[:20]!r}")
                     else:
                         labels[int(data)] += 1
-                elif ext == "jpg" and decode and (problem := _jpeg_problem(data)):
+                elif ext == "jpg" and decode and (problem := jpeg_problem(data)):
                     problems.append(f"{path}: sample {key}: {problem}")
     except (OSError, tarfile.TarError) as e:
         return problems + [f"{path}: unreadable tar ({e})"], keys, labels
@@ -338,7 +390,8 @@ def _verify_one_shard(job: tuple[Path, dict, int, bool]) -> tuple[list[str], lis
     return problems, keys, labels
 
 
-def _jpeg_problem(data: bytes) -> str | None:
+def jpeg_problem(data: bytes) -> str | None:
+    """Why a shard member's JPEG bytes would not serve (None: they decode cleanly)."""
     try:
         img = Image.open(io.BytesIO(data))
         problems = jpeg_problems(img, data)
@@ -346,19 +399,6 @@ def _jpeg_problem(data: bytes) -> str | None:
     except Exception as e:  # any decoder failure is a finding about the data, not our bug
         return f"does not decode ({e})"
     return f"not a clean JPEG ({', '.join(problems)})" if problems else None
-
-
-def find_undecodable(tars: list[Path]) -> tuple[Path, str, str] | None:
-    """The first (shard, key, problem) whose JPEG does not decode, scanning in order; or None."""
-    for tar_path in tars:
-        with open(tar_path, "rb") as f:
-            for sample in read_index(Path(tar_path).with_name(index_name(Path(tar_path).name))):
-                for member in sample:
-                    if member.ext == "jpg":
-                        f.seek(member.offset)
-                        if problem := _jpeg_problem(f.read(member.size)):
-                            return Path(tar_path), member.name.split(".", 1)[0], problem
-    return None
 
 
 def verify_shards(root: Path, *, decode: bool = True, workers: int | None = None) -> list[str]:

@@ -157,8 +157,6 @@ def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, i
     the written index files and decoded on CPU."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipelines.loader import sample_key_of
-
     tars = sorted(split_dir.glob("*.tar"))
     count = sum(int(p.with_suffix(".idx").read_text().split()[1]) for p in tars)
 
@@ -178,7 +176,7 @@ def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, i
         for i in range(len(images)):
             if len(seen) == count:
                 break
-            key = sample_key_of(images[i].source_info())
+            key = images[i].source_info().rsplit(":", 1)[-1].split(".", 1)[0]  # path.tar:offset:key.ext
             seen.append((key, int(bytes(np.array(labels[i])).decode("ascii")), images.at(i).shape))
     return seen
 

@@ -155,15 +155,15 @@ def test_exact_eval_loader_gives_the_processor_output(digit_shards):
 def traced_operators(*, gpu: bool, train: bool, spec, **kwargs) -> tuple[dict[str, str], list[str]]:
     """Trace a shard pipeline's graph without building it (DALI's `_build_graph`, the step before
     the backend needs CUDA, is where DALI checks that every operator accepts its inputs' device):
-    {operator: device}, and the devices of the outputs (images, labels)."""
+    {operator: device}, and the devices of the outputs (images, labels, sample ids)."""
     from nvidia.dali import types
     from pipelines.dali import shard_pipeline
 
-    pipe = shard_pipeline(tars=["x.tar"], indexes=["x.idx"], spec=spec, train=train, gpu=gpu, shard_id=0,
-                          num_shards=1, layout="CHW", dtype=types.FLOAT, batch_size=2, num_threads=1,
-                          device_id=0 if gpu else None, **kwargs)
+    pipe = shard_pipeline(source=lambda info: None, spec=spec, train=train, gpu=gpu, layout="CHW", dtype=types.FLOAT,
+                          batch_size=2, num_threads=1, device_id=0 if gpu else None, **kwargs)
     pipe._build_graph()
-    return {op._op.schema_name: op._op.device for op in pipe._ops}, [node.device for node in pipe._graph_out]
+    names = {op._op: getattr(op._op, "schema_name", type(op._op).__name__) for op in pipe._ops}
+    return {names[op._op]: op._op.device for op in pipe._ops}, [node.device for node in pipe._graph_out]
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
@@ -181,7 +181,7 @@ def test_one_graph_definition_serves_both_devices(gpu):
         operators, outputs = traced_operators(gpu=gpu, train=train, spec=spec_from_processor(processor), **kwargs)
         decoders = {name: device for name, device in operators.items() if name.startswith("decoders__")}
         assert list(decoders.values()) == ["mixed" if gpu else "cpu"], (train, operators)
-        assert outputs == (["gpu", "cpu"] if gpu else ["cpu", "cpu"]), (train, kwargs)
+        assert outputs == (["gpu", "cpu", "cpu"] if gpu else ["cpu", "cpu", "cpu"]), (train, kwargs)
         if gpu:
             assert all(operators[name] == "gpu" for name in image_ops & set(operators)), operators
         else:
@@ -333,26 +333,167 @@ def test_train_loader_epoch_outputs_and_exact_resume(digit_shards):
         assert torch.equal(got["pixel_values"], want["pixel_values"])  # same augmentation RNG too
 
 
-def test_two_ranks_split_the_data_exactly(many_class_shards, tmp_path):
+def true_labels(data: Path, split: str) -> dict[str, int]:
+    """{key: label} read from the tars with tarfile (not with the loader's reader)."""
+    import tarfile
+
+    labels = {}
+    for tar_path in sorted((data / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            labels.update({m.name[:-4]: int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")})
+    return labels
+
+
+def spearman(a: list[str], b: list[str]) -> float:
+    """Rank correlation of the positions of the keys both orders hold."""
+    import numpy as np
+
+    common = set(a) & set(b)
+    pos_a = {k: i for i, k in enumerate(k for k in a if k in common)}
+    pos_b = {k: i for i, k in enumerate(k for k in b if k in common)}
+    x = np.array([pos_a[k] for k in common], dtype=float)
+    y = np.array([pos_b[k] for k in common], dtype=float)
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_every_epoch_and_every_eval_is_exact_on_any_world_size(digit_shards, world):
+    """1618 train / 179 val over 3 or 4 ranks (nothing divides), four epochs and four evals, in one
+    process through create_loader(rank=, world_size=): train batches are full, hold no padding, no
+    sample twice in an epoch, and a fresh order each epoch; every eval counts each val sample once."""
+    spec = spec_from_processor(TINY_VIT())
+    labels = {split: true_labels(digit_shards, split) for split in ("train", "val")}
+    make = lambda split, train, batch: [  # noqa: E731
+        create_loader(data=digit_shards, split=split, spec=spec, batch_size=batch, train=train, rank=r,
+                      world_size=world, device="cpu", num_threads=1, seed=5) for r in range(world)]
+    train = make("train", True, 77)  # (1618 // W) // 77 batches: 7 (W=3: 1617 of 1618 used) or 5 (W=4)
+    steps = (1618 // world) // 77
+    orders = []
+    for epoch in range(4):
+        epoch_keys = []
+        for rank, loader in enumerate(train):
+            batches = list(loader)
+            assert len(batches) == len(loader) == steps
+            for b in batches:
+                assert len(b["keys"]) == 77 and bool(b["mask"].all())
+                assert b["labels"].tolist() == [labels["train"][k] for k in b["keys"]]
+            epoch_keys += [k for b in batches for k in b["keys"]]
+        assert len(epoch_keys) == len(set(epoch_keys)) == world * steps * 77, epoch  # nothing repeated, no padding
+        orders.append(epoch_keys)
+    assert all(abs(spearman(a, b)) < 0.2 for a, b in zip(orders, orders[1:]))
+    for batch in (16, 89):  # 89: a rank's part ends exactly at a batch boundary, or leaves a whole padding batch
+        val = make("val", False, batch)
+        for evaluation in range(4):
+            counted = []
+            for loader in val:
+                batches = list(loader)
+                assert len(batches) == len(loader) == -(-(-(-179 // world)) // batch)
+                for b in batches:
+                    assert b["labels"].tolist() == [labels["val"][k] for k in b["keys"]]
+                counted += [k for b in batches for k, m in zip(b["keys"], b["mask"]) if m]
+            assert sorted(counted) == sorted(labels["val"]), (batch, evaluation)  # each exactly once
+
+
+def test_eval_pixels_do_not_depend_on_ranks_or_batch(digit_shards):
+    spec = spec_from_processor(TINY_VIT())
+
+    def pixels(world: int, batch: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for rank in range(world):
+            loader = create_loader(data=digit_shards, split="val", spec=spec, batch_size=batch, train=False, rank=rank,
+                                   world_size=world, device="cpu", num_threads=1)
+            for _ in range(2):  # the second pass too: nothing of the first leaks into it
+                for b in loader:
+                    out.update({k: p for k, p, m in zip(b["keys"], b["pixel_values"], b["mask"]) if m})
+        return out
+
+    one, three = pixels(1, 16), pixels(3, 89)
+    assert one.keys() == three.keys() and len(one) == 179
+    assert all(torch.equal(one[k], three[k]) for k in one)
+
+
+@pytest.fixture(scope="module")
+def big_shards(tmp_path_factory) -> Path:
+    """6,000 train samples (real digit images, repeated under distinct names) in 30 shards:
+    several times more than any shuffle buffer."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("big")
+    digits = load_digits()
+    jpegs = [encode(Image.fromarray(np.rint(d * 255 / 16).astype(np.uint8)), "JPEG", quality=90) for d in digits.images]
+    for n in range(6000):
+        write(root / "src" / f"c{digits.target[n % 1797]}" / f"{n:05d}.jpg", jpegs[n % 1797])
+    make_shards(src=root / "src", out=root / "shards", val_fraction=0, max_count=200, progress=False)
+    return root / "shards"
+
+
+def test_each_epoch_is_a_fresh_seeded_permutation(big_shards):
+    spec = spec_from_processor(TINY_VIT())
+    make = lambda seed, **kw: create_loader(data=big_shards, split="train", spec=spec, batch_size=100,  # noqa: E731
+                                            train=True, device="cpu", num_threads=1, seed=seed, **kw)
+    loader = make(0)
+    orders = [[k for b in loader for k in b["keys"]] for _ in range(4)]
+    assert all(len(o) == len(set(o)) == 6000 for o in orders)
+    tenth = 600
+    for a, b in zip(orders, orders[1:]):  # three consecutive pairs
+        assert abs(spearman(a, b)) <= 0.2, spearman(a, b)
+        assert len(set(a[:tenth]) & set(b[:tenth])) < 2 * tenth * tenth / 6000  # a fresh permutation: about 10%
+    first_shard = {sample[0].name.split(".")[0] for sample in read_index(big_shards / "train" / "shard-000000.idx")}
+    assert len(first_shard & set(orders[0][:200])) < 40  # not read shard by shard: about 7 of 200
+    assert [k for b in make(0) for k in b["keys"]] == orders[0]  # same seed, same order
+    assert [k for b in make(1) for k in b["keys"]] != orders[0]
+    # four ranks: disjoint parts of the same permutation, and exact resume in a later epoch
+    ranks = [make(0, rank=r, world_size=4) for r in range(4)]
+    parts = [[k for b in loader for k in b["keys"]] for loader in ranks]
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == 6000
+    loader = ranks[2]
+    it = iter(loader)
+    for _ in range(7):
+        next(it)
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (1, 7)
+    expected = [next(it)["keys"] for _ in range(3)]
+    resumed = iter(make(0, rank=2, world_size=4, state=state))
+    assert [next(resumed)["keys"] for _ in range(3)] == expected
+
+
+def test_ranks_under_the_launcher_split_every_epoch_exactly(many_class_shards, tmp_path):
+    """Three real ranks, 238 train / 119 val (neither divides by 3 x 7), three epochs and evals."""
+    from conftest import free_port
+
     manifest = load_manifest(many_class_shards)
     assert (manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]) == (238, 119)
-    subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", "29561", str(ROOT / "tests" / "dist_loader_script.py"),
-                    str(many_class_shards), str(tmp_path), "7"], check=True, capture_output=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for split, steps in (("train", 17), ("val", 9)):  # 238 / (2 * 7); ceil(ceil(119 / 2) / 7)
-        assert [r[split]["steps"] for r in ranks] == [r[split]["len"] for r in ranks] == [steps, steps]
-        samples = [tuple(s) for r in ranks for s in r[split]["samples"]]
-        assert len(samples) == len(set(samples)) == manifest["splits"][split]["samples"]  # each exactly once
-        assert {k for k, _ in samples} == all_keys(many_class_shards, split)
-        assert Counter(label for _, label in samples) == Counter(
-            {i: n for i, n in enumerate(manifest["splits"][split]["per_class"].values())})
+    subprocess.run(["deepspeed", "--num_gpus", "3", "--master_port", str(free_port()),
+                    str(ROOT / "tests" / "dist_loader_script.py"), str(many_class_shards), str(tmp_path), "7", "3"],
+                   check=True, capture_output=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    labels = {split: true_labels(many_class_shards, split) for split in ("train", "val")}
+    for split, steps in (("train", 11), ("val", 6)):  # (238 // 3) // 7; ceil(ceil(119 / 3) / 7)
+        for epoch in range(3):
+            seen = [r[split][epoch] for r in ranks]
+            assert [s["steps"] for s in seen] == [s["len"] for s in seen] == [steps] * 3
+            assert all(size == 7 for s in seen for size in s["sizes"])
+            samples = [tuple(x) for s in seen for x in s["samples"]]
+            assert len(samples) == len(set(samples))  # nothing twice
+            assert all(labels[split][k] == label for k, label in samples)
+            if split == "val":
+                assert {k for k, _ in samples} == set(labels["val"])  # every val sample, at every eval
+            else:
+                assert len(samples) == 3 * 11 * 7
+    train_orders = [[k for r in ranks for k, _ in r["train"][epoch]["samples"]] for epoch in range(3)]
+    assert train_orders[0] != train_orders[1] != train_orders[2]
 
 
 def test_preflight_errors_say_what_to_change(digit_shards, tmp_path):
     spec = spec_from_processor(TINY_VIT())
     common = dict(spec=spec, batch_size=8, device="cpu")
-    with pytest.raises(ShardFormatError, match=r"has 2 shards for 4 ranks; rerun tools/make_shards.py with --max-count 44"):
-        create_loader(data=digit_shards, split="val", train=False, rank=0, world_size=4, **common)
+    with pytest.raises(ShardFormatError, match=r"1618 samples over 9 ranks is less than one batch of 200 per rank"):
+        create_loader(data=digit_shards, split="train", train=True, rank=0, world_size=9, **{**common, "batch_size": 200})
+    # DALI shards by sample: 2 val shards serve 4 ranks (and 200 ranks, with fully masked batches)
+    assert len(create_loader(data=digit_shards, split="val", train=False, rank=3, world_size=4, **common)) == 6
+    assert len(create_loader(data=digit_shards, split="val", train=False, rank=199, world_size=200, **common)) == 1
     with pytest.raises(ValueError, match=r"the model expects \(224, 224\) images but ViTImageProcessor produces \(16, 16\)"):
         create_loader(data=digit_shards, split="val", train=False, expected_size=(224, 224), **common)
     copy = tmp_path / "copy"
@@ -378,3 +519,23 @@ def test_undecodable_sample_at_run_time_names_shard_and_key(digit_shards, tmp_pa
                            train=False, device="cpu")
     with pytest.raises(DataError, match=rf"shard {shard}, sample {entry.name.split('.')[0]}"):
         list(loader)
+
+
+def test_a_dali_failure_without_a_bad_sample_is_not_called_a_data_error(digit_shards):
+    """A failure inside DALI that no sample explains (here an injected out-of-memory error) is a
+    PipelineError with DALI's message, found by checking only the batches in flight."""
+    from pipelines.loader import PipelineError
+
+    loader = create_loader(data=digit_shards, split="val", spec=spec_from_processor(TINY_VIT()), batch_size=8,
+                           train=False, device="cpu")
+
+    class OutOfMemory:
+        def run(self):
+            raise RuntimeError("Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image`\n"
+                               "CUDA allocation failed: out of memory\nCurrent pipeline object is no longer valid.")
+
+    loader.pipe = OutOfMemory()
+    with pytest.raises(PipelineError, match=r"DALI failed at batch 0 of epoch 0 \(CUDA allocation failed: out of "
+                                            r"memory\); every sample of the batches in flight decodes") as error:
+        next(iter(loader))
+    assert not isinstance(error.value, DataError) and "tools/verify_shards.py" in str(error.value)
