@@ -320,3 +320,74 @@ def test_float_pixels_are_skipped_as_unsupported(tmp_path):
     manifest = make_shards(src=src, out=tmp_path / "out", val_fraction=0, max_bad_fraction=0.1, progress=False)
     assert manifest["skipped"] == [{"path": "ant/depth.tif", "reason": "unsupported_mode", "detail": "pixel mode F"}]
     assert manifest["splits"]["train"]["samples"] == len(VALID_KINDS)
+
+
+@pytest.mark.parametrize("val_name", ["val", "validation", "valid", "dev", "Validation"])
+def test_split_folder_names_of_hf_imagefolder_and_timm_are_splits(tmp_path, val_name):
+    src, out = tmp_path / "src", tmp_path / "out"
+    sizes = {"train": 4, val_name: 2, "test": 3}
+    for split, n in sizes.items():
+        for c, name in enumerate(["cat", "dog"]):
+            for i in range(n):
+                write(src / split / name / f"{i}.jpg", encode(photo(10 * c + i + 3 * n, (40, 30)), "JPEG", quality=90))
+    write(src / "README.txt", b"top-level file")
+    result = run_tool(src, out, "--workers", "1", "--max-bad-fraction", "0.1")
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(out)
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]  # not ["test", "train", "validation"]
+    assert {s: manifest["splits"][s]["per_class"] for s in ("train", "val", "test")} == {
+        "train": {"cat": 4, "dog": 4}, "val": {"cat": 2, "dog": 2}, "test": {"cat": 3, "dog": 3}}
+    assert manifest["skipped"] == [{"path": "README.txt", "reason": "outside_class", "detail": "not inside a class folder"}]
+    assert "test: 6 samples in 1 shard(s)" in result.stdout
+    test_keys = set(shard_members(out, "test"))
+    assert test_keys == {sample_key(f"test/{c}/{i}.jpg") for c in ("cat", "dog") for i in range(3)}
+    assert verify_shards(out, workers=1) == []
+    from pipelines.loader import create_loader
+    from pipelines.spec import spec_from_processor
+    from transformers import ViTImageProcessorPil
+
+    loader = create_loader(data=out, split="test", spec=spec_from_processor(ViTImageProcessorPil(size={"height": 8, "width": 8})),
+                           batch_size=4, train=False, device="cpu")
+    assert {k for b in loader for k, m in zip(b["keys"], b["mask"]) if m} == test_keys
+
+
+@pytest.mark.parametrize("folders, message", [
+    (["train", "eval"], "has split folders (train) and eval, which is no split this tool knows"),
+    (["train", "val", "cat"], "has split folders (train, val) and cat, which is no split this tool knows"),
+    (["training", "testing"], "has split folders (none known) and testing, training"),
+    (["train", "val", "validation"], "val/ and validation/ are both the val split"),
+    (["val", "test"], "has split folders (test, val) but no train/"),
+])
+def test_unknown_split_folders_are_refused_by_name(tmp_path, folders, message):
+    src = tmp_path / "src"
+    for split in folders:
+        write(src / split / "cat" / "0.jpg", encode(photo(0, (40, 30)), "JPEG", quality=90))
+    result = run_tool(src, tmp_path / "out")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_val_split_is_drawn_from_the_valid_images_whatever_the_workers(tmp_path):
+    """12 valid images per class, and 5 bad ones in `bee` and one in `ant`: --val-fraction 0.25 gives
+    3 val images in each class, the same ones for 1 and 2 workers."""
+    src = tmp_path / "src"
+    for c, name in enumerate(["ant", "bee", "cow"]):
+        for i in range(12):
+            write(src / name / f"{i:02d}.jpg", encode(photo(20 * c + i, (40, 30)), "JPEG", quality=90))
+    write_bad_files(src / "bee")
+    write(src / "ant" / "00a_broken.jpg", b"\xff\xd8 not really")
+    runs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        assert run_tool(src, out, "--val-fraction", "0.25", "--min-side", "8", "--max-bad-fraction", "0.5",
+                        "--workers", workers).returncode == 0
+        runs.append(out)
+    manifest = load_manifest(runs[0])
+    assert manifest["splits"]["val"]["per_class"] == {"ant": 3, "bee": 3, "cow": 3}
+    assert manifest["splits"]["train"]["per_class"] == {"ant": 9, "bee": 9, "cow": 9}
+    assert manifest["skipped_counts"] == {"empty": 1, "not_image": 1, "too_small": 1, "truncated": 1, "undecodable": 2}
+    assert manifest == load_manifest(runs[1])
+    for split in ("train", "val"):
+        for a in sorted((runs[0] / split).iterdir()):
+            assert a.read_bytes() == (runs[1] / split / a.name).read_bytes(), a.name
+    assert not list(runs[0].glob(".*"))  # the staging file is gone

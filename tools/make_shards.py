@@ -2,8 +2,9 @@
 
     python tools/make_shards.py SRC OUT [--val-fraction 0.1] [--workers N] ...
 
-SRC is either `SRC/<class>/**/<image>` (split into train/val here, stratified per class) or
-`SRC/train/<class>/...` + `SRC/val/<class>/...` (kept as given); `sklearn:digits` shards
+SRC is either `SRC/<class>/**/<image>` (split into train/val here, stratified per class over the
+valid images) or split folders `SRC/train/<class>/...` + `SRC/val/<class>/...` (also `validation`,
+`valid`, `dev`; and `test`), kept as given; `sklearn:digits` shards
 scikit-learn's bundled handwritten digits (real images, 10 classes, no download).
 
 Every `.jpg` written is a baseline 8-bit RGB or grayscale JPEG: clean JPEGs are copied byte
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -85,6 +87,7 @@ def convert_image(path: str, opts: EncodeOptions) -> tuple[str, bytes | str | No
         reasons = jpeg_problems(img, data)
         if opts.max_side and max(img.size) > opts.max_side:
             reasons.append("downsized")
+        size = img.size  # before decoding: a JPEG decodes at 1/8 scale below
         decode_fully(img) if not reasons else img.load()
     except Image.DecompressionBombError as e:
         return "skip", "too_large", [str(e)]
@@ -94,8 +97,8 @@ def convert_image(path: str, opts: EncodeOptions) -> tuple[str, bytes | str | No
         reason = "truncated" if "truncated" in str(e) else "undecodable"
         return "skip", reason, [f"{type(e).__name__}: {e}"]
     if not reasons:
-        if min(img.size) < opts.min_side:
-            return "skip", "too_small", [f"{img.width}x{img.height} < --min-side {opts.min_side}"]
+        if min(size) < opts.min_side:
+            return "skip", "too_small", [f"{size[0]}x{size[1]} < --min-side {opts.min_side}"]
         return "ok", None, []
 
     mode = img.mode
@@ -134,15 +137,44 @@ def to_rgb_or_gray(img: Image.Image) -> Image.Image | None:
 
 # --- the source tree ----------------------------------------------------------------------
 
-def find_sources(src: Path, *, val_fraction: float, seed: int, classes_file: Path | None):
-    """Class names, shuffled per-split sources, non-image inputs skipped, and the layout name."""
-    top = sorted(p for p in src.iterdir() if not p.name.startswith("."))
-    top_dirs = {p.name for p in top if p.is_dir()}
-    presplit = "train" in top_dirs and top_dirs <= set(SPLITS)
-    roots = {s: src / s for s in SPLITS if s in top_dirs} if presplit else {None: src}
+# Top-level folder names taken as splits (case-insensitive), as HF imagefolder, timm and torchvision name them
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
+# Names that look like a split but are none of those: refused rather than trained as a class
+SPLIT_LIKE = re.compile(r"^(train|training|val|valid|validation|dev|test|testing|eval|evaluation|holdout|trainval)"
+                        r"([-_.]?[a-z0-9]*)$", re.IGNORECASE)
 
+
+def split_folders(src: Path) -> dict[str, Path] | None:
+    """{split: folder} when SRC's top level is split folders, None when it is class folders."""
+    dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not any(SPLIT_LIKE.match(d.name) for d in dirs):
+        return None
+    splits: dict[str, Path] = {}
+    for d in dirs:
+        split = SPLIT_NAMES.get(d.name.lower())
+        if split in splits:
+            raise ShardingError(f"{src}: {splits[split].name}/ and {d.name}/ are both the {split} split; keep one")
+        if split:
+            splits[split] = d
+    if unknown := [d.name for d in dirs if d.name.lower() not in SPLIT_NAMES]:
+        raise ShardingError(
+            f"{src} has split folders ({', '.join(p.name for p in splits.values()) or 'none known'}) and "
+            f"{', '.join(unknown)}, which is no split this tool knows; name the splits train, val "
+            f"(or validation, valid, dev) and test, or shard a folder of class folders")
+    if "train" not in splits:
+        raise ShardingError(f"{src} has split folders ({', '.join(p.name for p in splits.values())}) but no train/")
+    return splits
+
+
+def find_sources(src: Path, *, classes_file: Path | None):
+    """Class names, {split or None (to be split here): {class: [relpath]}}, the inputs already
+    skipped (non-image files), and the layout name."""
+    roots = split_folders(src)
+    layout = "train_val" if roots else "class_folders"
+    roots = roots or {None: src}
     files: dict[str | None, dict[str, list[str]]] = {}
-    skipped = []
+    skipped = [{"path": p.name, "reason": "outside_class", "detail": "not inside a class folder"}
+               for p in sorted(src.iterdir()) if layout == "train_val" and not p.is_dir() and not p.name.startswith(".")]
     for split, root in roots.items():
         files[split] = {}
         for entry in sorted(root.iterdir()):
@@ -177,29 +209,35 @@ def find_sources(src: Path, *, val_fraction: float, seed: int, classes_file: Pat
     for split, per_class in files.items():
         for name, paths in per_class.items():
             if not paths:
-                where = src / split / name if split else src / name
-                raise ShardingError(f"class folder {where} has no image files")
-    if presplit and (missing := sorted(files.get("val", {}).keys() - files["train"].keys())):
-        raise ShardingError(f"classes {missing[:5]} have a val folder but no train folder in {src}")
+                raise ShardingError(f"class folder {roots[split] / name} has no image files")
+    if layout == "train_val":
+        for split in ("val", "test"):
+            if missing := sorted(files.get(split, {}).keys() - files["train"].keys()):
+                raise ShardingError(f"classes {missing[:5]} have a {roots[split].name} folder but no train folder in {src}")
+    return classes, files, skipped, layout
 
-    label = {name: i for i, name in enumerate(classes)}
-    rng = random.Random(seed)
+
+def split_valid(files: dict[str | None, dict[str, list[str]]], valid: set[str], *, label: dict[str, int],
+                val_fraction: float, rng: random.Random) -> dict[str, list[Source]]:
+    """The valid inputs per split, each split shuffled (seeded) so that no shard is one class.
+
+    Folders without splits are split here, per class over the images that turned out valid:
+    `round(n_valid * val_fraction)` go to val (at least one stays in train)."""
     splits: dict[str, list[Source]] = {s: [] for s in SPLITS}
-    if presplit:
-        for split, per_class in files.items():
-            splits[split] = [Source(p, label[c]) for c, paths in per_class.items() for p in paths]
-    else:
-        for name, paths in files[None].items():
-            paths = sorted(paths)
+    for split, per_class in files.items():
+        for name, paths in per_class.items():
+            paths = sorted(p for p in paths if p in valid)
+            if split is not None:
+                splits[split] += [Source(p, label[name]) for p in paths]
+                continue
             rng.shuffle(paths)
-            n_val = min(math.floor(len(paths) * val_fraction + 0.5), len(paths) - 1)
+            n_val = max(0, min(math.floor(len(paths) * val_fraction + 0.5), len(paths) - 1))
             splits["val"] += [Source(p, label[name]) for p in paths[:n_val]]
             splits["train"] += [Source(p, label[name]) for p in paths[n_val:]]
     for sources in splits.values():
-        # shuffled across shards so no shard is a single class; sorted first for determinism
         sources.sort(key=lambda s: s.relpath)
         rng.shuffle(sources)
-    return classes, splits, skipped, ("train_val" if presplit else "class_folders")
+    return splits
 
 
 def load_class_list(path: Path) -> list[str]:
@@ -281,31 +319,44 @@ def make_shards(
                 raise ShardingError(f"source folder {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
             if out == folder or folder in out.parents:
                 raise ShardingError(f"OUT {out} must not be inside SRC {folder}")
-        classes, splits, skipped, layout = find_sources(folder, val_fraction=val_fraction, seed=seed, classes_file=classes_file)
+        classes, files, skipped, layout = find_sources(folder, classes_file=classes_file)
         prepare_output(out, overwrite=overwrite)
-
-        jobs = [(split, s) for split in SPLITS for s in splits[split]]
-        inputs = len(jobs) + len(skipped)  # skipped so far: the non-image files
-        writers = {split: ShardWriter(out / split, max_count, max_size) for split in SPLITS}
-        per_class = {split: Counter() for split in SPLITS}
-        converted = []
         start = time.perf_counter()
-        with Pool(workers or os.cpu_count()) as pool:
+        # Check (and where needed convert) every input first: the val split is drawn from the valid
+        # ones. Converted JPEGs wait in a staging file, so each input is decoded once.
+        paths = sorted(p for per_class in files.values() for ps in per_class.values() for p in ps)
+        inputs = len(paths) + len(skipped)  # skipped so far: the non-image files
+        staged: dict[str, tuple[int, int] | None] = {}  # relpath -> (offset, size) in the staging file, None: copy
+        converted = []
+        staging = out / ".staged.tmp"
+        with Pool(workers or os.cpu_count()) as pool, open(staging, "w+b") as stage:
             convert = partial(convert_image, opts=EncodeOptions(quality, max_side, min_side))
-            results = pool.imap(convert, [os.path.join(folder, s.relpath) for _, s in jobs], chunksize=16)
-            for (split, source), (status, payload, info) in tqdm(
-                zip(jobs, results), total=len(jobs), unit="img", disable=not progress, desc="sharding"
-            ):
+            results = pool.imap(convert, [os.path.join(folder, p) for p in paths], chunksize=16)
+            for relpath, (status, payload, info) in tqdm(zip(paths, results), total=len(paths), unit="img",
+                                                         disable=not progress, desc="checking"):
                 if status == "skip":
-                    skipped.append({"path": source.relpath, "reason": payload, "detail": info[0]})
+                    skipped.append({"path": relpath, "reason": payload, "detail": info[0]})
                     continue
-                if payload is None:
-                    with open(os.path.join(folder, source.relpath), "rb") as f:
-                        payload = f.read()
-                writers[split].write(sample_key(source.relpath), source.label, payload)
-                per_class[split][source.label] += 1
+                staged[relpath] = None if payload is None else (stage.tell(), len(payload))
+                if payload is not None:
+                    stage.write(payload)
                 if info:  # conversion reasons
-                    converted.append({"path": source.relpath, "reasons": info})
+                    converted.append({"path": relpath, "reasons": info})
+            splits = split_valid(files, set(staged), label={name: i for i, name in enumerate(classes)},
+                                 val_fraction=val_fraction, rng=random.Random(seed))
+            writers = {split: ShardWriter(out / split, max_count, max_size) for split in SPLITS}
+            per_class = {split: Counter() for split in SPLITS}
+            jobs = [(split, source) for split in SPLITS for source in splits[split]]
+            for split, source in tqdm(jobs, unit="img", disable=not progress, desc="writing"):
+                if (where := staged[source.relpath]) is None:
+                    with open(os.path.join(folder, source.relpath), "rb") as f:
+                        jpeg = f.read()
+                else:
+                    stage.seek(where[0])
+                    jpeg = stage.read(where[1])
+                writers[split].write(sample_key(source.relpath), source.label, jpeg)
+                per_class[split][source.label] += 1
+        staging.unlink()
         for writer in writers.values():
             writer.close()
         elapsed = time.perf_counter() - start
@@ -314,9 +365,9 @@ def make_shards(
     if inputs and len(skipped) / inputs > max_bad_fraction:
         errors.append(f"{len(skipped)} of {inputs} inputs skipped ({len(skipped) / inputs:.1%} > --max-bad-fraction "
                       f"{max_bad_fraction:.1%}); the list is under 'skipped' in {out / MANIFEST_FILE}")
-    present = {s.label for _, s in jobs}
+    present = set(c for per_class in files.values() for c in per_class)
     errors += [f"class {name!r} has no valid train image (see 'skipped' in {out / MANIFEST_FILE})"
-               for i, name in enumerate(classes) if i in present and not per_class["train"][i]]
+               for name in classes if name in present and not per_class["train"][classes.index(name)]]
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": str(src) if str(src) in BUILTIN_SOURCES else str(folder),
@@ -351,7 +402,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def summary(manifest: dict, out: Path) -> str:
     lines = []
-    for split, info in manifest["splits"].items():
+    shown = [split for split, info in manifest["splits"].items() if split != "test" or info["samples"]]
+    for split in shown:
+        info = manifest["splits"][split]
         lines.append(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
     skipped = manifest["skipped_counts"]
     lines.append(f"skipped {sum(skipped.values())}" + (": " + ", ".join(f"{k} {v}" for k, v in skipped.items()) if skipped else ""))
@@ -359,7 +412,7 @@ def summary(manifest: dict, out: Path) -> str:
     lines.append(f"re-encoded {len(manifest['converted'])}" + (": " + ", ".join(f"{k} {v}" for k, v in conv.items()) if conv else ""))
     done = sum(i["samples"] for i in manifest["splits"].values()) + sum(skipped.values())
     lines.append(f"{done} inputs in {manifest['elapsed_s']:.1f} s ({done / max(manifest['elapsed_s'], 1e-9):.0f} images/s)")
-    lines.append(f"wrote {out} ({MANIFEST_FILE}, {CLASSES_FILE}, train/, val/)")
+    lines.append(f"wrote {out} ({MANIFEST_FILE}, {CLASSES_FILE}, {', '.join(f'{split}/' for split in shown)})")
     return "\n".join(lines)
 
 
