@@ -150,7 +150,12 @@ def test_modified_or_truncated_shard_is_caught_before_step_0(files, tmp_path):
     assert done.returncode == 2 and f"{truncated}: " in done.stderr and "(truncated or modified)" in done.stderr
 
 
-def test_undecodable_sample_mid_run_names_shard_and_key_and_keeps_checkpoints(files, tmp_path):
+def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(files, tmp_path):
+    """Two nodes on one machine, a zeroed JPEG in rank 1's (node 1's) step 3: rank 1 names the shard
+    and the key, rank 0 on the other node stops promptly saying why, both exit 3, checkpoints of
+    steps 1 and 2 stay complete."""
+    from conftest import free_port
+
     data = copy_shards(files, tmp_path)
     args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "probe"),
             "--data", str(data), "--max_steps", "3", "--micro_batch_size", "6", "--record_keys", "--save_steps", "1"]
@@ -159,10 +164,21 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_keeps_checkpoints(fi
     shard = break_sample(data / "train", keys[0])
 
     out = tmp_path / "run"
-    done = train(args[:args.index("--output_dir") + 1] + [str(out)] + args[args.index("--output_dir") + 2:],
-                 check=False)
-    assert done.returncode != 0
-    assert "rank 1: data error at step 3" in done.stderr and f"shard {shard}, sample {keys[0]}" in done.stderr
+    args[args.index("--output_dir") + 1] = str(out)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port, env = str(free_port()), {**os.environ, "WANDB_MODE": "disabled"}
+    start = time.monotonic()
+    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+                               "--master_addr", "127.0.0.1", "--master_port", port, str(ROOT / "train" / "main.py"),
+                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for k in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [3, 3], logs
+    assert "rank 1: data error at step 3" in logs[1] and f"shard {shard}, sample {keys[0]}" in logs[1]
+    assert "rank 0: stopping: rank 1 had a data error at step 3" in logs[0]
+    assert "Traceback" not in logs[0] + logs[1]
+    assert time.monotonic() - start < 120
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000001", "step-00000002"]
     assert all((p / "complete.json").is_file() for p in checkpoints.glob("step-*"))

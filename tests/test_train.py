@@ -300,3 +300,13 @@ def test_pretrained_folder_gets_a_new_head_under_zero3(files, tmp_path):
     labels = json.loads((out / "model" / "config.json").read_text())["id2label"]
     assert labels == {str(i): f"class{i}" for i in range(4)}
     assert [m["train/lr"] for m in metrics(out) if "train/lr" in m][-1] == pytest.approx(1e-9)
+
+
+def test_builtin_recipe_fills_only_the_arguments_not_given():
+    from train.args import parse_args
+    from train.main import BUILTIN_RECIPE, _with_recipe
+
+    args = _with_recipe(parse_args(["--epochs", "3", "--hflip", "0.5", "--local_rank", "0"]), BUILTIN_RECIPE)
+    assert (args.epochs, args.hflip) == (3.0, 0.5)  # given, though equal to the defaults
+    assert (args.crop_scale, args.lr) == (BUILTIN_RECIPE["crop_scale"], BUILTIN_RECIPE["lr"])
+    assert _with_recipe(parse_args([]), BUILTIN_RECIPE).epochs == BUILTIN_RECIPE["epochs"]

@@ -75,6 +75,7 @@ class TrainArgs:
     synthetic_data: bool = arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
     max_bad_steps: int = arg(5, "stop after this many consecutive steps skipped for a non-finite loss")
     record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")
+    given: tuple[str, ...] = arg((), "the arguments given on the command line (not a flag: parse_args fills it)", cli=False)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     for f in fields(TrainArgs):
         meta, flag = dict(f.metadata), "--" + f.name
         doc = meta.pop("doc")
+        if not meta.pop("cli", True):
+            continue
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=doc)
             continue
@@ -93,5 +96,9 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     namespace = vars(parser.parse_args(argv))
     namespace.pop("local_rank")
+    # what was given, whatever its value: parsed again with every default suppressed
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace["given"] = tuple(sorted(vars(parser.parse_args(argv)).keys() - {"local_rank"}))
     namespace["crop_scale"] = tuple(namespace["crop_scale"])
     return TrainArgs(**namespace)

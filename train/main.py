@@ -16,12 +16,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repo's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from pipelines.loader import DataError, create_loader
+from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
@@ -100,32 +102,81 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(args: TrainArgs) -> int:
-    """setup, fit, and the exit code: 0 done, 2 configuration, 3 data, 4 non-finite losses."""
+    """setup, fit, and the exit code: 0 done, 2 configuration, 3 data, 4 non-finite losses, 5 the
+    input pipeline failed without a bad sample to blame, 1 anything else."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
+    peers = PeerWatch(rank)
     try:
         run = setup(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError) as e:  # agreed by every rank: all stop together
+        peers.close()
         if rank == 0:
             print(f"train: configuration error, nothing was trained:\n{e}", file=sys.stderr)
         return 2
+    except BaseException as e:
+        peers.stop_all(1, f"rank {rank} failed in setup: {type(e).__name__}: {e}")
+        raise
+    kept = (f"the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)")
     try:
         result = fit(run)
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # agreed by every rank
+        peers.close()
         if rank == 0:
-            print(f"train: stopped: {e}\ntrain: the complete checkpoints in {run.checkpoints} are intact",
-                  file=sys.stderr)
+            print(f"train: stopped: {e}\ntrain: {kept}", file=sys.stderr)
         return 4
-    except DataError as e:  # only the rank that read the sample knows: it speaks, the launcher stops the others
-        print(f"train: rank {rank}: data error at step {run.step + 1}: {e}\ntrain: the complete checkpoints in "
-              f"{run.checkpoints} are intact (--resume auto goes on from the newest)", file=sys.stderr)
-        return 3
+    except (DataError, PipelineError) as e:  # only the rank that read the batch knows: it stops the others
+        code, what = (3, "data error") if isinstance(e, DataError) else (5, "input pipeline error")
+        print(f"train: rank {rank}: {what} at step {run.step + 1}: {e}\ntrain: {kept}", file=sys.stderr, flush=True)
+        peers.stop_all(code, f"rank {rank} had a {what} at step {run.step + 1} (its message says which)")
+        return code
+    except BaseException as e:
+        peers.stop_all(1, f"rank {rank} failed at step {run.step + 1}: {type(e).__name__}: {e}")
+        raise
     finally:
         run.logger.finish()
+    peers.close()
     if rank == 0:
         print(result)
     dist.barrier()
     return 0
+
+
+class PeerWatch:
+    """Stops this rank promptly when another rank failed. A rank that fails alone (a bad sample,
+    an exception) leaves its peers waiting in a collective until the backend's timeout, and a
+    launcher on another node never hears of it; so it posts the reason in the job's store (the
+    rendezvous every rank reaches) and every rank polls it once a second."""
+
+    KEY = "dali-deepspeed-vision/stop"
+
+    def __init__(self, rank: int):
+        self.rank, self.store, self.done = rank, dist.distributed_c10d._get_default_store(), threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="peer-watch").start()
+
+    def stop_all(self, code: int, reason: str) -> None:
+        self.done.set()
+        try:
+            self.store.set(self.KEY, json.dumps({"code": code, "reason": reason}))
+        except Exception:  # the store is gone (rank 0 exited): the peers see that too
+            pass
+
+    def close(self) -> None:
+        """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
+        self.done.set()
+
+    def _watch(self) -> None:
+        while not self.done.wait(1.0):
+            try:
+                if not self.store.check([self.KEY]):
+                    continue
+                stop = json.loads(self.store.get(self.KEY))
+            except Exception:  # the store lives in rank 0's process
+                if self.done.is_set():
+                    return
+                stop = {"code": 1, "reason": "lost contact with rank 0 (it exited or its node went down)"}
+            print(f"train: rank {self.rank}: stopping: {stop['reason']}", file=sys.stderr, flush=True)
+            os._exit(stop["code"])
 
 
 # --- setup: everything checked before any work ------------------------------------------------
@@ -591,12 +642,8 @@ def _data_threads(device: torch.device) -> int:
 
 
 def _with_recipe(args: TrainArgs, recipe: dict) -> TrainArgs:
-    defaults = TrainArgs()
-    values = asdict(args)
-    for key, value in recipe.items():
-        if values[key] == getattr(defaults, key):
-            values[key] = value
-    return TrainArgs(**values)
+    """The recipe's values for the arguments the command line did not give."""
+    return dataclasses.replace(args, **{key: value for key, value in recipe.items() if key not in args.given})
 
 
 def _model_name(args: TrainArgs, model) -> str:
