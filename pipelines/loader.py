@@ -259,7 +259,7 @@ class DaliLoader:
     def _next_batch(self) -> dict:
         images, labels, ids = self._run()
         ids = np.asarray(ids.as_tensor())
-        keys = [self.source.table.keys[_real(i)] for i in ids]
+        keys = [self.source.table.key(_real(i)) for i in ids]
         mask = torch.from_numpy(ids >= 0).to(self.device)
         labels = torch.from_numpy(np.asarray(labels.as_tensor())).to(self.device)
         if self.resize != "dali":  # decoded images of any size, resized one by one in torch

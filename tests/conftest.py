@@ -217,6 +217,19 @@ def launcher(*, ranks: int | None = 2, extra: list[str] = ()) -> list[str]:
             str(ROOT / "train" / "main.py")]
 
 
+def two_nodes(args: list[str], *, tmp_path: Path, env: dict | None = None) -> list[subprocess.Popen]:
+    """The trainer as two nodes of one rank each on this machine (a two-line hostfile, one
+    `deepspeed --no_ssh --node_rank K` per node), sharing the working tree and output dir."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port, env = str(free_port()), {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    return [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+                              "--master_addr", "127.0.0.1", "--master_port", port, str(ROOT / "train" / "main.py"),
+                              *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                             start_new_session=True)
+            for k in (0, 1)]
+
+
 def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, check: bool = True,
           cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}

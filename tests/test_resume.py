@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, common, launcher, metrics, photo, train
+from conftest import ROOT, common, evals, launcher, metrics, photo, train, two_nodes
 from pipelines.shards import file_sha256
 
 
@@ -111,6 +112,24 @@ def test_non_finite_loss_is_skipped_on_every_rank_and_counted(files, tmp_path):
     assert all(w.isfinite().all() for w in weights.values())
 
 
+@pytest.mark.parametrize("accum, zero", [(2, "zero2"), (3, "zero3")])
+def test_non_finite_micro_batches_with_accumulation_on_every_zero_stage(files, tmp_path, accum, zero):
+    """NaN on rank 1 in the last micro batch of step 2 (the step goes on with the others), in the
+    first of step 3 (likewise), and in all of step 4 (skipped): DeepSpeed neither crashes nor
+    applies NaN; the steps count as they should."""
+    out = tmp_path / "run"
+    train([f"--ds_config", f"ds_configs/{zero}.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+           "--micro_batch_size", "4", "--grad_accum", str(accum), "--log_steps", "1", "--save_steps", "5",
+           "--eval_steps", "5"], env={"TRAIN_NAN_AT": f"1:2.{accum},3.1,4"})
+    rows = {m["step"]: m for m in metrics(out) if "train/skipped_steps" in m}
+    assert [rows[s]["train/skipped_steps"] for s in range(1, 6)] == [0, 0, 0, 1, 1]
+    assert [s for s in range(1, 6) if "train/loss" not in rows[s]] == [4]
+    assert all(math.isfinite(rows[s]["train/loss"]) for s in (1, 2, 3, 5))
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(w.isfinite().all() for w in weights.values())
+    assert evals(out)[-1]["eval/samples_counted"] == 12
+
+
 def test_too_many_non_finite_steps_stop_the_run_with_checkpoints_intact(files, tmp_path):
     out = tmp_path / "run"
     done = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "8",
@@ -154,8 +173,6 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(fil
     """Two nodes on one machine, a zeroed JPEG in rank 1's (node 1's) step 3: rank 1 names the shard
     and the key, rank 0 on the other node stops promptly saying why, both exit 3, checkpoints of
     steps 1 and 2 stay complete."""
-    from conftest import free_port
-
     data = copy_shards(files, tmp_path)
     args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "probe"),
             "--data", str(data), "--max_steps", "3", "--micro_batch_size", "6", "--record_keys", "--save_steps", "1"]
@@ -165,14 +182,8 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(fil
 
     out = tmp_path / "run"
     args[args.index("--output_dir") + 1] = str(out)
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port, env = str(free_port()), {**os.environ, "WANDB_MODE": "disabled"}
     start = time.monotonic()
-    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
-                               "--master_addr", "127.0.0.1", "--master_port", port, str(ROOT / "train" / "main.py"),
-                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-             for k in (0, 1)]
+    nodes = two_nodes(args, tmp_path=tmp_path)
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [3, 3], logs
     assert "rank 1: data error at step 3" in logs[1] and f"shard {shard}, sample {keys[0]}" in logs[1]
@@ -203,3 +214,34 @@ def break_sample(split_dir: Path, key: str) -> Path:
         manifest_path.write_text(json.dumps(manifest))
         return shard
     raise AssertionError(f"{key} is in no shard of {split_dir}")
+
+
+def test_two_nodes_share_checkpoints_kill_mid_save_and_resume(files, tmp_path):
+    """Two nodes, one output dir, a save every step (pruned to 2 + best): killed while saving step 4,
+    `--resume auto` on both nodes goes on from step 3 on both, to the end; rank 0 alone commits and
+    prunes, so every folder left is complete and no temporary file remains."""
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "6",
+            "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "1", "--eval_steps", "3"]
+    nodes = two_nodes(args, tmp_path=tmp_path, env={"TRAIN_PAUSE_SAVE_AT_STEP": "4"})
+    partial = out / "checkpoints" / "step-00000004"
+    try:
+        wait_for([partial / "trainer_state_rank0.pt", partial / "trainer_state_rank1.pt"])
+    finally:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+    assert not (partial / "complete.json").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000003"
+
+    nodes = two_nodes(args + ["--resume", "auto"], tmp_path=tmp_path)
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert "ignoring 1 incomplete checkpoint(s) (interrupted saves): step-00000004" in logs[0]
+    assert f"resuming from {out / 'checkpoints' / 'step-00000003'} (step 3)" in logs[0]
+    assert sorted(losses_by_step(out)) == list(range(1, 7))
+    folders = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert folders[-2:] == ["step-00000005", "step-00000006"] and len(folders) <= 3  # + the best, if older
+    assert all((out / "checkpoints" / f / "complete.json").is_file() for f in folders)
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000006"
+    assert not [p for p in out.rglob(".*") if ".tmp" in p.name or ".shared-" in p.name]

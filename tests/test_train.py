@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_RESNET, TINY_VIT, common, evals, free_port, metrics, photo, train
+from conftest import ROOT, TINY_RESNET, TINY_VIT, common, evals, metrics, photo, train, two_nodes
 
 def wandb_records(run_file: Path):
     """The protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte
@@ -138,16 +138,10 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
 
 
 def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_path):
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    out, port = tmp_path / "run", str(free_port())
+    out = tmp_path / "run"
     args = ["--ds_config", str(ROOT / "ds_configs/zero2.json"), *common(files, "photos", "vit", out),
             "--epochs", "2", "--micro_batch_size", "6", "--record_keys"]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
-                               "--master_addr", "127.0.0.1", "--master_port", port, str(ROOT / "train" / "main.py"),
-                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for k in (0, 1)]
+    nodes = two_nodes(args, tmp_path=tmp_path)
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2

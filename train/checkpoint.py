@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -31,24 +32,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
 
 
-def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, local_rank: int,
-                    top1: float | None, keep: int) -> Path:
+def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, top1: float | None,
+                    keep: int) -> Path:
     """Saves DeepSpeed's state and this rank's `state`; marks the folder complete once all ranks are done.
 
-    Then prunes: keeps the newest `keep` complete checkpoints and the best by top-1.
+    Then prunes: keeps the newest `keep` complete checkpoints and the best by top-1. `root` is on a
+    file system every node sees (DeepSpeed writes the model states on rank 0 only and every rank's
+    optimizer partition beside them), so everything that changes the folder as a whole (removing
+    an interrupted save, the marker, `latest`, pruning) is done by global rank 0 alone.
     """
     tag = f"step-{step:08d}"
     path = root / tag
     if not weights_are_finite(engine):
         raise CheckpointError(f"step {step}: the weights are not finite; not saving {path}")
-    if local_rank == 0 and path.exists():  # left by an interrupted save of this step: start it clean
+    if rank == 0 and path.exists():  # left by an interrupted save of this step: start it clean
         shutil.rmtree(path)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(state, path / f"trainer_state_rank{rank}.pt")
     _pause_for_tests(step)
     dist.barrier()
-    if local_rank == 0:  # one writer per node: the folder lives on each node's disk
+    if rank == 0:
         write_atomic(path / MARKER, json.dumps({"step": step, "top1": top1, "world_size": dist.get_world_size(),
                                                  "time": time.time()}))
         write_atomic(root / "latest", tag)
@@ -133,7 +137,7 @@ def _prune(root: Path, *, keep: int) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """`path` holds `text` or its old content, never a part: written beside it, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # unique across hosts, whose PIDs may be equal
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -23,8 +23,10 @@ import math
 import os
 import random
 import shutil
+import socket
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import deepspeed
@@ -229,16 +231,8 @@ def setup(args: TrainArgs) -> Run:
 
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
     resume, trainer_state = None, {}
-    try:
-        resume, partial = find_resume(args.resume, output_dir / "checkpoints")
-        if partial and rank == 0:
-            print(f"train: ignoring {len(partial)} incomplete checkpoint(s) (interrupted saves): "
-                  f"{', '.join(p.name for p in partial)}")
-    except CheckpointError as e:
-        problems.append(str(e))
-    if args.resume is None and not args.overwrite_output_dir and complete_checkpoints(output_dir / "checkpoints")[0]:
-        problems.append(f"{output_dir} holds checkpoints of an earlier run: --resume auto continues it, "
-                        f"--overwrite_output_dir starts over, or pick another --output_dir")
+    resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
+    problems += resume_problems
     if resume is not None:
         trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes, problems=problems)
 
@@ -282,10 +276,11 @@ def setup(args: TrainArgs) -> Run:
         train_loader = SyntheticLoader(train_loader, num_classes=len(classes), seed=args.seed + rank)
     eval_steps = args.eval_steps or steps_per_epoch
     save_steps = args.save_steps or eval_steps
-    if args.overwrite_output_dir and resume is None and local_rank == 0:
+    if args.overwrite_output_dir and resume is None and rank == 0:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    _check_shared(output_dir, rank=rank)
 
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -399,27 +394,45 @@ def step_batches(run: Run):
 def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor | None:
     """One optimizer step: forward, backward and DeepSpeed's step for each micro batch (DeepSpeed
     accumulates and steps the optimizer on the last). A micro batch whose loss is not finite on
-    any rank is backpropagated on none; without accumulation the whole step is skipped. Returns
-    this rank's mean loss over the micro batches used, None when the step was skipped."""
-    losses = []
+    any rank is backpropagated on none: when other micro batches of the step are finite, it is
+    replaced by a zero-weighted pass (so that DeepSpeed's hooks, gradient reductions and micro-step
+    count run as always, on every ZeRO stage) and the step applies the finite ones' gradients;
+    when none is, nothing reaches DeepSpeed and the step is skipped. Returns this rank's mean loss
+    over the micro batches used, None when the step was skipped."""
+    losses, replaced = [], []
     buffers = [b for b in run.engine.module.buffers() if b.is_floating_point()]
-    for batch in micro_batches:
+    for micro, batch in enumerate(micro_batches, start=1):
         saved = [b.clone() for b in buffers]  # a forward updates BatchNorm statistics, finite or not
         pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], num_classes=len(run.classes),
                                     mixup_alpha=run.args.mixup_alpha, cutmix_alpha=run.args.cutmix_alpha,
                                     rng=run.mix_rng)
-        logits = run.engine(pixel_values=_inject_nan(run, pixels)).logits
+        logits = run.engine(pixel_values=_inject_nan(run, pixels, micro)).logits
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=run.args.label_smoothing)
-        finite = all_ranks_finite(loss)
-        if finite:
+        if all_ranks_finite(loss):
             run.engine.backward(loss)
+            run.engine.step()
             losses.append(loss.detach())
         else:
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
-        if finite or len(micro_batches) > 1:  # with accumulation, DeepSpeed's micro-step count must go on
-            run.engine.step()
+            _restore_buffers(buffers, saved)
+            replaced.append(pixels)
+    if losses:
+        for pixels in replaced:
+            _null_pass(run, pixels, buffers)
     return torch.stack(losses).mean() if losses else None
+
+
+def _null_pass(run: Run, like: torch.Tensor, buffers: list[torch.Tensor]) -> None:
+    """A micro batch that contributes zero gradient: forward on zeros, backward of 0 x the logits."""
+    saved = [b.clone() for b in buffers]
+    logits = run.engine(pixel_values=torch.zeros_like(like)).logits
+    run.engine.backward(logits.float().sum() * 0.0)
+    run.engine.step()
+    _restore_buffers(buffers, saved)
+
+
+def _restore_buffers(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    for buffer, value in zip(buffers, saved):
+        buffer.copy_(value)
 
 
 def all_ranks_finite(loss: torch.Tensor) -> bool:
@@ -555,7 +568,7 @@ def average_buffers(module: torch.nn.Module) -> None:
 def save(run: Run) -> Path:
     top1 = run.last_eval.get("eval/top1") if run.last_eval.get("step") == run.step else None
     return save_checkpoint(run.engine, root=run.checkpoints, step=run.step, state=trainer_state(run), rank=run.rank,
-                           local_rank=run.local_rank, top1=top1, keep=run.args.save_total_limit)
+                           top1=top1, keep=run.args.save_total_limit)
 
 
 def trainer_state(run: Run) -> dict:
@@ -595,13 +608,54 @@ def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str]
 
 # --- plumbing -----------------------------------------------------------------------------------
 
-def _inject_nan(run: Run, pixels: torch.Tensor) -> torch.Tensor:
-    """Fault injection for tests: TRAIN_NAN_AT="RANK:STEP,STEP" feeds NaN pixels on that rank at
-    those steps."""
+def _agreed_resume(args: TrainArgs, output_dir: Path, *, rank: int) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, chosen by rank 0 and sent to every rank: on a shared file
+    system another node may see a stale listing (NFS attribute caching), and ranks that resumed
+    from different steps would train on silently."""
+    choice: list = [None]
+    if rank == 0:
+        resume, problems = None, []
+        try:
+            resume, partial = find_resume(args.resume, output_dir / "checkpoints")
+            if partial:
+                print(f"train: ignoring {len(partial)} incomplete checkpoint(s) (interrupted saves): "
+                      f"{', '.join(p.name for p in partial)}")
+        except CheckpointError as e:
+            problems.append(str(e))
+        if args.resume is None and not args.overwrite_output_dir and complete_checkpoints(output_dir / "checkpoints")[0]:
+            problems.append(f"{output_dir} holds checkpoints of an earlier run: --resume auto continues it, "
+                            f"--overwrite_output_dir starts over, or pick another --output_dir")
+        choice = [(resume, problems)]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def _check_shared(output_dir: Path, *, rank: int) -> None:
+    """Every rank sees what rank 0 writes in the output dir (checkpoints need a file system that
+    every node shares), else a ConfigError naming the ranks that do not."""
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = output_dir / f".shared-{token[0]}"
+    if rank == 0:
+        probe.touch()
+    dist.barrier()
+    blind = [] if probe.exists() else [f"rank {rank} ({socket.gethostname()})"]
+    _agree(blind)
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+    if blind:
+        raise ConfigError([f"--output_dir {output_dir}: {', '.join(blind)} do not see the files rank 0 writes there; "
+                           f"checkpoints need a folder every node shares (NFS, Lustre, ...)"])
+
+
+def _inject_nan(run: Run, pixels: torch.Tensor, micro: int) -> torch.Tensor:
+    """Fault injection for tests: TRAIN_NAN_AT="RANK:STEP,STEP.MICRO" feeds NaN pixels on that rank
+    to every micro batch of STEP, and to micro batch MICRO (from 1) of another."""
     spec = os.environ.get("TRAIN_NAN_AT")
     if spec:
         rank, steps = spec.split(":")
-        if int(rank) == run.rank and str(run.step + 1) in steps.split(","):
+        if int(rank) == run.rank and {str(run.step + 1), f"{run.step + 1}.{micro}"} & set(steps.split(",")):
             return torch.full_like(pixels, float("nan"))
     return pixels
 
