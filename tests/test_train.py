@@ -304,3 +304,50 @@ def test_builtin_recipe_fills_only_the_arguments_not_given():
     assert (args.epochs, args.hflip) == (3.0, 0.5)  # given, though equal to the defaults
     assert (args.crop_scale, args.lr) == (BUILTIN_RECIPE["crop_scale"], BUILTIN_RECIPE["lr"])
     assert _with_recipe(parse_args([]), BUILTIN_RECIPE).epochs == BUILTIN_RECIPE["epochs"]
+
+
+def test_batchnorm_statistics_stay_fp32_beside_bf16_parameters():
+    """prepare_precision: running statistics in fp32 track a mean of 1000.3 as an fp32 BatchNorm
+    does (bf16 statistics stall at 968: their momentum updates fall below one bf16 step)."""
+    import torch
+    from train.model import prepare_precision
+
+    torch.manual_seed(0)
+    reference, model = torch.nn.BatchNorm2d(4), torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.Identity())
+    model.register_buffer("scale", torch.ones(1))
+    prepare_precision(model, torch.bfloat16)
+    for p in model.parameters():  # what DeepSpeed does: parameters only
+        p.data = p.data.bfloat16()
+    for _ in range(300):
+        x = torch.randn(8, 4, 5, 5) * 3 + 1000.3
+        reference(x)
+        out = model(x.bfloat16())
+    bn = model[0]
+    assert out.dtype == torch.bfloat16 and bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+    assert torch.allclose(bn.running_mean, reference.running_mean, atol=0.1)
+    assert model.scale.dtype == torch.bfloat16  # other buffers follow the parameters
+
+
+def test_bf16_training_keeps_fp32_batchnorm_statistics_close_to_an_fp32_run(files, tmp_path):
+    import torch
+
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        out = tmp_path / precision
+        train(["--ds_config", "ds_configs/zero2.json", *common(files, "digits", "resnet", out), "--max_steps", "6",
+               "--micro_batch_size", "16", "--precision", precision, "--wandb_mode", "disabled",
+               "--lr", "1e-7"])  # weights barely move: the statistics differ by bf16 arithmetic alone
+        states = torch.load(next((out / "checkpoints").glob("step-*/mp_rank_00_model_states.pt")), weights_only=False)
+        runs[precision] = {k: v for k, v in states["module"].items() if "running_" in k}
+    assert runs["bf16"] and all(v.dtype == torch.float32 for v in runs["bf16"].values())
+    for name, value in runs["fp32"].items():
+        assert torch.allclose(runs["bf16"][name], value, rtol=0.02, atol=0.01), name
+
+
+def test_precision_auto_never_picks_emulated_bf16(monkeypatch):
+    import torch
+    from train.config import hardware_precision
+
+    for native in (True, False):  # an A100/H100, then a V100/T4 (bf16 only emulated)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n or including_emulation)
+        assert hardware_precision("cuda") == ("bf16" if native else "fp16")

@@ -40,7 +40,8 @@ def load_ds_config(path: str | Path, problems: list[str]) -> dict:
 def hardware_precision(device_type: str) -> str:
     """bf16 where the hardware runs it natively, else fp16 on GPUs and fp32 on CPUs."""
     if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # emulated bf16 (V100, T4) counts as supported unless asked not to: several times slower than fp16
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
@@ -89,9 +90,6 @@ def resolve_precision(config: dict, args: TrainArgs, *, device_type: str, proble
         section["enabled"] = precision == p
         if p == "fp16" and section.get("loss_scale", "auto") == "auto":
             section["loss_scale"] = 0  # dynamic loss scaling
-    if precision != "fp32":
-        # DeepSpeed 0.19 casts parameters only; BatchNorm's running stats must follow them
-        config.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
     return precision
 
 

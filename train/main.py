@@ -47,7 +47,7 @@ from train.config import find_autos, load_ds_config, resolve_batch, resolve_prec
 from train.data import SyntheticLoader, builtin_digits
 from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, model_input_size, model_source,
-                         parameter_groups)
+                         parameter_groups, prepare_precision)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
@@ -282,6 +282,7 @@ def setup(args: TrainArgs) -> Run:
     dist.barrier()
     _check_shared(output_dir, rank=rank)
 
+    prepare_precision(model, DTYPES[precision])
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config,

@@ -91,6 +91,46 @@ def model_input_size(model) -> tuple[int, int] | None:
     return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
+def prepare_precision(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Readies a model for DeepSpeed's `dtype` training, which casts the parameters only:
+    BatchNorm keeps its running statistics in fp32 (in bf16 an 8-bit mantissa stalls their
+    momentum updates, and an fp16 sum across ranks can overflow) and computes with its weight and
+    bias upcast, as torch's batch_norm takes bf16/fp16 input with fp32 statistics; every other
+    floating-point buffer follows the parameters' dtype."""
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            if type(module) not in _FP32_STATS:
+                _FP32_STATS[type(module)] = type(f"{type(module).__name__}Fp32Stats", (_Fp32Stats, type(module)), {})
+            module.__class__ = _FP32_STATS[type(module)]
+        else:
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point():
+                    setattr(module, name, buffer.to(dtype))
+
+
+class _Fp32Stats:
+    """BatchNorm with fp32 running statistics beside bf16/fp16 parameters (see prepare_precision)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = torch.nn.functional.batch_norm(
+            input, self.running_mean if track else None, self.running_var if track else None, weight, bias,
+            use_batch, factor, self.eps)
+        return out.to(input.dtype)
+
+
+_FP32_STATS: dict[type, type] = {}
+
+
 def parameter_groups(model: torch.nn.Module) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms and other 1-d parameters."""
     decay, no_decay = [], []
