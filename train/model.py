@@ -38,6 +38,8 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
     try:
         if model:
             net = AutoModelForImageClassification.from_pretrained(model, ignore_mismatched_sizes=True, **labels)
+            if [values.id2label.get(i) for i in range(values.num_labels)] != classes:
+                reinit_head(net)  # same size, other classes: `ignore_mismatched_sizes` kept it
         else:
             stated = len(values["id2label"]) if "id2label" in values else values.get("num_labels", len(classes))
             if stated != len(classes):
@@ -64,6 +66,25 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
         problems.append(f"{e}; pass --processor NAME_OR_DIR")
         return net, None
     return net, image_processor
+
+
+def reinit_head(net) -> list[str]:
+    """Initialises the classifier head afresh, as the model's own init does; returns its parameter
+    names. The head is what depends on the number of labels: found by building the model with one
+    label more on the meta device and comparing shapes."""
+    with torch.device("meta"):
+        probe = AutoModelForImageClassification.from_config(
+            AutoConfig.for_model(**{**net.config.to_dict(), "num_labels": net.config.num_labels + 1,
+                                    "id2label": None, "label2id": None}))
+    shapes = {name: p.shape for name, p in probe.named_parameters()}
+    head = [name for name, p in net.named_parameters() if shapes.get(name) != p.shape]
+    for module_name in sorted({name.rsplit(".", 1)[0] for name in head}):
+        module = net.get_submodule(module_name)
+        for target in (module, *module.parameters(recurse=False)):
+            if hasattr(target, "_is_hf_initialized"):  # set on loaded weights: init would skip them
+                delattr(target, "_is_hf_initialized")
+        net._init_weights(module)
+    return head
 
 
 def model_source(*, model: str | None, model_config: str | dict | None, problems: list[str]):
