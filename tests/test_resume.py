@@ -103,11 +103,25 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
 
 def test_non_finite_loss_is_skipped_on_every_rank_and_counted(files, tmp_path):
     out = tmp_path / "run"
+    import torch
+    from transformers import get_scheduler
+
     train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "6",
-           "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "3"], env={"TRAIN_NAN_AT": "1:2,3"})
+           "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "3"],
+          env={"TRAIN_NAN_AT": "1:2,3", "WANDB_MODE": ""})  # an empty variable is unset: W&B offline by default
     rows = {m["step"]: m for m in metrics(out) if "train/skipped_steps" in m}
     assert [rows[s]["train/skipped_steps"] for s in range(1, 7)] == [0, 1, 2, 2, 2, 2]
     assert [s for s in range(1, 7) if "train/loss" not in rows[s]] == [2, 3]
+    # the schedule follows the step count, skipped steps included: it ends where it should
+    schedule = get_scheduler("cosine", torch.optim.SGD([torch.zeros(1)], lr=1e-3), num_warmup_steps=0,
+                             num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(schedule.get_last_lr()[0])
+        schedule.optimizer.step()
+        schedule.step()
+    assert [rows[s]["train/lr"] for s in range(1, 7)] == pytest.approx(expected)
+    assert list((out / "wandb").glob("offline-run-*"))
     weights = load_file(out / "model" / "model.safetensors")
     assert all(w.isfinite().all() for w in weights.values())
 

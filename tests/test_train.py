@@ -84,15 +84,16 @@ def test_two_ranks_train_evaluate_and_export(files, tmp_path, zero):
     assert [m["step"] for m in rows if "train/loss" in m] == list(range(5, 51, 5))  # 1618 // 2 // 32 = 25 per epoch
     assert losses[-1] < 0.5 * losses[0]
     assert [(e["step"], e["eval/samples_counted"]) for e in evals(out)] == [(25, 179), (50, 179)]
-    final = evals(out)[-1]
-    assert final["eval/top1"] > 0.8
+    assert evals(out)[-1]["eval/top1"] > 0.8
+    best = max(evals(out), key=lambda e: (e["eval/top1"], e["step"]))
+    assert f"(from step-{best['step']:08d}, the best by eval top-1)" in done.stdout
 
-    # the export predicts class names with the HF processor (PIL) exactly as well as the trainer's eval
-    # (whose exact eval resize feeds the model the processor's very pixels)
+    # the export (the best checkpoint) predicts class names with the HF processor (PIL) exactly as well
+    # as the trainer's eval (whose exact eval resize feeds the model the processor's very pixels)
     classifier = pipeline("image-classification", model=str(out / "model"))
     images = val_images(files["digits"])
     hits = sum(classifier(image, top_k=1)[0]["label"] == str(label) for image, label in images)
-    assert (len(images), hits) == (179, round(final["eval/top1"] * 179))
+    assert (len(images), hits) == (179, round(best["eval/top1"] * 179))
 
     # checkpoints: the last two and the best, each complete
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
@@ -112,6 +113,14 @@ def test_every_shipped_deepspeed_config_trains_the_same(files, tmp_path):
     assert len(losses["zero1"]) == 6
     for name in ("zero2", "zero3", "zero3_offload"):
         assert losses[name] == pytest.approx(losses["zero1"], rel=1e-4), name
+    # train/loss is the mean over the logged interval, not the interval's last step
+    out = tmp_path / "interval"
+    train(["--ds_config", "ds_configs/zero1.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+           "--micro_batch_size", "6", "--log_steps", "2", "--wandb_mode", "disabled", "--eval_steps", "5"])
+    step_loss = losses["zero1"][:5]
+    assert [(m["step"], m["train/loss"]) for m in metrics(out) if "train/loss" in m] == [
+        (2, pytest.approx((step_loss[0] + step_loss[1]) / 2, rel=1e-4)),
+        (4, pytest.approx((step_loss[2] + step_loss[3]) / 2, rel=1e-4)), (5, pytest.approx(step_loss[4], rel=1e-4))]
 
 
 def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
@@ -361,3 +370,26 @@ def test_precision_auto_never_picks_emulated_bf16(monkeypatch):
     for native in (True, False):  # an A100/H100, then a V100/T4 (bf16 only emulated)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n or including_emulation)
         assert hardware_precision("cuda") == ("bf16" if native else "fp16")
+
+
+def test_weight_decay_skips_parameters_by_kind():
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from train.model import parameter_groups
+
+    config = {"model_type": "beit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 64, "use_relative_position_bias": True,
+              "layer_scale_init_value": 0.1}
+    for values in (TINY_VIT, TINY_RESNET, config):
+        model = AutoModelForImageClassification.from_config(AutoConfig.for_model(**values))
+        decay, no_decay = parameter_groups(model)
+        assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
+        names = {id(p): n for n, p in model.named_parameters()}
+        exempt = {names[id(p)] for p in no_decay["params"]}
+        decayed = {names[id(p)] for p in decay["params"]}
+        assert exempt | decayed == set(names.values()) and not exempt & decayed
+        for name in exempt:
+            assert name.endswith(("bias", "cls_token", "position_embeddings", "lambda_1", "lambda_2",
+                                  "relative_position_bias_table")) or "norm" in name, name
+        assert all(name.endswith("weight") and "norm" not in name for name in decayed), decayed
+    assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"} <= {
+        n for n, p in AutoModelForImageClassification.from_config(AutoConfig.for_model(**TINY_VIT)).named_parameters()}

@@ -67,6 +67,8 @@ class TrainArgs:
     eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")
     save_steps: int | None = arg(None, "checkpoint every N steps, and at the end (default: at every eval)")
     save_total_limit: int = arg(2, "recent checkpoints to keep, besides the best by top-1")
+    export: str = arg("best", "checkpoint exported to OUTPUT/model at the end: the best by eval top-1 (the last "
+                      "when nothing was evaluated), or the last", choices=["best", "last"])
     log_steps: int = arg(10, "log train scalars every N steps")
     wandb_project: str = arg("dali-deepspeed-vision", "W&B project")
     wandb_mode: str | None = arg(None, "default: online when an API key is configured, else offline",

@@ -93,6 +93,8 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for key in [k for k, v in os.environ.items() if v == "" and k.startswith(("WANDB_", "DDV_", "TRAIN_", "DS_"))]:
+        del os.environ[key]  # an empty variable means unset (wandb.init fails on WANDB_MODE="")
     args = parse_args(argv)
     _init_distributed()
     shm_buffer = _shm_buffer()
@@ -334,7 +336,7 @@ def fit(run: Run) -> str:
     batches = step_batches(run)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, unit="step", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-    meter = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
+    meter = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "loss_sum": 0.0, "loss_n": 0}
     first_step, started = run.step, time.perf_counter()
     while run.step < run.total_steps:
         micro_batches, wait = next(batches)
@@ -342,12 +344,16 @@ def fit(run: Run) -> str:
         loss = train_step(run, micro_batches)
         run.step += 1
         guard_non_finite(run, loss)
+        if loss is None and engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()  # the schedule follows the step count: a skipped step does not delay it
+        if loss is not None:
+            meter["loss_sum"], meter["loss_n"] = meter["loss_sum"] + loss, meter["loss_n"] + 1
         if args.record_keys:
             record_keys(run, micro_batches)
         meter["wait"] += wait
         meter["steps"] += 1
         if run.step % args.log_steps == 0 or run.step == run.total_steps:
-            log_train(run, loss, meter, bar)
+            log_train(run, meter, bar)
         last = run.step == run.total_steps
         evaluating = run.eval_loader is not None and (run.step % run.eval_steps == 0 or last)
         saving = run.step % run.save_steps == 0 or last
@@ -361,8 +367,9 @@ def fit(run: Run) -> str:
         bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - started
+    exported, why = export_choice(run)
     if run.rank == 0:
-        export_model(checkpoint=run.last_saved, config=engine.module.config, processor=run.processor,
+        export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
                      out=run.output_dir / "model")
     dist.barrier()
     images = (run.step - first_step) * run.ds_config["train_batch_size"]
@@ -371,7 +378,8 @@ def fit(run: Run) -> str:
              and run.logger.run.settings.mode == "offline" else (run.logger.run_dir or "disabled"))
     return (f"train: done, {run.step - first_step} steps in {elapsed:.0f}s ({images / elapsed:.0f} images/s incl. "
             f"eval), best eval top-1 {best}\n"
-            f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / 'model'}\n"
+            f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / 'model'} "
+            f"(from {exported.name}, {why})\n"
             f"  checkpoints: {run.checkpoints} (latest {run.last_saved.name})\n"
             f"  metrics:     {run.output_dir / 'metrics.jsonl'}\n"
             f"  W&B run:     {wandb}")
@@ -508,18 +516,19 @@ def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
                             f"rank and were skipped; lower --lr, check the data, or raise --max_bad_steps")
 
 
-def log_train(run: Run, loss: torch.Tensor | None, meter: dict, bar) -> None:
-    """train/ and perf/ scalars, averaged over the steps since the last log."""
+def log_train(run: Run, meter: dict, bar) -> None:
+    """train/ and perf/ scalars, averaged over the steps since the last log (train/loss: over the
+    steps applied, on every rank; absent when all were skipped)."""
     get_accelerator().synchronize()  # the interval's time is real
     elapsed = time.perf_counter() - meter["start"]
     images_per_sec = meter["steps"] * run.ds_config["train_batch_size"] / elapsed
     scalars = {"train/lr": meter["lr"], "train/skipped_steps": run.skipped_steps,
                "perf/images_per_sec": images_per_sec, "perf/step_time": elapsed / meter["steps"],
                "perf/data_wait_fraction": meter["wait"] / elapsed, "train/epoch": run.step / run.steps_per_epoch}
-    if loss is not None:  # every rank has a loss, or none has (skipped steps are agreed)
-        loss = loss.clone()
+    if meter["loss_n"]:  # the same count on every rank: skipped steps are agreed
+        loss = meter["loss_sum"].clone()
         dist.all_reduce(loss)
-        scalars["train/loss"] = loss.item() / run.world_size
+        scalars["train/loss"] = loss.item() / (run.world_size * meter["loss_n"])
     grad_norm = run.engine.get_global_grad_norm()
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
@@ -527,7 +536,7 @@ def log_train(run: Run, loss: torch.Tensor | None, meter: dict, bar) -> None:
         scalars["perf/gpu_mem"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.logger.log(run.step, scalars)
     bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.3f}", img_s=f"{images_per_sec:.0f}", refresh=False)
-    meter.update(start=time.perf_counter(), wait=0.0, steps=0)
+    meter.update(start=time.perf_counter(), wait=0.0, steps=0, loss_sum=0.0, loss_n=0)
 
 
 def log_eval(run: Run, result: dict) -> None:
@@ -553,6 +562,17 @@ def record_keys(run: Run, micro_batches: list[dict]) -> None:
 
 def _keys_log(run: Run) -> Path:
     return run.output_dir / "sample_keys" / f"rank{run.rank}.jsonl"
+
+
+def export_choice(run: Run) -> tuple[Path, str]:
+    """The checkpoint to export and why: with --export best, the complete one with the best eval
+    top-1 (the newest among equals; the pruning keeps it), else, or without evals, the last."""
+    if run.args.export == "best":
+        scored = [(checkpoint_info(p).get("top1"), p.name, p) for p in complete_checkpoints(run.checkpoints)[0]]
+        scored = [s for s in scored if s[0] is not None]
+        if scored:
+            return max(scored)[2], "the best by eval top-1"
+    return run.last_saved, "the last"
 
 
 def average_buffers(module: torch.nn.Module) -> None:

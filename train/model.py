@@ -152,12 +152,25 @@ class _Fp32Stats:
 _FP32_STATS: dict[type, type] = {}
 
 
+# Parameters that are embeddings or tokens rather than weights of a transformation: not decayed
+# (timm's no_weight_decay: cls token, position embeddings, ...), whatever their shape
+NO_DECAY_NAMES = {"cls_token", "distillation_token", "mask_token", "register_tokens", "position_embeddings",
+                  "pos_embed", "absolute_pos_embed", "relative_position_bias_table", "lambda_1", "lambda_2",
+                  "layer_scale_parameter"}
+NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding)
+
+
 def parameter_groups(model: torch.nn.Module) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and other 1-d parameters."""
+    """AdamW groups: no weight decay on biases, normalization layers, embeddings, class/position
+    tokens and layer scales (by kind, not by shape: ViT's cls token is 3-d); decay on the rest."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            exempt = (isinstance(module, NORMS) or "norm" in type(module).__name__.lower() or p.ndim <= 1
+                      or name == "bias" or name in NO_DECAY_NAMES)
+            (no_decay if exempt else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
