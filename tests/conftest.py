@@ -3,6 +3,7 @@ and running the trainer under the real launcher."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -201,6 +202,19 @@ TINY_RESNET = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32
 TINY_VIT = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
             "num_attention_heads": 2, "intermediate_size": 64, "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0}
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path` (root on Linux), or None where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield path if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def free_port() -> int:

@@ -391,3 +391,20 @@ def test_val_split_is_drawn_from_the_valid_images_whatever_the_workers(tmp_path)
         for a in sorted((runs[0] / split).iterdir()):
             assert a.read_bytes() == (runs[1] / split / a.name).read_bytes(), a.name
     assert not list(runs[0].glob(".*"))  # the staging file is gone
+
+
+def test_a_full_disk_is_one_message_naming_the_output(tmp_path):
+    from conftest import small_filesystem
+
+    src = tmp_path / "src"
+    for c in range(2):
+        for i in range(30):
+            write(src / f"c{c}" / f"{i}.png", encode(photo(c * 30 + i, (160, 120)), "PNG"))
+    with small_filesystem(tmp_path / "small", "300k") as small:
+        if small is None:
+            pytest.skip("cannot mount a tmpfs here")
+        result = run_tool(src, small / "out", "--workers", "1")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"No space left on device" in result.stderr and f"while writing {small / 'out'}" in result.stderr
+        assert "rerun with --overwrite" in result.stderr
+        assert not (small / "out" / "manifest.json").exists() and not (small / "out" / ".staged.tmp").exists()

@@ -259,3 +259,32 @@ def test_two_nodes_share_checkpoints_kill_mid_save_and_resume(files, tmp_path):
     assert all((out / "checkpoints" / f / "complete.json").is_file() for f in folders)
     assert (out / "checkpoints" / "latest").read_text() == "step-00000006"
     assert not [p for p in out.rglob(".*") if ".tmp" in p.name or ".shared-" in p.name]
+
+
+def test_full_disk_while_saving_is_one_message_and_resume_goes_on_after_space_is_freed(files, tmp_path):
+    """Output dir on a 10 MiB file system, a 4.3 MiB checkpoint every step: the save of step 3
+    fails with a warning before it, one message naming the checkpoint, the cause and the newest
+    complete checkpoint, exit 6; once space is freed, --resume auto finishes the run."""
+    from conftest import small_filesystem
+
+    with small_filesystem(tmp_path / "small", "10m") as small:
+        out = (small or tmp_path) / "run"
+        args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "3",
+                "--micro_batch_size", "6", "--save_steps", "1", "--eval_steps", "100", "--wandb_mode", "disabled"]
+        done = train(args, check=False, env={} if small else {"TRAIN_ENOSPC_AT_STEP": "3"})
+        checkpoints = out / "checkpoints"
+        assert done.returncode == 6, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        message = [line.split("train: ", 1)[1] for line in done.stderr.splitlines() if "train: saving checkpoint" in line]
+        assert len(message) == 1 and message[0].startswith(f"saving checkpoint {checkpoints / 'step-00000003'} failed: ")
+        assert "No space left on device" in message[0] or "no space left" in message[0]
+        assert f"the newest complete checkpoint is {checkpoints / 'step-00000002'}" in message[0]
+        if small:
+            assert "MiB free in" in done.stderr and "saving step-00000003 will likely fail" in done.stderr
+        assert all((checkpoints / f"step-0000000{s}" / "complete.json").is_file() for s in (1, 2))
+        assert (checkpoints / "latest").read_text() == "step-00000002"
+
+        shutil.rmtree(checkpoints / "step-00000001")  # the user frees space
+        resumed = train(args + ["--resume", "auto", "--save_total_limit", "1"])
+        assert f"resuming from {checkpoints / 'step-00000002'} (step 2)" in resumed.stdout
+        assert (checkpoints / "latest").read_text() == "step-00000003" and (out / "model" / "model.safetensors").is_file()

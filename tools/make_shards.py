@@ -267,6 +267,47 @@ def export_digits(dest: Path) -> Path:
 
 # --- the whole run ------------------------------------------------------------------------
 
+def check_inputs(folder: Path, paths: list[str], *, stage, workers: int | None, progress: bool,
+                 opts: EncodeOptions) -> tuple[dict[str, tuple[int, int] | None], list[dict], list[dict]]:
+    """Decodes (and where needed converts) every input, in order, whatever the number of workers:
+    ({relpath: (offset, size) of its converted JPEG in `stage`, or None to copy the file as it is},
+    the converted inputs with their reasons, the skipped ones with theirs)."""
+    staged, converted, skipped = {}, [], []
+    with Pool(workers or os.cpu_count()) as pool:
+        results = pool.imap(partial(convert_image, opts=opts), [os.path.join(folder, p) for p in paths], chunksize=16)
+        for relpath, (status, payload, info) in tqdm(zip(paths, results), total=len(paths), unit="img",
+                                                     disable=not progress, desc="checking"):
+            if status == "skip":
+                skipped.append({"path": relpath, "reason": payload, "detail": info[0]})
+                continue
+            staged[relpath] = None if payload is None else (stage.tell(), len(payload))
+            if payload is not None:
+                stage.write(payload)
+            if info:  # conversion reasons
+                converted.append({"path": relpath, "reasons": info})
+    return staged, converted, skipped
+
+
+def write_splits(splits: dict[str, list[Source]], *, out: Path, folder: Path, staged: dict, stage, max_count: int,
+                 max_size: int, progress: bool) -> tuple[dict[str, ShardWriter], dict[str, Counter]]:
+    """Writes each split's samples, in order, into its shards: (the writers, per-class counts)."""
+    writers = {split: ShardWriter(out / split, max_count, max_size) for split in SPLITS}
+    per_class = {split: Counter() for split in SPLITS}
+    jobs = [(split, source) for split in SPLITS for source in splits[split]]
+    for split, source in tqdm(jobs, unit="img", disable=not progress, desc="writing"):
+        if (where := staged[source.relpath]) is None:
+            with open(os.path.join(folder, source.relpath), "rb") as f:
+                jpeg = f.read()
+        else:
+            stage.seek(where[0])
+            jpeg = stage.read(where[1])
+        writers[split].write(sample_key(source.relpath), source.label, jpeg)
+        per_class[split][source.label] += 1
+    for writer in writers.values():
+        writer.close()
+    return writers, per_class
+
+
 def prepare_output(out: Path, *, overwrite: bool) -> None:
     ours = [out / s for s in SPLITS] + [out / MANIFEST_FILE, out / CLASSES_FILE]
     if out.exists() and any(out.iterdir()):
@@ -322,43 +363,26 @@ def make_shards(
         classes, files, skipped, layout = find_sources(folder, classes_file=classes_file)
         prepare_output(out, overwrite=overwrite)
         start = time.perf_counter()
-        # Check (and where needed convert) every input first: the val split is drawn from the valid
-        # ones. Converted JPEGs wait in a staging file, so each input is decoded once.
         paths = sorted(p for per_class in files.values() for ps in per_class.values() for p in ps)
         inputs = len(paths) + len(skipped)  # skipped so far: the non-image files
-        staged: dict[str, tuple[int, int] | None] = {}  # relpath -> (offset, size) in the staging file, None: copy
-        converted = []
+        # Every input is checked (and converted where needed) before the val split is drawn from the
+        # valid ones; converted JPEGs wait in a staging file, so each input is decoded once.
         staging = out / ".staged.tmp"
-        with Pool(workers or os.cpu_count()) as pool, open(staging, "w+b") as stage:
-            convert = partial(convert_image, opts=EncodeOptions(quality, max_side, min_side))
-            results = pool.imap(convert, [os.path.join(folder, p) for p in paths], chunksize=16)
-            for relpath, (status, payload, info) in tqdm(zip(paths, results), total=len(paths), unit="img",
-                                                         disable=not progress, desc="checking"):
-                if status == "skip":
-                    skipped.append({"path": relpath, "reason": payload, "detail": info[0]})
-                    continue
-                staged[relpath] = None if payload is None else (stage.tell(), len(payload))
-                if payload is not None:
-                    stage.write(payload)
-                if info:  # conversion reasons
-                    converted.append({"path": relpath, "reasons": info})
-            splits = split_valid(files, set(staged), label={name: i for i, name in enumerate(classes)},
-                                 val_fraction=val_fraction, rng=random.Random(seed))
-            writers = {split: ShardWriter(out / split, max_count, max_size) for split in SPLITS}
-            per_class = {split: Counter() for split in SPLITS}
-            jobs = [(split, source) for split in SPLITS for source in splits[split]]
-            for split, source in tqdm(jobs, unit="img", disable=not progress, desc="writing"):
-                if (where := staged[source.relpath]) is None:
-                    with open(os.path.join(folder, source.relpath), "rb") as f:
-                        jpeg = f.read()
-                else:
-                    stage.seek(where[0])
-                    jpeg = stage.read(where[1])
-                writers[split].write(sample_key(source.relpath), source.label, jpeg)
-                per_class[split][source.label] += 1
-        staging.unlink()
-        for writer in writers.values():
-            writer.close()
+        try:
+            with open(staging, "w+b") as stage:
+                staged, converted, bad = check_inputs(folder, paths, stage=stage, workers=workers, progress=progress,
+                                                      opts=EncodeOptions(quality, max_side, min_side))
+                skipped += bad
+                splits = split_valid(files, set(staged), label={name: i for i, name in enumerate(classes)},
+                                     val_fraction=val_fraction, rng=random.Random(seed))
+                writers, per_class = write_splits(splits, out=out, folder=folder, staged=staged, stage=stage,
+                                                  max_count=max_count, max_size=max_size, progress=progress)
+        except OSError as e:
+            raise ShardingError(f"{e.strerror or e} ({e.filename or out}) while writing {out}; the complete shards "
+                                f"stay, no manifest was written: free space (or fix the permissions) and rerun "
+                                f"with --overwrite") from None
+        finally:
+            staging.unlink(missing_ok=True)
         elapsed = time.perf_counter() - start
 
     errors = []

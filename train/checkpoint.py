@@ -14,6 +14,7 @@ A folder without `complete.json` is a save that was interrupted: never resumed f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -32,6 +33,31 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
 
 
+class WriteError(RuntimeError):
+    """Writing a checkpoint, the export or the metrics failed (no space, permission, a folder that
+    vanished); the message names the file and the cause."""
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The cause, if `error` is a failed write: an OSError, or torch's zip writer's RuntimeError
+    (a full disk reads `[enforce fail at inline_container.cc] . unexpected pos`); else None."""
+    if isinstance(error, OSError):
+        return f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(s in text for s in ("inline_container", "PytorchStreamWriter",
+                                                                     "file write failed")):
+        return f"the file could not be written, most likely no space left (torch: {text.splitlines()[0][:120]})"
+    return None
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, top1: float | None,
                     keep: int) -> Path:
     """Saves DeepSpeed's state and this rank's `state`; marks the folder complete once all ranks are done.
@@ -41,13 +67,14 @@ def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, to
     optimizer partition beside them), so everything that changes the folder as a whole (removing
     an interrupted save, the marker, `latest`, pruning) is done by global rank 0 alone.
     """
-    tag = f"step-{step:08d}"
-    path = root / tag
+    path = checkpoint_path(root, step)
+    tag = path.name
     if not weights_are_finite(engine):
         raise CheckpointError(f"step {step}: the weights are not finite; not saving {path}")
     if rank == 0 and path.exists():  # left by an interrupted save of this step: start it clean
         shutil.rmtree(path)
     dist.barrier()
+    _fail_for_tests(step, path)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(state, path / f"trainer_state_rank{rank}.pt")
     _pause_for_tests(step)
@@ -150,6 +177,13 @@ def weights_are_finite(engine) -> bool:
     flag = torch.tensor([float(finite)], device=next(engine.module.parameters()).device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _fail_for_tests(step: int, path: Path) -> None:
+    """Fault injection where no small file system can be mounted: TRAIN_ENOSPC_AT_STEP=N makes the
+    save of step N fail as a full disk does."""
+    if os.environ.get("TRAIN_ENOSPC_AT_STEP") == str(step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def _pause_for_tests(step: int) -> None:

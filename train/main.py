@@ -41,8 +41,9 @@ from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
-from train.checkpoint import (MODEL_FILES, CheckpointError, checkpoint_info, complete_checkpoints, export_model,
-                              find_resume, load_checkpoint, save_checkpoint)
+from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
+                              complete_checkpoints, export_model, find_resume, folder_bytes, load_checkpoint,
+                              save_checkpoint, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import SyntheticLoader, builtin_digits
 from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(args: TrainArgs) -> int:
     """setup, fit, and the exit code: 0 done, 2 configuration, 3 data, 4 non-finite losses, 5 the
-    input pipeline failed without a bad sample to blame, 1 anything else."""
+    input pipeline failed without a bad sample to blame, 6 a checkpoint, the export or the metrics
+    could not be written, 1 anything else."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
     peers = PeerWatch(rank)
@@ -129,6 +131,10 @@ def run_training(args: TrainArgs) -> int:
         if rank == 0:
             print(f"train: stopped: {e}\ntrain: {kept}", file=sys.stderr)
         return 4
+    except WriteError as e:  # one rank or several: the first to fail speaks
+        if peers.stop_all(6, f"rank {rank} could not write (its message says what)"):
+            print(f"train: {e}", file=sys.stderr, flush=True)
+        return 6
     except (DataError, PipelineError) as e:  # only the rank that read the batch knows: it stops the others
         code, what = (3, "data error") if isinstance(e, DataError) else (5, "input pipeline error")
         print(f"train: rank {rank}: {what} at step {run.step + 1}: {e}\ntrain: {kept}", file=sys.stderr, flush=True)
@@ -158,12 +164,16 @@ class PeerWatch:
         self.rank, self.store, self.done = rank, dist.distributed_c10d._get_default_store(), threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="peer-watch").start()
 
-    def stop_all(self, code: int, reason: str) -> None:
+    def stop_all(self, code: int, reason: str) -> bool:
+        """Tells every other rank to stop; whether this rank was the first to fail."""
         self.done.set()
         try:
+            if self.store.add(f"{self.KEY}/failed", 1) > 1:
+                return False
             self.store.set(self.KEY, json.dumps({"code": code, "reason": reason}))
         except Exception:  # the store is gone (rank 0 exited): the peers see that too
             pass
+        return True
 
     def close(self) -> None:
         """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
@@ -338,39 +348,32 @@ def fit(run: Run) -> str:
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     meter = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "loss_sum": 0.0, "loss_n": 0}
     first_step, started = run.step, time.perf_counter()
-    while run.step < run.total_steps:
-        micro_batches, wait = next(batches)
-        meter["lr"] = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
-        loss = train_step(run, micro_batches)
-        run.step += 1
-        guard_non_finite(run, loss)
-        if loss is None and engine.lr_scheduler is not None:
-            engine.lr_scheduler.step()  # the schedule follows the step count: a skipped step does not delay it
-        if loss is not None:
-            meter["loss_sum"], meter["loss_n"] = meter["loss_sum"] + loss, meter["loss_n"] + 1
-        if args.record_keys:
-            record_keys(run, micro_batches)
-        meter["wait"] += wait
-        meter["steps"] += 1
-        if run.step % args.log_steps == 0 or run.step == run.total_steps:
-            log_train(run, meter, bar)
-        last = run.step == run.total_steps
-        evaluating = run.eval_loader is not None and (run.step % run.eval_steps == 0 or last)
-        saving = run.step % run.save_steps == 0 or last
-        if evaluating or saving:
-            average_buffers(engine.module)
-        if evaluating:
-            log_eval(run, evaluate(run))
-            meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
-        if saving:
-            run.last_saved = save(run)
-        bar.update(1)
-    bar.close()
+    try:
+        while run.step < run.total_steps:
+            micro_batches, wait = next(batches)
+            meter["lr"] = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
+            loss = train_step(run, micro_batches)
+            run.step += 1
+            guard_non_finite(run, loss)
+            count_step(run, meter, loss=loss, wait=wait)
+            if args.record_keys:
+                record_keys(run, micro_batches)
+            if run.step % args.log_steps == 0 or run.step == run.total_steps:
+                log_train(run, meter, bar)
+            evaluate_and_save(run, meter)
+            bar.update(1)
+    finally:  # a message after a failure starts on a line of its own
+        bar.close()
     elapsed = time.perf_counter() - started
     exported, why = export_choice(run)
     if run.rank == 0:
-        export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
-                     out=run.output_dir / "model")
+        try:
+            export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
+                         out=run.output_dir / "model")
+        except OSError as e:
+            raise WriteError(f"exporting {exported} to {run.output_dir / 'model'} failed: {write_failure(e)}; the "
+                             f"checkpoint is complete: `python tools/export_checkpoint.py {exported} DIR` exports "
+                             f"it anywhere") from e
     dist.barrier()
     images = (run.step - first_step) * run.ds_config["train_batch_size"]
     best = f"{run.best['top1']:.2%} at step {run.best['step']}" if run.best["top1"] is not None else "no eval"
@@ -383,6 +386,31 @@ def fit(run: Run) -> str:
             f"  checkpoints: {run.checkpoints} (latest {run.last_saved.name})\n"
             f"  metrics:     {run.output_dir / 'metrics.jsonl'}\n"
             f"  W&B run:     {wandb}")
+
+
+def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float) -> None:
+    """The step into the log interval's meter; a skipped step still moves the schedule on, so that
+    the learning rate follows the step count and the run ends where its schedule does."""
+    if loss is None and run.engine.lr_scheduler is not None:
+        run.engine.lr_scheduler.step()
+    if loss is not None:
+        meter["loss_sum"], meter["loss_n"] = meter["loss_sum"] + loss, meter["loss_n"] + 1
+    meter["wait"] += wait
+    meter["steps"] += 1
+
+
+def evaluate_and_save(run: Run, meter: dict) -> None:
+    """Eval and checkpoint at their cadence, and both after the last step."""
+    last = run.step == run.total_steps
+    evaluating = run.eval_loader is not None and (run.step % run.eval_steps == 0 or last)
+    saving = run.step % run.save_steps == 0 or last
+    if evaluating or saving:
+        average_buffers(run.engine.module)
+    if evaluating:
+        log_eval(run, evaluate(run))
+        meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
+    if saving:
+        run.last_saved = save(run)
 
 
 def step_batches(run: Run):
@@ -587,9 +615,24 @@ def average_buffers(module: torch.nn.Module) -> None:
 
 
 def save(run: Run) -> Path:
+    """save_checkpoint, warned about beforehand when the disk looks too full for it; a failed write
+    is a WriteError naming the checkpoint, the cause and the newest complete checkpoint."""
     top1 = run.last_eval.get("eval/top1") if run.last_eval.get("step") == run.step else None
-    return save_checkpoint(run.engine, root=run.checkpoints, step=run.step, state=trainer_state(run), rank=run.rank,
-                           top1=top1, keep=run.args.save_total_limit)
+    path = checkpoint_path(run.checkpoints, run.step)
+    if run.rank == 0 and run.last_saved is not None and run.last_saved.is_dir():
+        free, needed = shutil.disk_usage(run.checkpoints).free, folder_bytes(run.last_saved)
+        if free < needed:
+            tqdm.write(f"train: warning: {free / 2**20:.1f} MiB free in {run.checkpoints}, the last checkpoint took "
+                       f"{needed / 2**20:.1f} MiB: saving {path.name} will likely fail", file=sys.stderr)
+    try:
+        return save_checkpoint(run.engine, root=run.checkpoints, step=run.step, state=trainer_state(run),
+                               rank=run.rank, top1=top1, keep=run.args.save_total_limit)
+    except Exception as e:
+        if (cause := write_failure(e)) is None:
+            raise
+        newest = (f"the newest complete checkpoint is {run.last_saved} (--resume auto goes on from it once the "
+                  f"cause is fixed)" if run.last_saved else "no checkpoint of this run is complete")
+        raise WriteError(f"saving checkpoint {path} failed: {cause}; {newest}") from e
 
 
 def trainer_state(run: Run) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.checkpoint import write_atomic
+from train.checkpoint import WriteError, write_atomic, write_failure
 
 
 def default_wandb_mode() -> tuple[str, str]:
@@ -59,8 +59,11 @@ class RunLogger:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+        except OSError as e:
+            raise WriteError(f"writing {self.path} failed: {write_failure(e)}") from e
         if self.run:
             self.run.log(scalars, step=step)
 
