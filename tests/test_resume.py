@@ -96,9 +96,15 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     complete = sorted(p.parent.name for p in (resumed / "checkpoints").glob("step-*/complete.json"))
     assert complete[-2:] == ["step-00000006", "step-00000008"]
     assert all((p / "complete.json").exists() for p in (resumed / "checkpoints").glob("step-*"))
-    # one W&B run, continued: both offline run folders carry the same run id
+    # one W&B run, continued: both offline run folders carry the same run id, and the resumed part
+    # logs steps 5 and 6 again on the trainer's step axis (online, W&B drops them on its own axis)
+    from test_train import wandb_history
+
     run_ids = {p.name.rsplit("-", 1)[-1] for p in (resumed / "wandb").glob("offline-run-*")}
     assert len(list((resumed / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
+    resumed_history = wandb_history(resumed, 1)[0]
+    assert sorted(resumed_history) == [5, 6, 7, 8]
+    assert [resumed_history[s]["train/loss"] for s in range(5, 9)] == pytest.approx([got[s] for s in range(5, 9)])
 
 
 def test_non_finite_loss_is_skipped_on_every_rank_and_counted(files, tmp_path):

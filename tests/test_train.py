@@ -40,17 +40,21 @@ def wandb_records(run_file: Path):
             yield record
 
 
-def wandb_history(output_dir: Path) -> tuple[dict[int, dict], dict]:
-    """({step: logged values}, run config) of the run's single offline W&B run."""
-    (run_file,) = list((output_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    history, config = {}, {}
+def wandb_history(output_dir: Path, run: int = 0) -> tuple[dict[int, dict], dict]:
+    """({trainer step: logged values}, run config) of the run-th offline W&B run (in time order);
+    asserts that every chart follows the trainer's step."""
+    run_file = sorted((output_dir / "wandb").glob("offline-run-*/run-*.wandb"))[run]
+    history, config, axes = {}, {}, {}
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
-            history.setdefault(row["_step"], {}).update(row)
+            history.setdefault(row["trainer/step"], {}).update(row)
         elif kind == "run":
             config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+        elif kind == "metric":
+            axes[record.metric.glob_name or record.metric.name] = record.metric.step_metric
+    assert axes.get("*") == "trainer/step", axes
     return history, config
 
 

@@ -1,7 +1,8 @@
 """Where the numbers go: W&B (rank 0) and OUTPUT/metrics.jsonl, the same scalars in both.
 
 Names group on a W&B dashboard: train/ (loss, lr, grad_norm, skipped_steps), eval/ (loss, top1,
-top5), perf/ (images_per_sec, step_time, data_wait_fraction, gpu_mem).
+top5), perf/ (images_per_sec, step_time, data_wait_fraction, gpu_mem); every chart's x axis is
+`trainer/step`, so that a resumed run continues the dashboard where its checkpoint was.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from train.checkpoint import WriteError, write_atomic, write_failure
 
+STEP = "trainer/step"  # the x axis of every chart
 
 def default_wandb_mode() -> tuple[str, str]:
     """(mode, why): WANDB_MODE if set, online with an API key configured, else offline."""
@@ -46,6 +48,11 @@ class RunLogger:
 
             self.run = wandb.init(project=project, name=name, mode=mode, dir=str(output_dir), config=config,
                                   id=run_id, resume="allow" if run_id else None)
+            # Charts follow the trainer's step, not W&B's own: W&B drops `log(step=s)` for an s it has
+            # passed, so after a crash at step M and a resume from N < M the values of N+1..M would be
+            # the dead run's, and the resumed ones lost
+            self.run.define_metric(STEP)
+            self.run.define_metric("*", step_metric=STEP)
 
     @property
     def run_id(self) -> str | None:
@@ -65,7 +72,7 @@ class RunLogger:
         except OSError as e:
             raise WriteError(f"writing {self.path} failed: {write_failure(e)}") from e
         if self.run:
-            self.run.log(scalars, step=step)
+            self.run.log({**scalars, STEP: step})
 
     def log_samples(self, step: int, *, images: np.ndarray, true: list[str], predicted: list[str]) -> None:
         """A table of eval images (N,H,W,3 uint8) with their true and predicted labels."""
@@ -76,7 +83,7 @@ class RunLogger:
         table = wandb.Table(columns=["image", "true", "predicted"])
         for image, t, p in zip(images, true, predicted):
             table.add_data(wandb.Image(image), t, p)
-        self.run.log({"eval/samples": table}, step=step)
+        self.run.log({"eval/samples": table, STEP: step})
 
     def finish(self) -> None:
         if self.run:
