@@ -131,7 +131,7 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
     out = tmp_path / "run"
     train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--epochs", "2",
            "--micro_batch_size", "6", "--log_steps", "1", "--label_smoothing", "0.1", "--mixup_alpha", "0.2",
-           "--cutmix_alpha", "1.0", "--lr", "0.01", "--warmup_steps", "2"])
+           "--cutmix_alpha", "1.0", "--lr", "0.01", "--warmup_steps", "2", "--peak_tflops", "0.5"])
     history, config = wandb_history(out)
     assert config["world_size"] == 2 and config["deepspeed"]["train_batch_size"] == 12
     rows = metrics(out)
@@ -141,7 +141,12 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
             if key != "step":
                 assert history[row["step"]][key] == pytest.approx(value, rel=1e-6), key
     expected = {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "perf/step_time",
-                "perf/data_wait_fraction", "eval/loss", "eval/top1", "eval/top5"}
+                "perf/data_wait_fraction", "perf/tflops", "perf/mfu", "eval/loss", "eval/top1", "eval/top5"}
+    # perf/tflops: the FLOPs of a forward and backward per image (counted at start) x images/s per rank
+    assert config["train_flops_per_image"] > 0 and config["peak_tflops"] == 0.5
+    for row in (r for r in rows if "perf/tflops" in r):
+        assert row["perf/tflops"] == pytest.approx(config["train_flops_per_image"] * row["perf/images_per_sec"] / 2 / 1e12)
+        assert row["perf/mfu"] == pytest.approx(row["perf/tflops"] / 0.5)
     assert expected <= set(history[3]) and expected <= set(history[6])
     assert history[3]["eval/samples/_type"] == "table-file" and history[3]["eval/samples/nrows"] == 6
     assert all(0 <= history[s]["perf/data_wait_fraction"] < 1 for s in history)

@@ -49,6 +49,7 @@ from train.data import SyntheticLoader, builtin_digits
 from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, model_input_size, model_source,
                          parameter_groups, prepare_precision)
+from train.perf import deepspeed_arch_list, fused_adam_is_built, peak_tflops, train_flops_per_image
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
@@ -87,6 +88,8 @@ class Run:
     bad_steps: int = 0  # of them, consecutive up to now
     last_eval: dict = field(default_factory=dict)
     last_saved: Path | None = None  # the newest complete checkpoint of this run (or the one resumed)
+    flops_per_image: float = 0.0  # of a forward and backward pass (perf/tflops)
+    peak_tflops: float | None = None  # of the device, for perf/mfu
 
     @property
     def checkpoints(self) -> Path:
@@ -294,17 +297,16 @@ def setup(args: TrainArgs) -> Run:
     dist.barrier()
     _check_shared(output_dir, rank=rank)
 
-    prepare_precision(model, DTYPES[precision])
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config,
-                                      lr_scheduler=schedule)
+    flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
+    engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
+                     rank=rank)
 
     run_config = {"args": asdict(args), "deepspeed": ds_config, "preprocess": asdict(spec), "precision": precision,
                   "world_size": world, "device": device.type, "data": str(data), "classes": len(classes),
                   "train_samples": manifest["splits"]["train"]["samples"],
                   "val_samples": val_samples,
-                  "parameters": sum(p.numel() for p in model.parameters())}
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "train_flops_per_image": flops, "peak_tflops": peak}
     if rank == 0:
         (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
         # what turns any checkpoint into a model folder (tools/export_checkpoint.py)
@@ -315,7 +317,8 @@ def setup(args: TrainArgs) -> Run:
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, ds_config=ds_config,
-              logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank))
+              logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops,
+              peak_tflops=peak)
     if resume is not None:
         _restore(run, load_checkpoint(engine, resume, rank=rank))
         run.last_saved = resume
@@ -335,6 +338,30 @@ def setup(args: TrainArgs) -> Run:
               f"train: output in {output_dir}; W&B {mode} ({why})"
               + (f"\ntrain: resuming from {resume} (step {run.step})" if resume else ""))
     return run
+
+
+def _perf_figures(args: TrainArgs, model, *, spec, classes: list[str], device: torch.device,
+                  precision: str) -> tuple[float, float | None]:
+    """(train FLOPs per image, the device's dense peak TFLOP/s or None): perf/tflops and perf/mfu."""
+    flops = train_flops_per_image(model, image_size=spec.output_size, num_classes=len(classes))
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = peak_tflops(torch.cuda.get_device_name(device), precision)
+    return flops, peak
+
+
+def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str, device: torch.device, rank: int):
+    """The DeepSpeed engine around the model, in its precision, with gradient checkpointing."""
+    prepare_precision(model, DTYPES[precision])
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device.type == "cuda" and rank == 0 and not fused_adam_is_built():
+        print("train: DeepSpeed is compiling its fused Adam for this GPU (once, about a minute; later runs reuse it "
+              "from torch's extension cache)", flush=True)
+    with deepspeed_arch_list():  # DeepSpeed's builder cannot parse Hopper entries such as 9.0a
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config,
+                                          lr_scheduler=schedule)
+    return engine
 
 
 # --- fit: the loop -----------------------------------------------------------------------------
@@ -553,6 +580,10 @@ def log_train(run: Run, meter: dict, bar) -> None:
     scalars = {"train/lr": meter["lr"], "train/skipped_steps": run.skipped_steps,
                "perf/images_per_sec": images_per_sec, "perf/step_time": elapsed / meter["steps"],
                "perf/data_wait_fraction": meter["wait"] / elapsed, "train/epoch": run.step / run.steps_per_epoch}
+    if run.flops_per_image:
+        scalars["perf/tflops"] = run.flops_per_image * images_per_sec / run.world_size / 1e12  # per device
+        if run.peak_tflops:
+            scalars["perf/mfu"] = scalars["perf/tflops"] / run.peak_tflops
     if meter["loss_n"]:  # the same count on every rank: skipped steps are agreed
         loss = meter["loss_sum"].clone()
         dist.all_reduce(loss)

@@ -1,0 +1,60 @@
+"""train/perf.py: model FLOPs, the peak table, and DeepSpeed's op builds under Hopper arch lists."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import TINY_RESNET, TINY_VIT
+from train.perf import deepspeed_arch_list, parseable_arch_list, peak_tflops, train_flops_per_image
+
+
+def test_deepspeed_builds_its_fused_adam_under_hopper_arch_lists(monkeypatch):
+    """DeepSpeed's CUDA op builder (the one deepspeed.initialize JIT-builds fused Adam with) fails on
+    the stock Hopper TORCH_CUDA_ARCH_LIST; handed the parseable list, it computes its flags, and the
+    user's value is back afterwards."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    for value in ("9.0a", "8.0;9.0a 9.0+PTX", "10.0f;9.0a"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        with pytest.raises(ValueError, match="invalid literal for int"):
+            builder.compute_capability_args()
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        with deepspeed_arch_list():
+            builder.compute_capability_args()
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == value
+    assert parseable_arch_list("9.0a;8.0 9.0+PTX 10.0f") == "9.0;8.0;9.0+PTX;10.0"
+    assert parseable_arch_list("8.6") == "8.6"
+
+
+def test_train_flops_per_image_counts_every_matmul_and_leaves_the_model_alone():
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    vit = AutoModelForImageClassification.from_config(AutoConfig.for_model(**TINY_VIT, num_labels=4))
+    # by hand, per image: patch embedding 16 x 192 x 32 x 2; per layer q, k, v, o and the MLP
+    # (17 tokens), scores and values (2 heads of 16); classifier; backward twice the forward, but
+    # the patch embedding has no input gradient
+    tokens, hidden, mlp, layers = 17, 32, 64, 2
+    embed = 16 * 192 * hidden * 2
+    layer = 4 * tokens * hidden * hidden * 2 + 2 * (2 * tokens * tokens * 16 * 2) + 2 * tokens * hidden * mlp * 2
+    forward = embed + layers * layer + hidden * 4 * 2
+    assert train_flops_per_image(vit, image_size=(32, 32), num_classes=4) == 3 * forward - embed
+    assert vit.config._attn_implementation == "sdpa" and all(p.grad is None for p in vit.parameters())
+
+    resnet = AutoModelForImageClassification.from_config(AutoConfig.for_model(**TINY_RESNET, num_labels=4))
+    stats = {n: b.clone() for n, b in resnet.named_buffers()}
+    assert train_flops_per_image(resnet, image_size=(32, 32), num_classes=4) > 0
+    assert all(torch.equal(stats[n], b) for n, b in resnet.named_buffers())  # BatchNorm statistics untouched
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 NVL", "fp16", 835.0),
+    ("NVIDIA H200", "bf16", 989.0), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("NVIDIA L40S", "bf16", 362.0),
+    ("Tesla V100-SXM2-32GB", "fp16", None),
+])
+def test_peak_table(name, precision, peak):
+    assert peak_tflops(name, precision) == peak

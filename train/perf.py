@@ -1,0 +1,103 @@
+"""What the hardware does with a run: model FLOPs, MFU, and DeepSpeed's CUDA op builds.
+
+MFU is the model's FLOPs per second (forward and backward of the images trained, counted once at
+start with torch's FLOP counter; recomputation by gradient checkpointing not included) over the
+device's dense peak for the training precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+# Dense (no sparsity) peak TFLOP/s per GPU, from the vendors' data sheets: {name pattern: {precision: peak}}.
+# fp32 is the plain FP32 rate (TF32 tensor cores are used only where torch is told to allow them).
+PEAK_TFLOPS = {
+    r"H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    r"H100.*(PCIe|PCI-E)": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    r"H100.*NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    r"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM
+    r"A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    r"L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The dense peak of a GPU (by its torch name, e.g. "NVIDIA H100 80GB HBM3") for a precision;
+    None for a device not in the table (and for CPUs): pass --peak_tflops."""
+    for pattern, peaks in PEAK_TFLOPS.items():
+        if re.search(pattern, device_name):
+            return peaks[precision]
+    return None
+
+
+def train_flops_per_image(model: torch.nn.Module, *, image_size: tuple[int, int], num_classes: int) -> float:
+    """FLOPs of one forward and backward pass per image, counted by torch on a batch of two
+    (batch-independent work, if any, is not counted twice). Leaves the model as it found it:
+    gradients cleared, buffers (BatchNorm statistics and counts) restored."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    parameter = next(model.parameters())
+    pixels = torch.zeros(2, 3, *image_size, dtype=parameter.dtype, device=parameter.device)
+    labels = torch.zeros(2, dtype=torch.long, device=parameter.device) % num_classes
+    # torch's counter sees the matmuls of eager attention, not every fused SDPA kernel (on CPU it
+    # counts none): the model's FLOPs are the same whichever kernel runs them
+    config, attention = getattr(model, "config", None), getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention is not None:
+        config._attn_implementation = "eager"
+    try:
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(pixel_values=pixels).logits.float(), labels).backward()
+    finally:
+        if attention is not None:
+            config._attn_implementation = attention
+    model.zero_grad(set_to_none=True)
+    for name, value in buffers.items():
+        model.get_buffer(name).copy_(value)
+    model.train(was_training)
+    return counter.get_total_flops() / 2
+
+
+@contextlib.contextmanager
+def deepspeed_arch_list():
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's op builder can parse it, for the build only.
+
+    Hopper images set entries such as `9.0a` (arch-specific features) and Blackwell ones `10.0f`;
+    DeepSpeed's JIT builder reads each minor version with `int()` and crashes on them (its fused
+    Adam is built inside `deepspeed.initialize`). The builder is handed the plain `9.0`, `10.0`
+    (its kernels use no arch-specific features); the user's value is back afterwards.
+    """
+    original = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if original is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = parseable_arch_list(original)
+    try:
+        yield
+    finally:
+        if original is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = original
+
+
+def parseable_arch_list(value: str) -> str:
+    """`9.0a;8.0 9.0+PTX 10.0f` -> `9.0;8.0;9.0+PTX;10.0`: suffixes other than +PTX dropped."""
+    entries = []
+    for entry in value.replace(" ", ";").split(";"):
+        if match := re.fullmatch(r"(\d+)\.(\d+)[a-z]*(\+PTX)?", entry.strip()):
+            entry = f"{match[1]}.{match[2]}{match[3] or ''}"
+        if entry.strip() and entry not in entries:
+            entries.append(entry)
+    return ";".join(entries)
+
+
+def fused_adam_is_built() -> bool:
+    """Whether DeepSpeed's JIT-built fused Adam is already in torch's extension cache."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = _get_build_directory("fused_adam", verbose=False)
+    return any(name.endswith(".so") for name in os.listdir(folder)) if os.path.isdir(folder) else False
