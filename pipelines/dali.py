@@ -29,8 +29,14 @@ def device_id_of(device: str | torch.device) -> int | None:
 
 
 def decoded(jpegs, *, gpu: bool):
-    """JPEG bytes to RGB uint8 HWC: nvJPEG / the hardware decoder on GPU, libjpeg-turbo on CPU."""
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    """JPEG bytes to RGB uint8 HWC: nvJPEG / the hardware decoder on GPU, libjpeg-turbo on CPU.
+
+    On GPU, chroma is upsampled as libjpeg-turbo (and so Pillow and the HF processors) does it
+    ("fancy", triangular): nvJPEG's default replicates pixels, several grey levels off at colour
+    edges. (Training's fused random-crop decoder keeps nvJPEG's default; its cost is unmeasured.)"""
+    if gpu:
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True)
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
 
 
 def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT):
@@ -112,8 +118,9 @@ def shard_pipeline(*, source, spec: PreprocessSpec, train: bool, gpu: bool, layo
 
 
 @pipeline_def
-def file_pipeline(*, files: list[str], spec: PreprocessSpec, gpu: bool, decode_only: bool = False):
-    """The eval preprocessing of plain image files, in order (parity checks)."""
+def file_pipeline(*, files: list[str], spec: PreprocessSpec | None, gpu: bool, decode_only: bool = False):
+    """The eval preprocessing of plain image files, in order (parity checks); with `decode_only`
+    (no `spec` needed), the decoded RGB images."""
     jpegs, _ = fn.readers.file(files=files, name="reader")
     if decode_only:
         return decoded(jpegs, gpu=gpu)

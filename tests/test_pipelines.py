@@ -188,6 +188,30 @@ def test_one_graph_definition_serves_both_devices(gpu):
             assert set(operators.values()) == {"cpu"}, operators
 
 
+def test_gpu_eval_decoder_upsamples_chroma_as_libjpeg_does():
+    """nvJPEG replicates chroma pixels unless asked; libjpeg-turbo (Pillow, the HF processors)
+    interpolates. Every GPU eval graph asks; training's random-crop decoder does not."""
+    from nvidia.dali import types
+    from pipelines.dali import shard_pipeline
+
+    for train, kwargs in [(False, {}), (False, dict(decode_only=True)), (True, {})]:
+        pipe = shard_pipeline(source=lambda info: None, spec=spec_from_processor(T.ViTImageProcessorPil()), train=train,
+                              gpu=True, layout="CHW", dtype=types.FLOAT, batch_size=2, num_threads=1, device_id=0,
+                              augment={}, **kwargs)
+        pipe._build_graph()
+        (decoder,) = [op._op for op in pipe._ops if getattr(op._op, "schema_name", "").startswith("decoders__")]
+        assert decoder._init_args.get("jpeg_fancy_upsampling", False) is (not train), (train, kwargs)
+
+
+def test_check_parity_decoder_only_compares_decoded_pixels_with_pillow(parity_images):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_parity.py"), "--decoder-only",
+                             "--images", str(parity_images[0].parent)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["images"] == len(parity_images)
+    assert figures["max"] == 0  # on CPU both decode with libjpeg-turbo: the same pixels
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("resize", ["dali", "torch", "pillow"])
 def test_gpu_eval_loader_gives_the_cpu_loaders_batches(resize, digit_shards):
@@ -459,21 +483,23 @@ def test_each_epoch_is_a_fresh_seeded_permutation(big_shards):
     assert [next(resumed)["keys"] for _ in range(3)] == expected
 
 
-def test_ranks_under_the_launcher_split_every_epoch_exactly(many_class_shards, tmp_path):
-    """Three real ranks, 238 train / 119 val (neither divides by 3 x 7), three epochs and evals."""
+@pytest.mark.parametrize("world", [3, 4])
+def test_ranks_under_the_launcher_split_every_epoch_exactly(many_class_shards, tmp_path, world):
+    """Three or four real ranks, 238 train / 119 val (neither divides), three epochs and evals."""
     from conftest import free_port
 
     manifest = load_manifest(many_class_shards)
     assert (manifest["splits"]["train"]["samples"], manifest["splits"]["val"]["samples"]) == (238, 119)
-    subprocess.run(["deepspeed", "--num_gpus", "3", "--master_port", str(free_port()),
+    subprocess.run(["deepspeed", "--num_gpus", str(world), "--master_port", str(free_port()),
                     str(ROOT / "tests" / "dist_loader_script.py"), str(many_class_shards), str(tmp_path), "7", "3"],
                    check=True, capture_output=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     labels = {split: true_labels(many_class_shards, split) for split in ("train", "val")}
-    for split, steps in (("train", 11), ("val", 6)):  # (238 // 3) // 7; ceil(ceil(119 / 3) / 7)
+    train_steps = (238 // world) // 7  # 11 or 8
+    for split, steps in (("train", train_steps), ("val", -(-(-(-119 // world)) // 7))):  # val: 6 or 5
         for epoch in range(3):
             seen = [r[split][epoch] for r in ranks]
-            assert [s["steps"] for s in seen] == [s["len"] for s in seen] == [steps] * 3
+            assert [s["steps"] for s in seen] == [s["len"] for s in seen] == [steps] * world
             assert all(size == 7 for s in seen for size in s["sizes"])
             samples = [tuple(x) for s in seen for x in s["samples"]]
             assert len(samples) == len(set(samples))  # nothing twice
@@ -481,7 +507,7 @@ def test_ranks_under_the_launcher_split_every_epoch_exactly(many_class_shards, t
             if split == "val":
                 assert {k for k, _ in samples} == set(labels["val"])  # every val sample, at every eval
             else:
-                assert len(samples) == 3 * 11 * 7
+                assert len(samples) == world * train_steps * 7
     train_orders = [[k for r in ranks for k, _ in r["train"][epoch]["samples"]] for epoch in range(3)]
     assert train_orders[0] != train_orders[1] != train_orders[2]
 

@@ -2,12 +2,15 @@
 
     python tools/check_parity.py --processor NAME_OR_DIR --images DIR [--device cpu|gpu]
                                  [--resize dali|torch|pillow]
+    python tools/check_parity.py --decoder-only --images DIR [--device cpu|gpu]
 
 Runs the eval pipeline and the processor's PIL backend (the reference) on the same image files
 and prints, per image and overall, the difference in 0-255 grey levels (|a - b| x std x 255):
 mean, 99th percentile, max, and max away from the border (3 pixels in from each edge). The last
 line is one JSON object with the overall figures. `--resize` picks the eval resize as
 `create_loader(resize=...)` does (default: the loader's default for the device).
+`--decoder-only` compares DALI's decoded RGB pixels with Pillow's decode instead (no processor):
+which part of a difference the decoder makes, and which the resize.
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ def grey_level_differences(processor, files: list[Path], *, gpu: bool = False, r
     return differences
 
 
+def decoder_differences(files: list[Path], *, gpu: bool = False) -> list[np.ndarray]:
+    """Per file, |DALI's decoded RGB - Pillow's| in grey levels, shaped (3, H, W)."""
+    pipe = file_pipeline(files=[str(f) for f in files], spec=None, gpu=gpu, batch_size=len(files), num_threads=2,
+                         device_id=device_id_of("cuda" if gpu else "cpu"), decode_only=True)
+    pipe.build()
+    (images,) = pipe.run()
+    if gpu:
+        images = images.as_cpu()
+    return [np.abs(np.asarray(images.at(i), dtype=np.int16) - np.asarray(Image.open(path).convert("RGB"), dtype=np.int16))
+            .transpose(2, 0, 1).astype(np.float64) for i, path in enumerate(files)]
+
+
 def summarize(differences: list[np.ndarray]) -> dict:
     values = np.concatenate([d.ravel() for d in differences])
     return {
@@ -81,20 +96,25 @@ def summarize(differences: list[np.ndarray]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processor", required=True, help="hub name or folder with preprocessor_config.json")
+    parser.add_argument("--processor", help="hub name or folder with preprocessor_config.json")
     parser.add_argument("--images", required=True, type=Path, help="folder of image files")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--resize", choices=RESIZES, help="eval resize (default: torch on cpu, dali on gpu)")
+    parser.add_argument("--decoder-only", action="store_true", help="compare the decoded pixels with Pillow's decode")
     args = parser.parse_args(argv)
+    if not args.processor and not args.decoder_only:
+        parser.error("--processor is required (or --decoder-only)")
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         print(f"check_parity: error: no image files in {args.images}", file=sys.stderr)
         return 2
+    gpu = args.device == "gpu"
     try:
-        processor = load_processor(args.processor)
-        gpu = args.device == "gpu"
-        differences = grey_level_differences(processor, files, gpu=gpu,
-                                             resize=args.resize or default_resize(gpu=gpu, train=False))
+        if args.decoder_only:
+            differences = decoder_differences(files, gpu=gpu)
+        else:
+            differences = grey_level_differences(load_processor(args.processor), files, gpu=gpu,
+                                                 resize=args.resize or default_resize(gpu=gpu, train=False))
     except (ProcessorError, NoGPUError) as e:
         print(f"check_parity: error: {e}", file=sys.stderr)
         return 2
