@@ -97,6 +97,16 @@ def test_torch_eval_resize_is_closer_to_the_pil_backend_than_dalis(name, parity_
     assert figures["mean"] <= 0.05 and figures["p99"] <= 1 and figures["max"] <= 3, figures
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", PROCESSORS)
+@pytest.mark.parametrize("resize, bounds", [("dali", dict(mean=0.25, p99=2, max=16)), ("pillow", dict(mean=0.1, max=4))])
+def test_gpu_eval_pipeline_matches_the_hf_processor(name, resize, bounds, parity_images):
+    """The GPU eval path (nvJPEG with libjpeg-turbo's chroma upsampling) against the processor's PIL
+    backend: the bounds asked for, not yet measured on a GPU."""
+    figures = summarize(grey_level_differences(PROCESSORS[name](), parity_images, gpu=True, resize=resize))
+    assert all(figures[key] <= bound for key, bound in bounds.items()), (resize, figures)
+
+
 def test_pil_resize_equals_pillow_for_any_sizes():
     """Random sizes up and down, every filter: both pass orders of Pillow 13 and its NEAREST path."""
     import random

@@ -51,6 +51,7 @@ class TrainArgs:
     precision: str = arg("auto", "auto: bf16 where the hardware has it, else fp16 on GPU and fp32 on CPU",
                          choices=["auto", "bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    compile: bool = arg(False, "torch.compile the model inside the DeepSpeed engine (DeepSpeed's engine.compile)")
     channels_last: bool = arg(False, "channels-last input (faster convolutions on GPU)")
     seed: int = arg(0, "seed of model init, data order and augmentation")
 

@@ -361,6 +361,8 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
     with deepspeed_arch_list():  # DeepSpeed's builder cannot parse Hopper entries such as 9.0a
         engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config,
                                           lr_scheduler=schedule)
+    if args.compile:
+        engine.compile()
     return engine
 
 
