@@ -424,3 +424,16 @@ def test_compile_trains_the_same_under_zero3_with_gradient_checkpointing_and_res
            "--micro_batch_size", "16", "--log_steps", "1", "--save_steps", "2", "--gradient_checkpointing",
            "--wandb_mode", "disabled", "--compile", "--resume", "auto"])
     assert [m["train/loss"] for m in metrics(out) if "train/loss" in m] == pytest.approx(runs["compiled"], rel=1e-5)
+
+
+def test_metrics_that_cannot_be_written_are_a_write_error_naming_the_file(tmp_path):
+    from train.checkpoint import WriteError
+    from train.metrics import RunLogger
+
+    logger = RunLogger(output_dir=tmp_path, enabled=True, mode="disabled", project="p", name="n", config={},
+                       run_id=None, resume_step=None)
+    logger.log(1, {"train/loss": 1.0})
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()  # what a vanished or unwritable file looks like to open()
+    with pytest.raises(WriteError, match=rf"writing {tmp_path / 'metrics.jsonl'} failed: Is a directory"):
+        logger.log(2, {"train/loss": 1.0})
