@@ -437,3 +437,27 @@ def test_metrics_that_cannot_be_written_are_a_write_error_naming_the_file(tmp_pa
     (tmp_path / "metrics.jsonl").mkdir()  # what a vanished or unwritable file looks like to open()
     with pytest.raises(WriteError, match=rf"writing {tmp_path / 'metrics.jsonl'} failed: Is a directory"):
         logger.log(2, {"train/loss": 1.0})
+
+
+def test_eval_split_test_evaluates_on_the_test_shards(files, tmp_path):
+    from make_shards import make_shards
+
+    src = tmp_path / "src"
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        for c in range(4):
+            for i in range(n):
+                folder = src / split / f"class{c}"
+                folder.mkdir(parents=True, exist_ok=True)
+                photo(40 * c + 10 * ["train", "validation", "test"].index(split) + i, (48, 40)).save(folder / f"{i}.jpg")
+    make_shards(src=src, out=tmp_path / "shards", progress=False)
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--data",
+            str(tmp_path / "shards"), "--max_steps", "2", "--micro_batch_size", "6", "--wandb_mode", "disabled"]
+    done = train(args + ["--eval_split", "test"], ranks=None)
+    assert "24 train / 12 test images" in done.stdout
+    assert [e["eval/samples_counted"] for e in evals(out)] == [12]  # the 12 test images, not the 8 val ones
+    assert json.loads((out / "run_config.json").read_text())["eval_split"] == "test"
+    no_test = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "x"),
+                     "--eval_split", "test", "--wandb_mode", "disabled"], ranks=None, check=False)
+    assert no_test.returncode == 2 and f"--eval_split test: {files['photos']} has no test samples" in no_test.stderr
+    assert no_test.stderr.count("  - ") == 1  # the only problem

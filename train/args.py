@@ -65,6 +65,8 @@ class TrainArgs:
                                   choices=["dali", "torch", "pillow"])
     data_threads: int | None = arg(None, "DALI threads per rank (default: this rank's share of the CPU cores; half of it when training on CPU)")
 
+    eval_split: str = arg("val", "the split every eval runs on (test: the shards of a source's test/ folder)",
+                          choices=["val", "test"])
     eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")
     save_steps: int | None = arg(None, "checkpoint every N steps, and at the end (default: at every eval)")
     save_total_limit: int = arg(2, "recent checkpoints to keep, besides the best by top-1")

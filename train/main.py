@@ -216,7 +216,10 @@ def setup(args: TrainArgs) -> Run:
     manifest, classes, val_samples = None, [], 0
     try:
         manifest, classes = load_manifest(data), load_classes(data)
-        val_samples = manifest["splits"].get("val", {}).get("samples", 0)
+        val_samples = manifest["splits"].get(args.eval_split, {}).get("samples", 0)
+        if not val_samples and "eval_split" in args.given:
+            problems.append(f"--eval_split {args.eval_split}: {data} has no {args.eval_split} samples "
+                            f"(make_shards writes test/ from a test/ folder of the source)")
     except ShardFormatError as e:
         problems.append(f"--data: {e}")
 
@@ -266,7 +269,7 @@ def setup(args: TrainArgs) -> Run:
             train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment,
                                          state=trainer_state.get("train_loader"), **loader_args)
             if val_samples:
-                eval_loader = create_loader(split="val", batch_size=args.eval_batch_size or micro, train=False,
+                eval_loader = create_loader(split=args.eval_split, batch_size=args.eval_batch_size or micro, train=False,
                                             resize=args.eval_resize, **loader_args)
         except (ShardFormatError, ValueError) as e:
             problems.append(f"--data {data}: {e}")
@@ -304,7 +307,7 @@ def setup(args: TrainArgs) -> Run:
     run_config = {"args": asdict(args), "deepspeed": ds_config, "preprocess": asdict(spec), "precision": precision,
                   "world_size": world, "device": device.type, "data": str(data), "classes": len(classes),
                   "train_samples": manifest["splits"]["train"]["samples"],
-                  "val_samples": val_samples,
+                  "val_samples": val_samples, "eval_split": args.eval_split,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "train_flops_per_image": flops, "peak_tflops": peak}
     if rank == 0:
@@ -331,7 +334,7 @@ def setup(args: TrainArgs) -> Run:
     if rank == 0:
         zero = ds_config.get("zero_optimization", {}).get("stage", 0)
         print(f"train: {world} rank(s) on {device.type}, {precision}, ZeRO-{zero}; {data}: "
-              f"{run_config['train_samples']} train / {run_config['val_samples']} val images, {len(classes)} classes; "
+              f"{run_config['train_samples']} train / {val_samples} {args.eval_split} images, {len(classes)} classes; "
               f"{type(model).__name__} ({run_config['parameters'] / 1e6:.2f}M parameters)\n"
               f"train: {total_steps} steps ({steps_per_epoch} per epoch) of {ds_config['train_batch_size']} images "
               f"= {micro} micro x {accum} accumulation x {world} ranks\n"
