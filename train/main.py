@@ -201,91 +201,30 @@ class PeerWatch:
 def setup(args: TrainArgs) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    accelerator = get_accelerator()
-    device = torch.device(accelerator.device_name(local_rank)) if accelerator.device_name() != "cpu" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:  # ranks on one CPU share its cores
-        torch.set_num_threads(_cpu_share())
+    device = _device(local_rank)
     problems: list[str] = []
-
     builtin = args.data is None
     if builtin:
         args = _with_recipe(args, BUILTIN_RECIPE)
-    data = builtin_digits(local_rank=local_rank) if builtin else Path(args.data)
-    manifest, classes, val_samples = None, [], 0
-    try:
-        manifest, classes = load_manifest(data), load_classes(data)
-        val_samples = manifest["splits"].get(args.eval_split, {}).get("samples", 0)
-        if not val_samples and "eval_split" in args.given:
-            problems.append(f"--eval_split {args.eval_split}: {data} has no {args.eval_split} samples "
-                            f"(make_shards writes test/ from a test/ folder of the source)")
-    except ShardFormatError as e:
-        problems.append(f"--data: {e}")
-
+    data, manifest, classes, eval_samples = _data(args, local_rank=local_rank, problems=problems)
     ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
     precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
-
-    model_config, processor = args.model_config, args.processor
-    if not args.model and not model_config:
-        if builtin:
-            model_config, processor = BUILTIN_MODEL, processor or builtin_processor()
-        else:
-            problems.append("no model: pass --model NAME_OR_DIR (pretrained) or --model_config JSON (random init)")
-    model = image_processor = spec = None
-    if classes and (args.model or model_config):
-        torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
-        model, image_processor = build_model(model=args.model, model_config=model_config, processor=processor,
-                                             classes=classes, problems=problems)
-    elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
-        model_source(model=args.model, model_config=args.model_config, problems=problems)
-    if image_processor is not None:
-        try:
-            spec = spec_from_processor(image_processor)
-        except ProcessorError as e:
-            problems.append(f"image processor: {e}")
-    if args.gradient_checkpointing and model is not None and not model.supports_gradient_checkpointing:
-        problems.append(f"--gradient_checkpointing: {type(model).__name__} does not support it")
+    model, image_processor, spec = _model(args, builtin=builtin, classes=classes, problems=problems)
 
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
-    resume, trainer_state = None, {}
     resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
     problems += resume_problems
+    trainer_state = {}
     if resume is not None:
         trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes, problems=problems)
 
-    micro = ds_config.get("train_micro_batch_size_per_gpu")
-    accum = ds_config.get("gradient_accumulation_steps")
     train_loader = eval_loader = None
     if not problems:
-        loader_args = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
-                           dtype=DTYPES[precision], channels_last=args.channels_last,
-                           num_threads=args.data_threads or _data_threads(device),
-                           expected_size=model_input_size(model),
-                           verify_hashes=not args.skip_shard_hashes)
-        try:
-            augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
-                       "auto_augment": args.auto_augment}
-            train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment,
-                                         state=trainer_state.get("train_loader"), **loader_args)
-            if val_samples:
-                eval_loader = create_loader(split=args.eval_split, batch_size=args.eval_batch_size or micro, train=False,
-                                            resize=args.eval_resize, **loader_args)
-        except (ShardFormatError, ValueError) as e:
-            problems.append(f"--data {data}: {e}")
-
-    steps_per_epoch = total_steps = 0
-    schedule = None
-    if train_loader is not None:
-        steps_per_epoch = len(train_loader) // accum
-        if steps_per_epoch == 0:
-            problems.append(f"one epoch of {data}/train is {len(train_loader)} micro batches per rank, fewer than "
-                            f"--grad_accum {accum}; lower the micro batch or the accumulation")
-        total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-        warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
-        schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
-        if autos := find_autos(ds_config):
-            problems.append(f"{args.ds_config}: nothing fills {', '.join(autos)} (\"auto\"); set values")
+        train_loader, eval_loader = _loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
+                                             precision=precision, device=device, eval_samples=eval_samples,
+                                             state=trainer_state.get("train_loader"), problems=problems)
+    steps_per_epoch, total_steps, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
+                                                       problems=problems)
     _agree(problems)
     if problems:
         raise ConfigError(problems)
@@ -307,7 +246,7 @@ def setup(args: TrainArgs) -> Run:
     run_config = {"args": asdict(args), "deepspeed": ds_config, "preprocess": asdict(spec), "precision": precision,
                   "world_size": world, "device": device.type, "data": str(data), "classes": len(classes),
                   "train_samples": manifest["splits"]["train"]["samples"],
-                  "val_samples": val_samples, "eval_split": args.eval_split,
+                  "val_samples": eval_samples, "eval_split": args.eval_split,
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "train_flops_per_image": flops, "peak_tflops": peak}
     if rank == 0:
@@ -334,13 +273,106 @@ def setup(args: TrainArgs) -> Run:
     if rank == 0:
         zero = ds_config.get("zero_optimization", {}).get("stage", 0)
         print(f"train: {world} rank(s) on {device.type}, {precision}, ZeRO-{zero}; {data}: "
-              f"{run_config['train_samples']} train / {val_samples} {args.eval_split} images, {len(classes)} classes; "
+              f"{run_config['train_samples']} train / {eval_samples} {args.eval_split} images, {len(classes)} classes; "
               f"{type(model).__name__} ({run_config['parameters'] / 1e6:.2f}M parameters)\n"
               f"train: {total_steps} steps ({steps_per_epoch} per epoch) of {ds_config['train_batch_size']} images "
-              f"= {micro} micro x {accum} accumulation x {world} ranks\n"
+              f"= {ds_config['train_micro_batch_size_per_gpu']} micro x {ds_config['gradient_accumulation_steps']} "
+              f"accumulation x {world} ranks\n"
               f"train: output in {output_dir}; W&B {mode} ({why})"
               + (f"\ntrain: resuming from {resume} (step {run.step})" if resume else ""))
     return run
+
+
+def _device(local_rank: int) -> torch.device:
+    """This rank's device (DeepSpeed's accelerator); CPU ranks on one machine share its cores."""
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        torch.set_num_threads(_cpu_share())
+        return torch.device("cpu")
+    device = torch.device(accelerator.device_name(local_rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _data(args: TrainArgs, *, local_rank: int, problems: list[str]) -> tuple[Path, dict | None, list[str], int]:
+    """(the shard folder, its manifest, the class names, the samples of the eval split)."""
+    data = builtin_digits(local_rank=local_rank) if args.data is None else Path(args.data)
+    try:
+        manifest, classes = load_manifest(data), load_classes(data)
+    except ShardFormatError as e:
+        problems.append(f"--data: {e}")
+        return data, None, [], 0
+    eval_samples = manifest["splits"].get(args.eval_split, {}).get("samples", 0)
+    if not eval_samples and "eval_split" in args.given:
+        problems.append(f"--eval_split {args.eval_split}: {data} has no {args.eval_split} samples "
+                        f"(make_shards writes test/ from a test/ folder of the source)")
+    return data, manifest, classes, eval_samples
+
+
+def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list[str]):
+    """(model, image processor, preprocessing spec), each None where a problem was found."""
+    model_config, processor = args.model_config, args.processor
+    if not args.model and not model_config:
+        if builtin:
+            model_config, processor = BUILTIN_MODEL, processor or builtin_processor()
+        else:
+            problems.append("no model: pass --model NAME_OR_DIR (pretrained) or --model_config JSON (random init)")
+    model = image_processor = spec = None
+    if classes and (args.model or model_config):
+        torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
+        model, image_processor = build_model(model=args.model, model_config=model_config, processor=processor,
+                                             classes=classes, problems=problems)
+    elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
+        model_source(model=args.model, model_config=args.model_config, problems=problems)
+    if image_processor is not None:
+        try:
+            spec = spec_from_processor(image_processor)
+        except ProcessorError as e:
+            problems.append(f"image processor: {e}")
+    if args.gradient_checkpointing and model is not None and not model.supports_gradient_checkpointing:
+        problems.append(f"--gradient_checkpointing: {type(model).__name__} does not support it")
+    return model, image_processor, spec
+
+
+def _loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, precision: str, device: torch.device,
+             eval_samples: int, state: dict | None, problems: list[str]):
+    """(train loader, eval loader or None), or (None, None) with the problem noted."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    common = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
+                  dtype=DTYPES[precision], channels_last=args.channels_last,
+                  num_threads=args.data_threads or _data_threads(device), expected_size=model_input_size(model),
+                  verify_hashes=not args.skip_shard_hashes)
+    augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
+               "auto_augment": args.auto_augment}
+    try:
+        train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment, state=state, **common)
+        eval_loader = None
+        if eval_samples:
+            eval_loader = create_loader(split=args.eval_split, batch_size=args.eval_batch_size or micro, train=False,
+                                        resize=args.eval_resize, **common)
+    except (ShardFormatError, ValueError) as e:
+        problems.append(f"--data {data}: {e}")
+        return None, None
+    return train_loader, eval_loader
+
+
+def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, problems: list[str]):
+    """(steps per epoch, total steps, the learning-rate schedule for deepspeed.initialize)."""
+    if train_loader is None:
+        return 0, 0, None
+    accum = ds_config["gradient_accumulation_steps"]
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        problems.append(f"one epoch of {data}/train is {len(train_loader)} micro batches per rank, fewer than "
+                        f"--grad_accum {accum}; lower the micro batch or the accumulation")
+    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
+    schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
+    if autos := find_autos(ds_config):
+        problems.append(f"{args.ds_config}: nothing fills {', '.join(autos)} (\"auto\"); set values")
+    return steps_per_epoch, total_steps, schedule
 
 
 def _perf_figures(args: TrainArgs, model, *, spec, classes: list[str], device: torch.device,
