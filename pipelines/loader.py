@@ -60,8 +60,9 @@ class PipelineError(RuntimeError):
 
 
 def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train: bool,
-              hash_share: tuple[int, int] | None = None) -> dict:
-    """The split's manifest entry, after checking that its shards can serve this run.
+              hash_share: tuple[int, int] | None = None) -> SampleTable:
+    """The split's samples (each index file read once), after checking that its shards can serve
+    this run.
 
     Checks, before any batch: the manifest (and that its run did not fail), that every shard and
     index file exists with the manifest's size and sample count, and that a training rank gets at
@@ -75,17 +76,19 @@ def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train
     info = manifest["splits"].get(split)
     if not info or not info["samples"]:
         raise ShardFormatError(f"{data}: split {split!r} is empty (make_shards --val-fraction 0 writes no val)")
-    problems = []
+    problems, indexes = [], []
     for n, record in enumerate(info["shards"]):
         tar, idx = data / split / record["name"], data / split / record["index"]
         if not tar.is_file() or not idx.is_file():
             problems.append(f"{tar if not tar.is_file() else idx}: missing")
         elif tar.stat().st_size != record["bytes"]:
             problems.append(f"{tar}: {tar.stat().st_size} bytes, manifest says {record['bytes']} (truncated or modified)")
-        elif len(read_index(idx)) != record["samples"]:
+        elif len(index := read_index(idx)) != record["samples"]:
             problems.append(f"{idx}: sample count differs from the manifest")
         elif hash_share and n % hash_share[1] == hash_share[0] and file_sha256(tar) != record["sha256"]:
             problems.append(f"{tar}: sha256 differs from the manifest (modified after sharding)")
+        else:
+            indexes.append(index)
     if problems:
         raise ShardFormatError("; ".join(problems) + f" (tools/verify_shards.py {data} checks everything)")
     if train and info["samples"] // world_size < batch_size:
@@ -93,7 +96,7 @@ def preflight(*, data: Path, split: str, world_size: int, batch_size: int, train
             f"{data}/{split}: {info['samples']} samples over {world_size} ranks is less than one batch of "
             f"{batch_size} per rank; lower the micro batch size"
         )
-    return info
+    return SampleTable([data / split / record["name"] for record in info["shards"]], indexes)
 
 
 def create_loader(
@@ -139,9 +142,8 @@ def create_loader(
     if expected_size is not None and tuple(expected_size) != spec.output_size:
         raise ValueError(f"the model expects {tuple(expected_size)} images but {spec.processor} "
                          f"produces {spec.output_size}; use the model's own processor")
-    info = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train,
-                     hash_share=(rank, world_size) if verify_hashes else None)
-    table = SampleTable([Path(data) / split / r["name"] for r in info["shards"]])
+    table = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train,
+                      hash_share=(rank, world_size) if verify_hashes else None)
     source = EpochSource(table, rank=rank, world_size=world_size, batch_size=batch_size, shuffle=train, seed=seed,
                          full_batches=train)
     pipe = shard_pipeline(
@@ -217,7 +219,7 @@ class DaliLoader:
                  state: dict | None, spec: PreprocessSpec, resize: str):
         self.pipe, self.source, self.spec, self.resize = pipe, source, spec, resize
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
-        self.batch_size, self.steps = source.batch_size, source.steps
+        self.steps = source.steps
         self.epoch = (state or {}).get("epoch", 0)
         self.step = (state or {}).get("step", 0)  # batches of the current epoch already returned
 

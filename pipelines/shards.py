@@ -268,18 +268,19 @@ class ShardWriter:
 # --- reading and verifying ---------------------------------------------------------------
 
 class SampleTable:
-    """Where every sample of a split lives, from its DALI index files, and reading sample i with
-    one `pread` (a sample's members are adjacent in the tar: `.cls`, then `.jpg`).
+    """Where every sample of a split lives, from the parsed DALI index of each tar (`read_index`),
+    and reading sample i with one `pread` (a sample's members are adjacent in the tar: `.cls`,
+    then `.jpg`).
 
     About 100 bytes a sample in numpy arrays (ImageNet's 1.28M: about 130 MB with the keys), so
     that a loader can visit the samples in any order.
     """
 
-    def __init__(self, tars: list[Path]):
+    def __init__(self, tars: list[Path], indexes: list[list[list[Member]]]):
         self.tars = [Path(t) for t in tars]
         keys, rows = [], []
-        for n, tar in enumerate(self.tars):
-            for sample in read_index(tar.with_name(index_name(tar.name))):
+        for n, (tar, index) in enumerate(zip(self.tars, indexes, strict=True)):
+            for sample in index:
                 members = {m.ext: m for m in sample}
                 if set(members) != {"cls", "jpg"}:
                     raise ShardFormatError(f"{tar}: sample {sample[0].name}: members {sorted(members)}, expected cls and jpg")
@@ -311,14 +312,6 @@ class SampleTable:
         if len(data) != length:
             raise ShardFormatError(f"{self.where(i)}: the tar ends before the sample (truncated after indexing)")
         return data[jpg_at : jpg_at + jpg_size], data[cls_at : cls_at + cls_size]
-
-    def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-    def __getstate__(self):  # open files do not travel to other processes
-        return {**self.__dict__, "_files": {}}
 
 
 def load_manifest(root: Path, *, allow_errors: bool = False) -> dict:

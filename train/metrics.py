@@ -19,6 +19,7 @@ from train.checkpoint import WriteError, write_atomic, write_failure
 
 STEP = "trainer/step"  # the x axis of every chart
 
+
 def default_wandb_mode() -> tuple[str, str]:
     """(mode, why): WANDB_MODE if set, online with an API key configured, else offline."""
     if os.environ.get("WANDB_MODE"):
