@@ -20,6 +20,7 @@ setup(
         "scikit-learn>=1.9,<2",  # the built-in digits dataset
     ],
     extras_require={
-        "test": ["pytest>=9,<10", "scikit-image>=0.26,<0.27"],
+        "datasets": ["datasets>=5.2,<6"],  # make_shards reads Hugging Face datasets
+        "test": ["pytest>=9,<10", "scikit-image>=0.26,<0.27", "datasets>=5.2,<6"],
     },
 )

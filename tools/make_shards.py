@@ -5,7 +5,9 @@
 SRC is either `SRC/<class>/**/<image>` (split into train/val here, stratified per class over the
 valid images) or split folders `SRC/train/<class>/...` + `SRC/val/<class>/...` (also `validation`,
 `valid`, `dev`; and `test`), kept as given; `sklearn:digits` shards
-scikit-learn's bundled handwritten digits (real images, 10 classes, no download).
+scikit-learn's bundled handwritten digits (real images, 10 classes, no download). SRC can also be a
+Hugging Face dataset: a `save_to_disk` folder, Parquet files (a folder or a glob) or `hf:NAME[:CONFIG]`,
+streamed row by row, its splits and ClassLabel names kept (pipelines/hf_source.py).
 
 Every `.jpg` written is a baseline 8-bit RGB or grayscale JPEG: clean JPEGs are copied byte
 for byte, everything else is decoded and re-encoded once. Transparent images are composited
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -31,11 +34,13 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipelines.hf_source import HFSource, HFSourceError, is_hf_source, open_source
 from pipelines.shards import (
     CLASSES_FILE,
     MANIFEST_FILE,
@@ -50,6 +55,7 @@ from pipelines.shards import (
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 BUILTIN_SOURCES = ("sklearn:digits",)
+CHUNK = 4096  # inputs in flight to the workers at a time
 
 
 class ShardingError(Exception):
@@ -71,14 +77,17 @@ class Source:
 
 # --- one image ----------------------------------------------------------------------------
 
-def convert_image(path: str, opts: EncodeOptions) -> tuple[str, bytes | str | None, list[str]]:
-    """("ok", new jpeg bytes, conversion reasons), ("ok", None, []) for a file to copy as it
-    is (cheaper than sending its bytes between processes), or ("skip", reason, [detail])."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return "skip", "unreadable", [str(e)]
+def convert_image(image: str | bytes | None, opts: EncodeOptions) -> tuple[str, bytes | str | None, list[str]]:
+    """("ok", new jpeg bytes, conversion reasons), ("ok", None, []) for an input to copy as it
+    is (cheaper than sending its bytes between processes), or ("skip", reason, [detail]).
+    `image` is a file's path or its bytes (a dataset row's)."""
+    data = image
+    if isinstance(image, str):
+        try:
+            with open(image, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return "skip", "unreadable", [str(e)]
     if not data:
         return "skip", "empty", ["zero bytes"]
     try:
@@ -267,24 +276,31 @@ def export_digits(dest: Path) -> Path:
 
 # --- the whole run ------------------------------------------------------------------------
 
-def check_inputs(folder: Path, paths: list[str], *, stage, workers: int | None, progress: bool,
-                 opts: EncodeOptions) -> tuple[dict[str, tuple[int, int] | None], list[dict], list[dict]]:
-    """Decodes (and where needed converts) every input, in order, whatever the number of workers:
-    ({relpath: (offset, size) of its converted JPEG in `stage`, or None to copy the file as it is},
-    the converted inputs with their reasons, the skipped ones with theirs)."""
+def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int | None, stage, keep_all: bool,
+                 workers: int | None, progress: bool, opts: EncodeOptions) -> tuple[dict, list[dict], list[dict]]:
+    """Decodes (and where needed converts) every input, a (relpath, path or bytes) pair, in order
+    whatever the number of workers: ({relpath: (offset, size) of its JPEG in `stage`, or None to
+    copy the file as it is}, the converted inputs with their reasons, the skipped ones with theirs).
+    With `keep_all` every valid input is staged (dataset rows cannot be read again).
+    Inputs go to the workers a chunk at a time, so memory stays bounded on a stream of rows."""
     staged, converted, skipped = {}, [], []
-    with Pool(workers or os.cpu_count()) as pool:
-        results = pool.imap(partial(convert_image, opts=opts), [os.path.join(folder, p) for p in paths], chunksize=16)
-        for relpath, (status, payload, info) in tqdm(zip(paths, results), total=len(paths), unit="img",
-                                                     disable=not progress, desc="checking"):
-            if status == "skip":
-                skipped.append({"path": relpath, "reason": payload, "detail": info[0]})
-                continue
-            staged[relpath] = None if payload is None else (stage.tell(), len(payload))
-            if payload is not None:
-                stage.write(payload)
-            if info:  # conversion reasons
-                converted.append({"path": relpath, "reasons": info})
+    inputs = iter(inputs)
+    with Pool(workers or os.cpu_count()) as pool, tqdm(total=total, unit="img", disable=not progress,
+                                                         desc="checking") as bar:
+        while chunk := list(itertools.islice(inputs, CHUNK)):
+            results = pool.imap(partial(convert_image, opts=opts), [image for _, image in chunk], chunksize=16)
+            for (relpath, image), (status, payload, info) in zip(chunk, results):
+                bar.update(1)
+                if status == "skip":
+                    skipped.append({"path": relpath, "reason": payload, "detail": info[0]})
+                    continue
+                if payload is None and keep_all:
+                    payload = image if isinstance(image, bytes) else Path(image).read_bytes()
+                staged[relpath] = None if payload is None else (stage.tell(), len(payload))
+                if payload is not None:
+                    stage.write(payload)
+                if info:  # conversion reasons
+                    converted.append({"path": relpath, "reasons": info})
     return staged, converted, skipped
 
 
@@ -318,6 +334,82 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+class FolderInputs:
+    """An image folder's inputs: known, with their classes and splits, before any is read."""
+
+    keep_all = False  # files can be read again: only converted ones are staged
+
+    def __init__(self, folder: Path, *, classes_file: Path | None, description: str):
+        self.folder, self.description, self.details = folder, description, {}
+        self.classes, self.files, self.skipped, self.layout = find_sources(folder, classes_file=classes_file)
+        self.paths = sorted(p for per_class in self.files.values() for ps in per_class.values() for p in ps)
+        self.total = len(self.paths)
+
+    def items(self):
+        return ((p, os.path.join(self.folder, p)) for p in self.paths)
+
+    def finish(self) -> list[str]:
+        return self.classes
+
+
+class DatasetInputs:
+    """A Hugging Face dataset's rows, streamed: splits and labels are learnt while reading."""
+
+    keep_all, layout, folder = True, "hf_dataset", None
+
+    def __init__(self, source: HFSource, *, classes_file: Path | None):
+        self.source, self.description, self.details = source, source.description, {"hf": source.manifest()}
+        self.classes = load_class_list(classes_file) if classes_file else source.classes
+        self.classes_file = classes_file
+        self.files: dict[str | None, dict[str, list[str]]] = {split: {} for split in source.splits}
+        self.skipped: list[dict] = []
+        self.total = source.total
+
+    def items(self):
+        for split, name, image, label in self.source.rows():
+            if label is None:
+                self.skipped.append({"path": name, "reason": "unlabeled", "detail": f"no {self.source.label_column}"})
+                continue
+            self.files[split].setdefault(label, []).append(name)
+            yield name, image
+
+    def finish(self) -> list[str]:
+        """The class names, once every row was read: the ClassLabel's or --classes (in their order),
+        else the labels found (integers in numeric order)."""
+        found = set().union(*(per_class.keys() for per_class in self.files.values()))
+        if self.classes is None:
+            return sorted(found, key=lambda n: (0, int(n), "") if re.fullmatch(r"-?\d+", n) else (1, 0, n))
+        if unknown := sorted(found - set(self.classes)):
+            raise ShardingError(f"labels {unknown[:5]} of {self.description} are not in --classes {self.classes_file}")
+        return self.classes
+
+
+def open_inputs(src: str | Path, out: Path, *, stack: contextlib.ExitStack, classes_file: Path | None,
+                image_column: str | None, label_column: str | None, splits: dict[str, str] | None):
+    """The inputs of `src`: the built-in digits, a Hugging Face dataset or an image folder."""
+    if str(src) in BUILTIN_SOURCES:
+        folder = export_digits(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        return FolderInputs(folder, classes_file=classes_file, description=str(src))
+    if is_hf_source(str(src)):
+        if not str(src).startswith("hf:") and out.is_relative_to(Path(str(src).split("*")[0]).resolve()):
+            raise ShardingError(f"OUT {out} must not be inside SRC {src}")
+        where = str(src) if str(src).startswith("hf:") else os.path.abspath(str(src))
+        try:
+            return DatasetInputs(open_source(where, image_column=image_column, label_column=label_column,
+                                             splits=splits), classes_file=classes_file)
+        except HFSourceError as e:
+            raise ShardingError(str(e)) from None
+    if image_column or label_column or splits:
+        raise ShardingError(f"--image-column, --label-column and --splits apply to Hugging Face datasets; {src} is "
+                            f"an image folder")
+    folder = Path(src).resolve()
+    if not folder.is_dir():
+        raise ShardingError(f"source folder {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
+    if out == folder or folder in out.parents:
+        raise ShardingError(f"OUT {out} must not be inside SRC {folder}")
+    return FolderInputs(folder, classes_file=classes_file, description=str(folder))
+
+
 def make_shards(
     *,
     src: str | Path,
@@ -334,12 +426,17 @@ def make_shards(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    splits: dict[str, str] | None = None,
 ) -> dict:
     """Write shards, classes.json and manifest.json under `out`; returns the manifest.
 
-    Raises ShardingError for unusable input or options, before any work. A run that skips
-    more than `max_bad_fraction` of its inputs, or leaves a class without a train sample,
-    still writes everything and lists why under the manifest's "errors" (loaders refuse it).
+    `src` is an image folder, a Hugging Face dataset (pipelines/hf_source.py: `image_column`,
+    `label_column` and `splits` choose its columns and splits) or a built-in source. Raises
+    ShardingError for unusable input or options, before any work where it can be known then. A
+    run that skips more than `max_bad_fraction` of its inputs, or leaves a class without a train
+    sample, still writes everything and lists why under the manifest's "errors" (loaders refuse it).
     """
     options = dict(val_fraction=val_fraction, seed=seed, classes=str(classes_file) if classes_file else None,
                    quality=quality, max_side=max_side, min_side=min_side, max_count=max_count,
@@ -352,31 +449,24 @@ def make_shards(
         raise ShardingError(f"--quality must be in 1..100, got {quality}")
     out = Path(out).resolve()
     with contextlib.ExitStack() as stack:
-        if str(src) in BUILTIN_SOURCES:
-            folder = export_digits(Path(stack.enter_context(tempfile.TemporaryDirectory())))
-        else:
-            folder = Path(src).resolve()
-            if not folder.is_dir():
-                raise ShardingError(f"source folder {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
-            if out == folder or folder in out.parents:
-                raise ShardingError(f"OUT {out} must not be inside SRC {folder}")
-        classes, files, skipped, layout = find_sources(folder, classes_file=classes_file)
+        inputs = open_inputs(src, out, stack=stack, classes_file=classes_file, image_column=image_column,
+                             label_column=label_column, splits=splits)
         prepare_output(out, overwrite=overwrite)
         start = time.perf_counter()
-        paths = sorted(p for per_class in files.values() for ps in per_class.values() for p in ps)
-        inputs = len(paths) + len(skipped)  # skipped so far: the non-image files
         # Every input is checked (and converted where needed) before the val split is drawn from the
         # valid ones; converted JPEGs wait in a staging file, so each input is decoded once.
         staging = out / ".staged.tmp"
         try:
             with open(staging, "w+b") as stage:
-                staged, converted, bad = check_inputs(folder, paths, stage=stage, workers=workers, progress=progress,
+                staged, converted, bad = check_inputs(inputs.items(), total=inputs.total, stage=stage,
+                                                      keep_all=inputs.keep_all, workers=workers, progress=progress,
                                                       opts=EncodeOptions(quality, max_side, min_side))
-                skipped += bad
-                splits = split_valid(files, set(staged), label={name: i for i, name in enumerate(classes)},
-                                     val_fraction=val_fraction, rng=random.Random(seed))
-                writers, per_class = write_splits(splits, out=out, folder=folder, staged=staged, stage=stage,
-                                                  max_count=max_count, max_size=max_size, progress=progress)
+                classes = inputs.finish()
+                skipped = inputs.skipped + bad
+                split_samples = split_valid(inputs.files, set(staged), label={name: i for i, name in enumerate(classes)},
+                                            val_fraction=val_fraction, rng=random.Random(seed))
+                writers, per_class = write_splits(split_samples, out=out, folder=inputs.folder, staged=staged,
+                                                  stage=stage, max_count=max_count, max_size=max_size, progress=progress)
         except OSError as e:
             raise ShardingError(f"{e.strerror or e} ({e.filename or out}) while writing {out}; the complete shards "
                                 f"stay, no manifest was written: free space (or fix the permissions) and rerun "
@@ -385,20 +475,23 @@ def make_shards(
             staging.unlink(missing_ok=True)
         elapsed = time.perf_counter() - start
 
+    files = inputs.files
+    n_inputs = len(staged) + len(skipped)
     errors = []
-    if inputs and len(skipped) / inputs > max_bad_fraction:
-        errors.append(f"{len(skipped)} of {inputs} inputs skipped ({len(skipped) / inputs:.1%} > --max-bad-fraction "
+    if n_inputs and len(skipped) / n_inputs > max_bad_fraction:
+        errors.append(f"{len(skipped)} of {n_inputs} inputs skipped ({len(skipped) / n_inputs:.1%} > --max-bad-fraction "
                       f"{max_bad_fraction:.1%}); the list is under 'skipped' in {out / MANIFEST_FILE}")
     present = set(c for per_class in files.values() for c in per_class)
     errors += [f"class {name!r} has no valid train image (see 'skipped' in {out / MANIFEST_FILE})"
                for name in classes if name in present and not per_class["train"][classes.index(name)]]
     manifest = {
         "format": MANIFEST_FORMAT,
-        "source": str(src) if str(src) in BUILTIN_SOURCES else str(folder),
-        "layout": layout,
+        "source": inputs.description,
+        "layout": inputs.layout,
+        **inputs.details,
         "options": options,
         "num_classes": len(classes),
-        "inputs": inputs,
+        "inputs": n_inputs,
         "splits": {
             split: {
                 "samples": sum(per_class[split].values()),
@@ -449,9 +542,20 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (bytes, or with K/M/G)") from None
 
 
+def parse_splits(text: str) -> dict[str, str]:
+    splits = {}
+    for part in filter(None, text.split(",")):
+        ours, sep, theirs = part.partition("=")
+        if not sep or ours.strip() not in SPLITS or not theirs.strip():
+            raise argparse.ArgumentTypeError(f"{part!r}: expected SPLIT=NAME with SPLIT one of {', '.join(SPLITS)}")
+        splits[ours.strip()] = theirs.strip()
+    return splits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("src", help=f"image folder, or one of {', '.join(BUILTIN_SOURCES)}")
+    parser.add_argument("src", help=f"image folder; Hugging Face dataset (a save_to_disk folder, Parquet files: a "
+                        f"folder or glob, or hf:NAME[:CONFIG]); or one of {', '.join(BUILTIN_SOURCES)}")
     parser.add_argument("out", type=Path, help="output folder")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="val share per class (class-folder layout; 0: no val)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the val split and the shuffle")
@@ -464,12 +568,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="fail when more inputs are skipped")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty OUT")
+    hf = parser.add_argument_group("Hugging Face datasets")
+    hf.add_argument("--image-column", help="the image column (default: the one Image feature)")
+    hf.add_argument("--label-column", help="the label column (default: the one ClassLabel feature, else 'label')")
+    hf.add_argument("--splits", type=parse_splits, help="which dataset split is which, e.g. train=train,val=test "
+                    "(default: train; validation, valid, val or dev; test); splits not named are left out")
     args = parser.parse_args(argv)
     try:
         manifest = make_shards(
             src=args.src, out=args.out, val_fraction=args.val_fraction, seed=args.seed, classes_file=args.classes,
             quality=args.quality, max_side=args.max_side, min_side=args.min_side, max_count=args.max_count,
             max_size=args.max_size, max_bad_fraction=args.max_bad_fraction, workers=args.workers, overwrite=args.overwrite,
+            image_column=args.image_column, label_column=args.label_column, splits=args.splits,
         )
     except ShardingError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
