@@ -65,6 +65,8 @@ class TrainArgs:
                                   choices=["dali", "torch", "pillow"])
     data_threads: int | None = arg(None, "DALI threads per rank (default: this rank's share of the CPU cores; half of it when training on CPU)")
 
+    eval_only: bool = arg(False, "evaluate --model (a trained model folder) on --eval_split, no training: writes "
+                          "eval_results.json, predictions.jsonl and confusion_matrix.png to the output dir")
     eval_split: str = arg("val", "the split every eval runs on (test: the shards of a source's test/ folder)",
                           choices=["val", "test"])
     eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")

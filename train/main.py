@@ -46,14 +46,17 @@ from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoi
                               save_checkpoint, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import SyntheticLoader, builtin_digits
+from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
+                              join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
-from train.model import (BUILTIN_MODEL, build_model, builtin_processor, model_input_size, model_source,
-                         parameter_groups, prepare_precision)
+from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_parameters, load_trained,
+                         model_input_size, model_source, parameter_groups, prepare_precision)
 from train.perf import deepspeed_arch_list, fused_adam_is_built, peak_tflops, train_flops_per_image
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
 # not mirror-symmetric
+MODEL_EXPORT = "model"  # OUTPUT/model: the run's save_pretrained folder
 BUILTIN_RECIPE = {"epochs": 4.0, "hflip": 0.0, "crop_scale": (0.6, 1.0), "lr": 2e-3}
 
 
@@ -110,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(args: TrainArgs) -> int:
-    """setup, fit, and the exit code: 0 done, 2 configuration, 3 data, 4 non-finite losses, 5 the
-    input pipeline failed without a bad sample to blame, 6 a checkpoint, the export or the metrics
-    could not be written, 1 anything else."""
+    """setup and fit (with --eval_only: setup_eval and evaluate_only), and the exit code: 0 done,
+    2 configuration, 3 data, 4 non-finite losses, 5 the input pipeline failed without a bad sample
+    to blame, 6 a checkpoint, the export, the metrics or the eval results could not be written,
+    1 anything else."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
     peers = PeerWatch(rank)
+    prepare, work = (setup_eval, evaluate_only) if args.eval_only else (setup, fit)
     try:
-        run = setup(args)
+        run = prepare(args)
     except (ConfigError, CheckpointError) as e:  # agreed by every rank: all stop together
         peers.close()
         if rank == 0:
@@ -126,9 +131,10 @@ def run_training(args: TrainArgs) -> int:
     except BaseException as e:
         peers.stop_all(1, f"rank {rank} failed in setup: {type(e).__name__}: {e}")
         raise
-    kept = (f"the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)")
+    kept = ("nothing was trained" if args.eval_only else
+            f"the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)")
     try:
-        result = fit(run)
+        result = work(run)
     except NonFiniteLoss as e:  # agreed by every rank
         peers.close()
         if rank == 0:
@@ -283,6 +289,72 @@ def setup(args: TrainArgs) -> Run:
     return run
 
 
+def setup_eval(args: TrainArgs) -> Run:
+    """--eval_only: the trained model as it is (labels checked against classes.json), the eval
+    split's loader, no optimizer and no checkpoints; a ConfigError lists every problem first."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = _device(local_rank)
+    problems: list[str] = []
+    if not args.model or args.model_config:
+        problems.append("--eval_only evaluates a trained model: pass --model DIR (a training run's OUTPUT/model, or "
+                        "any save_pretrained folder or hub name), and no --model_config")
+    data, manifest, classes, eval_samples = _data(args, local_rank=local_rank, problems=problems)
+    if manifest is not None and not eval_samples:
+        problems.append(f"--eval_only: {data} has no {args.eval_split} samples")
+    ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
+    precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
+    model = image_processor = spec = eval_loader = None
+    if args.model and not args.model_config and classes:
+        model, image_processor = load_trained(model=args.model, processor=args.processor, classes=classes,
+                                              problems=problems)
+    if image_processor is not None:
+        try:
+            spec = spec_from_processor(image_processor)
+        except ProcessorError as e:
+            problems.append(f"image processor: {e}")
+    if not problems:
+        _, eval_loader = _loaders(args, data=data, spec=spec, model=model, ds_config=ds_config, precision=precision,
+                                  device=device, eval_samples=eval_samples, state=None, problems=problems, train=False)
+    _agree(problems)
+    if problems:
+        raise ConfigError(problems)
+
+    output_dir = Path(args.output_dir or Path("outputs") / f"eval-{data.name}-{_model_name(args, model)}-{args.eval_split}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    _check_shared(output_dir, rank=rank)
+    prepare_precision(model, DTYPES[precision])
+    cast_parameters(model, DTYPES[precision])  # as DeepSpeed's engine would: the same logits as training's evals
+    model.to(device).eval()
+    run_config = {"args": asdict(args), "preprocess": asdict(spec), "precision": precision, "world_size": world,
+                  "device": device.type, "data": str(data), "classes": len(classes), "eval_split": args.eval_split,
+                  "eval_samples": eval_samples}
+    mode, why = (args.wandb_mode, "--wandb_mode") if args.wandb_mode else default_wandb_mode()
+    run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
+              data=data, classes=classes, spec=spec, processor=image_processor, engine=model, train_loader=None,
+              eval_loader=eval_loader, output_dir=output_dir, total_steps=0, steps_per_epoch=0, eval_steps=0,
+              save_steps=0, ds_config=ds_config, logger=None)
+    run.logger = RunLogger(output_dir=output_dir, enabled=rank == 0, mode=mode, project=args.wandb_project,
+                           name=args.wandb_run_name or output_dir.name, config=run_config, run_id=None, resume_step=None)
+    if rank == 0:
+        print(f"train: evaluating {args.model} ({type(model).__name__}, {precision}) on {eval_samples} "
+              f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; W&B {mode} ({why})")
+    return run
+
+
+def evaluate_only(run: Run) -> str:
+    """--eval_only's work: one eval with every detail; returns the summary printed at the end."""
+    result = evaluate(run, details=True)
+    report = result["_report"]
+    log_eval(run, result)
+    if run.rank != 0:
+        return ""
+    files = "\n".join(f"  {name + ':':<17} {path}" for name, path in report.paths.items())
+    return "\n".join(["train: eval done: " + describe(report.results)[0], *("  " + line for line in
+                                                                           describe(report.results)[1:]), files])
+
+
 def _device(local_rank: int) -> torch.device:
     """This rank's device (DeepSpeed's accelerator); CPU ranks on one machine share its cores."""
     accelerator = get_accelerator()
@@ -336,8 +408,9 @@ def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list
 
 
 def _loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, precision: str, device: torch.device,
-             eval_samples: int, state: dict | None, problems: list[str]):
-    """(train loader, eval loader or None), or (None, None) with the problem noted."""
+             eval_samples: int, state: dict | None, problems: list[str], train: bool = True):
+    """(train loader or None when not `train`, eval loader or None), or (None, None) with the
+    problem noted."""
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = ds_config["train_micro_batch_size_per_gpu"]
     common = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
@@ -347,8 +420,10 @@ def _loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, preci
     augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
                "auto_augment": args.auto_augment}
     try:
-        train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment, state=state, **common)
-        eval_loader = None
+        train_loader = eval_loader = None
+        if train:
+            train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment, state=state,
+                                         **common)
         if eval_samples:
             eval_loader = create_loader(split=args.eval_split, batch_size=args.eval_batch_size or micro, train=False,
                                         resize=args.eval_resize, **common)
@@ -433,9 +508,9 @@ def fit(run: Run) -> str:
     if run.rank == 0:
         try:
             export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
-                         out=run.output_dir / "model")
+                         out=run.output_dir / MODEL_EXPORT)
         except OSError as e:
-            raise WriteError(f"exporting {exported} to {run.output_dir / 'model'} failed: {write_failure(e)}; the "
+            raise WriteError(f"exporting {exported} to {run.output_dir / MODEL_EXPORT} failed: {write_failure(e)}; the "
                              f"checkpoint is complete: `python tools/export_checkpoint.py {exported} DIR` exports "
                              f"it anywhere") from e
     dist.barrier()
@@ -445,11 +520,13 @@ def fit(run: Run) -> str:
              and run.logger.run.settings.mode == "offline" else (run.logger.run_dir or "disabled"))
     return (f"train: done, {run.step - first_step} steps in {elapsed:.0f}s ({images / elapsed:.0f} images/s incl. "
             f"eval), best eval top-1 {best}\n"
-            f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / 'model'} "
+            f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / MODEL_EXPORT} "
             f"(from {exported.name}, {why})\n"
             f"  checkpoints: {run.checkpoints} (latest {run.last_saved.name})\n"
             f"  metrics:     {run.output_dir / 'metrics.jsonl'}\n"
-            f"  W&B run:     {wandb}")
+            + (f"  final eval:  {run.output_dir / RESULTS_FILE} (+ {PREDICTIONS_FILE}, {CONFUSION_FILE})\n"
+               if run.eval_loader is not None else "")
+            + f"  W&B run:     {wandb}")
 
 
 def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float) -> None:
@@ -471,7 +548,7 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
     if evaluating or saving:
         average_buffers(run.engine.module)
     if evaluating:
-        log_eval(run, evaluate(run))
+        log_eval(run, evaluate(run, details=last))
         meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
     if saving:
         run.last_saved = save(run)
@@ -568,10 +645,13 @@ def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, *, num_classes: int, m
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict:
-    """Loss, top-1 and top-5 over the val split, each sample counted once across ranks (after
-    average_buffers: every rank evaluates with the same BatchNorm statistics)."""
+def evaluate(run: Run, *, details: bool = False) -> dict:
+    """Loss, top-1 and top-5 over the eval split, each sample counted once across ranks (after
+    average_buffers: every rank evaluates with the same BatchNorm statistics). With `details`
+    (--eval_only, and a training run's final eval) also the predictions, per-class results and
+    confusion matrix of train/evaluation.py, written to the output dir."""
     run.engine.eval()
+    writer = PredictionWriter(run.output_dir, rank=run.rank, classes=run.classes) if details else None
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5 hits, samples
     samples = None
     for batch in run.eval_loader:
@@ -583,11 +663,32 @@ def evaluate(run: Run) -> dict:
                              mask.sum()]).to(sums)
         if samples is None and run.rank == 0:
             samples = (batch["pixel_values"][mask][:16], labels[mask][:16], logits[mask][:16].argmax(1))
+        if writer:
+            writer.add(keys=batch["keys"], labels=labels, logits=logits, mask=mask)
     dist.all_reduce(sums)
     run.engine.train()
     loss, top1, top5, count = sums.tolist()
-    return {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count,
-            "eval/samples_counted": count, "_samples": samples}
+    result = {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count,
+              "eval/samples_counted": count, "_samples": samples, "_report": None}
+    if writer:
+        writer.close()
+        result["_report"] = eval_report(run, result)
+    return result
+
+
+def eval_report(run: Run, scalars: dict):
+    """Rank 0 joins the ranks' predictions and writes the results (train/evaluation.py); the
+    Report on rank 0, None elsewhere."""
+    dist.barrier()  # every part is complete
+    report = None
+    if run.rank == 0:
+        context = {"model": run.args.model or run.args.model_config or "built-in", "data": str(run.data),
+                   "split": run.args.eval_split, "step": run.step, "eval_only": run.args.eval_only}
+        report = summarize(join_predictions(run.output_dir, run.world_size), classes=run.classes, scalars=scalars,
+                           context=context)
+        report.paths = write_report(report, run.output_dir, classes=run.classes)
+    dist.barrier()
+    return report
 
 
 # --- hooks around the loop ----------------------------------------------------------------------
@@ -636,7 +737,7 @@ def log_train(run: Run, meter: dict, bar) -> None:
 
 
 def log_eval(run: Run, result: dict) -> None:
-    samples = result.pop("_samples")
+    samples, report = result.pop("_samples"), result.pop("_report")
     run.last_eval = {"step": run.step, **result}
     if run.best["top1"] is None or result["eval/top1"] > run.best["top1"]:
         run.best = {"top1": result["eval/top1"], "step": run.step}
@@ -646,7 +747,10 @@ def log_eval(run: Run, result: dict) -> None:
         run.logger.log_samples(run.step, images=viewable(pixels, mean=run.spec.pixel_mean, std=run.spec.pixel_std),
                                true=[run.classes[i] for i in true.tolist()],
                                predicted=[run.classes[i] for i in predicted.tolist()])
-    if run.rank == 0:
+    if report is not None:
+        run.logger.log_details(run.step, results=report.results, classes=run.classes, true_ids=report.true_ids,
+                               predicted_ids=report.predicted_ids, picture=report.paths["confusion_matrix"])
+    if run.rank == 0 and not run.args.eval_only:
         tqdm.write(f"step {run.step}: eval loss {result['eval/loss']:.4f}, top-1 {result['eval/top1']:.2%}, "
                    f"top-5 {result['eval/top5']:.2%} ({int(result['eval/samples_counted'])} images)")
 
@@ -834,7 +938,8 @@ def _with_recipe(args: TrainArgs, recipe: dict) -> TrainArgs:
 
 def _model_name(args: TrainArgs, model) -> str:
     if args.model:
-        return Path(args.model.rstrip("/")).name
+        path = Path(args.model.rstrip("/"))
+        return path.parent.name if path.name == MODEL_EXPORT and path.parent.name else path.name  # a run's export
     if args.model_config:
         return Path(args.model_config).stem
     return f"{model.config.model_type}-tiny" if model is not None else "model"
@@ -848,6 +953,7 @@ def _quiet_libraries(rank: int) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     if rank != 0:
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights" once, not once per rank
 
 
 if __name__ == "__main__":

@@ -86,6 +86,27 @@ class RunLogger:
             table.add_data(wandb.Image(image), t, p)
         self.run.log({"eval/samples": table, STEP: step})
 
+    def log_details(self, step: int, *, results: dict, classes: list[str], true_ids: list[int],
+                    predicted_ids: list[int], picture: Path) -> None:
+        """The per-class table, the most confused pairs and the confusion matrix (W&B's own chart
+        up to 50 classes, the picture of train/evaluation.py always)."""
+        if not self.run:
+            return
+        import wandb
+
+        per_class = wandb.Table(columns=["class", "samples", "top1", "predicted"],
+                                data=[[name, v["samples"], v["top1"], v["predicted"]]
+                                      for name, v in results["per_class"].items()])
+        confused = wandb.Table(columns=["true", "predicted", "count", "share_of_true"],
+                               data=[[c["true"], c["predicted"], c["count"], c["share_of_true"]]
+                                     for c in results["most_confused"]])
+        logged = {"eval/per_class": per_class, "eval/most_confused": confused,
+                  "eval/confusion_matrix_image": wandb.Image(str(picture)), STEP: step}
+        if len(classes) <= 50:
+            logged["eval/confusion_matrix"] = wandb.plot.confusion_matrix(y_true=true_ids, preds=predicted_ids,
+                                                                          class_names=classes)
+        self.run.log(logged)
+
     def finish(self) -> None:
         if self.run:
             self.run.finish()

@@ -68,6 +68,42 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
     return net, image_processor
 
 
+def load_trained(*, model: str, processor, classes: list[str], problems: list[str]):
+    """(model, image processor) of a trained classifier as it is, head and labels untouched, or
+    (None, None) with the problem noted: its labels must be `classes`, in their order."""
+    values = model_source(model=model, model_config=None, problems=problems)
+    if values is None:
+        return None, None
+    labels = [values.id2label.get(i) for i in range(values.num_labels)]
+    if labels != classes:
+        differ = next((i for i, (a, b) in enumerate(zip(labels, classes)) if a != b), min(len(labels), len(classes)))
+        problems.append(f"--model {model} was trained for {len(labels)} labels ({_names(labels)}), the shards have "
+                        f"{len(classes)} classes in classes.json ({_names(classes)}); they first differ at id {differ}. "
+                        f"Evaluate a model trained on these shards' classes, in their order")
+        return None, None
+    try:
+        net = AutoModelForImageClassification.from_pretrained(model)
+        image_processor = load_processor(processor if processor is not None else model)
+    except (OSError, ValueError, KeyError) as e:
+        problems.append(_cannot_build(model, None, e))
+        return None, None
+    except ProcessorError as e:
+        problems.append(f"{e}; pass --processor NAME_OR_DIR")
+        return None, None
+    return net, image_processor
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The parameters in `dtype`, buffers as prepare_precision left them: what DeepSpeed's
+    engine does to a model it trains in bf16/fp16."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
+def _names(names: list, shown: int = 3) -> str:
+    return ", ".join(map(str, names[:shown])) + (", ..." if len(names) > shown else "")
+
+
 def reinit_head(net) -> list[str]:
     """Initialises the classifier head afresh, as the model's own init does; returns its parameter
     names. The head is what depends on the number of labels: found by building the model with one

@@ -1,0 +1,113 @@
+"""Where a model is wrong: `--eval_only` on any number of ranks, and the same files at a training
+run's final eval (train/evaluation.py)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from conftest import common, train
+from test_train import wandb_history
+from train.evaluation import ALL_CLASSES_UP_TO, MOST_CONFUSED_CLASSES, confusion_picture, shown_classes
+
+
+def val_labels(data) -> dict[str, str]:
+    """key -> class name of every val sample, read with tarfile."""
+    classes = json.loads((data / "classes.json").read_text())
+    labels = {}
+    for shard in sorted((data / "val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                if ext == "cls":
+                    labels[key] = classes[int(tar.extractfile(member).read())]
+    return labels
+
+
+def predictions(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_eval_only_on_three_ranks_matches_the_training_runs_final_eval(files, tmp_path):
+    run = tmp_path / "run"
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "digits", "resnet", run), "--max_steps", "12",
+           "--micro_batch_size", "32", "--lr", "3e-3", "--eval_steps", "12", "--export", "last", "--wandb_mode",
+           "disabled"])
+    trained = json.loads((run / "eval_results.json").read_text())
+    assert (trained["step"], trained["eval_only"], trained["split"], trained["samples"]) == (12, False, "val", 179)
+
+    out = tmp_path / "eval"
+    done = train(["--eval_only", "--model", str(run / "model"), "--data", str(files["digits"]), "--output_dir",
+                  str(out), "--eval_batch_size", "16", "--precision", "fp32"], ranks=3)
+    assert "train: eval done: 179 images" in done.stdout and str(out / "confusion_matrix.png") in done.stdout
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_only"] and results["model"] == str(run / "model") and results["step"] == 0
+    # 179 = 60 + 60 + 59 per rank, in batches of 16: padding counted nowhere
+    assert results["samples"] == 179 and results["top1"] == trained["top1"]
+    assert results["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    assert results["per_class"] == trained["per_class"] and results["most_confused"] == trained["most_confused"]
+    assert sum(c["samples"] for c in results["per_class"].values()) == 179
+    hits = sum(round(c["top1"] * c["samples"]) for c in results["per_class"].values())
+    assert hits == round(results["top1"] * 179)
+
+    # predictions: every val sample once, in the split's order whatever the ranks, with its true label
+    rows, truth = predictions(out), val_labels(files["digits"])
+    assert [r["key"] for r in rows] == [r["key"] for r in predictions(run)]
+    assert sorted(r["key"] for r in rows) == sorted(truth)
+    assert all(r["label"] == truth[r["key"]] for r in rows)
+    for mine, theirs in zip(rows, predictions(run)):
+        assert [name for name, _ in mine["top5"]] == [name for name, _ in theirs["top5"]]
+        assert [p for _, p in mine["top5"]] == pytest.approx([p for _, p in theirs["top5"]], abs=1e-5)
+        assert len(mine["top5"]) == 5 and sorted((p for _, p in mine["top5"]), reverse=True) == [p for _, p in mine["top5"]]
+    top1 = sum(r["top5"][0][0] == r["label"] for r in rows)
+    assert top1 == round(results["top1"] * 179)
+    confused = Counter((r["label"], r["top5"][0][0]) for r in rows if r["top5"][0][0] != r["label"])
+    first = results["most_confused"][0]
+    assert confused.most_common(1)[0][1] == first["count"] == confused[first["true"], first["predicted"]]
+
+    with Image.open(out / "confusion_matrix.png") as picture:
+        assert picture.format == "PNG" and 300 < picture.width < 1200
+
+    # W&B: the scalars, the per-class table and the confusion matrix
+    history, config = wandb_history(out)
+    logged = history[0]
+    assert logged["eval/top1"] == pytest.approx(results["top1"])
+    assert logged["eval/per_class/_type"] == "table-file" and logged["eval/per_class/nrows"] == 10
+    assert logged["eval/most_confused/nrows"] == len(results["most_confused"])
+    assert logged["eval/confusion_matrix_image/_type"] == "image-file"
+    assert "eval/confusion_matrix_table" in " ".join(logged)  # W&B's own chart, backed by a table
+    assert config["eval_split"] == "val" and config["world_size"] == 3
+
+
+def test_eval_only_refuses_a_model_trained_for_other_classes(files, tmp_path):
+    run = tmp_path / "run"
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", run), "--max_steps", "1",
+           "--micro_batch_size", "6", "--wandb_mode", "disabled"], ranks=None)
+    done = train(["--eval_only", "--model", str(run / "model"), "--data", str(files["digits"]), "--output_dir",
+                  str(tmp_path / "eval"), "--wandb_mode", "disabled"], ranks=None, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (f"--model {run / 'model'} was trained for 4 labels (class0, class1, class2, ...), the shards have 10 "
+            f"classes in classes.json (0, 1, 2, ...); they first differ at id 0") in done.stderr
+    assert not (tmp_path / "eval").exists()
+    no_model = train(["--eval_only", "--data", str(files["photos"]), "--wandb_mode", "disabled"], ranks=None,
+                     check=False)
+    assert no_model.returncode == 2 and "--eval_only evaluates a trained model: pass --model DIR" in no_model.stderr
+
+
+def test_confusion_picture_of_many_classes_shows_the_most_confused():
+    classes = [f"class {i:03d} with a rather long name" for i in range(120)]
+    pairs = Counter({(c, c): 40 for c in range(120)})
+    for c in range(50, 50 + MOST_CONFUSED_CLASSES):  # each of these 30 mistaken for the next one, 3..
+        pairs[c, c + 1 if c + 1 < 50 + MOST_CONFUSED_CLASSES else 50] += 3 + c % 4
+    pairs[7, 7] -= 1
+    pairs[7, 100] += 1  # one stray error: 7 and 100 are not among the most confused
+    shown = shown_classes(pairs, len(classes))
+    assert shown == list(range(50, 50 + MOST_CONFUSED_CLASSES))
+    picture = confusion_picture(pairs, classes=classes)
+    assert picture.width < 1300 and picture.height < 1300
+    small = shown_classes(Counter({(0, 1): 1}), ALL_CLASSES_UP_TO)
+    assert small == list(range(ALL_CLASSES_UP_TO))
