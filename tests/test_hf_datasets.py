@@ -173,3 +173,33 @@ def test_unreachable_hub_and_missing_library_are_one_line_errors(tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.strip() == ('make_shards: error: reading Hugging Face datasets needs the `datasets` '
                                       'library: pip install -e ".[datasets]"')
+
+
+def test_rows_go_to_the_workers_in_bounded_chunks_and_keep_their_order(beans, tmp_path, monkeypatch):
+    import make_shards as tool
+
+    whole = tool.make_shards(src=str(beans["saved"]), out=tmp_path / "whole", max_bad_fraction=0.5, progress=False)
+    sizes = []
+    chunks = tool._chunks
+
+    def recorded(inputs):
+        for chunk in chunks(inputs):
+            sizes.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(tool, "CHUNK_BYTES", 20_000)  # a few photos per chunk
+    monkeypatch.setattr(tool, "_chunks", recorded)
+    chunked = tool.make_shards(src=str(beans["saved"]), out=tmp_path / "chunked", max_bad_fraction=0.5, progress=False)
+    assert len(sizes) > 5 and sum(sizes) == 39 and max(sizes) < 10  # 40 rows, one unlabeled never sent
+    assert chunked["splits"] == whole["splits"]
+
+
+def test_a_damaged_parquet_file_is_named(beans, tmp_path):
+    src = tmp_path / "pq"
+    src.mkdir()
+    good = (beans["parquet"] / "data" / "train-00000-of-00001.parquet").read_bytes()
+    (src / "train-00000.parquet").write_bytes(good)
+    (src / "validation-00000.parquet").write_bytes(good[: len(good) // 2])  # cut short: no footer
+    result = run_tool(src, tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{src / 'validation-00000.parquet'}: not a readable Parquet file" in result.stderr

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import math
 import os
@@ -55,7 +54,7 @@ from pipelines.shards import (
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 BUILTIN_SOURCES = ("sklearn:digits",)
-CHUNK = 4096  # inputs in flight to the workers at a time
+CHUNK, CHUNK_BYTES = 4096, 64 << 20  # inputs in flight to the workers at a time, and their bytes at most
 
 
 class ShardingError(Exception):
@@ -284,10 +283,9 @@ def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int
     With `keep_all` every valid input is staged (dataset rows cannot be read again).
     Inputs go to the workers a chunk at a time, so memory stays bounded on a stream of rows."""
     staged, converted, skipped = {}, [], []
-    inputs = iter(inputs)
     with Pool(workers or os.cpu_count()) as pool, tqdm(total=total, unit="img", disable=not progress,
                                                          desc="checking") as bar:
-        while chunk := list(itertools.islice(inputs, CHUNK)):
+        for chunk in _chunks(inputs):
             results = pool.imap(partial(convert_image, opts=opts), [image for _, image in chunk], chunksize=16)
             for (relpath, image), (status, payload, info) in zip(chunk, results):
                 bar.update(1)
@@ -302,6 +300,19 @@ def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int
                 if info:  # conversion reasons
                     converted.append({"path": relpath, "reasons": info})
     return staged, converted, skipped
+
+
+def _chunks(inputs: Iterable[tuple[str, str | bytes | None]]):
+    """Lists of at most CHUNK inputs and CHUNK_BYTES of image bytes (a path counts nothing)."""
+    chunk, size = [], 0
+    for item in inputs:
+        chunk.append(item)
+        size += len(item[1]) if isinstance(item[1], bytes) else 0
+        if len(chunk) == CHUNK or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def write_splits(splits: dict[str, list[Source]], *, out: Path, folder: Path, staged: dict, stage, max_count: int,
@@ -366,6 +377,12 @@ class DatasetInputs:
         self.total = source.total
 
     def items(self):
+        try:
+            yield from self._items()
+        except HFSourceError as e:
+            raise ShardingError(f"{e}; no manifest was written") from None
+
+    def _items(self):
         for split, name, image, label in self.source.rows():
             if label is None:
                 self.skipped.append({"path": name, "reason": "unlabeled", "detail": f"no {self.source.label_column}"})
