@@ -35,7 +35,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dali import device_id_of, shard_pipeline
-from pipelines.resize import eval_image
+from pipelines.resize import eval_batch
 from pipelines.shards import (SampleTable, ShardFormatError, file_sha256, jpeg_problem, load_manifest,
                               read_index)
 from pipelines.spec import PreprocessSpec
@@ -264,9 +264,8 @@ class DaliLoader:
         keys = [self.source.table.key(_real(i)) for i in ids]
         mask = torch.from_numpy(ids >= 0).to(self.device)
         labels = torch.from_numpy(np.asarray(labels.as_tensor())).to(self.device)
-        if self.resize != "dali":  # decoded images of any size, resized one by one in torch
-            pixels = torch.stack([eval_image(self._sample(images[i]), self.spec, self.resize)
-                                  for i in range(len(images))])
+        if self.resize != "dali":  # decoded images of any size, resized in torch (batched on GPU)
+            pixels = eval_batch([self._sample(images[i]) for i in range(len(images))], self.spec, self.resize)
             if self.channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
             return {"pixel_values": pixels.to(self.dtype), "labels": labels, "mask": mask, "keys": keys}

@@ -60,6 +60,15 @@ def _nearest(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
 def _weights(in_size: int, out_size: int, interpolation: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(source indices, fixed-point weights), each (out_size, taps), as Pillow computes them, on
     `device` (cached: an image size seen once costs nothing more, nor a copy to the GPU)."""
+    indices, weights, _ = _coefficients(in_size, out_size, interpolation)
+    # int32 holds every sum: 255 x (sum of |weights| <= 1.2) x 2^22 < 2^31, as in Pillow's own C
+    return indices.to(device), weights.to(device, torch.int32)
+
+
+@lru_cache(maxsize=4096)
+def _coefficients(in_size: int, out_size: int, interpolation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(source indices, fixed-point weights, the float weights before fixing), each (out_size,
+    taps), on the CPU: Pillow's precompute_coeffs."""
     kernel, base_support = FILTERS[interpolation]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
@@ -67,6 +76,7 @@ def _weights(in_size: int, out_size: int, interpolation: str, device: torch.devi
     taps = int(math.ceil(support)) * 2 + 1
     indices = torch.zeros(out_size, taps, dtype=torch.int64)
     weights = torch.zeros(out_size, taps, dtype=torch.int64)
+    exact = torch.zeros(out_size, taps, dtype=torch.float64)
     for xx in range(out_size):
         center = (xx + 0.5) * scale
         inverse = 1.0 / filterscale
@@ -82,8 +92,8 @@ def _weights(in_size: int, out_size: int, interpolation: str, device: torch.devi
         indices[xx, :count] = torch.arange(xmin, xmin + count)
         indices[xx, count:] = xmin
         weights[xx, :count] = torch.tensor(fixed, dtype=torch.int64)
-    # int32 holds every sum: 255 x (sum of |weights| <= 1.2) x 2^22 < 2^31, as in Pillow's own C
-    return indices.to(device), weights.to(device, torch.int32)
+        exact[xx, :count] = torch.tensor(k, dtype=torch.float64)
+    return indices, weights, exact
 
 
 def _resample(image: torch.Tensor, axis: int, out_size: int, interpolation: str) -> torch.Tensor:
@@ -152,6 +162,109 @@ def eval_image(image: torch.Tensor, spec, resize: str) -> torch.Tensor:
         resized = resized[top:top + spec.crop[0], left:left + spec.crop[1]]
     mean, std = _normalization(spec, image.device)
     return ((resized.to(torch.float32) - mean) / std).permute(2, 0, 1)
+
+
+# --- a batch at once (the default on GPU) ------------------------------------------------------
+
+GROUP_BYTES = 512 << 20  # the padded float64 images of one group at most
+
+
+def eval_batch(images: list[torch.Tensor], spec, resize: str, *, batched: bool | None = None) -> torch.Tensor:
+    """`eval_image` of each decoded (H, W, 3) uint8 image, stacked: (N, 3, h, w) float32.
+
+    Batched (the default on GPU), each separable pass is a matrix product over a group of images
+    padded to a common size: rows and columns of per-image resampling matrices built from the same
+    coefficients as `pil_resize`, restricted to the pixels the center crop keeps, in float64. With
+    `resize="pillow"` the matrices hold Pillow's fixed-point weights and every pass is rounded as
+    Pillow rounds it; integer sums below 2^53 are exact in float64, so the result is Pillow's bit for
+    bit. With `resize="torch"` they hold the float weights, rounded once at the end (what torch's
+    antialiased interpolation computes). On CPU the image-by-image path is faster (torch's uint8
+    kernels; the gathers of `pil_resize`), and it is the default there."""
+    device = images[0].device
+    if not (device.type == "cuda" if batched is None else batched):
+        return torch.stack([eval_image(image, spec, resize) for image in images])
+    plans = [_plan(image.shape[0], image.shape[1], spec, resize) for image in images]
+    height, width = spec.output_size
+    out = torch.empty(len(images), 3, height, width, dtype=torch.float32, device=device)
+    for group in _groups(plans):
+        out[torch.tensor(group, device=device)] = _resize_group([images[i] for i in group], [plans[i] for i in group],
+                                                                 interpolation=spec.interpolation,
+                                                                 exact=resize == "pillow").to(torch.float32)
+    mean, std = _normalization(spec, device)
+    return (out - mean[:, None, None]) / std[:, None, None]
+
+
+def _plan(height: int, width: int, spec, resize: str) -> tuple:
+    """(height, width, resized height, resized width, top, left, crop height, crop width, vertical
+    first) of one image."""
+    rh, rw = spec.resized_size(height, width)
+    ch, cw = spec.crop or (rh, rw)
+    first = resize == "pillow" and vertical_first(height, width, rh, rw)
+    return height, width, rh, rw, (rh - ch) // 2, (rw - cw) // 2, ch, cw, first
+
+
+def _groups(plans: list[tuple]) -> list[list[int]]:
+    """Images with the same pass order, largest first, in groups whose padded images fit
+    GROUP_BYTES and waste at most half of it on padding."""
+    order = sorted(range(len(plans)), key=lambda i: (plans[i][8], -plans[i][0] * plans[i][1], i))
+    groups: list[list[int]] = []
+    for i in order:
+        h, w, first = plans[i][0], plans[i][1], plans[i][8]
+        if groups:
+            group = groups[-1]
+            top = plans[group[0]]
+            hp, wp = max(plans[j][0] for j in group + [i]), max(plans[j][1] for j in group + [i])
+            if (top[8] == first and (len(group) + 1) * 3 * hp * wp * 8 <= GROUP_BYTES
+                    and 2 * h * w >= hp * wp):
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def _resize_group(images: list[torch.Tensor], plans: list[tuple], *, interpolation: str, exact: bool) -> torch.Tensor:
+    """(G, 3, crop h, crop w) float64 of integer values 0..255: both passes as batched matrix products."""
+    device, count = images[0].device, len(images)
+    hp, wp = max(p[0] for p in plans), max(p[1] for p in plans)
+    ch, cw, first = plans[0][6], plans[0][7], plans[0][8]
+    pixels = torch.zeros(count, 3, hp, wp, dtype=torch.float64, device=device)
+    columns = torch.zeros(count, wp, cw, dtype=torch.float64, device=device)
+    rows = torch.zeros(count, ch, hp, dtype=torch.float64, device=device)
+    for g, (image, (h, w, rh, rw, top, left, _, _, _)) in enumerate(zip(images, plans)):
+        pixels[g, :, :h, :w] = image.permute(2, 0, 1)
+        columns[g, :w] = _pass_matrix(w, rw, left, cw, interpolation, exact, device)
+        rows[g, :, :h] = _pass_matrix(h, rh, top, ch, interpolation, exact, device).T
+    columns, rows = columns[:, None], rows[:, None]  # the same matrix for the 3 channels
+    if first:
+        return _rounded(_rounded(rows @ pixels, exact) @ columns, exact, last=True)
+    return _rounded(rows @ _rounded(pixels @ columns, exact), exact, last=True)
+
+
+def _rounded(total: torch.Tensor, exact: bool, last: bool = False) -> torch.Tensor:
+    """Pillow's rounding after a pass ((sum + 2^21) >> 22, clipped to 8 bits: exact, as the sums are
+    integers below 2^53), or, with float weights, rounded and clipped after each pass as torch's uint8
+    kernels do."""
+    if exact:
+        return total.add_(1 << (PRECISION_BITS - 1)).mul_(2.0 ** -PRECISION_BITS).floor_().clamp_(0, 255)
+    return total.round_().clamp_(0, 255)
+
+
+@lru_cache(maxsize=4096)
+def _pass_matrix(in_size: int, out_size: int, start: int, count: int, interpolation: str, exact: bool,
+                 device: torch.device) -> torch.Tensor:
+    """(in_size, count) float64: output pixels start..start+count of resampling in_size to out_size,
+    each column the weights of its source pixels (fixed-point when `exact`)."""
+    matrix = torch.zeros(in_size, count, dtype=torch.float64)
+    outputs = torch.arange(count)
+    if interpolation == "nearest":
+        matrix[_nearest(in_size, out_size, torch.device("cpu"))[start:start + count], outputs] = (
+            float(1 << PRECISION_BITS) if exact else 1.0)
+        return matrix.to(device)
+    indices, fixed, weights = (t[start:start + count] for t in _coefficients(in_size, out_size, interpolation))
+    values = fixed.to(torch.float64) if exact else weights
+    matrix.index_put_((indices.flatten(), outputs[:, None].expand_as(indices).flatten()), values.flatten(),
+                      accumulate=True)
+    return matrix.to(device)
 
 
 @lru_cache(maxsize=64)

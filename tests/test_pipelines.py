@@ -128,6 +128,30 @@ def test_pil_resize_equals_pillow_for_any_sizes():
             assert np.array_equal(got, expected), (width, height, size, name)
 
 
+@pytest.mark.parametrize("name", [*PROCESSORS, "efficientnet-nearest", "vit-bilinear"])
+def test_batched_eval_resize_equals_image_by_image(name, parity_images, monkeypatch):
+    """The GPU's default (each pass one matrix product over a group of images), run on the CPU:
+    `pillow` bit-identical to Pillow's arithmetic image by image, whatever the grouping; `torch`
+    within a grey level or two of torch's uint8 kernels."""
+    import numpy as np
+    from PIL import Image
+    from pipelines import resize as R
+
+    processor = {"efficientnet-nearest": lambda: T.EfficientNetImageProcessorPil(resample=0),
+                 "vit-bilinear": lambda: T.ViTImageProcessorPil(resample=2)}.get(name, PROCESSORS.get(name))()
+    spec = spec_from_processor(processor)
+    images = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in parity_images]
+    images += [torch.from_numpy(np.array(photo(50 + i, size))) for i, size in enumerate([(4, 611), (611, 9), (500, 375)])]
+    exact = R.eval_batch(images, spec, "pillow", batched=False)
+    assert torch.equal(R.eval_batch(images, spec, "pillow", batched=True), exact)
+    monkeypatch.setattr(R, "GROUP_BYTES", 3 * 700 * 700 * 8)  # about one image per group
+    assert len(R._groups([R._plan(i.shape[0], i.shape[1], spec, "pillow") for i in images])) >= 8
+    assert torch.equal(R.eval_batch(images, spec, "pillow", batched=True), exact)
+    grey = (R.eval_batch(images, spec, "torch", batched=True) - R.eval_batch(images, spec, "torch", batched=False))
+    grey = grey.abs() * torch.tensor(spec.pixel_std)[:, None, None]
+    assert grey.max() < 2.01 and grey.mean() <= 0.01, (grey.max(), grey.mean())
+
+
 def test_pil_resize_follows_each_pillow_versions_pass_order():
     from pipelines.resize import vertical_first
 
@@ -272,6 +296,20 @@ def test_exact_resize_on_the_gpu_equals_the_cpus(name, parity_images):
     for path in parity_images:
         image = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
         assert torch.equal(eval_image(image.cuda(), spec, "pillow").cpu(), eval_image(image, spec, "pillow")), path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vit", "convnext-crop-pct", "clip"])
+def test_batched_exact_resize_on_the_gpu_equals_the_cpus(name, parity_images):
+    """The GPU loader's default: float64 matrix products on CUDA, Pillow's result bit for bit."""
+    import numpy as np
+    from PIL import Image
+    from pipelines.resize import eval_batch
+
+    spec = spec_from_processor(PROCESSORS[name]())
+    images = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in parity_images]
+    on_gpu = eval_batch([image.cuda() for image in images], spec, "pillow")
+    assert torch.equal(on_gpu.cpu(), eval_batch(images, spec, "pillow"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")

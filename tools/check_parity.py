@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipelines.dali import NoGPUError, device_id_of, file_pipeline
 from pipelines.loader import RESIZES, default_resize
-from pipelines.resize import eval_image
+from pipelines.resize import eval_batch
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
 BORDER = 3
@@ -57,8 +57,9 @@ def grey_level_differences(processor, files: list[Path], *, gpu: bool = False, r
     if gpu:
         images = images.as_cpu()
     if resize != "dali":
-        outputs = [eval_image(torch.from_numpy(np.array(images.at(i))).to(device), spec, resize).cpu().numpy()
-                   for i in range(len(files))]
+        # the loader's own call: batched matrix products on GPU, image by image on CPU
+        batch = eval_batch([torch.from_numpy(np.array(images.at(i))).to(device) for i in range(len(files))], spec, resize)
+        outputs = list(batch.cpu().numpy())
     else:
         outputs = [np.asarray(images.at(i)) for i in range(len(files))]
     std = np.asarray(spec.std, dtype=np.float64)[:, None, None]
