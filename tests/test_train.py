@@ -461,3 +461,25 @@ def test_eval_split_test_evaluates_on_the_test_shards(files, tmp_path):
                      "--eval_split", "test", "--wandb_mode", "disabled"], ranks=None, check=False)
     assert no_test.returncode == 2 and f"--eval_split test: {files['photos']} has no test samples" in no_test.stderr
     assert no_test.stderr.count("  - ") == 1  # the only problem
+
+
+def test_baseline_loader_trains_on_webdataset_and_the_hf_processor(files, tmp_path):
+    """--baseline_loader: the DataLoader a Hugging Face user runs, as a benchmark row."""
+    out = tmp_path / "run"
+    done = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "6",
+                  "--micro_batch_size", "6", "--log_steps", "3", "--baseline_loader", "--record_keys",
+                  "--wandb_mode", "disabled"])
+    assert "train: done, 6 steps" in done.stdout
+    rows = [m for m in metrics(out) if "train/loss" in m]
+    assert [m["step"] for m in rows] == [3, 6] and all(math.isfinite(m["train/loss"]) for m in rows)
+    assert all(0 <= m["perf/data_wait_fraction"] < 1 for m in rows)
+    train_keys = {m.name.split(".")[0] for shard in (files["photos"] / "train").glob("*.tar")
+                  for m in tarfile.open(shard).getmembers()}
+    steps = {rank: [json.loads(line)["keys"] for line in (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines()]
+             for rank in (0, 1)}
+    assert all(len(keys) == 6 and set(keys) <= train_keys for rank in steps for keys in steps[rank])
+    assert steps[0][0] != steps[1][0]  # each rank draws its own samples
+    assert json.loads((out / "run_config.json").read_text())["args"]["baseline_loader"] is True
+    both = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "x"),
+                  "--baseline_loader", "--synthetic_data", "--wandb_mode", "disabled"], ranks=None, check=False)
+    assert both.returncode == 2 and "--synthetic_data and --baseline_loader are two stand-ins" in both.stderr

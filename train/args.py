@@ -81,6 +81,9 @@ class TrainArgs:
     wandb_run_name: str | None = arg(None, "W&B run name (default: the output dir's name)")
     peak_tflops: float | None = arg(None, "the device's dense peak TFLOP/s in the training precision, for perf/mfu "
                                     "(default: from a table of A100, H100, H200 and L40S; none on CPU)")
+    baseline_loader: bool = arg(False, "train on webdataset + the model's HF image processor in a torch DataLoader (one "
+                                "worker per core), the loader Hugging Face users run today: a benchmark baseline "
+                                "(processor preprocessing only, no augmentation, no exact resume; eval stays on DALI)")
     synthetic_data: bool = arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
     max_bad_steps: int = arg(5, "stop after this many consecutive steps skipped for a non-finite loss")
     record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")

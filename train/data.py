@@ -64,3 +64,62 @@ class SyntheticLoader:
 
     def state_dict(self) -> dict:
         return {}
+
+
+class BaselineLoader:
+    """`--baseline_loader`: the train loader a Hugging Face user runs today, for benchmarks: the
+    shards read with `webdataset` (shards resampled, a shuffle buffer), each image through the
+    model's image processor (its PIL backend) in a torch DataLoader with one worker per core of
+    this rank. Processor preprocessing only (no random crop or flip), no exact resume; the same
+    number of batches per epoch as the DALI loader it stands in for, so the schedule is the same."""
+
+    SHUFFLE = 1000
+
+    def __init__(self, like, *, data: Path, processor, batch_size: int, workers: int, seed: int,
+                 device: torch.device, dtype: torch.dtype, channels_last: bool):
+        import webdataset as wds
+
+        self.steps, self.device, self.dtype, self.channels_last = len(like), device, dtype, channels_last
+        tars = [str(p) for p in sorted((Path(data) / "train").glob("*.tar"))]
+        # every rank draws shards at random from all of them, seeded by its rank (webdataset's
+        # recipe for many nodes): no shard count to match to the ranks
+        dataset = (wds.WebDataset(tars, resampled=True, shardshuffle=False, seed=seed, empty_check=False,
+                                  nodesplitter=_every_shard)
+                   .shuffle(self.SHUFFLE, seed=seed).decode("pil")
+                   .map(_Preprocess(processor)).batched(batch_size, partial=False))
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                  pin_memory=device.type == "cuda",
+                                                  persistent_workers=workers > 0,
+                                                  prefetch_factor=4 if workers else None)
+        self.batches = iter(self.loader)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            pixels, labels, keys = next(self.batches)
+            pixels = pixels.to(self.device, non_blocking=True).to(self.dtype)
+            if self.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            yield {"pixel_values": pixels, "labels": labels, "keys": list(keys),
+                   "mask": torch.ones(len(labels), dtype=torch.bool, device=self.device)}
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class _Preprocess:
+    """A webdataset sample to (pixels, label, key) with the processor (picklable for the workers)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, sample: dict):
+        pixels = self.processor(sample["jpg"].convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return pixels, int(sample["cls"]), sample["__key__"]
+
+
+def _every_shard(urls):
+    return urls

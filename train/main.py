@@ -45,7 +45,7 @@ from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoi
                               complete_checkpoints, export_model, find_resume, folder_bytes, load_checkpoint,
                               save_checkpoint, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
-from train.data import SyntheticLoader, builtin_digits
+from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
@@ -231,12 +231,19 @@ def setup(args: TrainArgs) -> Run:
                                              state=trainer_state.get("train_loader"), problems=problems)
     steps_per_epoch, total_steps, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
                                                        problems=problems)
+    if args.synthetic_data and args.baseline_loader:
+        problems.append("--synthetic_data and --baseline_loader are two stand-ins for the DALI loader; pass one")
     _agree(problems)
     if problems:
         raise ConfigError(problems)
 
     if args.synthetic_data:
         train_loader = SyntheticLoader(train_loader, num_classes=len(classes), seed=args.seed + rank)
+    elif args.baseline_loader:
+        train_loader = BaselineLoader(train_loader, data=data, processor=image_processor,
+                                      batch_size=ds_config["train_micro_batch_size_per_gpu"], workers=_cpu_share(),
+                                      seed=args.seed + rank, device=device, dtype=DTYPES[precision],
+                                      channels_last=args.channels_last)
     eval_steps = args.eval_steps or steps_per_epoch
     save_steps = args.save_steps or eval_steps
     if args.overwrite_output_dir and resume is None and rank == 0:
