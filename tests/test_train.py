@@ -483,3 +483,19 @@ def test_baseline_loader_trains_on_webdataset_and_the_hf_processor(files, tmp_pa
     both = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "x"),
                   "--baseline_loader", "--synthetic_data", "--wandb_mode", "disabled"], ranks=None, check=False)
     assert both.returncode == 2 and "--synthetic_data and --baseline_loader are two stand-ins" in both.stderr
+
+
+def test_profile_traces_the_steps_asked_for_on_every_rank(files, tmp_path):
+    out = tmp_path / "run"
+    done = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "6",
+                  "--micro_batch_size", "6", "--profile", "2:3", "--wandb_mode", "disabled"])
+    assert f"train: profile of steps 3-5 in {out / 'profile'}" in done.stdout
+    for rank in (0, 1):
+        events = json.loads((out / "profile" / f"rank{rank}.json").read_text())["traceEvents"]
+        names = [e.get("name") for e in events if e.get("ph") == "X"]
+        assert names.count("train_step") == 3 and names.count("data_wait") == 3, rank
+        assert any(name.startswith("aten::convolution") for name in names)  # the model's own work
+        assert (out / "profile" / f"rank{rank}.txt").read_text().startswith("steps 3-5, sorted by self_cpu_time_total")
+    bad = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "x"),
+                 "--profile", "10", "--wandb_mode", "disabled"], ranks=None, check=False)
+    assert bad.returncode == 2 and "--profile 10: expected START:STEPS" in bad.stderr

@@ -84,6 +84,8 @@ class TrainArgs:
     baseline_loader: bool = arg(False, "train on webdataset + the model's HF image processor in a torch DataLoader (one "
                                 "worker per core), the loader Hugging Face users run today: a benchmark baseline "
                                 "(processor preprocessing only, no augmentation, no exact resume; eval stays on DALI)")
+    profile: str | None = arg(None, "START:STEPS: a torch.profiler trace of STEPS optimizer steps from step START, every "
+                              "rank, into OUTPUT/profile/ (Chrome trace JSON for Perfetto, and a table of the top operators)")
     synthetic_data: bool = arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
     max_bad_steps: int = arg(5, "stop after this many consecutive steps skipped for a non-finite loss")
     record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import threading
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from pipelines.loader import DataError, PipelineError, create_loader
@@ -231,6 +233,8 @@ def setup(args: TrainArgs) -> Run:
                                              state=trainer_state.get("train_loader"), problems=problems)
     steps_per_epoch, total_steps, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
                                                        problems=problems)
+    if args.profile and not re.fullmatch(r"\d+:[1-9]\d*", args.profile):
+        problems.append(f"--profile {args.profile}: expected START:STEPS, e.g. 20:10 (steps 21 to 30)")
     if args.synthetic_data and args.baseline_loader:
         problems.append("--synthetic_data and --baseline_loader are two stand-ins for the DALI loader; pass one")
     _agree(problems)
@@ -494,11 +498,15 @@ def fit(run: Run) -> str:
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     meter = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "loss_sum": 0.0, "loss_n": 0}
     first_step, started = run.step, time.perf_counter()
+    profiler = StepProfiler(run)
     try:
         while run.step < run.total_steps:
-            micro_batches, wait = next(batches)
+            profiler.before_step()
+            with record_function("data_wait"):
+                micro_batches, wait = next(batches)
             meter["lr"] = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
-            loss = train_step(run, micro_batches)
+            with record_function("train_step"):
+                loss = train_step(run, micro_batches)
             run.step += 1
             guard_non_finite(run, loss)
             count_step(run, meter, loss=loss, wait=wait)
@@ -506,10 +514,13 @@ def fit(run: Run) -> str:
                 record_keys(run, micro_batches)
             if run.step % args.log_steps == 0 or run.step == run.total_steps:
                 log_train(run, meter, bar)
-            evaluate_and_save(run, meter)
+            with record_function("eval_and_save"):
+                evaluate_and_save(run, meter)
+            profiler.after_step()
             bar.update(1)
     finally:  # a message after a failure starts on a line of its own
         bar.close()
+        profiler.close()
     elapsed = time.perf_counter() - started
     exported, why = export_choice(run)
     if run.rank == 0:
@@ -534,6 +545,48 @@ def fit(run: Run) -> str:
             + (f"  final eval:  {run.output_dir / RESULTS_FILE} (+ {PREDICTIONS_FILE}, {CONFUSION_FILE})\n"
                if run.eval_loader is not None else "")
             + f"  W&B run:     {wandb}")
+
+
+class StepProfiler:
+    """--profile START:STEPS: torch.profiler over optimizer steps START+1..START+STEPS on every rank,
+    written to OUTPUT/profile/rank{R}.json (Chrome trace: open in https://ui.perfetto.dev) and
+    rank{R}.txt (the top operators by self time). The loop marks `data_wait`, `train_step` and
+    `eval_and_save`, so the trace shows where a step's time goes."""
+
+    def __init__(self, run: Run):
+        self.run, self.profile = run, None
+        self.start = self.stop = -1
+        if run.args.profile:
+            first, count = (int(part) for part in run.args.profile.split(":"))
+            self.start, self.stop = first, first + count
+
+    def before_step(self) -> None:
+        if self.run.step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.run.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile = torch.profiler.profile(activities=activities)
+            self.profile.start()
+
+    def after_step(self) -> None:
+        if self.profile is not None and self.run.step >= self.stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.profile is None:
+            return
+        get_accelerator().synchronize()
+        self.profile.stop()
+        folder = self.run.output_dir / "profile"
+        folder.mkdir(exist_ok=True)
+        self.profile.export_chrome_trace(str(folder / f"rank{self.run.rank}.json"))
+        by = "self_cuda_time_total" if self.run.device.type == "cuda" else "self_cpu_time_total"
+        (folder / f"rank{self.run.rank}.txt").write_text(
+            f"steps {self.start + 1}-{self.run.step}, sorted by {by}\n"
+            + self.profile.key_averages().table(sort_by=by, row_limit=30) + "\n")
+        if self.run.rank == 0:
+            tqdm.write(f"train: profile of steps {self.start + 1}-{self.run.step} in {folder}")
+        self.profile = None
 
 
 def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float) -> None:
