@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tarfile
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import Pool
@@ -36,6 +37,14 @@ CLEAN_JPEG_MODES = ("RGB", "L")
 
 class ShardFormatError(ValueError):
     """A shard folder that does not match the format: missing files, bad manifest."""
+
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or its old content, never a part: written beside it, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # unique across hosts, whose PIDs may be equal
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def sample_key(relpath: str) -> str:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shutil
 import struct
-import subprocess
 import tarfile
 from pathlib import Path
 

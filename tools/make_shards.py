@@ -49,6 +49,7 @@ from pipelines.shards import (
     decode_fully,
     jpeg_problems,
     sample_key,
+    write_atomic,
 )
 
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -524,14 +525,8 @@ def make_shards(
         "errors": errors,
     }
     (out / CLASSES_FILE).write_text(json.dumps(classes, indent=1) + "\n")
-    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     return {**manifest, "elapsed_s": elapsed}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def summary(manifest: dict, out: Path) -> str:

@@ -19,11 +19,12 @@ import json
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pipelines.shards import write_atomic  # noqa: F401 (train/ imports it from here)
 
 MARKER = "complete.json"
 MODEL_FILES = "model_files"  # OUTPUT/model_files/: the run's model config and image processor
@@ -160,13 +161,6 @@ def _prune(root: Path, *, keep: int) -> None:
     for path in complete[:-keep] if keep > 0 else complete:
         if path != best and path != complete[-1]:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` or its old content, never a part: written beside it, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # unique across hosts, whose PIDs may be equal
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def weights_are_finite(engine) -> bool:
