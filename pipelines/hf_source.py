@@ -99,15 +99,18 @@ def open_source(src: str, *, image_column: str | None = None, label_column: str 
         loaded = {"train": loaded}  # one split: val is drawn from it
     ours = _map_splits(src, list(loaded.keys()), splits)
     features = next(iter(loaded.values())).features
-    if features is None:
-        raise HFSourceError(f"{src}: the dataset does not declare its features (column types); name the columns "
-                            f"with --image-column and --label-column")
-    image = _image_column(src, features, image_column)
-    label = _label_column(src, features, label_column, image=image)
-    classes = list(features[label].names) if isinstance(features[label], datasets.ClassLabel) else None
-    if classes is None and not _is_value(features[label], ("int", "uint", "string", "large_string")):
-        raise HFSourceError(f"{src}: label column {label!r} is {features[label]}; it must be a ClassLabel, an "
-                            f"integer or a string")
+    if features is None:  # some hub datasets stream without declared column types: the user names them
+        if not (image_column and label_column):
+            raise HFSourceError(f"{src}: the dataset does not declare its features (column types); name the "
+                                f"columns with --image-column and --label-column")
+        image, label, classes = image_column, label_column, None
+    else:
+        image = _image_column(src, features, image_column)
+        label = _label_column(src, features, label_column, image=image)
+        classes = list(features[label].names) if isinstance(features[label], datasets.ClassLabel) else None
+        if classes is None and not _is_value(features[label], ("int", "uint", "string", "large_string")):
+            raise HFSourceError(f"{src}: label column {label!r} is {features[label]}; it must be a ClassLabel, an "
+                                f"integer or a string")
     streams: dict[str | None, object] = {}
     counts: dict[str | None, int | None] = {}
     to_split_here = "val" not in ours
@@ -116,7 +119,7 @@ def open_source(src: str, *, image_column: str | None = None, label_column: str 
         counts_known = getattr(dataset, "num_rows", None) or rows.get(name)
         if isinstance(dataset, datasets.Dataset):
             dataset = dataset.to_iterable_dataset()  # memory-mapped rows, read one by one
-        if not isinstance(dataset, ParquetRows):
+        if not isinstance(dataset, ParquetRows) and features is not None:  # without features: raw values
             dataset = dataset.cast_column(image, datasets.Image(decode=False))
         key = None if our == "train" and to_split_here else our
         streams[key] = dataset

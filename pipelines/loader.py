@@ -262,8 +262,8 @@ class DaliLoader:
         images, labels, ids = self._run()
         ids = np.asarray(ids.as_tensor())
         keys = [self.source.table.key(_real(i)) for i in ids]
-        mask = torch.from_numpy(ids >= 0).to(self.device)
-        labels = torch.from_numpy(np.asarray(labels.as_tensor())).to(self.device)
+        mask = self._to_device(ids >= 0)
+        labels = self._to_device(np.asarray(labels.as_tensor()))
         if self.resize != "dali":  # decoded images of any size, resized in torch (batched on GPU)
             pixels = eval_batch([self._sample(images[i]) for i in range(len(images))], self.spec, self.resize)
             if self.channels_last:
@@ -277,6 +277,17 @@ class DaliLoader:
         if self.channels_last:  # DALI wrote NHWC: the same memory is NCHW in channels_last layout
             pixels = pixels.permute(0, 3, 1, 2)
         return {"pixel_values": pixels.to(self.dtype), "labels": labels, "mask": mask, "keys": keys}
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A small host array on this loader's device without a host sync: torch's blocking copy
+        from pageable memory waits for every kernel queued on the stream (the previous step's
+        backward and optimizer step), so the CPU could not queue the next step ahead of the GPU.
+        From pinned memory the copy is asynchronous; torch's pinned allocator keeps the buffer until
+        the copy has run."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _sample(self, image) -> torch.Tensor:
         """One DALI sample (CPU or GPU) as a torch tensor on this loader's device."""

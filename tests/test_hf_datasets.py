@@ -203,3 +203,24 @@ def test_a_damaged_parquet_file_is_named(beans, tmp_path):
     result = run_tool(src, tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{src / 'validation-00000.parquet'}: not a readable Parquet file" in result.stderr
+
+
+def test_a_stream_without_declared_features_takes_the_columns_named(monkeypatch):
+    """Some hub datasets stream without column types (features None): the columns must be named,
+    and then the rows are read as they come."""
+    from pipelines import hf_source
+
+    def rows():
+        for i in range(4):
+            yield {"img": {"bytes": image_bytes(i, "train"), "path": None}, "y": ["cat", "dog"][i % 2]}
+
+    stream = datasets.IterableDataset.from_generator(rows)
+    assert stream.features is None
+    monkeypatch.setattr(hf_source, "_load", lambda datasets, src: ("hub", {"train": stream}, {}))
+    with pytest.raises(hf_source.HFSourceError, match="does not declare its features"):
+        hf_source.open_source("hf:x")
+    source = hf_source.open_source("hf:x", image_column="img", label_column="y")
+    got = list(source.rows())
+    assert [(split, name, label) for split, name, _, label in got] == [
+        (None, f"train/{i:08d}", ["cat", "dog"][i % 2]) for i in range(4)]
+    assert [image for _, _, image, _ in got] == [image_bytes(i, "train") for i in range(4)]

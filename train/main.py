@@ -148,8 +148,9 @@ def run_training(args: TrainArgs) -> int:
         return 6
     except (DataError, PipelineError) as e:  # only the rank that read the batch knows: it stops the others
         code, what = (3, "data error") if isinstance(e, DataError) else (5, "input pipeline error")
-        print(f"train: rank {rank}: {what} at step {run.step + 1}: {e}\ntrain: {kept}", file=sys.stderr, flush=True)
-        peers.stop_all(code, f"rank {rank} had a {what} at step {run.step + 1} (its message says which)")
+        when = "during the eval" if args.eval_only else f"at step {run.step + 1}"
+        print(f"train: rank {rank}: {what} {when}: {e}\ntrain: {kept}", file=sys.stderr, flush=True)
+        peers.stop_all(code, f"rank {rank} had a {what} {when} (its message says which)")
         return code
     except BaseException as e:
         peers.stop_all(1, f"rank {rank} failed at step {run.step + 1}: {type(e).__name__}: {e}")
