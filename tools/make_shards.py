@@ -581,10 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace shards in a non-empty OUT")
     hf = parser.add_argument_group("Hugging Face datasets")
-    hf.add_argument("--image-column", help="the image column (default: the one Image feature)")
-    hf.add_argument("--label-column", help="the label column (default: the one ClassLabel feature, else 'label')")
-    hf.add_argument("--splits", type=parse_splits, help="which dataset split is which, e.g. train=train,val=test "
-                    "(default: train; validation, valid, val or dev; test); splits not named are left out")
+    hf.add_argument("--image-column", help="the image column; unset: the one Image feature")
+    hf.add_argument("--label-column", help="the label column; unset: the one ClassLabel feature, else label or labels")
+    hf.add_argument("--splits", type=parse_splits, help="which dataset split is which, e.g. train=train,val=test; unset: train; validation, "
+                    "valid, val or dev; test (splits not named are left out)")
     args = parser.parse_args(argv)
     try:
         manifest = make_shards(
