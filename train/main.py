@@ -715,7 +715,9 @@ def evaluate(run: Run, *, details: bool = False) -> dict:
     writer = PredictionWriter(run.output_dir, rank=run.rank, classes=run.classes) if details else None
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5 hits, samples
     samples = None
-    for batch in run.eval_loader:
+    shown = run.rank == 0 and run.args.eval_only  # a training run's evals sit under its step bar
+    for batch in tqdm(run.eval_loader, total=len(run.eval_loader), disable=not shown, desc="eval", unit="batch",
+                      dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30):
         logits = run.engine(pixel_values=batch["pixel_values"]).logits.float()
         labels, mask = batch["labels"], batch["mask"]
         loss = F.cross_entropy(logits, labels, reduction="none")
