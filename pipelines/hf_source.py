@@ -2,9 +2,9 @@
 Parquet files as the hub stores them (a folder or a glob), or a hub name `hf:NAME[:CONFIG]`.
 
 Rows are streamed (never a whole dataset in memory): `Dataset.to_iterable_dataset` for a saved
-dataset, `load_dataset(..., streaming=True)` otherwise, with the image column cast to
-`Image(decode=False)` so the encoded bytes arrive as stored and make_shards checks and converts
-them like any file. Needs the optional `datasets` library (`pip install -e ".[datasets]"`).
+dataset, pyarrow's batch reader for Parquet files (`ParquetRows`), `load_dataset(..., streaming=True)`
+for the hub, the image column cast to `Image(decode=False)` where the library reads it, so the
+encoded bytes arrive as stored and make_shards checks and converts them like any file. Needs the optional `datasets` library (`pip install -e ".[datasets]"`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-# A dataset's split names and the split each becomes (case-insensitive)
-HF_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
+from pipelines.shards import SPLIT_ALIASES
+
 LABEL_NAMES = ("label", "labels")  # the label column when no ClassLabel feature says which
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes at the top of its folder
 # how the hub names Parquet files: data/train-00000-of-00002.parquet, validation/0000.parquet, ...
-SPLIT_IN_NAME = re.compile(r"^(train|validation|valid|val|dev|test)(?=[-_.]|$)", re.IGNORECASE)
+SPLIT_IN_NAME = re.compile(rf"^({'|'.join(sorted(SPLIT_ALIASES, key=len, reverse=True))})(?=[-_.]|$)", re.IGNORECASE)
 
 
 class HFSourceError(ValueError):
@@ -94,7 +94,7 @@ def open_source(src: str, *, image_column: str | None = None, label_column: str 
     (train/val/test -> name); by default train, validation|valid|val|dev and test are taken and any
     other split is an error."""
     datasets = _import_datasets()
-    kind, loaded, rows = _load(datasets, src)
+    kind, loaded = _load(datasets, src)
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         loaded = {"train": loaded}  # one split: val is drawn from it
     ours = _map_splits(src, list(loaded.keys()), splits)
@@ -106,7 +106,7 @@ def open_source(src: str, *, image_column: str | None = None, label_column: str 
         image, label, classes = image_column, label_column, None
     else:
         image = _image_column(src, features, image_column)
-        label = _label_column(src, features, label_column, image=image)
+        label = _label_column(src, features, label_column)
         classes = list(features[label].names) if isinstance(features[label], datasets.ClassLabel) else None
         if classes is None and not _is_value(features[label], ("int", "uint", "string", "large_string")):
             raise HFSourceError(f"{src}: label column {label!r} is {features[label]}; it must be a ClassLabel, an "
@@ -116,7 +116,7 @@ def open_source(src: str, *, image_column: str | None = None, label_column: str 
     to_split_here = "val" not in ours
     for our, name in ours.items():
         dataset = loaded[name].select_columns([image, label])
-        counts_known = getattr(dataset, "num_rows", None) or rows.get(name)
+        counts_known = getattr(dataset, "num_rows", None)  # Dataset's; ParquetRows' from the file footers
         if isinstance(dataset, datasets.Dataset):
             dataset = dataset.to_iterable_dataset()  # memory-mapped rows, read one by one
         if not isinstance(dataset, ParquetRows) and features is not None:  # without features: raw values
@@ -140,21 +140,18 @@ def _import_datasets():
 
 
 def _load(datasets, src: str):
-    """(kind, a Dataset / IterableDataset or a dict of them by split name, {split name: rows} where
-    known without reading them)."""
+    """(kind, a Dataset / IterableDataset / ParquetRows, or a dict of them by split name)."""
     try:
         if src.startswith("hf:"):
             name, _, config = src[3:].partition(":")
             if not name:
                 raise HFSourceError("hf: needs a dataset name, as in hf:beans or hf:user/name:config")
-            return "hub", datasets.load_dataset(name, config or None, streaming=True), {}
+            return "hub", datasets.load_dataset(name, config or None, streaming=True)
         path = Path(src)
         if path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS):
-            return "save_to_disk", datasets.load_from_disk(str(path)), {}
-        files = _parquet_files(src)
-        loaded = {name: ParquetRows(paths, datasets.Features.from_arrow_schema(_schema(paths[0])))
-                  for name, paths in files.items()}
-        return "parquet", loaded, {name: rows.num_rows for name, rows in loaded.items()}
+            return "save_to_disk", datasets.load_from_disk(str(path))
+        return "parquet", {name: ParquetRows(paths, datasets.Features.from_arrow_schema(_schema(paths[0])))
+                           for name, paths in _parquet_files(src).items()}
     except HFSourceError:
         raise
     except Exception as e:  # the library raises FileNotFoundError, ConnectionError, DatasetNotFoundError, ...
@@ -192,7 +189,7 @@ class ParquetRows:
     """The rows of Parquet files, a small batch at a time, as plain values (an Image cell is its
     {"bytes", "path"} struct). Read with pyarrow's synchronous reader: `load_dataset("parquet",
     streaming=True)` reads ahead of a slow consumer without bound (measured: 950 MB of Parquet in
-    100-row groups went through make_shards with 1.3 GB resident against 0.13 GB this way)."""
+    100-row groups went through make_shards with 1.37 GB resident against 0.31 GB this way)."""
 
     BATCH = 64
 
@@ -238,7 +235,7 @@ def _map_splits(src: str, names: list[str], given: dict[str, str] | None) -> dic
     ours: dict[str, str] = {}
     unknown = []
     for name in names:
-        split = HF_SPLITS.get(name.lower())
+        split = SPLIT_ALIASES.get(name.lower())
         if split is None:
             unknown.append(name)
         elif split in ours:
@@ -271,7 +268,7 @@ def _image_column(src: str, features, given: str | None) -> str:
     return images[0]
 
 
-def _label_column(src: str, features, given: str | None, *, image: str) -> str:
+def _label_column(src: str, features, given: str | None) -> str:
     import datasets
 
     if given:

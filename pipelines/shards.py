@@ -29,6 +29,9 @@ from PIL import Image
 MANIFEST_FILE = "manifest.json"
 CLASSES_FILE = "classes.json"
 SPLITS = ("train", "val", "test")
+# The names a source may give its splits (case-insensitive), as HF imagefolder, timm, torchvision and
+# Hugging Face datasets name them, and the split each becomes
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
 MANIFEST_FORMAT = "image-shards/1"
 INDEX_VERSION = "v1.2"
 BASELINE_SOF = 0xC0

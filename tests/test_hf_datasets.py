@@ -216,7 +216,7 @@ def test_a_stream_without_declared_features_takes_the_columns_named(monkeypatch)
 
     stream = datasets.IterableDataset.from_generator(rows)
     assert stream.features is None
-    monkeypatch.setattr(hf_source, "_load", lambda datasets, src: ("hub", {"train": stream}, {}))
+    monkeypatch.setattr(hf_source, "_load", lambda datasets, src: ("hub", {"train": stream}))
     with pytest.raises(hf_source.HFSourceError, match="does not declare its features"):
         hf_source.open_source("hf:x")
     source = hf_source.open_source("hf:x", image_column="img", label_column="y")

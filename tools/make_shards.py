@@ -44,6 +44,7 @@ from pipelines.shards import (
     CLASSES_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
+    SPLIT_ALIASES,
     SPLITS,
     ShardWriter,
     decode_fully,
@@ -146,8 +147,7 @@ def to_rgb_or_gray(img: Image.Image) -> Image.Image | None:
 
 # --- the source tree ----------------------------------------------------------------------
 
-# Top-level folder names taken as splits (case-insensitive), as HF imagefolder, timm and torchvision name them
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val", "test": "test"}
+# Top-level folder names taken as splits: pipelines/shards.py SPLIT_ALIASES
 # Names that look like a split but are none of those: refused rather than trained as a class
 SPLIT_LIKE = re.compile(r"^(train|training|val|valid|validation|dev|test|testing|eval|evaluation|holdout|trainval)"
                         r"([-_.]?[a-z0-9]*)$", re.IGNORECASE)
@@ -160,12 +160,12 @@ def split_folders(src: Path) -> dict[str, Path] | None:
         return None
     splits: dict[str, Path] = {}
     for d in dirs:
-        split = SPLIT_NAMES.get(d.name.lower())
+        split = SPLIT_ALIASES.get(d.name.lower())
         if split in splits:
             raise ShardingError(f"{src}: {splits[split].name}/ and {d.name}/ are both the {split} split; keep one")
         if split:
             splits[split] = d
-    if unknown := [d.name for d in dirs if d.name.lower() not in SPLIT_NAMES]:
+    if unknown := [d.name for d in dirs if d.name.lower() not in SPLIT_ALIASES]:
         raise ShardingError(
             f"{src} has split folders ({', '.join(p.name for p in splits.values()) or 'none known'}) and "
             f"{', '.join(unknown)}, which is no split this tool knows; name the splits train, val "
