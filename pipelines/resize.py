@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import PIL
 import torch
@@ -76,7 +77,7 @@ def _coefficients(in_size: int, out_size: int, interpolation: str) -> tuple[torc
     taps = int(math.ceil(support)) * 2 + 1
     indices = torch.zeros(out_size, taps, dtype=torch.int64)
     weights = torch.zeros(out_size, taps, dtype=torch.int64)
-    exact = torch.zeros(out_size, taps, dtype=torch.float64)
+    floats = torch.zeros(out_size, taps, dtype=torch.float64)
     for xx in range(out_size):
         center = (xx + 0.5) * scale
         inverse = 1.0 / filterscale
@@ -92,8 +93,8 @@ def _coefficients(in_size: int, out_size: int, interpolation: str) -> tuple[torc
         indices[xx, :count] = torch.arange(xmin, xmin + count)
         indices[xx, count:] = xmin
         weights[xx, :count] = torch.tensor(fixed, dtype=torch.int64)
-        exact[xx, :count] = torch.tensor(k, dtype=torch.float64)
-    return indices, weights, exact
+        floats[xx, :count] = torch.tensor(k, dtype=torch.float64)
+    return indices, weights, floats
 
 
 def _resample(image: torch.Tensor, axis: int, out_size: int, interpolation: str) -> torch.Tensor:
@@ -177,8 +178,8 @@ def eval_batch(images: list[torch.Tensor], spec, resize: str, *, batched: bool |
     coefficients as `pil_resize`, restricted to the pixels the center crop keeps, in float64. With
     `resize="pillow"` the matrices hold Pillow's fixed-point weights and every pass is rounded as
     Pillow rounds it; integer sums below 2^53 are exact in float64, so the result is Pillow's bit for
-    bit. With `resize="torch"` they hold the float weights, rounded once at the end (what torch's
-    antialiased interpolation computes). On CPU the image-by-image path is faster (torch's uint8
+    bit. With `resize="torch"` they hold the float weights, each pass rounded and clipped as torch's
+    uint8 kernels do (within 2 grey levels of them). On CPU the image-by-image path is faster (torch's uint8
     kernels; the gathers of `pil_resize`), and it is the default there."""
     device = images[0].device
     if not (device.type == "cuda" if batched is None else batched):
@@ -194,39 +195,53 @@ def eval_batch(images: list[torch.Tensor], spec, resize: str, *, batched: bool |
     return (out - mean[:, None, None]) / std[:, None, None]
 
 
-def _plan(height: int, width: int, spec, resize: str) -> tuple:
-    """(height, width, resized height, resized width, top, left, crop height, crop width, vertical
-    first) of one image."""
+class _Plan(NamedTuple):
+    """One image's resize: its size, the resized size, the crop kept and Pillow's pass order."""
+
+    height: int
+    width: int
+    resized_height: int
+    resized_width: int
+    top: int
+    left: int
+    crop_height: int
+    crop_width: int
+    vertical_first: bool
+
+
+def _plan(height: int, width: int, spec, resize: str) -> _Plan:
     rh, rw = spec.resized_size(height, width)
     ch, cw = spec.crop or (rh, rw)
     first = resize == "pillow" and vertical_first(height, width, rh, rw)
-    return height, width, rh, rw, (rh - ch) // 2, (rw - cw) // 2, ch, cw, first
+    return _Plan(height, width, rh, rw, (rh - ch) // 2, (rw - cw) // 2, ch, cw, first)
 
 
-def _groups(plans: list[tuple]) -> list[list[int]]:
+def _groups(plans: list[_Plan]) -> list[list[int]]:
     """Images with the same pass order, largest first, in groups whose padded images fit
     GROUP_BYTES and waste at most half of it on padding."""
-    order = sorted(range(len(plans)), key=lambda i: (plans[i][8], -plans[i][0] * plans[i][1], i))
+    order = sorted(range(len(plans)), key=lambda i: (plans[i].vertical_first, -plans[i].height * plans[i].width, i))
     groups: list[list[int]] = []
+    padded = (0, 0)  # the padded size of the last group
     for i in order:
-        h, w, first = plans[i][0], plans[i][1], plans[i][8]
+        plan = plans[i]
         if groups:
             group = groups[-1]
-            top = plans[group[0]]
-            hp, wp = max(plans[j][0] for j in group + [i]), max(plans[j][1] for j in group + [i])
-            if (top[8] == first and (len(group) + 1) * 3 * hp * wp * 8 <= GROUP_BYTES
-                    and 2 * h * w >= hp * wp):
+            hp, wp = max(padded[0], plan.height), max(padded[1], plan.width)
+            if (plans[group[0]].vertical_first == plan.vertical_first
+                    and (len(group) + 1) * 3 * hp * wp * 8 <= GROUP_BYTES and 2 * plan.height * plan.width >= hp * wp):
                 group.append(i)
+                padded = (hp, wp)
                 continue
         groups.append([i])
+        padded = (plan.height, plan.width)
     return groups
 
 
-def _resize_group(images: list[torch.Tensor], plans: list[tuple], *, interpolation: str, exact: bool) -> torch.Tensor:
+def _resize_group(images: list[torch.Tensor], plans: list[_Plan], *, interpolation: str, exact: bool) -> torch.Tensor:
     """(G, 3, crop h, crop w) float64 of integer values 0..255: both passes as batched matrix products."""
     device, count = images[0].device, len(images)
-    hp, wp = max(p[0] for p in plans), max(p[1] for p in plans)
-    ch, cw, first = plans[0][6], plans[0][7], plans[0][8]
+    hp, wp = max(p.height for p in plans), max(p.width for p in plans)
+    ch, cw, first = plans[0].crop_height, plans[0].crop_width, plans[0].vertical_first
     pixels = torch.zeros(count, 3, hp, wp, dtype=torch.float64, device=device)
     columns = torch.zeros(count, wp, cw, dtype=torch.float64, device=device)
     rows = torch.zeros(count, ch, hp, dtype=torch.float64, device=device)
