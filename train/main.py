@@ -316,15 +316,11 @@ def setup_eval(args: TrainArgs) -> Run:
         problems.append(f"--eval_only: {data} has no {args.eval_split} samples")
     ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
     precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
-    model = image_processor = spec = eval_loader = None
+    model = image_processor = eval_loader = None
     if args.model and not args.model_config and classes:
         model, image_processor = load_trained(model=args.model, processor=args.processor, classes=classes,
                                               problems=problems)
-    if image_processor is not None:
-        try:
-            spec = spec_from_processor(image_processor)
-        except ProcessorError as e:
-            problems.append(f"image processor: {e}")
+    spec = _spec(image_processor, problems)
     if not problems:
         _, eval_loader = _loaders(args, data=data, spec=spec, model=model, ds_config=ds_config, precision=precision,
                                   device=device, eval_samples=eval_samples, state=None, problems=problems, train=False)
@@ -402,21 +398,28 @@ def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list
             model_config, processor = BUILTIN_MODEL, processor or builtin_processor()
         else:
             problems.append("no model: pass --model NAME_OR_DIR (pretrained) or --model_config JSON (random init)")
-    model = image_processor = spec = None
+    model = image_processor = None
     if classes and (args.model or model_config):
         torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
         model, image_processor = build_model(model=args.model, model_config=model_config, processor=processor,
                                              classes=classes, problems=problems)
     elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
         model_source(model=args.model, model_config=args.model_config, problems=problems)
-    if image_processor is not None:
-        try:
-            spec = spec_from_processor(image_processor)
-        except ProcessorError as e:
-            problems.append(f"image processor: {e}")
+    spec = _spec(image_processor, problems)
     if args.gradient_checkpointing and model is not None and not model.supports_gradient_checkpointing:
         problems.append(f"--gradient_checkpointing: {type(model).__name__} does not support it")
     return model, image_processor, spec
+
+
+def _spec(image_processor, problems: list[str]):
+    """The DALI preprocessing of the image processor, or None (and the problem noted)."""
+    if image_processor is None:
+        return None
+    try:
+        return spec_from_processor(image_processor)
+    except ProcessorError as e:
+        problems.append(f"image processor: {e}")
+        return None
 
 
 def _loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, precision: str, device: torch.device,
