@@ -46,33 +46,41 @@ DEFAULTS = {True: {"models": ["vit-b16", "resnet-50"], "micro": 256, "steps": 60
 LOADERS = {"dali": [], "baseline": ["--baseline_loader"], "synthetic": ["--synthetic_data"]}
 
 
-def run_training(*, data: Path, work: Path, name: str, loader: str, steps: int, micro: int, ranks: int,
-                 port: int, extra: list[str]) -> dict:
-    """images/s, data wait fraction and MFU of one train/main.py run."""
-    out = work / f"{name}-{loader}"
+class RunFailed(RuntimeError):
+    """A training run failed, timed out, or logged too few intervals to measure."""
+
+
+def run_training(*, data: Path, work: Path, name: str, loader: str = "dali", config: str = "zero2", steps: int,
+                 micro: int, ranks: int = 1, port: int, extra: list[str] = (), timeout: float | None = None) -> dict:
+    """images/s (median of the logged intervals after the first), data wait fraction, MFU and peak
+    GPU memory of one train/main.py run of model `name` (its config and processor in `work`)."""
+    out = work / "-".join([name, loader, config, str(micro), *(a.lstrip("-") for a in extra)])
     command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "train" / "main.py"),
-               "--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", str(data),
+               "--ds_config", str(ROOT / "ds_configs" / f"{config}.json"), "--data", str(data),
                "--model_config", str(work / f"{name}.json"), "--processor", str(work / f"{name}-processor"),
                "--output_dir", str(out), "--max_steps", str(steps), "--micro_batch_size", str(micro),
                "--log_steps", "5", "--eval_steps", str(10**9), "--save_steps", str(10**9), "--wandb_mode", "disabled",
                *LOADERS[loader], *extra]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunFailed("timed out") from None
     if done.returncode != 0:
-        sys.exit(f"benchmark_train: {name} ({loader}) failed:\n{done.stderr[-3000:]}")
+        raise RunFailed(f"failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "perf/images_per_sec" in r][1:]  # the first interval includes start-up
     if not rows:
-        sys.exit(f"benchmark_train: {name} ({loader}) logged one interval; pass more --steps")
+        raise RunFailed("logged one interval; pass more --steps")
     mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
     return {"images_per_sec": statistics.median(r["perf/images_per_sec"] for r in rows),
             "data_wait": statistics.mean(r["perf/data_wait_fraction"] for r in rows),
             "mfu": statistics.median(mfu) if mfu else None,
-            "gpu_mem_gib": max((r.get("perf/gpu_mem", 0) for r in rows), default=0) or None}
+            "gpu_mem_gib": max((r.get("perf/gpu_mem") or 0 for r in rows), default=0) or None}
 
 
 def table(results: dict) -> str:
-    lines = [f"| model | DALI img/s | baseline img/s | synthetic img/s | DALI / synthetic | baseline / synthetic "
-             f"| DALI data wait | baseline data wait | MFU (DALI) |", "|" + " --- |" * 9]
+    lines = ["| model | DALI img/s | baseline img/s | synthetic img/s | DALI / synthetic | baseline / synthetic "
+             "| DALI data wait | baseline data wait | MFU (DALI) |", "|" + " --- |" * 9]
     for name, r in results.items():
         ceiling = r["synthetic"]["images_per_sec"]
         mfu = f"{r['dali']['mfu']:.1%}" if r["dali"]["mfu"] is not None else "-"
@@ -114,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             config, processor, gpu_args = MODELS[name]
             (work / f"{name}.json").write_text(json.dumps(config))
             processor(transformers).save_pretrained(work / f"{name}-processor")
-            results[name] = {loader: run_training(data=data, work=work, name=name, loader=loader, steps=args.steps,
-                                                  micro=args.micro_batch_size, ranks=args.ranks,
-                                                  port=29700 + 3 * n + i, extra=(gpu_args if gpu else []) + extra)
-                             for i, loader in enumerate(args.loaders)}
+            try:
+                results[name] = {loader: run_training(data=data, work=work, name=name, loader=loader, steps=args.steps,
+                                                      micro=args.micro_batch_size, ranks=args.ranks,
+                                                      port=29700 + 3 * n + i, extra=(gpu_args if gpu else []) + extra)
+                                 for i, loader in enumerate(args.loaders)}
+            except RunFailed as e:
+                sys.exit(f"benchmark_train: {name}: {e}")
             for loader in set(LOADERS) - set(args.loaders):
                 results[name][loader] = {"images_per_sec": float("nan"), "data_wait": float("nan"), "mfu": None}
             print(f"{name}: " + ", ".join(f"{loader} {r['images_per_sec']:.1f} img/s"

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -75,30 +74,19 @@ def machine(gpu: bool) -> dict:
 
 def train_once(*, data: Path, work: Path, model: str, config: str, micro: int, steps: int, gc: bool,
                budget: Budget, port: int) -> dict:
-    """One train/main.py run of a benchmark_train model: images/s (median after the first
-    interval), peak GPU memory (GiB) and MFU."""
-    out = work / f"{model}-{config}-{micro}{'-gc' if gc else ''}"
-    command = ["deepspeed", "--num_gpus", "1", "--master_port", str(port), str(ROOT / "train" / "main.py"),
-               "--ds_config", str(ROOT / "ds_configs" / f"{config}.json"), "--data", str(data),
-               "--model_config", str(work / f"{model}.json"), "--processor", str(work / f"{model}-processor"),
-               "--output_dir", str(out), "--max_steps", str(steps), "--micro_batch_size", str(micro),
-               "--log_steps", "5", "--eval_steps", str(10**9), "--save_steps", str(10**9), "--wandb_mode", "disabled",
-               *(["--gradient_checkpointing"] if gc else [])]
-    result = run(command, budget=budget)
-    figures = {"status": result["status"], "seconds": result["seconds"]}
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
-    rows = [r for r in rows if "perf/images_per_sec" in r][1:]
-    if rows:
-        figures["images_per_sec"] = statistics.median(r["perf/images_per_sec"] for r in rows)
-        figures["gpu_mem_gib"] = max((r.get("perf/gpu_mem") or 0 for r in rows), default=0) or None
-        mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
-        figures["mfu"] = statistics.median(mfu) if mfu else None
-    elif result["status"] == "ok":
-        figures["status"] = "no interval after the first: more --steps"
-    if result["status"] != "ok":
-        figures["error"] = _last_error(result["stderr"])
-    return figures
+    """benchmark_train's run of `model` under `config`, within the budget: its figures and status."""
+    from benchmark_train import RunFailed, run_training
+
+    if budget.left() < 5:
+        return {"status": "skipped: no time left"}
+    start = time.monotonic()
+    try:
+        figures = run_training(data=data, work=work, name=model, config=config, steps=steps, micro=micro, port=port,
+                               extra=["--gradient_checkpointing"] if gc else [], timeout=budget.left())
+        status = "ok"
+    except RunFailed as e:
+        figures, status = {"error": _last_error(str(e))}, str(e).splitlines()[0].rstrip(":")
+    return {"status": status, "seconds": round(time.monotonic() - start, 1), **figures}
 
 
 def largest_micro(small: dict, large: dict, micros: tuple[int, int], capacity_gib: float | None) -> int | None:
