@@ -28,25 +28,34 @@ def device_id_of(device: str | torch.device) -> int | None:
     return device.index or 0
 
 
-def decoded(jpegs, *, gpu: bool):
+def decoder_args(*, gpu: bool, hw_decoder_load: float | None) -> dict:
+    """The decoders' device, and on GPU the share of JPEGs for the hardware JPEG decoder (the rest
+    decode in CUDA kernels, on the SMs the model trains on; None: DALI's default)."""
+    if not gpu:
+        return {"device": "cpu"}
+    return {"device": "mixed", **({} if hw_decoder_load is None else {"hw_decoder_load": hw_decoder_load})}
+
+
+def decoded(jpegs, *, gpu: bool, hw_decoder_load: float | None = None):
     """JPEG bytes to RGB uint8 HWC: nvJPEG / the hardware decoder on GPU, libjpeg-turbo on CPU.
 
     On GPU, chroma is upsampled as libjpeg-turbo (and so Pillow and the HF processors) does it
     ("fancy", triangular): nvJPEG's default replicates pixels, several grey levels off at colour
     edges. (Training's fused random-crop decoder keeps nvJPEG's default; its cost is unmeasured.)"""
-    if gpu:
-        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True)
-    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    fancy = {"jpeg_fancy_upsampling": True} if gpu else {}
+    return fn.decoders.image(jpegs, output_type=types.RGB, **fancy,
+                             **decoder_args(gpu=gpu, hw_decoder_load=hw_decoder_load))
 
 
-def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT):
+def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT,
+                hw_decoder_load: float | None = None):
     """Decode -> resize -> center crop -> normalize, as the HF processor does.
 
     Resize sizes are computed per sample from the JPEG header with the processor's rounding
     (long side floored), not left to DALI's; crop offsets are floored like HF's
     (`rounding="truncate"`), and the resize antialiases like PIL.
     """
-    images = decoded(jpegs, gpu=gpu)
+    images = decoded(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load)
     if spec.resize_to:
         height, width = (float(v) for v in spec.resize_to)
     else:
@@ -61,13 +70,14 @@ def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", 
 
 def train_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT,
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.5, color_jitter: float = 0.0, auto_augment: str | None = None):
+                 hflip: float = 0.5, color_jitter: float = 0.0, auto_augment: str | None = None,
+                 hw_decoder_load: float | None = None):
     """Random-resized-crop (fused with decoding) to the processor's output size, random flip,
     optional colour jitter and RandAugment/TrivialAugment, the processor's normalization."""
     height, width = spec.output_size
     images = fn.decoders.image_random_crop(
-        jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-        random_area=list(scale), random_aspect_ratio=list(ratio),
+        jpegs, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
+        **decoder_args(gpu=gpu, hw_decoder_load=hw_decoder_load),
     )
     images = fn.resize(images, size=[height, width], interp_type=INTERP[spec.interpolation], antialias=True)
     if color_jitter:
@@ -101,7 +111,7 @@ def _normalize(images, *, spec: PreprocessSpec, crop, layout: str, dtype, mirror
 
 @pipeline_def
 def shard_pipeline(*, source, spec: PreprocessSpec, train: bool, gpu: bool, layout: str, dtype, augment: dict,
-                   decode_only: bool = False):
+                   decode_only: bool = False, hw_decoder_load: float | None = None):
     """Preprocess the samples `source` feeds (pipelines/loader.py: JPEG bytes, labels and sample ids
     of this rank's batches, in the epoch's order) and return (images, labels, ids).
     `decode_only`: eval images stay decoded RGB, resized later in torch (pipelines/resize.py).
@@ -109,11 +119,12 @@ def shard_pipeline(*, source, spec: PreprocessSpec, train: bool, gpu: bool, layo
     jpegs, labels, ids = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
                                             dtype=[types.UINT8, types.INT64, types.INT64])
     if train:
-        images = train_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, **augment)
+        images = train_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, hw_decoder_load=hw_decoder_load,
+                              **augment)
     elif decode_only:
-        images = decoded(jpegs, gpu=gpu)
+        images = decoded(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load)
     else:
-        images = eval_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype)
+        images = eval_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, hw_decoder_load=hw_decoder_load)
     return images, labels, ids
 
 

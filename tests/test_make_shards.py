@@ -405,6 +405,6 @@ def test_a_full_disk_is_one_message_naming_the_output(tmp_path):
             pytest.skip("cannot mount a tmpfs here")
         result = run_tool(src, small / "out", "--workers", "1")
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert f"No space left on device" in result.stderr and f"while writing {small / 'out'}" in result.stderr
+        assert "No space left on device" in result.stderr and f"while writing {small / 'out'}" in result.stderr
         assert "rerun with --overwrite" in result.stderr
         assert not (small / "out" / "manifest.json").exists() and not (small / "out" / ".staged.tmp").exists()

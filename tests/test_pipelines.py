@@ -222,19 +222,35 @@ def test_one_graph_definition_serves_both_devices(gpu):
             assert set(operators.values()) == {"cpu"}, operators
 
 
-def test_gpu_eval_decoder_upsamples_chroma_as_libjpeg_does():
-    """nvJPEG replicates chroma pixels unless asked; libjpeg-turbo (Pillow, the HF processors)
-    interpolates. Every GPU eval graph asks; training's random-crop decoder does not."""
+def traced_decoder_args(*, gpu: bool, train: bool, **kwargs) -> dict:
+    """The arguments of a shard pipeline's one decoder, from its traced graph."""
     from nvidia.dali import types
     from pipelines.dali import shard_pipeline
 
-    for train, kwargs in [(False, {}), (False, dict(decode_only=True)), (True, {})]:
-        pipe = shard_pipeline(source=lambda info: None, spec=spec_from_processor(T.ViTImageProcessorPil()), train=train,
-                              gpu=True, layout="CHW", dtype=types.FLOAT, batch_size=2, num_threads=1, device_id=0,
-                              augment={}, **kwargs)
-        pipe._build_graph()
-        (decoder,) = [op._op for op in pipe._ops if getattr(op._op, "schema_name", "").startswith("decoders__")]
-        assert decoder._init_args.get("jpeg_fancy_upsampling", False) is (not train), (train, kwargs)
+    pipe = shard_pipeline(source=lambda info: None, spec=spec_from_processor(T.ViTImageProcessorPil()), train=train,
+                          gpu=gpu, layout="CHW", dtype=types.FLOAT, batch_size=2, num_threads=1,
+                          device_id=0 if gpu else None, augment={}, **kwargs)
+    pipe._build_graph()
+    (decoder,) = [op._op for op in pipe._ops if getattr(op._op, "schema_name", "").startswith("decoders__")]
+    return decoder._init_args
+
+
+GRAPHS = [(False, {}), (False, dict(decode_only=True)), (True, {})]  # (train, arguments): every decoder there is
+
+
+def test_gpu_eval_decoder_upsamples_chroma_as_libjpeg_does():
+    """nvJPEG replicates chroma pixels unless asked; libjpeg-turbo (Pillow, the HF processors)
+    interpolates. Every GPU eval graph asks; training's random-crop decoder does not."""
+    for train, kwargs in GRAPHS:
+        decoder = traced_decoder_args(gpu=True, train=train, **kwargs)
+        assert decoder.get("jpeg_fancy_upsampling", False) is (not train), (train, kwargs)
+
+
+def test_hw_decoder_load_reaches_every_gpu_decoder_and_no_cpu_one():
+    for train, kwargs in GRAPHS:
+        assert traced_decoder_args(gpu=True, train=train, hw_decoder_load=1.0, **kwargs)["hw_decoder_load"] == 1.0
+        assert "hw_decoder_load" not in traced_decoder_args(gpu=True, train=train, **kwargs)  # DALI's default
+        assert "hw_decoder_load" not in traced_decoder_args(gpu=False, train=train, hw_decoder_load=1.0, **kwargs)
 
 
 def test_check_parity_decoder_only_compares_decoded_pixels_with_pillow(parity_images):

@@ -138,7 +138,7 @@ def test_non_finite_micro_batches_with_accumulation_on_every_zero_stage(files, t
     first of step 3 (likewise), and in all of step 4 (skipped): DeepSpeed neither crashes nor
     applies NaN; the steps count as they should."""
     out = tmp_path / "run"
-    train([f"--ds_config", f"ds_configs/{zero}.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+    train(["--ds_config", f"ds_configs/{zero}.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
            "--micro_batch_size", "4", "--grad_accum", str(accum), "--log_steps", "1", "--save_steps", "5",
            "--eval_steps", "5"], env={"TRAIN_NAN_AT": f"1:2.{accum},3.1,4"})
     rows = {m["step"]: m for m in metrics(out) if "train/skipped_steps" in m}
@@ -160,6 +160,22 @@ def test_too_many_non_finite_steps_stop_the_run_with_checkpoints_intact(files, t
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000004"]
     assert all((checkpoints / name / "complete.json").is_file() for name in ("step-00000002", "step-00000004"))
+
+
+def test_nan_guard_stop_trains_the_same_without_syncs_and_stops_at_the_next_check(files, tmp_path):
+    """--nan_guard stop checks losses only at logs, evals and saves: NaN on rank 1 at step 5 (not a
+    check step) is found at step 6, before its checkpoint; until then it trains as skip does."""
+    args = lambda out: ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out),
+                        "--micro_batch_size", "6", "--save_steps", "2", "--log_steps", "3", "--eval_steps", "100",
+                        "--lr_scheduler", "constant", "--warmup_steps", "0"]  # the same rates whatever --max_steps
+    skip, stop = tmp_path / "skip", tmp_path / "stop"
+    train(args(skip) + ["--max_steps", "3"])
+    done = train(args(stop) + ["--max_steps", "8", "--nan_guard", "stop"], env={"TRAIN_NAN_AT": "1:5"}, check=False)
+    assert done.returncode == 4, done.stderr
+    assert "not finite on some rank between steps 5 and 6 (--nan_guard stop)" in done.stderr
+    assert sorted(p.name for p in (stop / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert [m["step"] for m in metrics(stop) if "train/loss" in m] == [3]
+    assert losses_by_step(stop)[3] == pytest.approx(losses_by_step(skip)[3], rel=1e-6)
 
 
 def copy_shards(files, tmp_path: Path) -> Path:

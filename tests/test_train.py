@@ -333,6 +333,17 @@ def test_builtin_recipe_fills_only_the_arguments_not_given():
     assert _with_recipe(parse_args([]), BUILTIN_RECIPE).epochs == BUILTIN_RECIPE["epochs"]
 
 
+def test_flags_nothing_else_checks_are_named_when_wrong():
+    from train.args import parse_args
+    from train.main import _flag_problems
+
+    assert _flag_problems(parse_args(["--hw_decoder_load", "1.0", "--profile", "20:10", "--nan_guard", "stop"])) == []
+    problems = _flag_problems(parse_args(["--hw_decoder_load", "65", "--profile", "20", "--synthetic_data",
+                                          "--baseline_loader"]))
+    assert [p.split(" ")[0] for p in problems] == ["--profile", "--synthetic_data", "--hw_decoder_load"]
+    assert "from 0 to 1" in problems[2]
+
+
 def test_batchnorm_statistics_stay_fp32_beside_bf16_parameters():
     """prepare_precision: running statistics in fp32 track a mean of 1000.3 as an fp32 BatchNorm
     does (bf16 statistics stall at 968: their momentum updates fall below one bf16 step)."""

@@ -9,7 +9,9 @@ timed out, and the report still comes):
   3. tools/benchmark_loader.py: the DALI loaders against the HF processor in a DataLoader;
   4. tools/benchmark_train.py: ViT-B/16 and ResNet-50 fed by DALI, by the baseline DataLoader and
      by synthetic tensors, with MFU;
-  5. ViT-B/16 under every shipped DeepSpeed config, without and with --gradient_checkpointing:
+  5. tools/benchmark_levers.py: what each input-pipeline lever is worth to ViT-B/16's training
+     (the NaN guard's sync, DALI threads, the hardware JPEG decoder's share);
+  6. ViT-B/16 under every shipped DeepSpeed config, without and with --gradient_checkpointing:
      images/s and peak GPU memory; and, from the peak memory at two micro batches (ZeRO-2), the
      largest micro batch that fits each way (a linear extrapolation, marked as such).
 Writes OUT/report.md (Markdown tables) and OUT/report.json. On a CPU (`--device cpu`, for testing
@@ -113,6 +115,9 @@ def markdown(report: dict) -> str:
               *loader.get("table", []), "```", ""]
     lines += ["## Training (tools/benchmark_train.py)", "", f"status: {report['train']['status']}", "",
               report["train"].get("table", ""), ""]
+    levers = report["levers"]
+    lines += ["## Levers (tools/benchmark_levers.py)", "", f"status: {levers['status']}", "",
+              levers.get("table", ""), ""]
     lines += ["## DeepSpeed configs and gradient checkpointing", "",
               f"{report['matrix_model']}, micro batch {report['matrix_micro']}, {report['steps']} steps, 1 GPU", "",
               "| config | checkpointing | img/s | peak GPU memory (GiB) | MFU | status |", "| --- | --- | --- | --- | --- | --- |"]
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="ImageNet-like JPEGs to shard (default 4000 on GPU, 200 on CPU)")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (default 20 on GPU, 10 on CPU)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "loader", "train", "matrix"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "loader", "train", "levers", "matrix"])
     args = parser.parse_args(argv)
     gpu = args.device == "gpu"
     sys.path.insert(0, str(ROOT / "tools"))
@@ -186,7 +191,19 @@ def main(argv: list[str] | None = None) -> int:
                        "results": json.loads(train_json.read_text())["results"] if train_json.exists() else None}
     print(f"gpu_report: train {train['status']}", flush=True)
 
-    matrix, port = [], 29600
+    levers_json, port = args.out / "levers.json", 29600
+    levers = {"status": "skipped"} if "levers" in args.skip else run(
+        ["deepspeed", "--num_gpus", "1", "--master_port", str(port), str(ROOT / "tools" / "benchmark_levers.py"),
+         "--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", str(data),
+         "--model_config", str(work / f"{models[0]}.json"), "--processor", str(work / f"{models[0]}-processor"),
+         "--micro_batch_size", str(micro), "--steps", str(15 if gpu else 2), "--rounds", str(3 if gpu else 2),
+         "--output_dir", str(work / "levers"), "--json", str(levers_json)], budget=budget)
+    report["levers"] = {"status": levers["status"], "seconds": levers.get("seconds", 0),
+                        "table": "\n".join(l for l in levers.get("stdout", "").splitlines() if l.startswith("|")),
+                        "results": json.loads(levers_json.read_text())["results"] if levers_json.exists() else None}
+    print(f"gpu_report: levers {levers['status']}", flush=True)
+
+    matrix = []
     if "matrix" not in args.skip:
         for config in args.configs:  # ZeRO-1/2/3 first: offload (CPU Adam) last, should time run out
             for gc in (False, True):

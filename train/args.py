@@ -64,6 +64,8 @@ class TrainArgs:
                                   "to the HF processor, slower); default torch on CPU, dali on GPU",
                                   choices=["dali", "torch", "pillow"])
     data_threads: int | None = arg(None, "DALI threads per rank (default: this rank's share of the CPU cores; half of it when training on CPU)")
+    hw_decoder_load: float | None = arg(None, "GPU: the share of JPEGs for the hardware JPEG decoder (A100, H100, H200 have "
+                                        "one), the rest decode in CUDA kernels beside the model (default: DALI's, 0.65)")
 
     eval_only: bool = arg(False, "evaluate --model (a trained model folder) on --eval_split, no training: writes "
                           "eval_results.json, predictions.jsonl and confusion_matrix.png to the output dir")
@@ -87,7 +89,11 @@ class TrainArgs:
     profile: str | None = arg(None, "START:STEPS: a torch.profiler trace of STEPS optimizer steps from step START, every "
                               "rank, into OUTPUT/profile/ (Chrome trace JSON for Perfetto, and a table of the top operators)")
     synthetic_data: bool = arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
-    max_bad_steps: int = arg(5, "stop after this many consecutive steps skipped for a non-finite loss")
+    nan_guard: str = arg("skip", "skip: each micro batch's loss is checked on every rank before its backward and a "
+                         "non-finite one is skipped (one host sync per micro batch); stop: no per-micro-batch sync, the "
+                         "losses are checked at every log, eval and checkpoint and the run stops at a non-finite one, "
+                         "the checkpoints before it intact", choices=["skip", "stop"])
+    max_bad_steps: int = arg(5, "--nan_guard skip: stop after this many consecutive skipped steps")
     record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")
     given: tuple[str, ...] = arg((), "the arguments given on the command line (not a flag: parse_args fills it)", cli=False)
 

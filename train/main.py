@@ -16,6 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repo's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -91,6 +92,8 @@ class Run:
     mix_rng: np.random.Generator | None = None
     skipped_steps: int = 0  # steps skipped for a non-finite loss
     bad_steps: int = 0  # of them, consecutive up to now
+    unchecked: torch.Tensor | None = None  # --nan_guard stop: non-finite micro-batch losses not yet checked
+    checked_step: int = 0  # --nan_guard stop: the last step whose losses were checked
     last_eval: dict = field(default_factory=dict)
     last_saved: Path | None = None  # the newest complete checkpoint of this run (or the one resumed)
     flops_per_image: float = 0.0  # of a forward and backward pass (perf/tflops)
@@ -105,11 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     for key in [k for k, v in os.environ.items() if v == "" and k.startswith(("WANDB_", "DDV_", "TRAIN_", "DS_"))]:
         del os.environ[key]  # an empty variable means unset (wandb.init fails on WANDB_MODE="")
     args = parse_args(argv)
+    with distributed():
+        return run_training(args)
+
+
+@contextlib.contextmanager
+def distributed():
+    """This process's group (the deepspeed launcher's ranks, or a world of one), torn down on every
+    exit: C++ communication threads left running abort the process at shutdown."""
     _init_distributed()
     shm_buffer = _shm_buffer()
     try:
-        return run_training(args)
-    finally:  # every exit: C++ communication threads left running abort the process at shutdown
+        yield
+    finally:
         dist.destroy_process_group()
         shm_buffer.unlink(missing_ok=True)
 
@@ -208,6 +219,8 @@ class PeerWatch:
 # --- setup: everything checked before any work ------------------------------------------------
 
 def setup(args: TrainArgs) -> Run:
+    """Everything resolved and checked first (one ConfigError lists every problem, agreed by all
+    ranks), then the output dir, the engine, the checkpoint resumed from and the logger."""
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = _device(local_rank)
@@ -229,76 +242,105 @@ def setup(args: TrainArgs) -> Run:
 
     train_loader = eval_loader = None
     if not problems:
-        train_loader, eval_loader = _loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
-                                             precision=precision, device=device, eval_samples=eval_samples,
-                                             state=trainer_state.get("train_loader"), problems=problems)
+        train_loader, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
+                                                   precision=precision, device=device, eval_samples=eval_samples,
+                                                   state=trainer_state.get("train_loader"), problems=problems)
     steps_per_epoch, total_steps, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
                                                        problems=problems)
-    if args.profile and not re.fullmatch(r"\d+:[1-9]\d*", args.profile):
-        problems.append(f"--profile {args.profile}: expected START:STEPS, e.g. 20:10 (steps 21 to 30)")
-    if args.synthetic_data and args.baseline_loader:
-        problems.append("--synthetic_data and --baseline_loader are two stand-ins for the DALI loader; pass one")
+    problems += _flag_problems(args)
     _agree(problems)
     if problems:
         raise ConfigError(problems)
 
-    if args.synthetic_data:
-        train_loader = SyntheticLoader(train_loader, num_classes=len(classes), seed=args.seed + rank)
-    elif args.baseline_loader:
-        train_loader = BaselineLoader(train_loader, data=data, processor=image_processor,
-                                      batch_size=ds_config["train_micro_batch_size_per_gpu"], workers=_cpu_share(),
-                                      seed=args.seed + rank, device=device, dtype=DTYPES[precision],
-                                      channels_last=args.channels_last)
-    eval_steps = args.eval_steps or steps_per_epoch
-    save_steps = args.save_steps or eval_steps
-    if args.overwrite_output_dir and resume is None and rank == 0:
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    _check_shared(output_dir, rank=rank)
-
+    train_loader = _stand_in(args, train_loader, data=data, processor=image_processor, classes=classes,
+                             ds_config=ds_config, precision=precision, device=device, rank=rank)
+    _prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
                      rank=rank)
-
-    run_config = {"args": asdict(args), "deepspeed": ds_config, "preprocess": asdict(spec), "precision": precision,
-                  "world_size": world, "device": device.type, "data": str(data), "classes": len(classes),
-                  "train_samples": manifest["splits"]["train"]["samples"],
-                  "val_samples": eval_samples, "eval_split": args.eval_split,
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "train_flops_per_image": flops, "peak_tflops": peak}
-    if rank == 0:
-        (output_dir / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
-        # what turns any checkpoint into a model folder (tools/export_checkpoint.py)
-        model.config.save_pretrained(output_dir / MODEL_FILES)
-        image_processor.save_pretrained(output_dir / MODEL_FILES)
-    mode, why = (args.wandb_mode, "--wandb_mode") if args.wandb_mode else default_wandb_mode()
+    eval_steps = args.eval_steps or steps_per_epoch
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
-              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, ds_config=ds_config,
-              logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops,
-              peak_tflops=peak)
+              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=args.save_steps or eval_steps,
+              ds_config=ds_config, logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank),
+              flops_per_image=flops, peak_tflops=peak)
+    run_config = _record_run(run, model=model, train_samples=manifest["splits"]["train"]["samples"],
+                             eval_samples=eval_samples)
     if resume is not None:
         _restore(run, load_checkpoint(engine, resume, rank=rank))
         run.last_saved = resume
     if args.record_keys:
         _keys_log(run).parent.mkdir(exist_ok=True)
         truncate_log(_keys_log(run), after=run.step)
-    run.logger = RunLogger(output_dir=output_dir, enabled=rank == 0, mode=mode, project=args.wandb_project,
-                           name=args.wandb_run_name or output_dir.name, config=run_config,
-                           run_id=trainer_state.get("wandb_run_id"), resume_step=run.step if resume else None)
+    wandb = _open_logger(run, run_config, run_id=trainer_state.get("wandb_run_id"),
+                         resume_step=run.step if resume else None)
     if rank == 0:
-        zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-        print(f"train: {world} rank(s) on {device.type}, {precision}, ZeRO-{zero}; {data}: "
-              f"{run_config['train_samples']} train / {eval_samples} {args.eval_split} images, {len(classes)} classes; "
-              f"{type(model).__name__} ({run_config['parameters'] / 1e6:.2f}M parameters)\n"
-              f"train: {total_steps} steps ({steps_per_epoch} per epoch) of {ds_config['train_batch_size']} images "
-              f"= {ds_config['train_micro_batch_size_per_gpu']} micro x {ds_config['gradient_accumulation_steps']} "
-              f"accumulation x {world} ranks\n"
-              f"train: output in {output_dir}; W&B {mode} ({why})"
-              + (f"\ntrain: resuming from {resume} (step {run.step})" if resume else ""))
+        print(_banner(run, run_config, resumed=resume, wandb=wandb))
     return run
+
+
+def _record_run(run: Run, *, model, train_samples: int, eval_samples: int) -> dict:
+    """The run's resolved configuration (run_config.json, and W&B's config); rank 0 writes it, and
+    the model config and processor to OUTPUT/model_files, which turn any checkpoint into a model
+    folder (tools/export_checkpoint.py)."""
+    config = {"args": asdict(run.args), "deepspeed": run.ds_config, "preprocess": asdict(run.spec),
+              "precision": run.precision, "world_size": run.world_size, "device": run.device.type,
+              "data": str(run.data), "classes": len(run.classes), "train_samples": train_samples,
+              "val_samples": eval_samples, "eval_split": run.args.eval_split,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "train_flops_per_image": run.flops_per_image, "peak_tflops": run.peak_tflops}
+    if run.rank == 0:
+        (run.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        model.config.save_pretrained(run.output_dir / MODEL_FILES)
+        run.processor.save_pretrained(run.output_dir / MODEL_FILES)
+    return config
+
+
+def _banner(run: Run, config: dict, *, resumed: Path | None, wandb: str) -> str:
+    ds, args = run.ds_config, run.args
+    zero = ds.get("zero_optimization", {}).get("stage", 0)
+    return (f"train: {run.world_size} rank(s) on {run.device.type}, {run.precision}, ZeRO-{zero}; {run.data}: "
+            f"{config['train_samples']} train / {config['val_samples']} {args.eval_split} images, "
+            f"{len(run.classes)} classes; {type(run.engine.module).__name__} ({config['parameters'] / 1e6:.2f}M "
+            f"parameters)\n"
+            f"train: {run.total_steps} steps ({run.steps_per_epoch} per epoch) of {ds['train_batch_size']} images "
+            f"= {ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accumulation x "
+            f"{run.world_size} ranks\n"
+            f"train: output in {run.output_dir}; {wandb}"
+            + (f"\ntrain: resuming from {resumed} (step {run.step})" if resumed else ""))
+
+
+def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: list[str], ds_config: dict,
+              precision: str, device: torch.device, rank: int):
+    """The train loader, or what --synthetic_data or --baseline_loader puts in its place."""
+    if args.synthetic_data:
+        return SyntheticLoader(train_loader, num_classes=len(classes), seed=args.seed + rank)
+    if args.baseline_loader:
+        return BaselineLoader(train_loader, data=data, processor=processor,
+                              batch_size=ds_config["train_micro_batch_size_per_gpu"], workers=_cpu_share(),
+                              seed=args.seed + rank, device=device, dtype=DTYPES[precision],
+                              channels_last=args.channels_last)
+    return train_loader
+
+
+def _prepare_output_dir(output_dir: Path, *, clear: bool, rank: int) -> None:
+    """The output dir, its old checkpoints removed when `clear`, checked to be shared by every rank."""
+    if clear and rank == 0:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    _check_shared(output_dir, rank=rank)
+
+
+def _open_logger(run: Run, config: dict, *, run_id: str | None, resume_step: int | None) -> str:
+    """Sets run.logger (metrics.jsonl, and W&B on rank 0); returns the W&B mode and why, for the banner."""
+    args = run.args
+    mode, why = (args.wandb_mode, "--wandb_mode") if args.wandb_mode else default_wandb_mode()
+    run.logger = RunLogger(output_dir=run.output_dir, enabled=run.rank == 0, mode=mode, project=args.wandb_project,
+                           name=args.wandb_run_name or run.output_dir.name, config=config, run_id=run_id,
+                           resume_step=resume_step)
+    return f"W&B {mode} ({why})"
 
 
 def setup_eval(args: TrainArgs) -> Run:
@@ -322,32 +364,28 @@ def setup_eval(args: TrainArgs) -> Run:
                                               problems=problems)
     spec = _spec(image_processor, problems)
     if not problems:
-        _, eval_loader = _loaders(args, data=data, spec=spec, model=model, ds_config=ds_config, precision=precision,
+        _, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config, precision=precision,
                                   device=device, eval_samples=eval_samples, state=None, problems=problems, train=False)
     _agree(problems)
     if problems:
         raise ConfigError(problems)
 
     output_dir = Path(args.output_dir or Path("outputs") / f"eval-{data.name}-{_model_name(args, model)}-{args.eval_split}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    _check_shared(output_dir, rank=rank)
+    _prepare_output_dir(output_dir, clear=False, rank=rank)
     prepare_precision(model, DTYPES[precision])
     cast_parameters(model, DTYPES[precision])  # as DeepSpeed's engine would: the same logits as training's evals
     model.to(device).eval()
     run_config = {"args": asdict(args), "preprocess": asdict(spec), "precision": precision, "world_size": world,
                   "device": device.type, "data": str(data), "classes": len(classes), "eval_split": args.eval_split,
                   "eval_samples": eval_samples}
-    mode, why = (args.wandb_mode, "--wandb_mode") if args.wandb_mode else default_wandb_mode()
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=model, train_loader=None,
               eval_loader=eval_loader, output_dir=output_dir, total_steps=0, steps_per_epoch=0, eval_steps=0,
               save_steps=0, ds_config=ds_config, logger=None)
-    run.logger = RunLogger(output_dir=output_dir, enabled=rank == 0, mode=mode, project=args.wandb_project,
-                           name=args.wandb_run_name or output_dir.name, config=run_config, run_id=None, resume_step=None)
+    wandb = _open_logger(run, run_config, run_id=None, resume_step=None)
     if rank == 0:
         print(f"train: evaluating {args.model} ({type(model).__name__}, {precision}) on {eval_samples} "
-              f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; W&B {mode} ({why})")
+              f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; {wandb}")
     return run
 
 
@@ -390,6 +428,18 @@ def _data(args: TrainArgs, *, local_rank: int, problems: list[str]) -> tuple[Pat
     return data, manifest, classes, eval_samples
 
 
+def _flag_problems(args: TrainArgs) -> list[str]:
+    """What is wrong with flags that nothing else checks."""
+    problems = []
+    if args.profile and not re.fullmatch(r"\d+:[1-9]\d*", args.profile):
+        problems.append(f"--profile {args.profile}: expected START:STEPS, e.g. 20:10 (steps 21 to 30)")
+    if args.synthetic_data and args.baseline_loader:
+        problems.append("--synthetic_data and --baseline_loader are two stand-ins for the DALI loader; pass one")
+    if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
+        problems.append(f"--hw_decoder_load {args.hw_decoder_load}: a share of the JPEGs, from 0 to 1")
+    return problems
+
+
 def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list[str]):
     """(model, image processor, preprocessing spec), each None where a problem was found."""
     model_config, processor = args.model_config, args.processor
@@ -422,16 +472,16 @@ def _spec(image_processor, problems: list[str]):
         return None
 
 
-def _loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, precision: str, device: torch.device,
+def create_loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, precision: str, device: torch.device,
              eval_samples: int, state: dict | None, problems: list[str], train: bool = True):
-    """(train loader or None when not `train`, eval loader or None), or (None, None) with the
-    problem noted."""
+    """The DALI loaders of `args`: (train loader or None when not `train`, eval loader or None when
+    no `eval_samples`), or (None, None) with the problem noted."""
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = ds_config["train_micro_batch_size_per_gpu"]
     common = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
                   dtype=DTYPES[precision], channels_last=args.channels_last,
                   num_threads=args.data_threads or _data_threads(device), expected_size=model_input_size(model),
-                  verify_hashes=not args.skip_shard_hashes)
+                  verify_hashes=not args.skip_shard_hashes, hw_decoder_load=args.hw_decoder_load)
     augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
                "auto_augment": args.auto_augment}
     try:
@@ -495,31 +545,18 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
 
 def fit(run: Run) -> str:
     """Trains to run.total_steps; returns the summary printed at the end."""
-    engine, args = run.engine, run.args
+    engine = run.engine
     engine.train()
-    batches = step_batches(run)
+    batches = step_batches(run.train_loader, accum=run.ds_config["gradient_accumulation_steps"])
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, unit="step", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-    meter = {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "loss_sum": 0.0, "loss_n": 0}
+    meter = new_meter()
     first_step, started = run.step, time.perf_counter()
     profiler = StepProfiler(run)
     try:
         while run.step < run.total_steps:
             profiler.before_step()
-            with record_function("data_wait"):
-                micro_batches, wait = next(batches)
-            meter["lr"] = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
-            with record_function("train_step"):
-                loss = train_step(run, micro_batches)
-            run.step += 1
-            guard_non_finite(run, loss)
-            count_step(run, meter, loss=loss, wait=wait)
-            if args.record_keys:
-                record_keys(run, micro_batches)
-            if run.step % args.log_steps == 0 or run.step == run.total_steps:
-                log_train(run, meter, bar)
-            with record_function("eval_and_save"):
-                evaluate_and_save(run, meter)
+            advance(run, batches, meter, bar)
             profiler.after_step()
             bar.update(1)
     finally:  # a message after a failure starts on a line of its own
@@ -549,6 +586,30 @@ def fit(run: Run) -> str:
             + (f"  final eval:  {run.output_dir / RESULTS_FILE} (+ {PREDICTIONS_FILE}, {CONFUSION_FILE})\n"
                if run.eval_loader is not None else "")
             + f"  W&B run:     {wandb}")
+
+
+def advance(run: Run, batches, meter: dict, bar) -> None:
+    """One step of the loop: the next micro batches from `batches` (step_batches), train_step,
+    and the hooks around it (NaN guard, meter, key log, train log, eval and checkpoint)."""
+    with record_function("data_wait"):
+        micro_batches, wait = next(batches)
+    meter["lr"] = run.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
+    with record_function("train_step"):
+        loss = train_step(run, micro_batches)
+    run.step += 1
+    guard_non_finite(run, loss)
+    count_step(run, meter, loss=loss, wait=wait)
+    if run.args.record_keys:
+        record_keys(run, micro_batches)
+    if _due(run, run.args.log_steps):
+        log_train(run, meter, bar)
+    with record_function("eval_and_save"):
+        evaluate_and_save(run, meter)
+
+
+def new_meter() -> dict:
+    """The log interval's running figures (count_step adds to them, log_train reads and resets them)."""
+    return {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "loss_sum": 0.0, "loss_n": 0}
 
 
 class StepProfiler:
@@ -606,25 +667,28 @@ def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float)
 
 def evaluate_and_save(run: Run, meter: dict) -> None:
     """Eval and checkpoint at their cadence, and both after the last step."""
-    last = run.step == run.total_steps
-    evaluating = run.eval_loader is not None and (run.step % run.eval_steps == 0 or last)
-    saving = run.step % run.save_steps == 0 or last
+    evaluating = run.eval_loader is not None and _due(run, run.eval_steps)
+    saving = _due(run, run.save_steps)
     if evaluating or saving:
         average_buffers(run.engine.module)
     if evaluating:
-        log_eval(run, evaluate(run, details=last))
+        log_eval(run, evaluate(run, details=run.step == run.total_steps))
         meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
     if saving:
         run.last_saved = save(run)
 
 
-def step_batches(run: Run):
-    """Yields (the micro batches of one optimizer step, seconds spent waiting for them), across
-    epochs; an epoch's last micro batches that do not fill a step are dropped."""
-    accum = run.ds_config["gradient_accumulation_steps"]
+def _due(run: Run, every: int) -> bool:
+    """Whether a hook that runs every `every` steps, and after the last, runs at this step."""
+    return run.step % every == 0 or run.step == run.total_steps
+
+
+def step_batches(loader, *, accum: int):
+    """Yields (the `accum` micro batches of one optimizer step, seconds spent waiting for them),
+    across epochs; an epoch's last micro batches that do not fill a step are dropped."""
     while True:
         group, wait, tick = [], 0.0, time.perf_counter()
-        for batch in run.train_loader:
+        for batch in loader:
             wait += time.perf_counter() - tick
             group.append(batch)
             if len(group) == accum:
@@ -635,14 +699,17 @@ def step_batches(run: Run):
 
 def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor | None:
     """One optimizer step: forward, backward and DeepSpeed's step for each micro batch (DeepSpeed
-    accumulates and steps the optimizer on the last). A micro batch whose loss is not finite on
-    any rank is backpropagated on none: when other micro batches of the step are finite, it is
-    replaced by a zero-weighted pass (so that DeepSpeed's hooks, gradient reductions and micro-step
-    count run as always, on every ZeRO stage) and the step applies the finite ones' gradients;
-    when none is, nothing reaches DeepSpeed and the step is skipped. Returns this rank's mean loss
-    over the micro batches used, None when the step was skipped."""
+    accumulates and steps the optimizer on the last). With --nan_guard skip, a micro batch whose
+    loss is not finite on any rank is backpropagated on none: when other micro batches of the step
+    are finite, it is replaced by a zero-weighted pass (so that DeepSpeed's hooks, gradient
+    reductions and micro-step count run as always, on every ZeRO stage) and the step applies the
+    finite ones' gradients; when none is, nothing reaches DeepSpeed and the step is skipped. With
+    --nan_guard stop every micro batch goes through, unchecked here (guard_non_finite checks at
+    its cadence). Returns this rank's mean loss over the micro batches used, None when the step
+    was skipped."""
+    skipping = run.args.nan_guard == "skip"
     losses, replaced = [], []
-    buffers = [b for b in run.engine.module.buffers() if b.is_floating_point()]
+    buffers = [b for b in run.engine.module.buffers() if b.is_floating_point()] if skipping else []
     for micro, batch in enumerate(micro_batches, start=1):
         saved = [b.clone() for b in buffers]  # a forward updates BatchNorm statistics, finite or not
         pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], num_classes=len(run.classes),
@@ -650,7 +717,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor | None:
                                     rng=run.mix_rng)
         logits = run.engine(pixel_values=_inject_nan(run, pixels, micro)).logits
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=run.args.label_smoothing)
-        if all_ranks_finite(loss):
+        if not skipping or all_ranks_finite(loss):
             run.engine.backward(loss)
             run.engine.step()
             losses.append(loss.detach())
@@ -764,7 +831,21 @@ class NonFiniteLoss(RuntimeError):
 
 
 def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
-    """Counts skipped steps; stops after --max_bad_steps consecutive ones."""
+    """--nan_guard skip: counts skipped steps; stops after --max_bad_steps consecutive ones.
+    --nan_guard stop: counts non-finite losses on the device, and at every step that logs,
+    evaluates or saves (and so before any checkpoint) checks them on every rank (the host sync
+    it saves on the other steps); stops at the first."""
+    if run.args.nan_guard == "stop":
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        run.unchecked = bad if run.unchecked is None else run.unchecked + bad
+        if any(_due(run, every) for every in (run.args.log_steps, run.eval_steps, run.save_steps)):
+            dist.all_reduce(run.unchecked)
+            if run.unchecked.item():
+                raise NonFiniteLoss(f"the train loss was not finite on some rank between steps {run.checked_step + 1} "
+                                    f"and {run.step} (--nan_guard stop); lower --lr or check the data; --nan_guard "
+                                    f"skip steps over such batches")
+            run.unchecked, run.checked_step = None, run.step
+        return
     if loss is not None:
         run.bad_steps = 0
         return
@@ -799,7 +880,7 @@ def log_train(run: Run, meter: dict, bar) -> None:
         scalars["perf/gpu_mem"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.logger.log(run.step, scalars)
     bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.3f}", img_s=f"{images_per_sec:.0f}", refresh=False)
-    meter.update(start=time.perf_counter(), wait=0.0, steps=0, loss_sum=0.0, loss_n=0)
+    meter.update(new_meter())
 
 
 def log_eval(run: Run, result: dict) -> None:
