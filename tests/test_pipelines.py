@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from check_parity import grey_level_differences, summarize
+from check_parity import FAMILIES, grey_level_differences, summarize
 from conftest import ROOT, encode, photo, write
 from make_shards import make_shards
 from pipelines.loader import DataError, create_loader
@@ -21,19 +21,7 @@ from pipelines.shards import ShardFormatError, load_manifest, read_index
 from pipelines.spec import ProcessorError, spec_from_processor
 
 T = transformers
-PROCESSORS = {
-    "vit": lambda: T.ViTImageProcessorPil(),
-    "deit": lambda: T.DeiTImageProcessorPil(),
-    "convnext-crop-pct": lambda: T.ConvNextImageProcessorPil(size={"shortest_edge": 224}),
-    "convnext-384": lambda: T.ConvNextImageProcessorPil(),
-    "beit": lambda: T.BeitImageProcessorPil(),
-    "bit": lambda: T.BitImageProcessorPil(),
-    "clip": lambda: T.CLIPImageProcessorPil(),
-    "siglip": lambda: T.SiglipImageProcessorPil(),
-    "mobilenet-v2": lambda: T.MobileNetV2ImageProcessorPil(),
-    "levit": lambda: T.LevitImageProcessorPil(),
-    "efficientnet-bicubic": lambda: T.EfficientNetImageProcessorPil(),
-}
+PROCESSORS = {name: lambda make=make: make(T) for name, make in FAMILIES.items()}
 # (width, height): landscape, portrait, odd crop margins, smaller than the target, square, extreme
 PARITY_SIZES = [(500, 375), (375, 500), (333, 251), (97, 61), (224, 224), (640, 427), (251, 333), (1001, 97)]
 TINY_VIT = lambda: T.ViTImageProcessorPil(size={"height": 16, "width": 16})  # noqa: E731
@@ -251,6 +239,17 @@ def test_hw_decoder_load_reaches_every_gpu_decoder_and_no_cpu_one():
         assert traced_decoder_args(gpu=True, train=train, hw_decoder_load=1.0, **kwargs)["hw_decoder_load"] == 1.0
         assert "hw_decoder_load" not in traced_decoder_args(gpu=True, train=train, **kwargs)  # DALI's default
         assert "hw_decoder_load" not in traced_decoder_args(gpu=False, train=train, hw_decoder_load=1.0, **kwargs)
+
+
+def test_check_parity_all_tabulates_every_family_and_resize(parity_images):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_parity.py"), "--all", "--families", "vit",
+                             "clip", "--images", str(parity_images[0].parent)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(table) == ["decoder", "vit", "clip"] and table["decoder"]["max"] == 0
+    assert all(list(row) == ["dali", "torch", "pillow"] for name, row in table.items() if name != "decoder")
+    assert table["clip"]["pillow"]["max"] == 0 and table["vit"]["dali"]["mean"] > 0  # what the CPU tests bound
+    assert "| clip | " in result.stdout and "`pillow` resize" in result.stdout
 
 
 def test_check_parity_decoder_only_compares_decoded_pixels_with_pillow(parity_images):

@@ -3,6 +3,7 @@
     python tools/check_parity.py --processor NAME_OR_DIR --images DIR [--device cpu|gpu]
                                  [--resize dali|torch|pillow]
     python tools/check_parity.py --decoder-only --images DIR [--device cpu|gpu]
+    python tools/check_parity.py --all --images DIR [--device cpu|gpu] [--families vit clip ...]
 
 Runs the eval pipeline and the processor's PIL backend (the reference) on the same image files
 and prints, per image and overall, the difference in 0-255 grey levels (|a - b| x std x 255):
@@ -10,7 +11,8 @@ mean, 99th percentile, max, and max away from the border (3 pixels in from each 
 line is one JSON object with the overall figures. `--resize` picks the eval resize as
 `create_loader(resize=...)` does (default: the loader's default for the device).
 `--decoder-only` compares DALI's decoded RGB pixels with Pillow's decode instead (no processor):
-which part of a difference the decoder makes, and which the resize.
+which part of a difference the decoder makes, and which the resize. `--all` does both for every
+processor family the pipeline supports (FAMILIES) under every resize, and prints one Markdown table.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ from pipelines.resize import eval_batch
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
 BORDER = 3
+FAMILIES = {  # name: the processor (PIL backend) of each family the eval pipeline reproduces
+    "vit": lambda T: T.ViTImageProcessorPil(),
+    "deit": lambda T: T.DeiTImageProcessorPil(),
+    "convnext-crop-pct": lambda T: T.ConvNextImageProcessorPil(size={"shortest_edge": 224}),
+    "convnext-384": lambda T: T.ConvNextImageProcessorPil(),
+    "beit": lambda T: T.BeitImageProcessorPil(),
+    "bit": lambda T: T.BitImageProcessorPil(),
+    "clip": lambda T: T.CLIPImageProcessorPil(),
+    "siglip": lambda T: T.SiglipImageProcessorPil(),
+    "mobilenet-v2": lambda T: T.MobileNetV2ImageProcessorPil(),
+    "levit": lambda T: T.LevitImageProcessorPil(),
+    "efficientnet-bicubic": lambda T: T.EfficientNetImageProcessorPil(),
+}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -95,6 +110,30 @@ def summarize(differences: list[np.ndarray]) -> dict:
     }
 
 
+def parity_table(files: list[Path], *, gpu: bool, families: list[str]) -> dict:
+    """{"decoder": the decoder alone, family: {resize: figures}} for every family and resize."""
+    import transformers
+
+    table = {"decoder": summarize(decoder_differences(files, gpu=gpu))}
+    for name in families:
+        processor = FAMILIES[name](transformers)
+        table[name] = {resize: summarize(grey_level_differences(processor, files, gpu=gpu, resize=resize))
+                       for resize in RESIZES}
+    return table
+
+
+def markdown(table: dict) -> str:
+    cell = lambda f: f"{f['mean']:.3f} / {f['p99']:g} / {f['max']:g}"  # noqa: E731
+    decoder = table["decoder"]
+    lines = [f"decoder alone against Pillow's decode: {cell(decoder)} (mean / p99 / max grey levels, "
+             f"{decoder['images']} images)", "", "| processor | " + " | ".join(f"`{r}` resize" for r in RESIZES) + " |",
+             "| --- |" + " --- |" * len(RESIZES)]
+    for name, row in table.items():
+        if name != "decoder":
+            lines.append(f"| {name} | " + " | ".join(cell(row[r]) for r in RESIZES) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processor", help="hub name or folder with preprocessor_config.json")
@@ -102,15 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--resize", choices=RESIZES, help="eval resize (default: torch on cpu, dali on gpu)")
     parser.add_argument("--decoder-only", action="store_true", help="compare the decoded pixels with Pillow's decode")
+    parser.add_argument("--all", action="store_true", help="every family under every resize, and the decoder alone")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="with --all")
     args = parser.parse_args(argv)
-    if not args.processor and not args.decoder_only:
-        parser.error("--processor is required (or --decoder-only)")
+    if not args.processor and not args.decoder_only and not args.all:
+        parser.error("--processor is required (or --decoder-only, or --all)")
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         print(f"check_parity: error: no image files in {args.images}", file=sys.stderr)
         return 2
     gpu = args.device == "gpu"
     try:
+        if args.all:
+            table = parity_table(files, gpu=gpu, families=args.families)
+            print(markdown(table))
+            print(json.dumps(table))
+            return 0
         if args.decoder_only:
             differences = decoder_differences(files, gpu=gpu)
         else:

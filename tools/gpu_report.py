@@ -6,12 +6,14 @@ In order, each step given what is left of `--budget` seconds (a step that runs o
 timed out, and the report still comes):
   1. the machine: GPU, memory, versions, TORCH_CUDA_ARCH_LIST;
   2. the `gpu`-marked tests;
-  3. tools/benchmark_loader.py: the DALI loaders against the HF processor in a DataLoader;
-  4. tools/benchmark_train.py: ViT-B/16 and ResNet-50 fed by DALI, by the baseline DataLoader and
+  3. tools/check_parity.py --all: every processor family under every eval resize, and the decoder
+     alone, against the PIL backend on 20 of the photos;
+  4. tools/benchmark_loader.py: the DALI loaders against the HF processor in a DataLoader;
+  5. tools/benchmark_train.py: ViT-B/16 and ResNet-50 fed by DALI, by the baseline DataLoader and
      by synthetic tensors, with MFU;
-  5. tools/benchmark_levers.py: what each input-pipeline lever is worth to ViT-B/16's training
+  6. tools/benchmark_levers.py: what each input-pipeline lever is worth to ViT-B/16's training
      (the NaN guard's sync, DALI threads, the hardware JPEG decoder's share);
-  6. ViT-B/16 under every shipped DeepSpeed config, without and with --gradient_checkpointing:
+  7. ViT-B/16 under every shipped DeepSpeed config, without and with --gradient_checkpointing:
      images/s and peak GPU memory; and, from the peak memory at two micro batches (ZeRO-2), the
      largest micro batch that fits each way (a linear extrapolation, marked as such).
 Writes OUT/report.md (Markdown tables) and OUT/report.json. On a CPU (`--device cpu`, for testing
@@ -110,6 +112,9 @@ def markdown(report: dict) -> str:
              f"{report['seconds']:.0f} s in all", ""]
     tests = report["tests"]
     lines += ["## gpu-marked tests", "", f"{tests['status']}: {tests.get('summary', '')} ({tests['seconds']} s)", ""]
+    parity = report["parity"]
+    lines += ["## Eval parity with the PIL backend (tools/check_parity.py --all)", "", f"status: {parity['status']}", "",
+              parity.get("table", ""), ""]
     loader = report["loader"]
     lines += ["## Loader (tools/benchmark_loader.py)", "", f"status: {loader['status']}", "", "```",
               *loader.get("table", []), "```", ""]
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="ImageNet-like JPEGs to shard (default 4000 on GPU, 200 on CPU)")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (default 20 on GPU, 10 on CPU)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "loader", "train", "levers", "matrix"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "parity", "loader", "train", "levers",
+                                                                  "matrix"])
     args = parser.parse_args(argv)
     gpu = args.device == "gpu"
     sys.path.insert(0, str(ROOT / "tools"))
@@ -174,6 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     tests["summary"] = (tests.get("stdout", "").strip().splitlines() or [""])[-1]
     report["tests"] = {k: v for k, v in tests.items() if k not in ("stdout", "stderr")} | {"seconds": tests.get("seconds", 0)}
     print(f"gpu_report: tests {report['tests']['status']} {report['tests']['summary']}", flush=True)
+
+    parity_dir = work / "parity"
+    if not parity_dir.is_dir():
+        parity_dir.mkdir()
+        for image in sorted((work / "images").rglob("*.jpg"))[:20]:
+            (parity_dir / image.name).write_bytes(image.read_bytes())
+    parity = {"status": "skipped"} if "parity" in args.skip else run(
+        [sys.executable, str(ROOT / "tools" / "check_parity.py"), "--all", "--images", str(parity_dir), "--device",
+         args.device, *([] if gpu else ["--families", "vit"])], budget=budget)
+    lines = parity.get("stdout", "").strip().splitlines()
+    report["parity"] = {"status": parity["status"], "seconds": parity.get("seconds", 0),
+                        "table": "\n".join(lines[:-1]) if parity["status"] == "ok" else "",
+                        "results": json.loads(lines[-1]) if parity["status"] == "ok" else None}
+    print(f"gpu_report: parity {parity['status']}", flush=True)
 
     loader = {"status": "skipped"} if "loader" in args.skip else run(
         [sys.executable, str(ROOT / "tools" / "benchmark_loader.py"), "--data", str(data), "--device", args.device,
