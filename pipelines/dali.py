@@ -129,10 +129,11 @@ def shard_pipeline(*, source, spec: PreprocessSpec, train: bool, gpu: bool, layo
 
 
 @pipeline_def
-def file_pipeline(*, files: list[str], spec: PreprocessSpec | None, gpu: bool, decode_only: bool = False):
+def file_pipeline(*, files: list[str], spec: PreprocessSpec | None, gpu: bool, decode_only: bool = False,
+                  hw_decoder_load: float | None = None):
     """The eval preprocessing of plain image files, in order (parity checks); with `decode_only`
     (no `spec` needed), the decoded RGB images."""
     jpegs, _ = fn.readers.file(files=files, name="reader")
     if decode_only:
-        return decoded(jpegs, gpu=gpu)
+        return decoded(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load)
     return eval_images(jpegs, spec=spec, gpu=gpu)

@@ -12,7 +12,8 @@ line is one JSON object with the overall figures. `--resize` picks the eval resi
 `create_loader(resize=...)` does (default: the loader's default for the device).
 `--decoder-only` compares DALI's decoded RGB pixels with Pillow's decode instead (no processor):
 which part of a difference the decoder makes, and which the resize. `--all` does both for every
-processor family the pipeline supports (FAMILIES) under every resize, and prints one Markdown table.
+processor family the pipeline supports (FAMILIES) under every resize, and the decoder on GPU also
+with every JPEG on the hardware decoder and none, and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ def grey_level_differences(processor, files: list[Path], *, gpu: bool = False, r
     return differences
 
 
-def decoder_differences(files: list[Path], *, gpu: bool = False) -> list[np.ndarray]:
-    """Per file, |DALI's decoded RGB - Pillow's| in grey levels, shaped (3, H, W)."""
+def decoder_differences(files: list[Path], *, gpu: bool = False, hw_decoder_load: float | None = None) -> list[np.ndarray]:
+    """Per file, |DALI's decoded RGB - Pillow's| in grey levels, shaped (3, H, W); on GPU
+    `hw_decoder_load` splits the JPEGs between the hardware decoder and CUDA (None: DALI's default)."""
     pipe = file_pipeline(files=[str(f) for f in files], spec=None, gpu=gpu, batch_size=len(files), num_threads=2,
-                         device_id=device_id_of("cuda" if gpu else "cpu"), decode_only=True)
+                         device_id=device_id_of("cuda" if gpu else "cpu"), decode_only=True,
+                         hw_decoder_load=hw_decoder_load)
     pipe.build()
     (images,) = pipe.run()
     if gpu:
@@ -111,26 +114,28 @@ def summarize(differences: list[np.ndarray]) -> dict:
 
 
 def parity_table(files: list[Path], *, gpu: bool, families: list[str]) -> dict:
-    """{"decoder": the decoder alone, family: {resize: figures}} for every family and resize."""
+    """{"decoder": {split: figures}, "families": {family: {resize: figures}}}: the decoder alone
+    (on GPU also with every JPEG on the hardware decoder, and none), every family and resize."""
     import transformers
 
-    table = {"decoder": summarize(decoder_differences(files, gpu=gpu))}
+    splits = {"default": None, **({"hardware (hw_decoder_load 1)": 1.0, "CUDA (hw_decoder_load 0)": 0.0} if gpu else {})}
+    table = {"decoder": {name: summarize(decoder_differences(files, gpu=gpu, hw_decoder_load=load))
+                         for name, load in splits.items()}, "families": {}}
     for name in families:
         processor = FAMILIES[name](transformers)
-        table[name] = {resize: summarize(grey_level_differences(processor, files, gpu=gpu, resize=resize))
-                       for resize in RESIZES}
+        table["families"][name] = {resize: summarize(grey_level_differences(processor, files, gpu=gpu, resize=resize))
+                                   for resize in RESIZES}
     return table
 
 
 def markdown(table: dict) -> str:
     cell = lambda f: f"{f['mean']:.3f} / {f['p99']:g} / {f['max']:g}"  # noqa: E731
-    decoder = table["decoder"]
-    lines = [f"decoder alone against Pillow's decode: {cell(decoder)} (mean / p99 / max grey levels, "
-             f"{decoder['images']} images)", "", "| processor | " + " | ".join(f"`{r}` resize" for r in RESIZES) + " |",
-             "| --- |" + " --- |" * len(RESIZES)]
-    for name, row in table.items():
-        if name != "decoder":
-            lines.append(f"| {name} | " + " | ".join(cell(row[r]) for r in RESIZES) + " |")
+    images = next(iter(table["decoder"].values()))["images"]
+    lines = [f"Grey levels, mean / p99 / max, {images} images.", "", "| decoder alone, against Pillow's decode | |",
+             "| --- | --- |", *(f"| {name} | {cell(f)} |" for name, f in table["decoder"].items()), "",
+             "| processor | " + " | ".join(f"`{r}` resize" for r in RESIZES) + " |", "| --- |" + " --- |" * len(RESIZES)]
+    for name, row in table["families"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(row[r]) for r in RESIZES) + " |")
     return "\n".join(lines)
 
 
