@@ -6,6 +6,8 @@ every later operator runs on the GPU; on CPU (`device_id=None`) the same graph r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from nvidia.dali import fn, math as dmath, pipeline_def, types
 
@@ -28,34 +30,42 @@ def device_id_of(device: str | torch.device) -> int | None:
     return device.index or 0
 
 
-def decoder_args(*, gpu: bool, hw_decoder_load: float | None) -> dict:
-    """The decoders' device, and on GPU the share of JPEGs for the hardware JPEG decoder (the rest
-    decode in CUDA kernels, on the SMs the model trains on; None: DALI's default)."""
+class Decoding(NamedTuple):
+    """How JPEGs decode on a GPU (on CPU libjpeg-turbo decodes them, as Pillow does).
+
+    `hw_decoder_load`: the share of JPEGs for the hardware JPEG decoder (A100, H100, H200); the rest
+    decode in CUDA kernels, on the SMs the model trains on. None: DALI's default (0.65).
+    `fancy_upsampling`: chroma upsampled as libjpeg-turbo (and so Pillow and the HF processors) does
+    it, triangular; nvJPEG's default replicates pixels, several grey levels off at colour edges.
+    None: on for eval, off for training's fused random-crop decoder (its cost there is unmeasured)."""
+
+    hw_decoder_load: float | None = None
+    fancy_upsampling: bool | None = None
+
+
+def decoder_args(*, gpu: bool, decoding: Decoding, train: bool) -> dict:
+    """The decoder operator's device and options."""
     if not gpu:
         return {"device": "cpu"}
-    return {"device": "mixed", **({} if hw_decoder_load is None else {"hw_decoder_load": hw_decoder_load})}
+    fancy = not train if decoding.fancy_upsampling is None else decoding.fancy_upsampling
+    load = {} if decoding.hw_decoder_load is None else {"hw_decoder_load": decoding.hw_decoder_load}
+    return {"device": "mixed", "jpeg_fancy_upsampling": fancy, **load}
 
 
-def decoded(jpegs, *, gpu: bool, hw_decoder_load: float | None = None):
-    """JPEG bytes to RGB uint8 HWC: nvJPEG / the hardware decoder on GPU, libjpeg-turbo on CPU.
-
-    On GPU, chroma is upsampled as libjpeg-turbo (and so Pillow and the HF processors) does it
-    ("fancy", triangular): nvJPEG's default replicates pixels, several grey levels off at colour
-    edges. (Training's fused random-crop decoder keeps nvJPEG's default; its cost is unmeasured.)"""
-    fancy = {"jpeg_fancy_upsampling": True} if gpu else {}
-    return fn.decoders.image(jpegs, output_type=types.RGB, **fancy,
-                             **decoder_args(gpu=gpu, hw_decoder_load=hw_decoder_load))
+def decoded(jpegs, *, gpu: bool, decoding: Decoding = Decoding()):
+    """JPEG bytes to RGB uint8 HWC: nvJPEG / the hardware decoder on GPU, libjpeg-turbo on CPU."""
+    return fn.decoders.image(jpegs, output_type=types.RGB, **decoder_args(gpu=gpu, decoding=decoding, train=False))
 
 
 def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT,
-                hw_decoder_load: float | None = None):
+                decoding: Decoding = Decoding()):
     """Decode -> resize -> center crop -> normalize, as the HF processor does.
 
     Resize sizes are computed per sample from the JPEG header with the processor's rounding
     (long side floored), not left to DALI's; crop offsets are floored like HF's
     (`rounding="truncate"`), and the resize antialiases like PIL.
     """
-    images = decoded(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load)
+    images = decoded(jpegs, gpu=gpu, decoding=decoding)
     if spec.resize_to:
         height, width = (float(v) for v in spec.resize_to)
     else:
@@ -71,13 +81,13 @@ def eval_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", 
 def train_images(jpegs, *, spec: PreprocessSpec, gpu: bool, layout: str = "CHW", dtype=types.FLOAT,
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, color_jitter: float = 0.0, auto_augment: str | None = None,
-                 hw_decoder_load: float | None = None):
+                 decoding: Decoding = Decoding()):
     """Random-resized-crop (fused with decoding) to the processor's output size, random flip,
     optional colour jitter and RandAugment/TrivialAugment, the processor's normalization."""
     height, width = spec.output_size
     images = fn.decoders.image_random_crop(
         jpegs, output_type=types.RGB, random_area=list(scale), random_aspect_ratio=list(ratio),
-        **decoder_args(gpu=gpu, hw_decoder_load=hw_decoder_load),
+        **decoder_args(gpu=gpu, decoding=decoding, train=True),
     )
     images = fn.resize(images, size=[height, width], interp_type=INTERP[spec.interpolation], antialias=True)
     if color_jitter:
@@ -111,7 +121,7 @@ def _normalize(images, *, spec: PreprocessSpec, crop, layout: str, dtype, mirror
 
 @pipeline_def
 def shard_pipeline(*, source, spec: PreprocessSpec, train: bool, gpu: bool, layout: str, dtype, augment: dict,
-                   decode_only: bool = False, hw_decoder_load: float | None = None):
+                   decode_only: bool = False, decoding: Decoding = Decoding()):
     """Preprocess the samples `source` feeds (pipelines/loader.py: JPEG bytes, labels and sample ids
     of this rank's batches, in the epoch's order) and return (images, labels, ids).
     `decode_only`: eval images stay decoded RGB, resized later in torch (pipelines/resize.py).
@@ -119,21 +129,20 @@ def shard_pipeline(*, source, spec: PreprocessSpec, train: bool, gpu: bool, layo
     jpegs, labels, ids = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
                                             dtype=[types.UINT8, types.INT64, types.INT64])
     if train:
-        images = train_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, hw_decoder_load=hw_decoder_load,
-                              **augment)
+        images = train_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, decoding=decoding, **augment)
     elif decode_only:
-        images = decoded(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load)
+        images = decoded(jpegs, gpu=gpu, decoding=decoding)
     else:
-        images = eval_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, hw_decoder_load=hw_decoder_load)
+        images = eval_images(jpegs, spec=spec, gpu=gpu, layout=layout, dtype=dtype, decoding=decoding)
     return images, labels, ids
 
 
 @pipeline_def
 def file_pipeline(*, files: list[str], spec: PreprocessSpec | None, gpu: bool, decode_only: bool = False,
-                  hw_decoder_load: float | None = None):
+                  decoding: Decoding = Decoding()):
     """The eval preprocessing of plain image files, in order (parity checks); with `decode_only`
     (no `spec` needed), the decoded RGB images."""
     jpegs, _ = fn.readers.file(files=files, name="reader")
     if decode_only:
-        return decoded(jpegs, gpu=gpu, hw_decoder_load=hw_decoder_load)
+        return decoded(jpegs, gpu=gpu, decoding=decoding)
     return eval_images(jpegs, spec=spec, gpu=gpu)

@@ -34,7 +34,7 @@ import torch
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipelines.dali import device_id_of, shard_pipeline
+from pipelines.dali import Decoding, device_id_of, shard_pipeline
 from pipelines.resize import eval_batch
 from pipelines.shards import (SampleTable, ShardFormatError, file_sha256, jpeg_problem, load_manifest,
                               read_index)
@@ -118,7 +118,7 @@ def create_loader(
     state: dict | None = None,
     verify_hashes: bool = False,
     resize: str | None = None,
-    hw_decoder_load: float | None = None,
+    decoding: Decoding = Decoding(),
 ) -> "DaliLoader":
     """A DaliLoader over `data/split` for this rank; `device` defaults to the local GPU if any.
 
@@ -131,7 +131,8 @@ def create_loader(
     (pipelines/resize.py): "torch" with torch's antialiased kernels (the default on CPU, where its
     uint8 kernels are much faster than DALI's CPU resize and closer to Pillow), "pillow" with
     Pillow's own arithmetic, bit-identical to the processor's PIL backend and slower.
-    `hw_decoder_load` (GPU): the share of JPEGs for the hardware JPEG decoder (None: DALI's default).
+    `decoding`: how JPEGs decode on GPU (`pipelines.dali.Decoding`: the hardware decoder's share,
+    chroma upsampling).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_id = device_id_of(device)
@@ -156,7 +157,7 @@ def create_loader(
         enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=PREFETCH,
         # only automatic augmentation branches; AutoGraph's rewrite of the graph is otherwise wasted
         enable_conditionals=bool((augment or {}).get("auto_augment")),
-        decode_only=resize != "dali", hw_decoder_load=hw_decoder_load,
+        decode_only=resize != "dali", decoding=decoding,
     )
     pipe.build()
     return DaliLoader(pipe, source=source, device=device, dtype=dtype, channels_last=channels_last, state=state,

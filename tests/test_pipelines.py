@@ -16,6 +16,7 @@ import transformers
 from check_parity import FAMILIES, grey_level_differences, summarize
 from conftest import ROOT, encode, photo, write
 from make_shards import make_shards
+from pipelines.dali import Decoding
 from pipelines.loader import DataError, create_loader
 from pipelines.shards import ShardFormatError, load_manifest, read_index
 from pipelines.spec import ProcessorError, spec_from_processor
@@ -234,11 +235,14 @@ def test_gpu_eval_decoder_upsamples_chroma_as_libjpeg_does():
         assert decoder.get("jpeg_fancy_upsampling", False) is (not train), (train, kwargs)
 
 
-def test_hw_decoder_load_reaches_every_gpu_decoder_and_no_cpu_one():
+def test_decoding_options_reach_every_gpu_decoder_and_no_cpu_one():
     for train, kwargs in GRAPHS:
-        assert traced_decoder_args(gpu=True, train=train, hw_decoder_load=1.0, **kwargs)["hw_decoder_load"] == 1.0
+        chosen = Decoding(hw_decoder_load=1.0, fancy_upsampling=True)
+        assert traced_decoder_args(gpu=True, train=train, decoding=chosen, **kwargs)["hw_decoder_load"] == 1.0
+        assert traced_decoder_args(gpu=True, train=train, decoding=chosen, **kwargs)["jpeg_fancy_upsampling"] is True
         assert "hw_decoder_load" not in traced_decoder_args(gpu=True, train=train, **kwargs)  # DALI's default
-        assert "hw_decoder_load" not in traced_decoder_args(gpu=False, train=train, hw_decoder_load=1.0, **kwargs)
+        cpu = traced_decoder_args(gpu=False, train=train, decoding=chosen, **kwargs)
+        assert "hw_decoder_load" not in cpu and "jpeg_fancy_upsampling" not in cpu
 
 
 def test_check_parity_all_tabulates_every_family_and_resize(parity_images):

@@ -344,6 +344,20 @@ def test_flags_nothing_else_checks_are_named_when_wrong():
     assert "from 0 to 1" in problems[2]
 
 
+def test_decoder_flags_reach_the_train_and_eval_decoders():
+    from pipelines.dali import Decoding, decoder_args
+    from train.args import parse_args
+    from train.main import decoding_of
+
+    args = parse_args(["--hw_decoder_load", "1", "--train_fancy_upsampling"])
+    assert decoding_of(args, train=True) == Decoding(hw_decoder_load=1.0, fancy_upsampling=True)
+    gpu_train = decoder_args(gpu=True, decoding=decoding_of(parse_args([]), train=True), train=True)
+    gpu_eval = decoder_args(gpu=True, decoding=decoding_of(parse_args([]), train=False), train=False)
+    assert gpu_train == {"device": "mixed", "jpeg_fancy_upsampling": False}  # nvJPEG's default unless asked
+    assert gpu_eval == {"device": "mixed", "jpeg_fancy_upsampling": True}  # Pillow's chroma upsampling
+    assert decoder_args(gpu=False, decoding=decoding_of(args, train=True), train=True) == {"device": "cpu"}
+
+
 def test_batchnorm_statistics_stay_fp32_beside_bf16_parameters():
     """prepare_precision: running statistics in fp32 track a mean of 1000.3 as an fp32 BatchNorm
     does (bf16 statistics stall at 968: their momentum updates fall below one bf16 step)."""

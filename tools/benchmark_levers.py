@@ -10,7 +10,8 @@ times, each round in a rotated order, so that clock and cache drift spread over 
 Variants: synthetic input already on the device (the ceiling) and the DALI loader, each with the NaN
 guard's host sync on every micro batch (`--nan_guard skip`, the default) and without it (`stop`); the
 DALI loader with half its threads; on a GPU, with every JPEG on the hardware decoder
-(`--hw_decoder_load 1`) and none (`0`). Each row: images/s (median over the rounds), its share of
+(`--hw_decoder_load 1`) and none (`0`), and with libjpeg-turbo's chroma upsampling in training's
+decoder (`--train_fancy_upsampling`: Pillow's pixels, at what cost). Each row: images/s (median over the rounds), its share of
 the synthetic ceiling under the same guard, and the fraction of the time spent waiting for data.
 """
 
@@ -47,6 +48,7 @@ def variants(run) -> dict[str, tuple[str, dict]]:
     if run.device.type == "cuda":
         for load in (1.0, 0.0):
             found[f"dali, hw_decoder_load {load:g}"] = (f"hw {load:g}", {"hw_decoder_load": load})
+        found["dali, train_fancy_upsampling"] = ("fancy", {"train_fancy_upsampling": True})
     return found
 
 
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     ours, rest = parser.parse_known_args(argv)
-    variants_at_most = 7
+    variants_at_most = 8
     total = ours.rounds * variants_at_most * (ours.steps + PREFETCH + 1) + 1  # never the run's last step
     args = parse_args(["--wandb_mode", "disabled", "--output_dir", str(Path(tempfile.gettempdir()) / "benchmark_levers"),
                        "--overwrite_output_dir", "--skip_shard_hashes", *rest,

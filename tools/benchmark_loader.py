@@ -7,8 +7,9 @@ in a temporary folder; on a GPU take more than the default 1200), on the same co
 run: the DALI train and eval loaders (the objects training iterates; the eval loader with each
 resize: DALI's, torch's, Pillow's exact), the baseline users have today (`webdataset` + the
 processor's PIL backend in a DataLoader with as many workers as DALI has threads), and the train
-and eval loaders' own DALI graphs run alone, outputs left in DALI (each loader's ceiling). Prints
-a table and writes a bar chart to `--chart`.
+and eval loaders' own DALI graphs run alone, outputs left in DALI (each loader's ceiling); on a GPU
+also the train loader with libjpeg-turbo's chroma upsampling (what Pillow's pixels would cost
+training's decoder). Prints a table and writes a bar chart to `--chart`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines.dali import NoGPUError, device_id_of
+from pipelines.dali import Decoding, NoGPUError, device_id_of
 from pipelines.loader import RESIZES, create_loader
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
@@ -116,6 +117,9 @@ def main() -> int:
             **{f"DALI eval loader, {resize} resize": time_epoch(create_loader(split="val", train=False, resize=resize, **common))
                for resize in RESIZES},
             "DALI train loader": time_epoch(create_loader(split="val", train=True, **common)),
+            # what libjpeg-turbo's chroma upsampling (Pillow's pixels) would cost training's decoder
+            **({"DALI train loader, fancy upsampling": time_epoch(create_loader(
+                split="val", train=True, decoding=Decoding(fancy_upsampling=True), **common))} if device == "cuda" else {}),
             "DALI eval graph alone": time_epoch(graph_alone(create_loader(split="val", train=False, resize="dali",
                                                                           **common))),
             "DALI train graph alone": time_epoch(graph_alone(create_loader(split="val", train=True, **common))),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.dali import NoGPUError, device_id_of, file_pipeline
+from pipelines.dali import Decoding, NoGPUError, device_id_of, file_pipeline
 from pipelines.loader import RESIZES, default_resize
 from pipelines.resize import eval_batch
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
@@ -93,7 +93,7 @@ def decoder_differences(files: list[Path], *, gpu: bool = False, hw_decoder_load
     `hw_decoder_load` splits the JPEGs between the hardware decoder and CUDA (None: DALI's default)."""
     pipe = file_pipeline(files=[str(f) for f in files], spec=None, gpu=gpu, batch_size=len(files), num_threads=2,
                          device_id=device_id_of("cuda" if gpu else "cpu"), decode_only=True,
-                         hw_decoder_load=hw_decoder_load)
+                         decoding=Decoding(hw_decoder_load=hw_decoder_load))
     pipe.build()
     (images,) = pipe.run()
     if gpu:

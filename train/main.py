@@ -40,6 +40,7 @@ from deepspeed.accelerator import get_accelerator
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from pipelines.dali import Decoding
 from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, spec_from_processor
@@ -481,21 +482,27 @@ def create_loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict,
     common = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
                   dtype=DTYPES[precision], channels_last=args.channels_last,
                   num_threads=args.data_threads or _data_threads(device), expected_size=model_input_size(model),
-                  verify_hashes=not args.skip_shard_hashes, hw_decoder_load=args.hw_decoder_load)
+                  verify_hashes=not args.skip_shard_hashes)
     augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
                "auto_augment": args.auto_augment}
     try:
         train_loader = eval_loader = None
         if train:
             train_loader = create_loader(split="train", batch_size=micro, train=True, augment=augment, state=state,
-                                         **common)
+                                         decoding=decoding_of(args, train=True), **common)
         if eval_samples:
             eval_loader = create_loader(split=args.eval_split, batch_size=args.eval_batch_size or micro, train=False,
-                                        resize=args.eval_resize, **common)
+                                        resize=args.eval_resize, decoding=decoding_of(args, train=False), **common)
     except (ShardFormatError, ValueError) as e:
         problems.append(f"--data {data}: {e}")
         return None, None
     return train_loader, eval_loader
+
+
+def decoding_of(args: TrainArgs, *, train: bool) -> Decoding:
+    """How the train or eval loader decodes on GPU: --hw_decoder_load; eval upsamples chroma as
+    Pillow does, training only with --train_fancy_upsampling."""
+    return Decoding(hw_decoder_load=args.hw_decoder_load, fancy_upsampling=args.train_fancy_upsampling if train else None)
 
 
 def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, problems: list[str]):
