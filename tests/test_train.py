@@ -358,6 +358,19 @@ def test_decoder_flags_reach_the_train_and_eval_decoders():
     assert decoder_args(gpu=False, decoding=decoding_of(args, train=True), train=True) == {"device": "cpu"}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_priority_stream_outranks_the_default_stream_on_a_gpu(device):
+    import torch
+    from train.main import compute_stream
+
+    assert compute_stream(torch.device(device), high_priority=False) is None
+    stream = compute_stream(torch.device(device), high_priority=True)
+    if device == "cpu":
+        assert stream is None  # nothing to schedule: the flag is a no-op on CPU
+    else:
+        assert stream.priority < torch.cuda.default_stream().priority
+
+
 def test_batchnorm_statistics_stay_fp32_beside_bf16_parameters():
     """prepare_precision: running statistics in fp32 track a mean of 1000.3 as an fp32 BatchNorm
     does (bf16 statistics stall at 968: their momentum updates fall below one bf16 step)."""

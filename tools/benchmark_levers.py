@@ -11,7 +11,8 @@ Variants: synthetic input already on the device (the ceiling) and the DALI loade
 guard's host sync on every micro batch (`--nan_guard skip`, the default) and without it (`stop`); the
 DALI loader with half its threads; on a GPU, with every JPEG on the hardware decoder
 (`--hw_decoder_load 1`) and none (`0`), and with libjpeg-turbo's chroma upsampling in training's
-decoder (`--train_fancy_upsampling`: Pillow's pixels, at what cost). Each row: images/s (median over the rounds), its share of
+decoder (`--train_fancy_upsampling`: Pillow's pixels, at what cost), and with the model on a
+high-priority CUDA stream (`--priority_stream`: DALI's kernels fill the gaps). Each row: images/s (median over the rounds), its share of
 the synthetic ceiling under the same guard, and the fraction of the time spent waiting for data.
 """
 
@@ -29,13 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipelines.loader import PREFETCH  # noqa: E402
 from train.args import parse_args  # noqa: E402
 from train.data import SyntheticLoader  # noqa: E402
-from train.main import advance, create_loaders, distributed, new_meter, setup, step_batches  # noqa: E402
+from train.main import advance, compute_stream, create_loaders, distributed, new_meter, setup, step_batches  # noqa: E402
 
 
 def variants(run) -> dict[str, tuple[str, dict]]:
@@ -49,6 +51,7 @@ def variants(run) -> dict[str, tuple[str, dict]]:
         for load in (1.0, 0.0):
             found[f"dali, hw_decoder_load {load:g}"] = (f"hw {load:g}", {"hw_decoder_load": load})
         found["dali, train_fancy_upsampling"] = ("fancy", {"train_fancy_upsampling": True})
+        found["dali, priority_stream"] = ("dali", {"priority_stream": True})
     return found
 
 
@@ -94,7 +97,8 @@ def measure(run, *, steps: int, rounds: int) -> dict:
         for name in names[r % len(names):] + names[:r % len(names)]:
             loader, changes = chosen[name]
             run.args = dataclasses.replace(base, **{k: v for k, v in changes.items() if k == "nan_guard"})
-            timings[name].append(segment(run, batches[loader], warm=PREFETCH + 1, steps=steps))
+            with torch.cuda.stream(compute_stream(run.device, high_priority=changes.get("priority_stream", False))):
+                timings[name].append(segment(run, batches[loader], warm=PREFETCH + 1, steps=steps))
             if run.rank == 0:
                 print(f"benchmark_levers: round {r + 1}/{rounds}, {name}: {images / timings[name][-1][0]:.1f} img/s",
                       flush=True)
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     ours, rest = parser.parse_known_args(argv)
-    variants_at_most = 8
+    variants_at_most = 9
     total = ours.rounds * variants_at_most * (ours.steps + PREFETCH + 1) + 1  # never the run's last step
     args = parse_args(["--wandb_mode", "disabled", "--output_dir", str(Path(tempfile.gettempdir()) / "benchmark_levers"),
                        "--overwrite_output_dir", "--skip_shard_hashes", *rest,

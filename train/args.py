@@ -66,6 +66,8 @@ class TrainArgs:
     data_threads: int | None = arg(None, "DALI threads per rank (default: this rank's share of the CPU cores; half of it when training on CPU)")
     hw_decoder_load: float | None = arg(None, "GPU: the share of JPEGs for the hardware JPEG decoder (A100, H100, H200 have "
                                         "one), the rest decode in CUDA kernels beside the model (default: DALI's, 0.65)")
+    priority_stream: bool = arg(False, "GPU: run the model on a high-priority CUDA stream, so that the GPU schedules its "
+                                "kernels ahead of DALI's, which then fill the gaps")
     train_fancy_upsampling: bool = arg(False, "GPU: training JPEGs decode with libjpeg-turbo's chroma upsampling, as "
                                        "Pillow and the eval decoder do (nvJPEG's default replicates chroma pixels)")
 

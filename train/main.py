@@ -225,6 +225,8 @@ def setup(args: TrainArgs) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = _device(local_rank)
+    if stream := compute_stream(device, high_priority=args.priority_stream):
+        torch.cuda.set_stream(stream)  # before anything runs: the model, DeepSpeed and the batches' copies
     problems: list[str] = []
     builtin = args.data is None
     if builtin:
@@ -412,6 +414,14 @@ def _device(local_rank: int) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def compute_stream(device: torch.device, *, high_priority: bool):
+    """--priority_stream: a CUDA stream of the device's highest priority for the model (DALI's
+    stream keeps the default), or None (the default stream; always on CPU)."""
+    if device.type != "cuda" or not high_priority:
+        return None
+    return torch.cuda.Stream(device, priority=-100)  # torch maps it to the highest priority there is
 
 
 def _data(args: TrainArgs, *, local_rank: int, problems: list[str]) -> tuple[Path, dict | None, list[str], int]:
