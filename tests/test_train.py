@@ -81,6 +81,10 @@ def test_two_ranks_train_evaluate_and_export(files, tmp_path, zero):
     config = json.loads((out / "run_config.json").read_text())
     assert config["world_size"] == 2 and config["deepspeed"]["zero_optimization"]["stage"] == int(zero[-1])
     assert config["deepspeed"]["train_batch_size"] == 64
+    from transformers import AutoModelForImageClassification  # counted before ZeRO-3 partitions the parameters
+    exported = AutoModelForImageClassification.from_pretrained(out / "model")
+    assert config["parameters"] == sum(p.numel() for p in exported.parameters()) > 0
+    assert f"({config['parameters'] / 1e6:.2f}M parameters)" in done.stdout
 
     rows = metrics(out)
     losses = [m["train/loss"] for m in rows if "train/loss" in m]

@@ -259,6 +259,7 @@ def setup(args: TrainArgs) -> Run:
                              ds_config=ds_config, precision=precision, device=device, rank=rank)
     _prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
+    parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
                      rank=rank)
     eval_steps = args.eval_steps or steps_per_epoch
@@ -268,8 +269,8 @@ def setup(args: TrainArgs) -> Run:
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=args.save_steps or eval_steps,
               ds_config=ds_config, logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank),
               flops_per_image=flops, peak_tflops=peak)
-    run_config = _record_run(run, model=model, train_samples=manifest["splits"]["train"]["samples"],
-                             eval_samples=eval_samples)
+    run_config = _record_run(run, model=model, parameters=parameters,
+                             train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
     if resume is not None:
         _restore(run, load_checkpoint(engine, resume, rank=rank))
         run.last_saved = resume
@@ -283,7 +284,7 @@ def setup(args: TrainArgs) -> Run:
     return run
 
 
-def _record_run(run: Run, *, model, train_samples: int, eval_samples: int) -> dict:
+def _record_run(run: Run, *, model, parameters: int, train_samples: int, eval_samples: int) -> dict:
     """The run's resolved configuration (run_config.json, and W&B's config); rank 0 writes it, and
     the model config and processor to OUTPUT/model_files, which turn any checkpoint into a model
     folder (tools/export_checkpoint.py)."""
@@ -291,8 +292,7 @@ def _record_run(run: Run, *, model, train_samples: int, eval_samples: int) -> di
               "precision": run.precision, "world_size": run.world_size, "device": run.device.type,
               "data": str(run.data), "classes": len(run.classes), "train_samples": train_samples,
               "val_samples": eval_samples, "eval_split": run.args.eval_split,
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "train_flops_per_image": run.flops_per_image, "peak_tflops": run.peak_tflops}
+              "parameters": parameters, "train_flops_per_image": run.flops_per_image, "peak_tflops": run.peak_tflops}
     if run.rank == 0:
         (run.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         model.config.save_pretrained(run.output_dir / MODEL_FILES)
