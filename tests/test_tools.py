@@ -48,3 +48,13 @@ def test_benchmark_levers_times_every_variant_in_every_round_against_its_ceiling
     assert results["dali, nan_guard stop"]["ceiling"] == "synthetic, nan_guard stop"
     assert results["dali"]["share_of_ceiling"] == results["dali"]["images_per_sec"] / results["synthetic"]["images_per_sec"]
     assert "| dali, 1 threads (not 2) | " in done.stdout
+
+    # a folder holding a run's checkpoints is refused by name, never cleared
+    kept = tmp_path / "run" / "checkpoints" / "step-00000002"
+    kept.mkdir(parents=True)
+    (kept / "complete.json").write_text("{}")
+    refused = subprocess.run(launcher(ranks=1)[:-1] + [str(ROOT / "tools" / "benchmark_levers.py"),
+                             *common(files, "photos", "vit", tmp_path / "run"), "--ds_config", "ds_configs/zero2.json"],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert refused.returncode == 2 and "holds checkpoints of an earlier run" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and (kept / "complete.json").is_file()

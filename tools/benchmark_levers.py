@@ -31,11 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipelines.loader import PREFETCH  # noqa: E402
-from train.args import parse_args  # noqa: E402
+from train.args import ConfigError, parse_args  # noqa: E402
 from train.data import SyntheticLoader  # noqa: E402
 from train.main import advance, compute_stream, create_loaders, distributed, new_meter, setup, step_batches  # noqa: E402
 
@@ -134,11 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     ours, rest = parser.parse_known_args(argv)
     variants_at_most = 9
     total = ours.rounds * variants_at_most * (ours.steps + PREFETCH + 1) + 1  # never the run's last step
+    # no --overwrite_output_dir: an --output_dir holding a run's checkpoints is refused, never cleared
+    # (this tool saves none, so its own folder never holds any)
     args = parse_args(["--wandb_mode", "disabled", "--output_dir", str(Path(tempfile.gettempdir()) / "benchmark_levers"),
-                       "--overwrite_output_dir", "--skip_shard_hashes", *rest,
+                       "--skip_shard_hashes", *rest,
                        "--max_steps", str(total), "--eval_steps", str(10**9), "--lr_scheduler", "constant"])
     with distributed():
-        run = setup(args)
+        try:
+            run = setup(args)
+        except ConfigError as e:
+            if dist.get_rank() == 0:
+                print(f"benchmark_levers: configuration error:\n{e}", file=sys.stderr)
+            return 2
         run.engine.train()
         results = measure(run, steps=ours.steps, rounds=ours.rounds)
         run.logger.finish()
