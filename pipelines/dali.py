@@ -145,4 +145,4 @@ def file_pipeline(*, files: list[str], spec: PreprocessSpec | None, gpu: bool, d
     jpegs, _ = fn.readers.file(files=files, name="reader")
     if decode_only:
         return decoded(jpegs, gpu=gpu, decoding=decoding)
-    return eval_images(jpegs, spec=spec, gpu=gpu)
+    return eval_images(jpegs, spec=spec, gpu=gpu, decoding=decoding)

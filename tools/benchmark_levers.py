@@ -93,12 +93,15 @@ def measure(run, *, steps: int, rounds: int) -> dict:
     batches = {name: step_batches(loader, accum=accum) for name, loader in loaders.items()}
     images = steps * run.ds_config["train_batch_size"]
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
+    streams = {name: compute_stream(run.device, high_priority=changes.get("priority_stream", False))
+               for name, (_, changes) in chosen.items()}
     names, base = list(chosen), run.args
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             loader, changes = chosen[name]
+            # the loaders and streams carry the other changes; the loop reads only --nan_guard from the args
             run.args = dataclasses.replace(base, **{k: v for k, v in changes.items() if k == "nan_guard"})
-            with torch.cuda.stream(compute_stream(run.device, high_priority=changes.get("priority_stream", False))):
+            with torch.cuda.stream(streams[name]):
                 timings[name].append(segment(run, batches[loader], warm=PREFETCH + 1, steps=steps))
             if run.rank == 0:
                 print(f"benchmark_levers: round {r + 1}/{rounds}, {name}: {images / timings[name][-1][0]:.1f} img/s",
@@ -133,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     ours, rest = parser.parse_known_args(argv)
-    variants_at_most = 9
-    total = ours.rounds * variants_at_most * (ours.steps + PREFETCH + 1) + 1  # never the run's last step
     # no --overwrite_output_dir: an --output_dir holding a run's checkpoints is refused, never cleared
     # (this tool saves none, so its own folder never holds any)
     args = parse_args(["--wandb_mode", "disabled", "--output_dir", str(Path(tempfile.gettempdir()) / "benchmark_levers"),
                        "--skip_shard_hashes", *rest,
-                       "--max_steps", str(total), "--eval_steps", str(10**9), "--lr_scheduler", "constant"])
+                       # never the run's last step (no final eval or save), at a constant rate from the start
+                       "--max_steps", str(10**9), "--eval_steps", str(10**9), "--lr_scheduler", "constant",
+                       "--warmup_steps", "0"])
     with distributed():
         try:
             run = setup(args)

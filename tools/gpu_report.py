@@ -12,7 +12,8 @@ timed out, and the report still comes):
   5. tools/benchmark_train.py: ViT-B/16 and ResNet-50 fed by DALI, by the baseline DataLoader and
      by synthetic tensors, with MFU;
   6. tools/benchmark_levers.py: what each input-pipeline lever is worth to ViT-B/16's training
-     (the NaN guard's sync, DALI threads, the hardware JPEG decoder's share);
+     (the NaN guard's sync, DALI threads, the hardware JPEG decoder's share, training's chroma
+     upsampling, a high-priority stream for the model);
   7. ViT-B/16 under every shipped DeepSpeed config, without and with --gradient_checkpointing:
      images/s and peak GPU memory; and, from the peak memory at two micro batches (ZeRO-2), the
      largest micro batch that fits each way (a linear extrapolation, marked as such).

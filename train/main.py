@@ -367,8 +367,9 @@ def setup_eval(args: TrainArgs) -> Run:
                                               problems=problems)
     spec = _spec(image_processor, problems)
     if not problems:
-        _, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config, precision=precision,
-                                  device=device, eval_samples=eval_samples, state=None, problems=problems, train=False)
+        _, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
+                                        precision=precision, device=device, eval_samples=eval_samples, state=None,
+                                        problems=problems, train=False)
     _agree(problems)
     if problems:
         raise ConfigError(problems)
@@ -484,7 +485,7 @@ def _spec(image_processor, problems: list[str]):
 
 
 def create_loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, precision: str, device: torch.device,
-             eval_samples: int, state: dict | None, problems: list[str], train: bool = True):
+                   eval_samples: int, state: dict | None, problems: list[str], train: bool = True):
     """The DALI loaders of `args`: (train loader or None when not `train`, eval loader or None when
     no `eval_samples`), or (None, None) with the problem noted."""
     rank, world = dist.get_rank(), dist.get_world_size()
