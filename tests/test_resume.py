@@ -107,11 +107,23 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     assert [resumed_history[s]["train/loss"] for s in range(5, 9)] == pytest.approx([got[s] for s in range(5, 9)])
 
 
-def test_non_finite_loss_is_skipped_on_every_rank_and_counted(files, tmp_path):
-    out = tmp_path / "run"
+def schedule_lrs(name: str, *, warmup: int, steps: int, lr: float = 1e-3) -> list[float]:
+    """The learning rate of each of `steps` steps under transformers' schedule `name`."""
     import torch
     from transformers import get_scheduler
 
+    schedule = get_scheduler(name, torch.optim.SGD([torch.zeros(1)], lr=lr), num_warmup_steps=warmup,
+                             num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(schedule.get_last_lr()[0])
+        schedule.optimizer.step()
+        schedule.step()
+    return rates
+
+
+def test_non_finite_loss_is_skipped_on_every_rank_and_counted(files, tmp_path):
+    out = tmp_path / "run"
     train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "6",
            "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "3"],
           env={"TRAIN_NAN_AT": "1:2,3", "WANDB_MODE": ""})  # an empty variable is unset: W&B offline by default
@@ -119,15 +131,42 @@ def test_non_finite_loss_is_skipped_on_every_rank_and_counted(files, tmp_path):
     assert [rows[s]["train/skipped_steps"] for s in range(1, 7)] == [0, 1, 2, 2, 2, 2]
     assert [s for s in range(1, 7) if "train/loss" not in rows[s]] == [2, 3]
     # the schedule follows the step count, skipped steps included: it ends where it should
-    schedule = get_scheduler("cosine", torch.optim.SGD([torch.zeros(1)], lr=1e-3), num_warmup_steps=0,
-                             num_training_steps=6)
-    expected = []
-    for _ in range(6):
-        expected.append(schedule.get_last_lr()[0])
-        schedule.optimizer.step()
-        schedule.step()
-    assert [rows[s]["train/lr"] for s in range(1, 7)] == pytest.approx(expected)
+    assert [rows[s]["train/lr"] for s in range(1, 7)] == pytest.approx(schedule_lrs("cosine", warmup=0, steps=6))
     assert list((out / "wandb").glob("offline-run-*"))
+    weights = load_file(out / "model" / "model.safetensors")
+    assert all(w.isfinite().all() for w in weights.values())
+
+
+def test_fp16_overflow_steps_are_counted_and_the_schedule_follows_the_step_count(files, tmp_path):
+    """fp16 with a loss scale far too high: DeepSpeed skips the first steps' updates (non-finite
+    gradients) and halves the scale each time. Each such step is counted once per optimizer step
+    (accumulation 2), shown with its loss scale, moves the schedule on like any other, and is not a
+    bad step for --max_bad_steps. DeepSpeed's CPU accelerator offers fp16 only on CPUs with fp16
+    instructions, while torch computes fp16 on any CPU: the launched ranks open that gate, so that
+    the real loss scaler runs here."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator\n"
+                                           "CPU_Accelerator.is_fp16_supported = lambda self: True\n")
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config["fp16"].update(initial_scale_power=20, hysteresis=1)  # each overflow halves the scale
+    (tmp_path / "fp16.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    args = [*common(files, "photos", "vit", out), "--max_steps", "10", "--micro_batch_size", "3", "--grad_accum", "2",
+            "--log_steps", "1", "--warmup_steps", "2", "--lr_scheduler", "linear", "--max_bad_steps", "2"]
+    args[args.index("--precision") + 1] = "fp16"
+    train(["--ds_config", str(tmp_path / "fp16.json"), *args],
+          env={"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))})
+    rows = [m for m in metrics(out) if "train/lr" in m]
+    assert [m["step"] for m in rows] == list(range(1, 11))
+    overflows = [0] + [m["train/overflow_steps"] for m in rows]
+    overflowed = [after - before for before, after in zip(overflows, overflows[1:])]
+    assert set(overflowed) <= {0, 1} and overflowed[:3] == [1, 1, 1] and 0 in overflowed, overflowed
+    # the count is the scaler's: the scale halved at exactly those steps, whose gradients were not finite
+    assert [m["train/loss_scale"] for m in rows] == [2.0**20 / 2**n for n in overflows[1:]]
+    assert [math.isinf(m["train/grad_norm"]) for m in rows] == [bool(o) for o in overflowed]
+    assert all(m["train/skipped_steps"] == 0 and math.isfinite(m["train/loss"]) for m in rows)
+    assert [m["train/lr"] for m in rows] == pytest.approx(schedule_lrs("linear", warmup=2, steps=10))
     weights = load_file(out / "model" / "model.safetensors")
     assert all(w.isfinite().all() for w in weights.values())
 

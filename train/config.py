@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from train.args import TrainArgs
 
@@ -83,8 +84,8 @@ def resolve_precision(config: dict, args: TrainArgs, *, device_type: str, proble
     elif explicit and explicit != [precision]:
         problems.append(f"{args.ds_config}: {explicit[0]} is enabled but --precision is {precision}; "
                         f"set \"enabled\": \"auto\" in the config or drop --precision")
-    if precision == "fp16" and device_type != "cuda":
-        problems.append("--precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if precision == "fp16" and device_type != "cuda" and not get_accelerator().is_fp16_supported():
+        problems.append("--precision fp16 needs a GPU (DeepSpeed has no fp16 on this CPU); use bf16 or fp32")
     for p in ("bf16", "fp16"):
         section = config.setdefault(p, {})
         section["enabled"] = precision == p

@@ -612,11 +612,12 @@ def advance(run: Run, batches, meter: dict, bar) -> None:
     with record_function("data_wait"):
         micro_batches, wait = next(batches)
     meter["lr"] = run.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
+    overflows = run.engine.skipped_steps
     with record_function("train_step"):
         loss = train_step(run, micro_batches)
     run.step += 1
     guard_non_finite(run, loss)
-    count_step(run, meter, loss=loss, wait=wait)
+    count_step(run, meter, loss=loss, wait=wait, overflow=run.engine.skipped_steps != overflows)
     if run.args.record_keys:
         record_keys(run, micro_batches)
     if _due(run, run.args.log_steps):
@@ -672,10 +673,13 @@ class StepProfiler:
         self.profile = None
 
 
-def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float) -> None:
-    """The step into the log interval's meter; a skipped step still moves the schedule on, so that
-    the learning rate follows the step count and the run ends where its schedule does."""
-    if loss is None and run.engine.lr_scheduler is not None:
+def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float, overflow: bool) -> None:
+    """The step into the log interval's meter. A step whose update was not applied still moves the
+    schedule on, so that the learning rate follows the step count and the run ends where its
+    schedule does: one the NaN guard skipped (`loss` None: nothing reached DeepSpeed), or one
+    DeepSpeed skipped itself for non-finite gradients (`overflow`: an fp16 loss-scale overflow,
+    after which DeepSpeed halves the scale and leaves its scheduler where it was)."""
+    if (loss is None or overflow) and run.engine.lr_scheduler is not None:
         run.engine.lr_scheduler.step()
     if loss is not None:
         meter["loss_sum"], meter["loss_n"] = meter["loss_sum"] + loss, meter["loss_n"] + 1
@@ -881,6 +885,7 @@ def log_train(run: Run, meter: dict, bar) -> None:
     elapsed = time.perf_counter() - meter["start"]
     images_per_sec = meter["steps"] * run.ds_config["train_batch_size"] / elapsed
     scalars = {"train/lr": meter["lr"], "train/skipped_steps": run.skipped_steps,
+               "train/overflow_steps": run.engine.skipped_steps,  # in DeepSpeed's checkpoints: resumes with it
                "perf/images_per_sec": images_per_sec, "perf/step_time": elapsed / meter["steps"],
                "perf/data_wait_fraction": meter["wait"] / elapsed, "train/epoch": run.step / run.steps_per_epoch}
     if run.flops_per_image:
@@ -891,6 +896,8 @@ def log_train(run: Run, meter: dict, bar) -> None:
         loss = meter["loss_sum"].clone()
         dist.all_reduce(loss)
         scalars["train/loss"] = loss.item() / (run.world_size * meter["loss_n"])
+    if run.precision == "fp16":
+        scalars["train/loss_scale"] = float(run.engine.optimizer.cur_scale)
     grad_norm = run.engine.get_global_grad_norm()
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)

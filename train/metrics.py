@@ -1,8 +1,9 @@
 """Where the numbers go: W&B (rank 0) and OUTPUT/metrics.jsonl, the same scalars in both.
 
-Names group on a W&B dashboard: train/ (loss, lr, grad_norm, skipped_steps), eval/ (loss, top1,
-top5), perf/ (images_per_sec, step_time, data_wait_fraction, gpu_mem, tflops, mfu); every chart's x axis is
-`trainer/step`, so that a resumed run continues the dashboard where its checkpoint was.
+Names group on a W&B dashboard: train/ (loss, lr, grad_norm, skipped_steps, overflow_steps,
+loss_scale), eval/ (loss, top1, top5), perf/ (images_per_sec, step_time, data_wait_fraction,
+gpu_mem, tflops, mfu); every chart's x axis is `trainer/step`, so that a resumed run continues the
+dashboard where its checkpoint was.
 """
 
 from __future__ import annotations
