@@ -54,7 +54,9 @@ def test_train_flops_per_image_counts_every_matmul_and_leaves_the_model_alone():
 @pytest.mark.parametrize("name, precision, peak", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 NVL", "fp16", 835.0),
     ("NVIDIA H200", "bf16", 989.0), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("NVIDIA L40S", "bf16", 362.0),
-    ("Tesla V100-SXM2-32GB", "fp16", None),
+    ("Tesla V100-SXM2-32GB", "fp16", 125.0), ("Tesla V100-PCIE-16GB", "fp32", 14.0), ("Tesla V100-SXM2-32GB", "bf16", None),
+    ("Tesla T4", "fp16", 65.0), ("NVIDIA L4", "bf16", 121.0), ("NVIDIA A10", "fp16", 125.0), ("NVIDIA A100 80GB PCIe", "bf16", 312.0),
+    ("NVIDIA A10G", "bf16", None), ("NVIDIA GeForce RTX 4090", "bf16", None),
 ])
 def test_peak_table(name, precision, peak):
     assert peak_tflops(name, precision) == peak

@@ -86,7 +86,7 @@ class TrainArgs:
                                  choices=["online", "offline", "disabled"])
     wandb_run_name: str | None = arg(None, "W&B run name (default: the output dir's name)")
     peak_tflops: float | None = arg(None, "the device's dense peak TFLOP/s in the training precision, for perf/mfu "
-                                    "(default: from a table of A100, H100, H200 and L40S; none on CPU)")
+                                    "(default: from a table of A100, H100, H200, L40S, L4, A10, V100, T4; none on CPU)")
     baseline_loader: bool = arg(False, "train on webdataset + the model's HF image processor in a torch DataLoader (one "
                                 "worker per core), the loader Hugging Face users run today: a benchmark baseline "
                                 "(processor preprocessing only, no augmentation, no exact resume; eval stays on DALI)")

@@ -23,15 +23,22 @@ PEAK_TFLOPS = {
     r"H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM
     r"A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
     r"L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    r"\bL4\b": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    r"\bA10\b": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+    # no native bf16 (--precision auto picks fp16 there): no bf16 peak, so no MFU for emulated bf16
+    r"V100S": {"fp16": 130.0, "fp32": 16.4},
+    r"V100.*PCIE": {"fp16": 112.0, "fp32": 14.0},
+    r"V100": {"fp16": 125.0, "fp32": 15.7},  # SXM2
+    r"\bT4\b": {"fp16": 65.0, "fp32": 8.1},
 }
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
     """The dense peak of a GPU (by its torch name, e.g. "NVIDIA H100 80GB HBM3") for a precision;
-    None for a device not in the table (and for CPUs): pass --peak_tflops."""
+    None for a device or precision not in the table (and for CPUs): pass --peak_tflops."""
     for pattern, peaks in PEAK_TFLOPS.items():
         if re.search(pattern, device_name):
-            return peaks[precision]
+            return peaks.get(precision)
     return None
 
 
