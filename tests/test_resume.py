@@ -141,9 +141,10 @@ def test_fp16_overflow_steps_are_counted_and_the_schedule_follows_the_step_count
     """fp16 with a loss scale far too high: DeepSpeed skips the first steps' updates (non-finite
     gradients) and halves the scale each time. Each such step is counted once per optimizer step
     (accumulation 2), shown with its loss scale, moves the schedule on like any other, and is not a
-    bad step for --max_bad_steps. DeepSpeed's CPU accelerator offers fp16 only on CPUs with fp16
-    instructions, while torch computes fp16 on any CPU: the launched ranks open that gate, so that
-    the real loss scaler runs here."""
+    bad step for --max_bad_steps; resumed from a step among the overflows, the run goes on as if
+    never stopped. DeepSpeed's CPU accelerator offers fp16 only on CPUs with fp16 instructions, while
+    torch computes fp16 on any CPU: the launched ranks open that gate, so that the real loss scaler
+    runs here."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator\n"
@@ -151,13 +152,18 @@ def test_fp16_overflow_steps_are_counted_and_the_schedule_follows_the_step_count
     config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     config["fp16"].update(initial_scale_power=20, hysteresis=1)  # each overflow halves the scale
     (tmp_path / "fp16.json").write_text(json.dumps(config))
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+    def fp16_run(out: Path, *extra: str) -> list[dict]:
+        args = [*common(files, "photos", "vit", out), "--max_steps", "10", "--micro_batch_size", "3", "--grad_accum",
+                "2", "--log_steps", "1", "--warmup_steps", "2", "--lr_scheduler", "linear", "--max_bad_steps", "2",
+                "--save_steps", "2", "--save_total_limit", "10", "--eval_steps", "10", *extra]
+        args[args.index("--precision") + 1] = "fp16"
+        train(["--ds_config", str(tmp_path / "fp16.json"), *args], env=env)
+        return [m for m in metrics(out) if "train/lr" in m]
+
     out = tmp_path / "run"
-    args = [*common(files, "photos", "vit", out), "--max_steps", "10", "--micro_batch_size", "3", "--grad_accum", "2",
-            "--log_steps", "1", "--warmup_steps", "2", "--lr_scheduler", "linear", "--max_bad_steps", "2"]
-    args[args.index("--precision") + 1] = "fp16"
-    train(["--ds_config", str(tmp_path / "fp16.json"), *args],
-          env={"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))})
-    rows = [m for m in metrics(out) if "train/lr" in m]
+    rows = fp16_run(out)
     assert [m["step"] for m in rows] == list(range(1, 11))
     overflows = [0] + [m["train/overflow_steps"] for m in rows]
     overflowed = [after - before for before, after in zip(overflows, overflows[1:])]
@@ -169,6 +175,15 @@ def test_fp16_overflow_steps_are_counted_and_the_schedule_follows_the_step_count
     assert [m["train/lr"] for m in rows] == pytest.approx(schedule_lrs("linear", warmup=2, steps=10))
     weights = load_file(out / "model" / "model.safetensors")
     assert all(w.isfinite().all() for w in weights.values())
+    # resumed at step 2, two overflows in: the count, the scale and the schedule come back with the checkpoint
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for later in (4, 6, 8, 10):
+        shutil.rmtree(resumed / "checkpoints" / f"step-{later:08d}")
+    def trained(rows: list[dict]) -> list[dict]:  # the train/ figures (perf/ are timings)
+        return [{k: v for k, v in m.items() if k == "step" or k.startswith("train/")} for m in rows]
+
+    assert trained(fp16_run(resumed, "--resume", "auto")) == trained(rows)
 
 
 @pytest.mark.parametrize("accum, zero", [(2, "zero2"), (3, "zero3")])

@@ -1,6 +1,6 @@
 """Everything the README's GPU section says, measured on this machine in one command.
 
-    python tools/gpu_report.py [--out gpu_report] [--budget 560] [--images 4000] [--steps 20]
+    python tools/gpu_report.py [--out gpu_report] [--budget 560] [--images 4000] [--steps 20] [--data_threads N]
 
 In order, each step given what is left of `--budget` seconds (a step that runs out is recorded as
 timed out, and the report still comes):
@@ -78,7 +78,7 @@ def machine(gpu: bool) -> dict:
 
 
 def train_once(*, data: Path, work: Path, model: str, config: str, micro: int, steps: int, gc: bool,
-               budget: Budget, port: int) -> dict:
+               budget: Budget, port: int, extra: list[str]) -> dict:
     """benchmark_train's run of `model` under `config`, within the budget: its figures and status."""
     from benchmark_train import RunFailed, run_training
 
@@ -87,7 +87,7 @@ def train_once(*, data: Path, work: Path, model: str, config: str, micro: int, s
     start = time.monotonic()
     try:
         figures = run_training(data=data, work=work, name=model, config=config, steps=steps, micro=micro, port=port,
-                               extra=["--gradient_checkpointing"] if gc else [], timeout=budget.left())
+                               extra=[*extra, *(["--gradient_checkpointing"] if gc else [])], timeout=budget.left())
         status = "ok"
     except RunFailed as e:
         figures, status = {"error": _last_error(str(e))}, str(e).splitlines()[0].rstrip(":")
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="ImageNet-like JPEGs to shard (default 4000 on GPU, 200 on CPU)")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (default 20 on GPU, 10 on CPU)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--data_threads", type=int, help="DALI threads per rank in every training run (default: "
+                                                         "the trainer's)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "parity", "loader", "train", "levers",
                                                                   "matrix"])
     args = parser.parse_args(argv)
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out / "work"
     images, steps = args.images or (4000 if gpu else 200), args.steps or (20 if gpu else 10)
     micro, models = (256, ["vit-b16", "resnet-50"]) if gpu else (4, ["vit-tiny"])
+    threads = ["--data_threads", str(args.data_threads)] if args.data_threads else []
     report = {"machine": machine(gpu), "steps": steps, "matrix_model": models[0], "matrix_micro": micro}
     print(f"gpu_report: {report['machine'].get('gpu', 'CPU')}; building {images} images", flush=True)
     if not (work / "shards" / "manifest.json").exists():
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     train_json = args.out / "train.json"
     train = {"status": "skipped"} if "train" in args.skip else run(
         [sys.executable, str(ROOT / "tools" / "benchmark_train.py"), "--data", str(data), "--steps", str(steps),
-         "--micro_batch_size", str(micro), "--models", *models, "--json", str(train_json)], budget=budget)
+         "--micro_batch_size", str(micro), "--models", *models, "--json", str(train_json), *threads], budget=budget)
     report["train"] = {"status": train["status"], "seconds": train.get("seconds", 0),
                        "table": "\n".join(l for l in train.get("stdout", "").splitlines() if l.startswith("|")),
                        "results": json.loads(train_json.read_text())["results"] if train_json.exists() else None}
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
          "--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", str(data),
          "--model_config", str(work / f"{models[0]}.json"), "--processor", str(work / f"{models[0]}-processor"),
          "--micro_batch_size", str(micro), "--steps", str(15 if gpu else 2), "--rounds", str(3 if gpu else 2),
-         "--output_dir", str(work / "levers"), "--json", str(levers_json)], budget=budget)
+         "--output_dir", str(work / "levers"), "--json", str(levers_json), *threads], budget=budget)
     report["levers"] = {"status": levers["status"], "seconds": levers.get("seconds", 0),
                         "table": "\n".join(l for l in levers.get("stdout", "").splitlines() if l.startswith("|")),
                         "results": json.loads(levers_json.read_text())["results"] if levers_json.exists() else None}
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             for gc in (False, True):
                 port += 1
                 row = train_once(data=data, work=work, model=models[0], config=config, micro=micro, steps=steps, gc=gc,
-                                 budget=budget, port=port)
+                                 budget=budget, port=port, extra=threads)
                 matrix.append({"config": config, "gc": gc, **row})
                 print(f"gpu_report: {config}, checkpointing {'on' if gc else 'off'}: "
                       f"{row.get('images_per_sec') or 0:.1f} img/s, {row.get('gpu_mem_gib') or 0:.1f} GiB ({row['status']})",
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if large.get("gpu_mem_gib") and "matrix" not in args.skip:
             port += 1
             small = train_once(data=data, work=work, model=models[0], config="zero2", micro=micro // 4, steps=steps,
-                               gc=gc, budget=budget, port=port)
+                               gc=gc, budget=budget, port=port, extra=threads)
         report["largest_micro"]["on" if gc else "off"] = largest_micro(small, large, (micro // 4, micro), capacity)
     report["seconds"] = round(time.monotonic() - started, 1)
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
