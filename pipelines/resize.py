@@ -168,6 +168,10 @@ def eval_image(image: torch.Tensor, spec, resize: str) -> torch.Tensor:
 # --- a batch at once (the default on GPU) ------------------------------------------------------
 
 GROUP_BYTES = 512 << 20  # the padded float64 images of one group at most
+FLOAT64: bool | None = None  # the batched passes' arithmetic; None: by device (_float64_is_fast)
+SPLIT_TAPS = 258  # float32 passes are exact while taps x 255 x 255 < 2^24
+# GPUs whose float64 matmuls run near their float32 rate: P100, V100, A100, H100/H200, B200
+FAST_FLOAT64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
 
 
 def eval_batch(images: list[torch.Tensor], spec, resize: str, *, batched: bool | None = None) -> torch.Tensor:
@@ -175,24 +179,36 @@ def eval_batch(images: list[torch.Tensor], spec, resize: str, *, batched: bool |
 
     Batched (the default on GPU), each separable pass is a matrix product over a group of images
     padded to a common size: rows and columns of per-image resampling matrices built from the same
-    coefficients as `pil_resize`, restricted to the pixels the center crop keeps, in float64. With
+    coefficients as `pil_resize`, restricted to the pixels the center crop keeps. With
     `resize="pillow"` the matrices hold Pillow's fixed-point weights and every pass is rounded as
-    Pillow rounds it; integer sums below 2^53 are exact in float64, so the result is Pillow's bit for
-    bit. With `resize="torch"` they hold the float weights, each pass rounded and clipped as torch's
-    uint8 kernels do (within 2 grey levels of them). On CPU the image-by-image path is faster (torch's uint8
-    kernels; the gathers of `pil_resize`), and it is the default there."""
+    Pillow rounds it, so the result is Pillow's bit for bit: in float64 on devices where it is fast
+    (every integer sum is below 2^53, so exact), elsewhere in float32 with each weight split into
+    three byte-sized parts, whose products with 8-bit pixels sum exactly below 2^24 (any summation
+    order, TF32 included), recombined in int64. With `resize="torch"` they hold the float weights,
+    each pass rounded and clipped as torch's uint8 kernels do (within 2 grey levels of them). On CPU
+    the image-by-image path is faster (torch's uint8 kernels; the gathers of `pil_resize`), and it
+    is the default there."""
     device = images[0].device
     if not (device.type == "cuda" if batched is None else batched):
         return torch.stack([eval_image(image, spec, resize) for image in images])
     plans = [_plan(image.shape[0], image.shape[1], spec, resize) for image in images]
     height, width = spec.output_size
+    exact, fast = resize == "pillow", _float64_is_fast(device)
     out = torch.empty(len(images), 3, height, width, dtype=torch.float32, device=device)
     for group in _groups(plans):
-        out[torch.tensor(group, device=device)] = _resize_group([images[i] for i in group], [plans[i] for i in group],
-                                                                 interpolation=spec.interpolation,
-                                                                 exact=resize == "pillow").to(torch.float32)
+        members = [plans[i] for i in group]
+        wide = fast or (exact and max(_taps(p, spec.interpolation) for p in members) > SPLIT_TAPS)
+        out[torch.tensor(group, device=device)] = _resize_group([images[i] for i in group], members,
+                                                                 interpolation=spec.interpolation, exact=exact,
+                                                                 wide=wide).to(torch.float32)
     mean, std = _normalization(spec, device)
     return (out - mean[:, None, None]) / std[:, None, None]
+
+
+def _float64_is_fast(device: torch.device) -> bool:
+    if FLOAT64 is not None:
+        return FLOAT64
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) in FAST_FLOAT64
 
 
 class _Plan(NamedTuple):
@@ -216,6 +232,14 @@ def _plan(height: int, width: int, spec, resize: str) -> _Plan:
     return _Plan(height, width, rh, rw, (rh - ch) // 2, (rw - cw) // 2, ch, cw, first)
 
 
+def _taps(plan: _Plan, interpolation: str) -> int:
+    """The most source pixels one output pixel of either pass sums."""
+    if interpolation == "nearest":
+        return 1
+    return max(_coefficients(plan.height, plan.resized_height, interpolation)[0].shape[1],
+               _coefficients(plan.width, plan.resized_width, interpolation)[0].shape[1])
+
+
 def _groups(plans: list[_Plan]) -> list[list[int]]:
     """Images with the same pass order, largest first, in groups whose padded images fit
     GROUP_BYTES and waste at most half of it on padding."""
@@ -237,31 +261,56 @@ def _groups(plans: list[_Plan]) -> list[list[int]]:
     return groups
 
 
-def _resize_group(images: list[torch.Tensor], plans: list[_Plan], *, interpolation: str, exact: bool) -> torch.Tensor:
-    """(G, 3, crop h, crop w) float64 of integer values 0..255: both passes as batched matrix products."""
+def _resize_group(images: list[torch.Tensor], plans: list[_Plan], *, interpolation: str, exact: bool,
+                  wide: bool = True) -> torch.Tensor:
+    """(G, 3, crop h, crop w) of integer values 0..255 (float64 when `wide`, else float32): both
+    passes as batched matrix products."""
     device, count = images[0].device, len(images)
     hp, wp = max(p.height for p in plans), max(p.width for p in plans)
     ch, cw, first = plans[0].crop_height, plans[0].crop_width, plans[0].vertical_first
-    pixels = torch.zeros(count, 3, hp, wp, dtype=torch.float64, device=device)
-    columns = torch.zeros(count, wp, cw, dtype=torch.float64, device=device)
-    rows = torch.zeros(count, ch, hp, dtype=torch.float64, device=device)
+    dtype, parts = (torch.float64, 1) if wide else (torch.float32, 3 if exact else 1)
+    pixels = torch.zeros(count, 3, hp, wp, dtype=dtype, device=device)
+    columns = torch.zeros(count, parts, wp, cw, dtype=dtype, device=device)
+    rows = torch.zeros(count, parts, ch, hp, dtype=dtype, device=device)
     for g, (image, (h, w, rh, rw, top, left, _, _, _)) in enumerate(zip(images, plans)):
         pixels[g, :, :h, :w] = image.permute(2, 0, 1)
-        columns[g, :w] = _pass_matrix(w, rw, left, cw, interpolation, exact, device)
-        rows[g, :, :h] = _pass_matrix(h, rh, top, ch, interpolation, exact, device).T
-    columns, rows = columns[:, None], rows[:, None]  # the same matrix for the 3 channels
-    if first:
-        return _rounded(_rounded(rows @ pixels, exact) @ columns, exact, last=True)
-    return _rounded(rows @ _rounded(pixels @ columns, exact), exact, last=True)
+        columns[g, :, :w] = _pass_matrices(w, rw, left, cw, interpolation, exact, parts, dtype, device)
+        rows[g, :, :, :h] = _pass_matrices(h, rh, top, ch, interpolation, exact, parts, dtype, device).transpose(1, 2)
+
+    def horizontal(x: torch.Tensor) -> torch.Tensor:  # the same matrices for the 3 channels
+        return _rounded([x @ columns[:, k, None] for k in range(parts)], exact)
+
+    def vertical(x: torch.Tensor) -> torch.Tensor:
+        return _rounded([rows[:, k, None] @ x for k in range(parts)], exact)
+
+    return horizontal(vertical(pixels)) if first else vertical(horizontal(pixels))
 
 
-def _rounded(total: torch.Tensor, exact: bool, last: bool = False) -> torch.Tensor:
-    """Pillow's rounding after a pass ((sum + 2^21) >> 22, clipped to 8 bits: exact, as the sums are
-    integers below 2^53), or, with float weights, rounded and clipped after each pass as torch's uint8
-    kernels do."""
+def _rounded(partials: list[torch.Tensor], exact: bool) -> torch.Tensor:
+    """A pass's sums rounded as Pillow rounds them ((sum + 2^21) >> 22, clipped to 8 bits), or, with
+    float weights, rounded and clipped as torch's uint8 kernels do. `partials`: the sum itself
+    (exact in float64, as the sums are integers below 2^53), or the sums of the weights' three
+    byte-sized parts, highest first (each exact in float32), put together in int64."""
+    if len(partials) == 3:
+        high, middle, low = (p.to(torch.int64) for p in partials)
+        total = (high << 16) + (middle << 8) + low
+        return ((total + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp_(0, 255).to(partials[0].dtype)
+    total = partials[0]
     if exact:
         return total.add_(1 << (PRECISION_BITS - 1)).mul_(2.0 ** -PRECISION_BITS).floor_().clamp_(0, 255)
     return total.round_().clamp_(0, 255)
+
+
+@lru_cache(maxsize=4096)
+def _pass_matrices(in_size: int, out_size: int, start: int, count: int, interpolation: str, exact: bool, parts: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(parts, in_size, count) on `device`: `_pass_matrix`, or with 3 parts its fixed-point weights
+    split into bytes, highest (signed) first: weight = high x 2^16 + middle x 2^8 + low."""
+    matrix = _pass_matrix(in_size, out_size, start, count, interpolation, exact, torch.device("cpu"))
+    if parts == 3:
+        weights = matrix.to(torch.int64)
+        matrix = torch.stack([weights >> 16, (weights >> 8) & 255, weights & 255])
+    return matrix.reshape(parts, in_size, count).to(device, dtype)
 
 
 @lru_cache(maxsize=4096)

@@ -132,13 +132,41 @@ def test_batched_eval_resize_equals_image_by_image(name, parity_images, monkeypa
     images = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in parity_images]
     images += [torch.from_numpy(np.array(photo(50 + i, size))) for i, size in enumerate([(4, 611), (611, 9), (500, 375)])]
     exact = R.eval_batch(images, spec, "pillow", batched=False)
-    assert torch.equal(R.eval_batch(images, spec, "pillow", batched=True), exact)
-    monkeypatch.setattr(R, "GROUP_BYTES", 3 * 700 * 700 * 8)  # about one image per group
-    assert len(R._groups([R._plan(i.shape[0], i.shape[1], spec, "pillow") for i in images])) >= 8
-    assert torch.equal(R.eval_batch(images, spec, "pillow", batched=True), exact)
-    grey = (R.eval_batch(images, spec, "torch", batched=True) - R.eval_batch(images, spec, "torch", batched=False))
-    grey = grey.abs() * torch.tensor(spec.pixel_std)[:, None, None]
-    assert grey.max() < 2.01 and grey.mean() <= 0.01, (grey.max(), grey.mean())
+    slow = R.eval_batch(images, spec, "torch", batched=False)
+    for float64 in (True, False):  # float64 sums; float32 sums of the weights' bytes
+        monkeypatch.setattr(R, "FLOAT64", float64)
+        monkeypatch.setattr(R, "GROUP_BYTES", 512 << 20)
+        assert torch.equal(R.eval_batch(images, spec, "pillow", batched=True), exact), float64
+        monkeypatch.setattr(R, "GROUP_BYTES", 3 * 700 * 700 * 8)  # about one image per group
+        assert len(R._groups([R._plan(i.shape[0], i.shape[1], spec, "pillow") for i in images])) >= 8
+        assert torch.equal(R.eval_batch(images, spec, "pillow", batched=True), exact), float64
+        grey = (R.eval_batch(images, spec, "torch", batched=True) - slow).abs() * torch.tensor(spec.pixel_std)[:, None, None]
+        assert grey.max() < 2.01 and grey.mean() <= 0.01, (float64, grey.max(), grey.mean())
+
+
+def test_float32_batched_exact_resize_takes_float64_where_bytes_could_overflow(monkeypatch):
+    """A shrink so steep that an output pixel sums more than SPLIT_TAPS source pixels: float32 sums
+    of byte-sized weights are no longer sure to stay below 2^24 there (an error would rarely show
+    after Pillow's rounding), so that group goes float64, still Pillow's exactly."""
+    import numpy as np
+    from pipelines import resize as R
+
+    spec = spec_from_processor(T.ViTImageProcessorPil())  # 224 x 224 whatever the input
+    steep = torch.from_numpy(np.array(photo(60, (30000, 3)).point(lambda v: min(255, v + 160))))  # bright: big sums
+    plan = R._plan(steep.shape[0], steep.shape[1], spec, "pillow")
+    assert R._taps(plan, spec.interpolation) > R.SPLIT_TAPS
+    monkeypatch.setattr(R, "FLOAT64", False)
+    widths, resize_group = [], R._resize_group
+
+    def recorded(*args, wide: bool, **kwargs):
+        widths.append(wide)
+        return resize_group(*args, wide=wide, **kwargs)
+
+    monkeypatch.setattr(R, "_resize_group", recorded)
+    ordinary = torch.from_numpy(np.array(photo(61, (500, 375))))
+    batched = R.eval_batch([steep, ordinary], spec, "pillow", batched=True)
+    assert sorted(widths) == [False, True]  # the steep one alone in float64
+    assert torch.equal(batched, R.eval_batch([steep, ordinary], spec, "pillow", batched=False))
 
 
 def test_pil_resize_follows_each_pillow_versions_pass_order():
@@ -320,17 +348,21 @@ def test_exact_resize_on_the_gpu_equals_the_cpus(name, parity_images):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("float64", [True, False])
 @pytest.mark.parametrize("name", ["vit", "convnext-crop-pct", "clip"])
-def test_batched_exact_resize_on_the_gpu_equals_the_cpus(name, parity_images):
-    """The GPU loader's default: float64 matrix products on CUDA, Pillow's result bit for bit."""
+def test_batched_exact_resize_on_the_gpu_equals_the_cpus(name, float64, parity_images, monkeypatch):
+    """The GPU loader's default: matrix products on CUDA (float64, or float32 sums of the weights'
+    bytes, with TF32 allowed: exact either way), Pillow's result bit for bit."""
     import numpy as np
     from PIL import Image
-    from pipelines.resize import eval_batch
+    from pipelines import resize as R
 
     spec = spec_from_processor(PROCESSORS[name]())
     images = [torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in parity_images]
-    on_gpu = eval_batch([image.cuda() for image in images], spec, "pillow")
-    assert torch.equal(on_gpu.cpu(), eval_batch(images, spec, "pillow"))
+    expected = R.eval_batch(images, spec, "pillow")
+    monkeypatch.setattr(R, "FLOAT64", float64)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert torch.equal(R.eval_batch([image.cuda() for image in images], spec, "pillow").cpu(), expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")

@@ -51,3 +51,17 @@ def test_benchmark_levers_never_clears_a_folder_holding_checkpoints(files, tmp_p
                              capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert refused.returncode == 2 and "holds checkpoints of an earlier run" in refused.stderr, refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr and (kept / "complete.json").is_file()
+
+
+def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_default_back(files):
+    """benchmark_loader's GPU rows, run on the CPU (where they time the same image-by-image resizes)."""
+    from benchmark_loader import other_arithmetic
+    from transformers import ViTImageProcessorPil
+
+    from pipelines import resize
+    from pipelines.spec import spec_from_processor
+
+    rows = other_arithmetic(dict(data=files["photos"], spec=spec_from_processor(ViTImageProcessorPil()), batch_size=4,
+                                 num_threads=1, device="cpu"))
+    assert list(rows) == ["DALI eval loader, torch resize, float32 bytes", "DALI eval loader, pillow resize, float32 bytes"]
+    assert all(rate > 0 for rate in rows.values()) and resize.FLOAT64 is None

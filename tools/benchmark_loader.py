@@ -9,7 +9,9 @@ resize: DALI's, torch's, Pillow's exact), the baseline users have today (`webdat
 processor's PIL backend in a DataLoader with as many workers as DALI has threads), and the train
 and eval loaders' own DALI graphs run alone, outputs left in DALI (each loader's ceiling); on a GPU
 also the train loader with libjpeg-turbo's chroma upsampling (what Pillow's pixels would cost
-training's decoder). Prints a table and writes a bar chart to `--chart`.
+training's decoder), and the `torch` and `pillow` resizes in the batched arithmetic the GPU does
+not default to (float64 where float64 is slow, float32 bytes where it is fast). Prints a table and
+writes a bar chart to `--chart`.
 """
 
 from __future__ import annotations
@@ -63,16 +65,33 @@ def graph_alone(loader):
         yield {"pixel_values": range(len(outputs[0]))}
 
 
+def other_arithmetic(common: dict) -> dict[str, float]:
+    """The eval loaders with the `torch` and `pillow` resizes, their batched passes in the
+    arithmetic the device does not default to (float64 or float32 bytes; pipelines/resize.py)."""
+    from pipelines import resize
+
+    wide = not resize._float64_is_fast(torch.device(common["device"]))
+    rows = {}
+    resize.FLOAT64 = wide
+    try:
+        for name in ("torch", "pillow"):
+            rows[f"DALI eval loader, {name} resize, {'float64' if wide else 'float32 bytes'}"] = time_epoch(
+                create_loader(split="val", train=False, resize=name, **common))
+    finally:
+        resize.FLOAT64 = None
+    return rows
+
+
 def bar_chart(rows: dict[str, float], path: Path) -> None:
-    width, bar, pad = 760, 34, 10
+    width, bar, pad, left = 860, 34, 10, 330
     img = Image.new("RGB", (width, pad + len(rows) * (bar + pad)), "white")
     draw = ImageDraw.Draw(img)
     top = max(rows.values())
     for i, (name, rate) in enumerate(rows.items()):
         y = pad + i * (bar + pad)
-        draw.rectangle([260, y, 260 + int((width - 380) * rate / top), y + bar], fill=(60, 120, 200))
+        draw.rectangle([left, y, left + int((width - left - 120) * rate / top), y + bar], fill=(60, 120, 200))
         draw.text((pad, y + bar // 3), name, fill="black")
-        draw.text((270 + int((width - 380) * rate / top), y + bar // 3), f"{rate:.0f} img/s", fill="black")
+        draw.text((left + 10 + int((width - left - 120) * rate / top), y + bar // 3), f"{rate:.0f} img/s", fill="black")
     img.save(path)
 
 
@@ -124,13 +143,15 @@ def main() -> int:
                                                                           **common))),
             "DALI train graph alone": time_epoch(graph_alone(create_loader(split="val", train=True, **common))),
         }
+        if device == "cuda":  # where the eval resizes are batched
+            rows.update(other_arithmetic(common))
     base = rows["HF processor DataLoader"]
     graphs = {"DALI eval loader, dali resize": "DALI eval graph alone", "DALI train loader": "DALI train graph alone"}
     print(f"{spec.processor} -> {spec.output_size}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}")
-    print(f"{'':<32} {'images/s':>9} {'vs HF':>7} {'of its graph':>13}")
+    print(f"{'':<48} {'images/s':>9} {'vs HF':>7} {'of its graph':>13}")
     for name, rate in rows.items():
         share = f"{rate / rows[graphs[name]]:>13.0%}" if name in graphs else ""
-        print(f"{name:<32} {rate:>9.0f} {rate / base:>6.2f}x {share}")
+        print(f"{name:<48} {rate:>9.0f} {rate / base:>6.2f}x {share}")
     bar_chart(rows, args.chart)
     print(f"chart: {args.chart}")
     return 0
