@@ -21,6 +21,6 @@ setup(
     ],
     extras_require={
         "datasets": ["datasets>=5.2,<6"],  # make_shards reads Hugging Face datasets
-        "test": ["pytest>=9,<10", "scikit-image>=0.26,<0.27", "datasets>=5.2,<6"],
+        "test": ["pytest>=9,<10", "pytest-xdist>=3.8,<4", "scikit-image>=0.26,<0.27", "datasets>=5.2,<6"],
     },
 )

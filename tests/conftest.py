@@ -218,9 +218,16 @@ def small_filesystem(path: Path, size: str):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a job's rendezvous, from this pytest-xdist worker's own residue class, so
+    that jobs of two workers never pick the same one."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port % workers == worker:
+            return port
 
 
 def launcher(*, ranks: int | None = 2, extra: list[str] = ()) -> list[str]:
