@@ -198,11 +198,20 @@ def eval_batch(images: list[torch.Tensor], spec, resize: str, *, batched: bool |
     for group in _groups(plans):
         members = [plans[i] for i in group]
         wide = fast or (exact and max(_taps(p, spec.interpolation) for p in members) > SPLIT_TAPS)
-        out[torch.tensor(group, device=device)] = _resize_group([images[i] for i in group], members,
+        out[_on(torch.tensor(group), device)] = _resize_group([images[i] for i in group], members,
                                                                  interpolation=spec.interpolation, exact=exact,
                                                                  wide=wide).to(torch.float32)
     mean, std = _normalization(spec, device)
     return (out - mean[:, None, None]) / std[:, None, None]
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without a host sync: a copy from pageable memory waits for every
+    kernel queued on the stream (the model's forward of the batch before), one from pinned memory
+    is queued behind them (torch keeps the pinned buffer until the copy has run)."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _float64_is_fast(device: torch.device) -> bool:
@@ -310,7 +319,7 @@ def _pass_matrices(in_size: int, out_size: int, start: int, count: int, interpol
     if parts == 3:
         weights = matrix.to(torch.int64)
         matrix = torch.stack([weights >> 16, (weights >> 8) & 255, weights & 255])
-    return matrix.reshape(parts, in_size, count).to(device, dtype)
+    return _on(matrix.reshape(parts, in_size, count).to(dtype), device)
 
 
 @lru_cache(maxsize=4096)

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -218,16 +219,18 @@ def small_filesystem(path: Path, size: str):
 
 
 def free_port() -> int:
-    """A free port for a job's rendezvous, from this pytest-xdist worker's own residue class, so
-    that jobs of two workers never pick the same one."""
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    while True:
+    """A free port for a job's rendezvous: below Linux's ephemeral range (32768-60999), where no
+    socket the kernel numbers itself can take it before the job binds it, and in a block of its own
+    for each pytest-xdist worker, so that jobs of two workers never pick the same one."""
+    start = 20000 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]) % 4 * 2000  # below gpu_report's 29600
+    for port in random.sample(range(start, start + 2000), 2000):
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port % workers == worker:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or closing
+                continue
             return port
+    raise RuntimeError(f"no free port in {start}-{start + 1999}")
 
 
 def launcher(*, ranks: int | None = 2, extra: list[str] = ()) -> list[str]:
