@@ -35,7 +35,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipelines.dali import Decoding, device_id_of, shard_pipeline
-from pipelines.resize import eval_batch
+from pipelines.resize import eval_batch, to_device
 from pipelines.shards import (SampleTable, ShardFormatError, file_sha256, jpeg_problem, load_manifest,
                               read_index)
 from pipelines.spec import PreprocessSpec
@@ -282,15 +282,8 @@ class DaliLoader:
         return {"pixel_values": pixels.to(self.dtype), "labels": labels, "mask": mask, "keys": keys}
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """A small host array on this loader's device without a host sync: torch's blocking copy
-        from pageable memory waits for every kernel queued on the stream (the previous step's
-        backward and optimizer step), so the CPU could not queue the next step ahead of the GPU.
-        From pinned memory the copy is asynchronous; torch's pinned allocator keeps the buffer until
-        the copy has run."""
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        """A small host array on this loader's device, without a host sync (resize.to_device)."""
+        return to_device(torch.from_numpy(np.ascontiguousarray(array)), self.device)
 
     def _sample(self, image) -> torch.Tensor:
         """One DALI sample (CPU or GPU) as a torch tensor on this loader's device."""

@@ -198,17 +198,18 @@ def eval_batch(images: list[torch.Tensor], spec, resize: str, *, batched: bool |
     for group in _groups(plans):
         members = [plans[i] for i in group]
         wide = fast or (exact and max(_taps(p, spec.interpolation) for p in members) > SPLIT_TAPS)
-        out[_on(torch.tensor(group), device)] = _resize_group([images[i] for i in group], members,
+        out[to_device(torch.tensor(group), device)] = _resize_group([images[i] for i in group], members,
                                                                  interpolation=spec.interpolation, exact=exact,
                                                                  wide=wide).to(torch.float32)
     mean, std = _normalization(spec, device)
     return (out - mean[:, None, None]) / std[:, None, None]
 
 
-def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device` without a host sync: a copy from pageable memory waits for every
-    kernel queued on the stream (the model's forward of the batch before), one from pinned memory
-    is queued behind them (torch keeps the pinned buffer until the copy has run)."""
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device` without a host sync: torch's blocking copy from pageable
+    memory waits for every kernel queued on the stream (the model's last step or forward), so the
+    CPU could not queue the next work ahead of the GPU. From pinned memory the copy is queued behind
+    them; torch's pinned allocator keeps the buffer until the copy has run."""
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -315,29 +316,27 @@ def _pass_matrices(in_size: int, out_size: int, start: int, count: int, interpol
                    dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(parts, in_size, count) on `device`: `_pass_matrix`, or with 3 parts its fixed-point weights
     split into bytes, highest (signed) first: weight = high x 2^16 + middle x 2^8 + low."""
-    matrix = _pass_matrix(in_size, out_size, start, count, interpolation, exact, torch.device("cpu"))
+    matrix = _pass_matrix(in_size, out_size, start, count, interpolation, exact)
     if parts == 3:
         weights = matrix.to(torch.int64)
         matrix = torch.stack([weights >> 16, (weights >> 8) & 255, weights & 255])
-    return _on(matrix.reshape(parts, in_size, count).to(dtype), device)
+    return to_device(matrix.reshape(parts, in_size, count).to(dtype), device)
 
 
-@lru_cache(maxsize=4096)
-def _pass_matrix(in_size: int, out_size: int, start: int, count: int, interpolation: str, exact: bool,
-                 device: torch.device) -> torch.Tensor:
-    """(in_size, count) float64: output pixels start..start+count of resampling in_size to out_size,
-    each column the weights of its source pixels (fixed-point when `exact`)."""
+def _pass_matrix(in_size: int, out_size: int, start: int, count: int, interpolation: str, exact: bool) -> torch.Tensor:
+    """(in_size, count) float64 on the CPU: output pixels start..start+count of resampling in_size to
+    out_size, each column the weights of its source pixels (fixed-point when `exact`)."""
     matrix = torch.zeros(in_size, count, dtype=torch.float64)
     outputs = torch.arange(count)
     if interpolation == "nearest":
         matrix[_nearest(in_size, out_size, torch.device("cpu"))[start:start + count], outputs] = (
             float(1 << PRECISION_BITS) if exact else 1.0)
-        return matrix.to(device)
+        return matrix
     indices, fixed, weights = (t[start:start + count] for t in _coefficients(in_size, out_size, interpolation))
     values = fixed.to(torch.float64) if exact else weights
     matrix.index_put_((indices.flatten(), outputs[:, None].expand_as(indices).flatten()), values.flatten(),
                       accumulate=True)
-    return matrix.to(device)
+    return matrix
 
 
 @lru_cache(maxsize=64)
