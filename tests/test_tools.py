@@ -3,41 +3,68 @@ it runs leaves its figures in report.json and report.md."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import time
 
 from conftest import ROOT, common, launcher
 
 
 def test_gpu_report_on_cpu_writes_the_tables(tmp_path):
-    out = tmp_path / "report"
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_report.py"), "--device", "cpu", "--out", str(out),
-                           "--configs", "zero2", "--skip", "tests", "loader", "--images", "120",
-                           "--data_threads", "2"],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out, work = tmp_path / "report", tmp_path / "work"
+    command = [sys.executable, str(ROOT / "tools" / "gpu_report.py"), "--device", "cpu", "--out", str(out), "--work",
+               str(work), "--configs", "zero2", "--skip", "loader", "compile", "--images", "120", "--data_threads", "2"]
+    log, errors = tmp_path / "stdout", tmp_path / "stderr"
+    with open(log, "w") as stdout, open(errors, "w") as stderr:
+        job = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+    seen = []  # the steps in report.json, each time it changed: rewritten after every step
+    while job.poll() is None:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            steps = list(json.loads((out / "report.json").read_text())["results"])
+            if not seen or steps != seen[-1]:
+                seen.append(steps)
+        time.sleep(0.2)
+    assert job.returncode == 0, errors.read_text()[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["machine"]["torch"] and report["tests"]["status"] == "skipped"
-    trained = report["train"]["results"]["vit-tiny"]
+    done = ["parity", "train", "tests", "profile", "levers", "matrix"]
+    assert list(report["results"]) == done
+    # seen growing step by step (the GPU tests step, instant here, may come with train)
+    assert seen[0] == ["parity"] and len(seen) >= 4 and all(steps == done[:len(steps)] for steps in seen), seen
+    results = report["results"]
+    assert report["machine"]["torch"] and results["tests"]["status"] == "skipped: no GPU"
+    trained = results["train"]["results"]["vit-tiny"]
     assert set(trained) == {"dali", "baseline", "synthetic"}
     assert all(r["images_per_sec"] > 0 and 0 <= r["data_wait"] < 1 for r in trained.values())
-    assert [(r["config"], r["gc"], r["status"]) for r in report["matrix"]] == [("zero2", False, "ok"), ("zero2", True, "ok")]
-    assert all(r["images_per_sec"] > 0 for r in report["matrix"])
-    assert report["largest_micro"] == {"off": None, "on": None}  # no GPU memory to measure on a CPU
+    matrix = results["matrix"]
+    assert [(r["config"], r["gc"], r["status"]) for r in matrix["rows"]] == [("zero2", False, "ok"), ("zero2", True, "ok")]
+    assert all(r["images_per_sec"] > 0 for r in matrix["rows"])
+    assert matrix["largest_micro"] == {"off": None, "on": None}  # no GPU memory to measure on a CPU
     # the lever table (tools/benchmark_levers.py): every CPU variant in every round, against its ceiling
-    assert report["levers"]["status"] == "ok"
-    levers = report["levers"]["results"]
+    assert results["levers"]["status"] == "ok"
+    levers = results["levers"]["results"]
     assert list(levers) == ["synthetic", "synthetic, nan_guard stop", "dali", "dali, nan_guard stop",
                             "dali, 1 threads (not 2)"]
     assert all(len(r["runs"]) == 2 and r["images_per_sec"] > 0 and 0 <= r["data_wait_fraction"] < 1
                for r in levers.values())
     assert levers["dali, nan_guard stop"]["ceiling"] == "synthetic, nan_guard stop"
     assert levers["dali"]["share_of_ceiling"] == levers["dali"]["images_per_sec"] / levers["synthetic"]["images_per_sec"]
-    assert report["parity"]["status"] == "ok" and list(report["parity"]["results"]["families"]) == ["vit"]
-    assert report["parity"]["results"]["families"]["vit"]["pillow"]["max"] == 0  # on CPU: Pillow's pixels exactly
+    assert results["parity"]["status"] == "ok" and list(results["parity"]["results"]["families"]) == ["vit"]
+    assert results["parity"]["results"]["families"]["vit"]["pillow"]["max"] == 0  # on CPU: Pillow's pixels exactly
+    # the profile: steps past the warm-up and before the last (which evaluates and saves), by operator
+    profile = results["profile"]
+    assert profile["status"] == "ok" and profile["steps"] == "6-9"
+    table = (out / "profile-vit-tiny.txt").read_text()
+    assert table.startswith("steps 6-9, sorted by self_cpu_time_total") and "train_step" in table
+    assert "aten::" in table and profile["models"]["vit-tiny"]["table"] == table
+    # OUT holds the report alone (it comes back from a lent GPU machine, a few files at most); the
+    # data, runs and traces stay in --work
+    assert sorted(p.name for p in out.iterdir()) == ["profile-vit-tiny.txt", "report.json", "report.md"]
+    assert (work / "shards" / "manifest.json").is_file() and list(work.rglob("rank0.json"))
     markdown = (out / "report.md").read_text()
     assert "| vit-tiny | " in markdown and "| zero2 | on | " in markdown and "| dali, 1 threads (not 2) | " in markdown
+    assert markdown.split("\n", 1)[1] in log.read_text()  # the tables are printed too
 
 
 def test_benchmark_levers_never_clears_a_folder_holding_checkpoints(files, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -52,8 +53,9 @@ class RunFailed(RuntimeError):
 
 def run_training(*, data: Path, work: Path, name: str, loader: str = "dali", config: str = "zero2", steps: int,
                  micro: int, ranks: int = 1, port: int, extra: list[str] = (), timeout: float | None = None) -> dict:
-    """images/s (median of the logged intervals after the first), data wait fraction, MFU and peak
-    GPU memory of one train/main.py run of model `name` (its config and processor in `work`)."""
+    """images/s (median of the logged intervals after the first), data wait fraction, MFU, peak
+    GPU memory and output dir of one train/main.py run of model `name` (its config and processor in
+    `work`)."""
     out = work / "-".join([name, loader, config, str(micro), *(a.lstrip("-") for a in extra)])
     command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "train" / "main.py"),
                "--ds_config", str(ROOT / "ds_configs" / f"{config}.json"), "--data", str(data),
@@ -75,19 +77,22 @@ def run_training(*, data: Path, work: Path, name: str, loader: str = "dali", con
     return {"images_per_sec": statistics.median(r["perf/images_per_sec"] for r in rows),
             "data_wait": statistics.mean(r["perf/data_wait_fraction"] for r in rows),
             "mfu": statistics.median(mfu) if mfu else None,
-            "gpu_mem_gib": max((r.get("perf/gpu_mem") or 0 for r in rows), default=0) or None}
+            "gpu_mem_gib": max((r.get("perf/gpu_mem") or 0 for r in rows), default=0) or None, "output_dir": str(out)}
 
 
 def table(results: dict) -> str:
+    """One row per model; "-" for a loader not run (--loaders) and an MFU without a known peak."""
     lines = ["| model | DALI img/s | baseline img/s | synthetic img/s | DALI / synthetic | baseline / synthetic "
-             "| DALI data wait | baseline data wait | MFU (DALI) |", "|" + " --- |" * 9]
+             "| DALI data wait | baseline data wait | MFU (DALI) | MFU (synthetic) |", "|" + " --- |" * 10]
+    shown = lambda value, form: "-" if value is None or math.isnan(value) else format(value, form)  # noqa: E731
     for name, r in results.items():
         ceiling = r["synthetic"]["images_per_sec"]
-        mfu = f"{r['dali']['mfu']:.1%}" if r["dali"]["mfu"] is not None else "-"
-        lines.append(f"| {name} | {r['dali']['images_per_sec']:.1f} | {r['baseline']['images_per_sec']:.1f} | "
-                     f"{ceiling:.1f} | {r['dali']['images_per_sec'] / ceiling:.1%} | "
-                     f"{r['baseline']['images_per_sec'] / ceiling:.1%} | {r['dali']['data_wait']:.3f} | "
-                     f"{r['baseline']['data_wait']:.3f} | {mfu} |")
+        lines.append(f"| {name} | {shown(r['dali']['images_per_sec'], '.1f')} | "
+                     f"{shown(r['baseline']['images_per_sec'], '.1f')} | {ceiling:.1f} | "
+                     f"{shown(r['dali']['images_per_sec'] / ceiling, '.1%')} | "
+                     f"{shown(r['baseline']['images_per_sec'] / ceiling, '.1%')} | "
+                     f"{shown(r['dali']['data_wait'], '.3f')} | {shown(r['baseline']['data_wait'], '.3f')} | "
+                     f"{shown(r['dali']['mfu'], '.1%')} | {shown(r['synthetic']['mfu'], '.1%')} |")
     return "\n".join(lines)
 
 
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                                  for i, loader in enumerate(args.loaders)}
             except RunFailed as e:
                 sys.exit(f"benchmark_train: {name}: {e}")
+            for figures in results[name].values():
+                figures.pop("output_dir")  # in the temporary folder, gone once this tool ends
             for loader in set(LOADERS) - set(args.loaders):
                 results[name][loader] = {"images_per_sec": float("nan"), "data_wait": float("nan"), "mfu": None}
             print(f"{name}: " + ", ".join(f"{loader} {r['images_per_sec']:.1f} img/s"

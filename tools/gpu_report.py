@@ -1,24 +1,29 @@
 """Everything the README's GPU section says, measured on this machine in one command.
 
-    python tools/gpu_report.py [--out gpu_report] [--budget 560] [--images 4000] [--steps 20] [--data_threads N]
+    python tools/gpu_report.py [--out gpu_report] [--work DIR] [--budget 540] [--images 4000] [--steps 20]
+                               [--data_threads N] [--only STEP ... | --skip STEP ...]
 
-In order, each step given what is left of `--budget` seconds (a step that runs out is recorded as
-timed out, and the report still comes):
-  1. the machine: GPU, memory, versions, TORCH_CUDA_ARCH_LIST;
-  2. the `gpu`-marked tests;
-  3. tools/check_parity.py --all: every processor family under every eval resize, and the decoder
-     alone, against the PIL backend on 20 of the photos;
-  4. tools/benchmark_loader.py: the DALI loaders against the HF processor in a DataLoader;
-  5. tools/benchmark_train.py: ViT-B/16 and ResNet-50 fed by DALI, by the baseline DataLoader and
-     by synthetic tensors, with MFU;
-  6. tools/benchmark_levers.py: what each input-pipeline lever is worth to ViT-B/16's training
-     (the NaN guard's sync, DALI threads, the hardware JPEG decoder's share, training's chroma
-     upsampling, a high-priority stream for the model);
-  7. ViT-B/16 under every shipped DeepSpeed config, without and with --gradient_checkpointing:
-     images/s and peak GPU memory; and, from the peak memory at two micro batches (ZeRO-2), the
-     largest micro batch that fits each way (a linear extrapolation, marked as such).
-Writes OUT/report.md (Markdown tables) and OUT/report.json. On a CPU (`--device cpu`, for testing
-the tool) it uses the small models and skips the GPU tests.
+The steps, the figures most wanted first, each given what is left of `--budget` seconds (building
+the data counts too; a step that runs out is recorded as timed out, and the report still comes):
+  parity:  tools/check_parity.py --all: every processor family under every eval resize, and the
+           decoder alone, against the PIL backend on 20 of the photos;
+  train:   tools/benchmark_train.py: ViT-B/16 and ResNet-50 fed by DALI, by the baseline
+           DataLoader and by synthetic tensors, with MFU;
+  tests:   the `gpu`-marked tests;
+  compile: ViT-B/16 with --compile, fed by DALI and by synthetic tensors: MFU with torch.compile;
+  loader:  tools/benchmark_loader.py: the DALI loaders against the HF processor in a DataLoader;
+  profile: one DALI-fed run of each model under --profile: the operators that take the GPU's time;
+  levers:  tools/benchmark_levers.py: what each input-pipeline lever is worth to ViT-B/16's training
+           (the NaN guard's sync, DALI threads, the hardware JPEG decoder's share, training's
+           chroma upsampling, a high-priority stream for the model);
+  matrix:  ViT-B/16 under every shipped DeepSpeed config, without and with --gradient_checkpointing:
+           images/s and peak GPU memory; and, from the peak memory at two micro batches (ZeRO-2),
+           the largest micro batch that fits each way (a linear extrapolation, marked as such).
+After every step OUT/report.md (Markdown tables) and OUT/report.json are rewritten, so a run stopped
+from outside keeps the steps it finished. OUT gets only those, the loader chart and the profile
+tables: the photos, shards, runs and traces stay in --work (reused by a later run), and the tables
+are printed at the end. On a CPU (`--device cpu`, for testing the tool) it uses the small models
+and skips the GPU tests.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["zero1", "zero2", "zero3", "zero3_offload"]
+PROFILE_ROWS = 15  # of each profile's operator table, in the report
 
 
 class Budget:
@@ -43,6 +51,27 @@ class Budget:
 
     def left(self) -> float:
         return max(0.0, self.end - time.monotonic())
+
+
+@dataclass
+class Context:
+    """What every step reads: the arguments, the data and models built, the budget."""
+
+    args: argparse.Namespace
+    gpu: bool
+    work: Path
+    data: Path
+    models: list[str]
+    micro: int
+    steps: int
+    threads: list[str]  # --data_threads for every training run, or nothing
+    budget: Budget
+    capacity_gib: float | None  # the GPU's memory
+    port: int = 29600  # above the ports the tests take (tests/conftest.py:free_port)
+
+    def next_port(self) -> int:
+        self.port += 1
+        return self.port
 
 
 def run(command: list[str], *, budget: Budget, cwd: Path = ROOT) -> dict:
@@ -61,6 +90,14 @@ def run(command: list[str], *, budget: Budget, cwd: Path = ROOT) -> dict:
     return {"status": status, "seconds": round(time.monotonic() - start, 1), "stdout": stdout, "stderr": stderr[-4000:]}
 
 
+def outcome(done: dict, **figures) -> dict:
+    """A step's entry in the report: status, seconds, its figures, and the end of stderr on failure."""
+    entry = {"status": done["status"], "seconds": done.get("seconds", 0), **figures}
+    if done["status"] != "ok" and not done["status"].startswith("skipped"):
+        entry["error"] = _last_error(done.get("stderr", ""))
+    return entry
+
+
 def machine(gpu: bool) -> dict:
     import torch
 
@@ -77,17 +114,146 @@ def machine(gpu: bool) -> dict:
     return info
 
 
-def train_once(*, data: Path, work: Path, model: str, config: str, micro: int, steps: int, gc: bool,
-               budget: Budget, port: int, extra: list[str]) -> dict:
-    """benchmark_train's run of `model` under `config`, within the budget: its figures and status."""
-    from benchmark_train import RunFailed, run_training
+def build(ctx: Context, *, images: int) -> None:
+    """The ImageNet-like photos and their shards (kept in --work for a later run), the models'
+    configs and processors, and the 20 photos the parity step compares on."""
+    from benchmark_shards import write_imagenet_like
+    from benchmark_train import MODELS
+    from make_shards import make_shards
+    import transformers
 
-    if budget.left() < 5:
+    if not (ctx.data / "manifest.json").exists():
+        write_imagenet_like(ctx.work / "images", images)
+        make_shards(src=ctx.work / "images", out=ctx.data, val_fraction=0.1, max_count=1000, progress=False,
+                    overwrite=True)
+    for name in ctx.models:
+        config, processor, _ = MODELS[name]
+        (ctx.work / f"{name}.json").write_text(json.dumps(config))
+        processor(transformers).save_pretrained(ctx.work / f"{name}-processor")
+    parity = ctx.work / "parity"
+    if not parity.is_dir():
+        parity.mkdir()
+        for image in sorted((ctx.work / "images").rglob("*.jpg"))[:20]:
+            (parity / image.name).write_bytes(image.read_bytes())
+
+
+# --- the steps: each returns its entry in the report ----------------------------------------------
+
+def step_parity(ctx: Context) -> dict:
+    done = run([sys.executable, str(ROOT / "tools" / "check_parity.py"), "--all", "--images", str(ctx.work / "parity"),
+                "--device", ctx.args.device, *([] if ctx.gpu else ["--families", "vit"])], budget=ctx.budget)
+    lines = done["stdout"].strip().splitlines()
+    ok = done["status"] == "ok"
+    return outcome(done, table="\n".join(lines[:-1]) if ok else "", results=json.loads(lines[-1]) if ok else None)
+
+
+def step_train(ctx: Context, *, models: list[str] | None = None, loaders: list[str] = (), extra: list[str] = (),
+               name: str = "train") -> dict:
+    figures = ctx.work / f"{name}.json"
+    figures.unlink(missing_ok=True)
+    done = run([sys.executable, str(ROOT / "tools" / "benchmark_train.py"), "--data", str(ctx.data), "--steps",
+                str(ctx.steps), "--micro_batch_size", str(ctx.micro), "--models", *(models or ctx.models),
+                *(["--loaders", *loaders] if loaders else []), "--json", str(figures), *ctx.threads, *extra],
+               budget=ctx.budget)
+    return outcome(done, table="\n".join(l for l in done["stdout"].splitlines() if l.startswith("|")),
+                   results=json.loads(figures.read_text())["results"] if figures.exists() else None)
+
+
+def step_compile(ctx: Context) -> dict:
+    return step_train(ctx, models=ctx.models[:1], loaders=["dali", "synthetic"], extra=["--compile"], name="compile")
+
+
+def step_tests(ctx: Context) -> dict:
+    if not ctx.gpu:
+        return {"status": "skipped: no GPU", "seconds": 0}
+    done = run([sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+               budget=ctx.budget)
+    lines = done["stdout"].strip().splitlines()
+    failed = [l for l in lines if l.startswith(("FAILED", "ERROR"))]
+    return outcome(done, summary=lines[-1] if lines else "", failed=failed)
+
+
+def step_loader(ctx: Context) -> dict:
+    done = run([sys.executable, str(ROOT / "tools" / "benchmark_loader.py"), "--data", str(ctx.data), "--device",
+                ctx.args.device, "--batch-size", str(256 if ctx.gpu else 32), "--chart",
+                str(ctx.args.out / "loader.png")], budget=ctx.budget)
+    return outcome(done, table=[l for l in done["stdout"].splitlines() if not l.startswith("chart:")])
+
+
+def step_profile(ctx: Context) -> dict:
+    """One DALI-fed run per model under --profile, steps past the warm-up: the top operators by
+    self GPU time (CPU time on a CPU), copied to OUT/profile-MODEL.txt."""
+    first = ctx.steps // 2
+    count = min(5, ctx.steps - first - 1)  # never the last step, which evaluates and saves
+    if count < 1:
+        return {"status": f"skipped: {ctx.steps} steps are too few to profile past the warm-up", "seconds": 0}
+    entry = {"status": "ok", "seconds": 0.0, "steps": f"{first + 1}-{first + count}", "models": {}}
+    start = time.monotonic()
+    for name in ctx.models:
+        row = train_once(ctx, name=name, micro=ctx.micro, extra=["--profile", f"{first}:{count}"])
+        if row["status"] == "ok":
+            row["table"] = (Path(row["output_dir"]) / "profile" / "rank0.txt").read_text()
+            (ctx.args.out / f"profile-{name}.txt").write_text(row["table"])
+        entry["models"][name] = row
+    if any(m["status"] != "ok" for m in entry["models"].values()):
+        entry["status"] = "partly failed"
+    entry["seconds"] = round(time.monotonic() - start, 1)
+    return entry
+
+
+def step_levers(ctx: Context) -> dict:
+    figures = ctx.work / "levers.json"
+    figures.unlink(missing_ok=True)
+    model = ctx.models[0]
+    done = run(["deepspeed", "--num_gpus", "1", "--master_port", str(ctx.next_port()),
+                str(ROOT / "tools" / "benchmark_levers.py"), "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
+                "--data", str(ctx.data), "--model_config", str(ctx.work / f"{model}.json"), "--processor",
+                str(ctx.work / f"{model}-processor"), "--micro_batch_size", str(ctx.micro), "--steps",
+                str(15 if ctx.gpu else 2), "--rounds", str(3 if ctx.gpu else 2), "--output_dir", str(ctx.work / "levers"),
+                "--json", str(figures), *ctx.threads], budget=ctx.budget)
+    return outcome(done, table="\n".join(l for l in done["stdout"].splitlines() if l.startswith("|")),
+                   results=json.loads(figures.read_text())["results"] if figures.exists() else None)
+
+
+def step_matrix(ctx: Context) -> dict:
+    rows = []
+    start = time.monotonic()
+    for config in ctx.args.configs:  # ZeRO-1/2/3 first: offload (CPU Adam) last, should time run out
+        for gc in (False, True):
+            row = train_once(ctx, name=ctx.models[0], config=config, micro=ctx.micro,
+                             extra=["--gradient_checkpointing"] if gc else [])
+            rows.append({"config": config, "gc": gc, **row})
+            print(f"gpu_report: {config}, checkpointing {'on' if gc else 'off'}: "
+                  f"{row.get('images_per_sec') or 0:.1f} img/s, {row.get('gpu_mem_gib') or 0:.1f} GiB ({row['status']})",
+                  flush=True)
+    largest = {}
+    for gc in (False, True):
+        large = next((r for r in rows if r["config"] == "zero2" and r["gc"] == gc), {})
+        small = (train_once(ctx, name=ctx.models[0], micro=ctx.micro // 4, extra=["--gradient_checkpointing"] if gc else [])
+                 if large.get("gpu_mem_gib") else {})
+        largest["on" if gc else "off"] = largest_micro(small, large, (ctx.micro // 4, ctx.micro), ctx.capacity_gib)
+    failed = [r for r in rows if r["status"] != "ok"]
+    return {"status": "ok" if not failed else f"{len(failed)} of {len(rows)} runs not ok",
+            "seconds": round(time.monotonic() - start, 1), "model": ctx.models[0], "micro": ctx.micro, "rows": rows,
+            "largest_micro": largest}
+
+
+STEPS = {"parity": step_parity, "train": step_train, "tests": step_tests, "compile": step_compile,
+         "loader": step_loader, "profile": step_profile, "levers": step_levers, "matrix": step_matrix}
+
+
+def train_once(ctx: Context, *, name: str, micro: int, config: str = "zero2", extra: list[str] = ()) -> dict:
+    """benchmark_train's DALI-fed run of model `name` under `config`, within the budget: its status
+    and figures."""
+    from benchmark_train import MODELS, RunFailed, run_training
+
+    if ctx.budget.left() < 5:
         return {"status": "skipped: no time left"}
     start = time.monotonic()
     try:
-        figures = run_training(data=data, work=work, name=model, config=config, steps=steps, micro=micro, port=port,
-                               extra=[*extra, *(["--gradient_checkpointing"] if gc else [])], timeout=budget.left())
+        figures = run_training(data=ctx.data, work=ctx.work, name=name, config=config, steps=ctx.steps, micro=micro,
+                               port=ctx.next_port(), extra=[*(MODELS[name][2] if ctx.gpu else []), *ctx.threads, *extra],
+                               timeout=ctx.budget.left())
         status = "ok"
     except RunFailed as e:
         figures, status = {"error": _last_error(str(e))}, str(e).splitlines()[0].rstrip(":")
@@ -105,153 +271,116 @@ def largest_micro(small: dict, large: dict, micros: tuple[int, int], capacity_gi
     return int((0.95 * capacity_gib - small["gpu_mem_gib"]) / slope + micros[0])
 
 
+# --- the report -----------------------------------------------------------------------------------
+
+TITLES = {"parity": "Eval parity with the PIL backend (tools/check_parity.py --all)",
+          "train": "Training (tools/benchmark_train.py)", "tests": "gpu-marked tests",
+          "compile": "Training with --compile (tools/benchmark_train.py)",
+          "loader": "Loader (tools/benchmark_loader.py)", "profile": "Profile (train/main.py --profile)",
+          "levers": "Levers (tools/benchmark_levers.py)", "matrix": "DeepSpeed configs and gradient checkpointing"}
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# GPU report: {m.get('gpu', 'CPU')} x{m.get('gpus', 0)}", "",
              f"torch {m['torch']}, DALI {m['dali']}, DeepSpeed {m['deepspeed']}, transformers {m['transformers']}, "
-             f"{m['cpus']} CPU cores, TORCH_CUDA_ARCH_LIST={m['TORCH_CUDA_ARCH_LIST']}; "
-             f"{report['seconds']:.0f} s in all", ""]
-    tests = report["tests"]
-    lines += ["## gpu-marked tests", "", f"{tests['status']}: {tests.get('summary', '')} ({tests['seconds']} s)", ""]
-    parity = report["parity"]
-    lines += ["## Eval parity with the PIL backend (tools/check_parity.py --all)", "", f"status: {parity['status']}", "",
-              parity.get("table", ""), ""]
-    loader = report["loader"]
-    lines += ["## Loader (tools/benchmark_loader.py)", "", f"status: {loader['status']}", "", "```",
-              *loader.get("table", []), "```", ""]
-    lines += ["## Training (tools/benchmark_train.py)", "", f"status: {report['train']['status']}", "",
-              report["train"].get("table", ""), ""]
-    levers = report["levers"]
-    lines += ["## Levers (tools/benchmark_levers.py)", "", f"status: {levers['status']}", "",
-              levers.get("table", ""), ""]
-    lines += ["## DeepSpeed configs and gradient checkpointing", "",
-              f"{report['matrix_model']}, micro batch {report['matrix_micro']}, {report['steps']} steps, 1 GPU", "",
-              "| config | checkpointing | img/s | peak GPU memory (GiB) | MFU | status |", "| --- | --- | --- | --- | --- | --- |"]
-    for row in report["matrix"]:
+             f"{m['cpus']} CPU cores, TORCH_CUDA_ARCH_LIST={m['TORCH_CUDA_ARCH_LIST']}; {report['images']} images, "
+             f"{report['steps']} steps per run; {report['seconds']:.0f} s so far"]
+    for name, entry in report["results"].items():
+        lines += ["", f"## {TITLES[name]}", "", f"status: {entry['status']} ({entry.get('seconds', 0):.0f} s)"
+                  + (f"; {entry['error']}" if entry.get("error") else ""), ""]
+        lines += SECTIONS.get(name, _table_section)(entry)
+    return "\n".join(lines) + "\n"
+
+
+def _table_section(entry: dict) -> list[str]:
+    return [entry["table"]] if entry.get("table") else []
+
+
+def _tests_section(entry: dict) -> list[str]:
+    return [entry.get("summary", ""), *entry.get("failed", [])]
+
+
+def _loader_section(entry: dict) -> list[str]:
+    return ["```", *entry["table"], "```"] if entry.get("table") else []
+
+
+def _profile_section(entry: dict) -> list[str]:
+    lines = []
+    for name, model in entry.get("models", {}).items():
+        lines += [f"{name}, steps {entry['steps']}: {model['status']}", ""]
+        if model.get("table"):
+            lines += ["```", *model["table"].splitlines()[:PROFILE_ROWS + 4], "```", ""]
+    return lines
+
+
+def _matrix_section(entry: dict) -> list[str]:
+    lines = [f"{entry['model']}, micro batch {entry['micro']}, 1 GPU", "",
+             "| config | checkpointing | img/s | peak GPU memory (GiB) | MFU | status |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in entry["rows"]:
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") else "-"
         mem = f"{row['gpu_mem_gib']:.1f}" if row.get("gpu_mem_gib") else "-"
         ips = f"{row['images_per_sec']:.1f}" if row.get("images_per_sec") else "-"
         lines.append(f"| {row['config']} | {'on' if row['gc'] else 'off'} | {ips} | {mem} | {mfu} | {row['status']} |")
     lines += ["", "Largest micro batch (ZeRO-2, peak memory extrapolated linearly from two micro batches to 95% of "
               "the device):", ""]
-    for gc, value in report["largest_micro"].items():
-        lines.append(f"- checkpointing {gc}: {value if value is not None else 'not measured'}")
-    return "\n".join(lines) + "\n"
+    lines += [f"- checkpointing {gc}: {value if value is not None else 'not measured'}"
+              for gc, value in entry["largest_micro"].items()]
+    return lines
+
+
+SECTIONS = {"tests": _tests_section, "loader": _loader_section, "profile": _profile_section, "matrix": _matrix_section}
+
+
+def write_report(report: dict, out: Path, started: float) -> None:
+    report["seconds"] = round(time.monotonic() - started, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("gpu_report"))
-    parser.add_argument("--budget", type=float, default=560, help="seconds for everything")
+    parser.add_argument("--out", type=Path, default=Path("gpu_report"), help="report.md, report.json, charts, tables")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu_report-work",
+                        help="photos, shards, runs and traces (reused when it holds shards)")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for everything")
     parser.add_argument("--device", choices=["gpu", "cpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, help="ImageNet-like JPEGs to shard (default 4000 on GPU, 200 on CPU)")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (default 20 on GPU, 10 on CPU)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--data_threads", type=int, help="DALI threads per rank in every training run (default: "
                                                          "the trainer's)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "parity", "loader", "train", "levers",
-                                                                  "matrix"])
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--only", nargs="+", choices=list(STEPS), help="these steps alone (in the usual order)")
+    chosen.add_argument("--skip", nargs="+", default=[], choices=list(STEPS))
     args = parser.parse_args(argv)
-    gpu = args.device == "gpu"
-    sys.path.insert(0, str(ROOT / "tools"))
-    from benchmark_shards import write_imagenet_like
-    from benchmark_train import MODELS
-    from make_shards import make_shards
-    import transformers
-
     budget, started = Budget(args.budget), time.monotonic()
+    sys.path.insert(0, str(ROOT / "tools"))
+    gpu = args.device == "gpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
-    images, steps = args.images or (4000 if gpu else 200), args.steps or (20 if gpu else 10)
-    micro, models = (256, ["vit-b16", "resnet-50"]) if gpu else (4, ["vit-tiny"])
-    threads = ["--data_threads", str(args.data_threads)] if args.data_threads else []
-    report = {"machine": machine(gpu), "steps": steps, "matrix_model": models[0], "matrix_micro": micro}
-    print(f"gpu_report: {report['machine'].get('gpu', 'CPU')}; building {images} images", flush=True)
-    if not (work / "shards" / "manifest.json").exists():
-        write_imagenet_like(work / "images", images)
-        make_shards(src=work / "images", out=work / "shards", val_fraction=0.1, max_count=1000, progress=False,
-                    overwrite=True)
-    data = work / "shards"
-    for name in models:
-        config, processor, _ = MODELS[name]
-        (work / f"{name}.json").write_text(json.dumps(config))
-        processor(transformers).save_pretrained(work / f"{name}-processor")
-
-    tests = {"status": "skipped"} if "tests" in args.skip or not gpu else run(
-        [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider"], budget=budget)
-    tests["summary"] = (tests.get("stdout", "").strip().splitlines() or [""])[-1]
-    report["tests"] = {k: v for k, v in tests.items() if k not in ("stdout", "stderr")} | {"seconds": tests.get("seconds", 0)}
-    print(f"gpu_report: tests {report['tests']['status']} {report['tests']['summary']}", flush=True)
-
-    parity_dir = work / "parity"
-    if not parity_dir.is_dir():
-        parity_dir.mkdir()
-        for image in sorted((work / "images").rglob("*.jpg"))[:20]:
-            (parity_dir / image.name).write_bytes(image.read_bytes())
-    parity = {"status": "skipped"} if "parity" in args.skip else run(
-        [sys.executable, str(ROOT / "tools" / "check_parity.py"), "--all", "--images", str(parity_dir), "--device",
-         args.device, *([] if gpu else ["--families", "vit"])], budget=budget)
-    lines = parity.get("stdout", "").strip().splitlines()
-    report["parity"] = {"status": parity["status"], "seconds": parity.get("seconds", 0),
-                        "table": "\n".join(lines[:-1]) if parity["status"] == "ok" else "",
-                        "results": json.loads(lines[-1]) if parity["status"] == "ok" else None}
-    print(f"gpu_report: parity {parity['status']}", flush=True)
-
-    loader = {"status": "skipped"} if "loader" in args.skip else run(
-        [sys.executable, str(ROOT / "tools" / "benchmark_loader.py"), "--data", str(data), "--device", args.device,
-         "--batch-size", str(256 if gpu else 32), "--chart", str(args.out / "loader.png")], budget=budget)
-    report["loader"] = {"status": loader["status"], "seconds": loader.get("seconds", 0),
-                        "table": [l for l in loader.get("stdout", "").splitlines() if not l.startswith("chart:")]}
-    print(f"gpu_report: loader {loader['status']}", flush=True)
-
-    train_json = args.out / "train.json"
-    train = {"status": "skipped"} if "train" in args.skip else run(
-        [sys.executable, str(ROOT / "tools" / "benchmark_train.py"), "--data", str(data), "--steps", str(steps),
-         "--micro_batch_size", str(micro), "--models", *models, "--json", str(train_json), *threads], budget=budget)
-    report["train"] = {"status": train["status"], "seconds": train.get("seconds", 0),
-                       "table": "\n".join(l for l in train.get("stdout", "").splitlines() if l.startswith("|")),
-                       "results": json.loads(train_json.read_text())["results"] if train_json.exists() else None}
-    print(f"gpu_report: train {train['status']}", flush=True)
-
-    levers_json, port = args.out / "levers.json", 29600
-    levers = {"status": "skipped"} if "levers" in args.skip else run(
-        ["deepspeed", "--num_gpus", "1", "--master_port", str(port), str(ROOT / "tools" / "benchmark_levers.py"),
-         "--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", str(data),
-         "--model_config", str(work / f"{models[0]}.json"), "--processor", str(work / f"{models[0]}-processor"),
-         "--micro_batch_size", str(micro), "--steps", str(15 if gpu else 2), "--rounds", str(3 if gpu else 2),
-         "--output_dir", str(work / "levers"), "--json", str(levers_json), *threads], budget=budget)
-    report["levers"] = {"status": levers["status"], "seconds": levers.get("seconds", 0),
-                        "table": "\n".join(l for l in levers.get("stdout", "").splitlines() if l.startswith("|")),
-                        "results": json.loads(levers_json.read_text())["results"] if levers_json.exists() else None}
-    print(f"gpu_report: levers {levers['status']}", flush=True)
-
-    matrix = []
-    if "matrix" not in args.skip:
-        for config in args.configs:  # ZeRO-1/2/3 first: offload (CPU Adam) last, should time run out
-            for gc in (False, True):
-                port += 1
-                row = train_once(data=data, work=work, model=models[0], config=config, micro=micro, steps=steps, gc=gc,
-                                 budget=budget, port=port, extra=threads)
-                matrix.append({"config": config, "gc": gc, **row})
-                print(f"gpu_report: {config}, checkpointing {'on' if gc else 'off'}: "
-                      f"{row.get('images_per_sec') or 0:.1f} img/s, {row.get('gpu_mem_gib') or 0:.1f} GiB ({row['status']})",
-                      flush=True)
-    report["matrix"] = matrix
-    capacity = report["machine"].get("gpu_memory_gib")
-    report["largest_micro"] = {}
-    for gc in (False, True):
-        large = next((r for r in matrix if r["config"] == "zero2" and r["gc"] == gc), {})
-        small = {}
-        if large.get("gpu_mem_gib") and "matrix" not in args.skip:
-            port += 1
-            small = train_once(data=data, work=work, model=models[0], config="zero2", micro=micro // 4, steps=steps,
-                               gc=gc, budget=budget, port=port, extra=threads)
-        report["largest_micro"]["on" if gc else "off"] = largest_micro(small, large, (micro // 4, micro), capacity)
-    report["seconds"] = round(time.monotonic() - started, 1)
-    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "report.md").write_text(markdown(report))
+    args.work.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine(gpu), "images": args.images or (4000 if gpu else 200),
+              "steps": args.steps or (20 if gpu else 10), "results": {}}
+    ctx = Context(args=args, gpu=gpu, work=args.work, data=args.work / "shards",
+                  models=["vit-b16", "resnet-50"] if gpu else ["vit-tiny"], micro=256 if gpu else 4,
+                  steps=report["steps"], threads=["--data_threads", str(args.data_threads)] if args.data_threads else [],
+                  budget=budget, capacity_gib=report["machine"].get("gpu_memory_gib"))
+    print(f"gpu_report: {report['machine'].get('gpu', 'CPU')}; data and models in {args.work}", flush=True)
+    build(ctx, images=report["images"])
+    for name, step in STEPS.items():
+        if name in args.skip or (args.only and name not in args.only):
+            continue
+        print(f"gpu_report: {name} ({budget.left():.0f} s left)", flush=True)
+        report["results"][name] = step(ctx)
+        entry = report["results"][name]
+        print(f"gpu_report: {name} {entry['status']} in {entry.get('seconds', 0):.0f} s"
+              + (f": {entry['error']}" if entry.get("error") else ""), flush=True)
+        write_report(report, args.out, started)
+    write_report(report, args.out, started)
+    print("\n" + markdown(report))
     print(f"gpu_report: {args.out / 'report.md'} and report.json ({report['seconds']:.0f} s)")
     return 0
 
