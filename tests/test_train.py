@@ -179,9 +179,11 @@ def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
     losses = {}
     for flag in ([], ["--gradient_checkpointing"]):
         out = tmp_path / ("gc" if flag else "plain")
-        train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "4",
-               "--micro_batch_size", "6", "--log_steps", "1", "--wandb_mode", "disabled", *flag], ranks=1)
+        done = train(["--ds_config", "ds_configs/zero3.json", *common(files, "photos", "vit", out), "--max_steps", "4",
+                      "--micro_batch_size", "6", "--log_steps", "1", "--wandb_mode", "disabled", *flag], ranks=1)
         losses[bool(flag)] = [m["train/loss"] for m in metrics(out) if "train/loss" in m]
+        # no deprecation noise: neither transformers' old checkpointing name nor ZeRO-3's torch collectives
+        assert "FutureWarning" not in done.stderr, done.stderr[-2000:]
     assert len(losses[False]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 

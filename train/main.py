@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import deepspeed
@@ -547,7 +548,7 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
     """The DeepSpeed engine around the model, in its precision, with gradient checkpointing."""
     prepare_precision(model, DTYPES[precision])
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if device.type == "cuda" and rank == 0 and not fused_adam_is_built():
         print("train: DeepSpeed is compiling its fused Adam for this GPU (once, about a minute; later runs reuse it "
               "from torch's extension cache)", flush=True)
@@ -1122,6 +1123,10 @@ def _quiet_libraries(rank: int) -> None:
     import transformers
 
     ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed 0.19's ZeRO collectives (deepspeed/comm/torch.py) call the torch.distributed names
+    # that torch 2.13 deprecates: one FutureWarning per rank and name that no user can act on
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            r"deprecated", FutureWarning)
     os.environ.setdefault("WANDB_SILENT", "true")
     if rank != 0:
         transformers.logging.set_verbosity_error()
