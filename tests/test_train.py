@@ -201,7 +201,8 @@ def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
     assert again.returncode == 2 and "--resume auto" in again.stderr
 
 
-@pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "unknown_model", "processor"])
+@pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "unknown_model", "inconsistent_model",
+                                  "processor"])
 def test_bad_configuration_fails_before_training(files, tmp_path, case):
     out = tmp_path / "run"
     args = {"missing_data": ["--data", str(tmp_path / "nowhere"), "--model_config", str(files["resnet"]),
@@ -212,14 +213,21 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
                                  "--processor", str(files["processor"]), "--ds_config", str(tmp_path / "ds.json"),
                                  "--micro_batch_size", "8"],
             "unknown_model": ["--data", str(files["photos"]), "--model", str(tmp_path / "no-such-model")],
+            "inconsistent_model": ["--data", str(files["photos"]), "--model_config", str(tmp_path / "convnext.json"),
+                                   "--processor", str(files["processor"])],
             "processor": ["--data", str(files["photos"]), "--model_config", str(files["vit"])]}[case]
     (tmp_path / "five.json").write_text(json.dumps({**TINY_RESNET, "num_labels": 5}))
+    # two stages' sizes, and ConvNeXt's default of 4 stages: transformers fails deep inside the model's __init__
+    (tmp_path / "convnext.json").write_text(json.dumps({"model_type": "convnext", "hidden_sizes": [16, 32],
+                                                        "depths": [1, 1]}))
     (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 20, "train_micro_batch_size_per_gpu": "auto"}))
     done = train([*args, "--output_dir", str(out)], ranks=None, check=False, env={"WANDB_MODE": "disabled"})
     expected = {"missing_data": f"{tmp_path / 'nowhere'}/manifest.json not found",
                 "class_count": "has 5 labels but the shards have 4 classes",
                 "batch_arithmetic": "train_batch_size 20 != micro batch 8 x grad_accum 1 x world size 1 = 8",
                 "unknown_model": f"--model {tmp_path / 'no-such-model'}: cannot build an image classifier",
+                "inconsistent_model": f"--model_config {tmp_path / 'convnext.json'}: transformers failed building the "
+                                      f"model from its config (IndexError: list index out of range)",
                 "processor": "pass --processor NAME_OR_DIR"}[case]
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-3000:]
     assert "nothing was trained" in done.stderr and "Traceback" not in done.stderr

@@ -35,24 +35,27 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
     values = model_source(model=model, model_config=model_config, problems=problems)
     if values is None:
         return None, None
+    if model_config:
+        stated = len(values["id2label"]) if "id2label" in values else values.get("num_labels", len(classes))
+        if stated != len(classes):
+            problems.append(f"--model_config {model_config} has {stated} labels but the shards have "
+                            f"{len(classes)} classes (classes.json); drop num_labels/id2label from the config "
+                            f"(the head is sized from the data) or point --data at the right shards")
+            return None, None
     try:
         if model:
             net = AutoModelForImageClassification.from_pretrained(model, ignore_mismatched_sizes=True, **labels)
-            if [values.id2label.get(i) for i in range(values.num_labels)] != classes:
-                reinit_head(net)  # same size, other classes: `ignore_mismatched_sizes` kept it
         else:
-            stated = len(values["id2label"]) if "id2label" in values else values.get("num_labels", len(classes))
-            if stated != len(classes):
-                problems.append(f"--model_config {model_config} has {stated} labels but the shards have "
-                                f"{len(classes)} classes (classes.json); drop num_labels/id2label from the config "
-                                f"(the head is sized from the data) or point --data at the right shards")
-                return None, None
             values = {k: v for k, v in values.items() if k not in ("architectures", "id2label", "label2id", "num_labels")}
-            config = AutoConfig.for_model(**values, **labels)
-            net = AutoModelForImageClassification.from_config(config)
+            net = AutoModelForImageClassification.from_config(AutoConfig.for_model(**values, **labels))
     except (OSError, ValueError, KeyError) as e:
         problems.append(_cannot_build(model, model_config, e))
         return None, None
+    except Exception as e:  # the model's own code failed on values it cannot build from
+        problems.append(_inconsistent(model, model_config, e))
+        return None, None
+    if model and [values.id2label.get(i) for i in range(values.num_labels)] != classes:
+        reinit_head(net)  # same size, other classes: `ignore_mismatched_sizes` kept it
     try:
         if processor is not None:  # a name or folder, or an instance (the built-in default's)
             image_processor = load_processor(processor) if isinstance(processor, (str, Path)) else processor
@@ -84,11 +87,14 @@ def load_trained(*, model: str, processor, classes: list[str], problems: list[st
     try:
         net = AutoModelForImageClassification.from_pretrained(model)
         image_processor = load_processor(processor if processor is not None else model)
+    except ProcessorError as e:
+        problems.append(f"{e}; pass --processor NAME_OR_DIR")
+        return None, None
     except (OSError, ValueError, KeyError) as e:
         problems.append(_cannot_build(model, None, e))
         return None, None
-    except ProcessorError as e:
-        problems.append(f"{e}; pass --processor NAME_OR_DIR")
+    except Exception as e:  # the model's own code failed on values it cannot build from
+        problems.append(_inconsistent(model, None, e))
         return None, None
     return net, image_processor
 
@@ -214,6 +220,13 @@ def _cannot_build(model, model_config, error: Exception) -> str:
     what = f"--model {model}" if model else f"--model_config {model_config}"
     return (f"{what}: cannot build an image classifier ({_first_line(error)}); use a local folder with config.json, "
             f"a hub name reachable from here, or a config JSON with a model_type")
+
+
+def _inconsistent(model, model_config, error: Exception) -> str:
+    what = f"--model {model}" if model else f"--model_config {model_config}"
+    return (f"{what}: transformers failed building the model from its config ({type(error).__name__}: "
+            f"{_first_line(error)}); check that its values agree with each other (e.g. as many hidden_sizes as "
+            f"stages) and with the model type's config class in transformers")
 
 
 def _first_line(error: Exception) -> str:
