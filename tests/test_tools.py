@@ -15,7 +15,7 @@ from conftest import ROOT, common, launcher
 def test_gpu_report_on_cpu_writes_the_tables(tmp_path):
     out, work = tmp_path / "report", tmp_path / "work"
     command = [sys.executable, str(ROOT / "tools" / "gpu_report.py"), "--device", "cpu", "--out", str(out), "--work",
-               str(work), "--configs", "zero2", "--skip", "loader", "compile", "--images", "120", "--data_threads", "2"]
+               str(work), "--configs", "zero2", "--skip", "compile", "--images", "120", "--data_threads", "2"]
     log, errors = tmp_path / "stdout", tmp_path / "stderr"
     with open(log, "w") as stdout, open(errors, "w") as stderr:
         job = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
@@ -28,7 +28,7 @@ def test_gpu_report_on_cpu_writes_the_tables(tmp_path):
         time.sleep(0.2)
     assert job.returncode == 0, errors.read_text()[-3000:]
     report = json.loads((out / "report.json").read_text())
-    done = ["parity", "train", "tests", "profile", "levers", "matrix"]
+    done = ["parity", "train", "tests", "loader", "profile", "levers", "matrix"]
     assert list(report["results"]) == done
     # seen growing step by step (the GPU tests step, instant here, may come with train)
     assert seen[0] == ["parity"] and len(seen) >= 4 and all(steps == done[:len(steps)] for steps in seen), seen
@@ -52,6 +52,13 @@ def test_gpu_report_on_cpu_writes_the_tables(tmp_path):
     assert levers["dali"]["share_of_ceiling"] == levers["dali"]["images_per_sec"] / levers["synthetic"]["images_per_sec"]
     assert results["parity"]["status"] == "ok" and list(results["parity"]["results"]["families"]) == ["vit"]
     assert results["parity"]["results"]["families"]["vit"]["pillow"]["max"] == 0  # on CPU: Pillow's pixels exactly
+    # the loader table, timed on the train split (108 images: 13 batches of 8, every loader)
+    loader = results["loader"]
+    assert loader["status"] == "ok", loader
+    rates = {line[:48].strip(): float(line[48:58]) for line in loader["table"][2:]}
+    assert list(rates) == ["HF processor DataLoader", "DALI eval loader, dali resize", "DALI eval loader, torch resize",
+                           "DALI eval loader, pillow resize", "DALI train loader", "DALI eval graph alone",
+                           "DALI train graph alone"] and all(rate > 0 for rate in rates.values())
     # the profile: steps past the warm-up and before the last (which evaluates and saves), by operator
     profile = results["profile"]
     assert profile["status"] == "ok" and profile["steps"] == "6-9"
@@ -60,7 +67,7 @@ def test_gpu_report_on_cpu_writes_the_tables(tmp_path):
     assert "aten::" in table and profile["models"]["vit-tiny"]["table"] == table
     # OUT holds the report alone (it comes back from a lent GPU machine, a few files at most); the
     # data, runs and traces stay in --work
-    assert sorted(p.name for p in out.iterdir()) == ["profile-vit-tiny.txt", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["loader.png", "profile-vit-tiny.txt", "report.json", "report.md"]
     assert (work / "shards" / "manifest.json").is_file() and list(work.rglob("rank0.json"))
     markdown = (out / "report.md").read_text()
     assert "| vit-tiny | " in markdown and "| zero2 | on | " in markdown and "| dali, 1 threads (not 2) | " in markdown
@@ -88,7 +95,7 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
     from pipelines import resize
     from pipelines.spec import spec_from_processor
 
-    rows = other_arithmetic(dict(data=files["photos"], spec=spec_from_processor(ViTImageProcessorPil()), batch_size=4,
-                                 num_threads=1, device="cpu"))
+    rows = other_arithmetic(dict(data=files["photos"], split="val", spec=spec_from_processor(ViTImageProcessorPil()),
+                                 batch_size=4, num_threads=1, device="cpu"))
     assert list(rows) == ["DALI eval loader, torch resize, float32 bytes", "DALI eval loader, pillow resize, float32 bytes"]
     assert all(rate > 0 for rate in rows.values()) and resize.FLOAT64 is None

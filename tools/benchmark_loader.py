@@ -17,6 +17,8 @@ writes a bar chart to `--chart`.
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import sys
 import tempfile
@@ -28,7 +30,12 @@ from PIL import Image, ImageDraw
 
 from pipelines.dali import Decoding, NoGPUError, device_id_of
 from pipelines.loader import RESIZES, create_loader
+from pipelines.shards import load_manifest
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
+
+
+class TooFewBatches(ValueError):
+    """An epoch of one batch: nothing is left to time after the start-up batch."""
 
 
 def time_epoch(batches) -> float:
@@ -38,21 +45,32 @@ def time_epoch(batches) -> float:
     count, start = 0, time.perf_counter()
     for batch in iterator:
         count += len(batch["pixel_values"])
+    if not count:
+        raise TooFewBatches("an epoch of one batch leaves nothing to time after the start-up batch")
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # GPU batches are copied asynchronously
     return count / (time.perf_counter() - start)
 
 
-def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int):
+def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int, samples: int):
+    """The processor in a DataLoader over webdataset, `samples` images' worth of batches. Every
+    worker draws whole shards at random from all of them (webdataset's resampling, as the trainer's
+    --baseline_loader does): split by shard instead, a split of fewer shards than workers would
+    leave workers idle and understate the baseline."""
     import webdataset as wds
 
     def preprocess(sample):
         pixels = processor(sample["jpg"].convert("RGB"), return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixels, "labels": sample["cls"]}
 
-    dataset = wds.WebDataset(tars, shardshuffle=False, workersplitter=wds.split_by_worker, empty_check=False)
+    dataset = wds.WebDataset(tars, resampled=True, shardshuffle=False, empty_check=False, nodesplitter=_every_shard)
     dataset = dataset.decode("pil").map(preprocess)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    return itertools.islice(loader, math.ceil(samples / batch_size))
+
+
+def _every_shard(urls):
+    return urls
 
 
 def graph_alone(loader):
@@ -76,9 +94,29 @@ def other_arithmetic(common: dict) -> dict[str, float]:
     try:
         for name in ("torch", "pillow"):
             rows[f"DALI eval loader, {name} resize, {'float64' if wide else 'float32 bytes'}"] = time_epoch(
-                create_loader(split="val", train=False, resize=name, **common))
+                create_loader(train=False, resize=name, **common))
     finally:
         resize.FLOAT64 = None
+    return rows
+
+
+def time_loaders(tars: list[str], processor, *, common: dict, workers: int, samples: int) -> dict[str, float]:
+    """Images/s of each loader over the split in `common` (of `samples` images), in the table's order."""
+    gpu = common["device"] == "cuda"
+    rows = {
+        "HF processor DataLoader": time_epoch(hf_baseline(tars, processor, batch_size=common["batch_size"],
+                                                          workers=workers, samples=samples)),
+        **{f"DALI eval loader, {resize} resize": time_epoch(create_loader(train=False, resize=resize, **common))
+           for resize in RESIZES},
+        "DALI train loader": time_epoch(create_loader(train=True, **common)),
+        # what libjpeg-turbo's chroma upsampling (Pillow's pixels) would cost training's decoder
+        **({"DALI train loader, fancy upsampling": time_epoch(create_loader(
+            train=True, decoding=Decoding(fancy_upsampling=True), **common))} if gpu else {}),
+        "DALI eval graph alone": time_epoch(graph_alone(create_loader(train=False, resize="dali", **common))),
+        "DALI train graph alone": time_epoch(graph_alone(create_loader(train=True, **common))),
+    }
+    if gpu:  # where the eval resizes are batched
+        rows.update(other_arithmetic(common))
     return rows
 
 
@@ -102,6 +140,7 @@ def main() -> int:
     parser.add_argument("--processor", help="hub name or folder (default: ViT's 224x224 processor)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--split", default="val", help="the split timed (every loader reads it once or more)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--chart", type=Path, default=Path("benchmark_loader.png"))
     args = parser.parse_args()
@@ -129,22 +168,15 @@ def main() -> int:
             write_imagenet_like(Path(tmp) / "src", args.images)
             data = Path(tmp) / "shards"
             make_shards(src=Path(tmp) / "src", out=data, val_fraction=0.5, max_count=100, progress=False)
-        tars = [str(p) for p in sorted((data / "val").glob("*.tar"))]
-        common = dict(data=data, spec=spec, batch_size=args.batch_size, num_threads=args.threads, device=device)
-        rows = {
-            "HF processor DataLoader": time_epoch(hf_baseline(tars, processor, batch_size=args.batch_size, workers=args.threads)),
-            **{f"DALI eval loader, {resize} resize": time_epoch(create_loader(split="val", train=False, resize=resize, **common))
-               for resize in RESIZES},
-            "DALI train loader": time_epoch(create_loader(split="val", train=True, **common)),
-            # what libjpeg-turbo's chroma upsampling (Pillow's pixels) would cost training's decoder
-            **({"DALI train loader, fancy upsampling": time_epoch(create_loader(
-                split="val", train=True, decoding=Decoding(fancy_upsampling=True), **common))} if device == "cuda" else {}),
-            "DALI eval graph alone": time_epoch(graph_alone(create_loader(split="val", train=False, resize="dali",
-                                                                          **common))),
-            "DALI train graph alone": time_epoch(graph_alone(create_loader(split="val", train=True, **common))),
-        }
-        if device == "cuda":  # where the eval resizes are batched
-            rows.update(other_arithmetic(common))
+        tars = [str(p) for p in sorted((data / args.split).glob("*.tar"))]
+        common = dict(data=data, split=args.split, spec=spec, batch_size=args.batch_size, num_threads=args.threads,
+                      device=device)
+        try:
+            rows = time_loaders(tars, processor, common=common, workers=args.threads,
+                                samples=load_manifest(data)["splits"][args.split]["samples"])
+        except TooFewBatches as e:
+            parser.error(f"{e}: the {args.split} split of {data} is too small for --batch-size {args.batch_size}; "
+                         f"pass a smaller batch, a larger split (--split train) or more --images")
     base = rows["HF processor DataLoader"]
     graphs = {"DALI eval loader, dali resize": "DALI eval graph alone", "DALI train loader": "DALI train graph alone"}
     print(f"{spec.processor} -> {spec.output_size}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}")

@@ -11,7 +11,8 @@ the data counts too; a step that runs out is recorded as timed out, and the repo
            DataLoader and by synthetic tensors, with MFU;
   tests:   the `gpu`-marked tests;
   compile: ViT-B/16 with --compile, fed by DALI and by synthetic tensors: MFU with torch.compile;
-  loader:  tools/benchmark_loader.py: the DALI loaders against the HF processor in a DataLoader;
+  loader:  tools/benchmark_loader.py: the DALI loaders against the HF processor in a DataLoader,
+           at batch 256 on the train split (3,600 images; the val split gives one train batch);
   profile: one DALI-fed run of each model under --profile: the operators that take the GPU's time;
   levers:  tools/benchmark_levers.py: what each input-pipeline lever is worth to ViT-B/16's training
            (the NaN guard's sync, DALI threads, the hardware JPEG decoder's share, training's
@@ -175,7 +176,7 @@ def step_tests(ctx: Context) -> dict:
 
 def step_loader(ctx: Context) -> dict:
     done = run([sys.executable, str(ROOT / "tools" / "benchmark_loader.py"), "--data", str(ctx.data), "--device",
-                ctx.args.device, "--batch-size", str(256 if ctx.gpu else 32), "--chart",
+                ctx.args.device, "--batch-size", str(256 if ctx.gpu else 8), "--split", "train", "--chart",
                 str(ctx.args.out / "loader.png")], budget=ctx.budget)
     return outcome(done, table=[l for l in done["stdout"].splitlines() if not l.startswith("chart:")])
 
