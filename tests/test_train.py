@@ -120,10 +120,15 @@ def test_every_shipped_deepspeed_config_trains_the_same(files, tmp_path):
     assert len(losses["zero1"]) == 6
     for name in ("zero2", "zero3", "zero3_offload"):
         assert losses[name] == pytest.approx(losses["zero1"], rel=1e-4), name
-    # train/loss is the mean over the logged interval, not the interval's last step
+    # train/loss is the mean over the logged interval, not the interval's last step; --save_steps 0
+    # (benchmarks) trains and evaluates alike, and writes no checkpoint and no export
     out = tmp_path / "interval"
-    train(["--ds_config", "ds_configs/zero1.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
-           "--micro_batch_size", "6", "--log_steps", "2", "--wandb_mode", "disabled", "--eval_steps", "5"])
+    done = train(["--ds_config", "ds_configs/zero1.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+                  "--micro_batch_size", "6", "--log_steps", "2", "--wandb_mode", "disabled", "--eval_steps", "5",
+                  "--save_steps", "0"])
+    assert "model and checkpoints: none (--save_steps 0)" in done.stdout
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()
+    assert evals(out)[-1]["eval/loss"] == pytest.approx(losses["zero1"][-1], rel=1e-4)
     step_loss = losses["zero1"][:5]
     assert [(m["step"], m["train/loss"]) for m in metrics(out) if "train/loss" in m] == [
         (2, pytest.approx((step_loss[0] + step_loss[1]) / 2, rel=1e-4)),
@@ -354,11 +359,14 @@ def test_flags_nothing_else_checks_are_named_when_wrong():
     from train.args import parse_args
     from train.main import _flag_problems
 
-    assert _flag_problems(parse_args(["--hw_decoder_load", "1.0", "--profile", "20:10", "--nan_guard", "stop"])) == []
+    assert _flag_problems(parse_args(["--hw_decoder_load", "1.0", "--profile", "20:10", "--nan_guard", "stop",
+                                      "--save_steps", "0", "--eval_steps", "1", "--log_steps", "1"])) == []
     problems = _flag_problems(parse_args(["--hw_decoder_load", "65", "--profile", "20", "--synthetic_data",
-                                          "--baseline_loader"]))
-    assert [p.split(" ")[0] for p in problems] == ["--profile", "--synthetic_data", "--hw_decoder_load"]
-    assert "from 0 to 1" in problems[2]
+                                          "--baseline_loader", "--log_steps", "0", "--eval_steps", "-1",
+                                          "--save_steps", "-2"]))
+    assert [p.split(" ")[0] for p in problems] == ["--profile", "--synthetic_data", "--log_steps", "--eval_steps",
+                                                   "--save_steps", "--hw_decoder_load"]
+    assert "from 0 to 1" in problems[5] and "of 1 or more" in problems[2] and "0: no checkpoint" in problems[4]
 
 
 def test_decoder_flags_reach_the_train_and_eval_decoders():

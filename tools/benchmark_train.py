@@ -61,7 +61,7 @@ def run_training(*, data: Path, work: Path, name: str, loader: str = "dali", con
                "--ds_config", str(ROOT / "ds_configs" / f"{config}.json"), "--data", str(data),
                "--model_config", str(work / f"{name}.json"), "--processor", str(work / f"{name}-processor"),
                "--output_dir", str(out), "--max_steps", str(steps), "--micro_batch_size", str(micro),
-               "--log_steps", "5", "--eval_steps", str(10**9), "--save_steps", str(10**9), "--wandb_mode", "disabled",
+               "--log_steps", "5", "--eval_steps", str(10**9), "--save_steps", "0", "--wandb_mode", "disabled",
                *LOADERS[loader], *extra]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

@@ -76,7 +76,8 @@ class TrainArgs:
     eval_split: str = arg("val", "the split every eval runs on (test: the shards of a source's test/ folder)",
                           choices=["val", "test"])
     eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")
-    save_steps: int | None = arg(None, "checkpoint every N steps, and at the end (default: at every eval)")
+    save_steps: int | None = arg(None, "checkpoint every N steps, and at the end (default: at every eval); 0: no "
+                                 "checkpoint and no export (benchmarks, sweeps)")
     save_total_limit: int = arg(2, "recent checkpoints to keep, besides the best by top-1")
     export: str = arg("best", "checkpoint exported to OUTPUT/model at the end: the best by eval top-1 (the last "
                       "when nothing was evaluated), or the last", choices=["best", "last"])

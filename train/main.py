@@ -146,7 +146,7 @@ def run_training(args: TrainArgs) -> int:
     except BaseException as e:
         peers.stop_all(1, f"rank {rank} failed in setup: {type(e).__name__}: {e}")
         raise
-    kept = ("nothing was trained" if args.eval_only else
+    kept = ("nothing was trained" if args.eval_only else "nothing was saved (--save_steps 0)" if not run.save_steps else
             f"the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)")
     try:
         result = work(run)
@@ -267,7 +267,7 @@ def setup(args: TrainArgs) -> Run:
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
-              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=args.save_steps or eval_steps,
+              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=eval_steps if args.save_steps is None else args.save_steps,
               ds_config=ds_config, logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank),
               flops_per_image=flops, peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters,
@@ -448,6 +448,11 @@ def _flag_problems(args: TrainArgs) -> list[str]:
         problems.append(f"--profile {args.profile}: expected START:STEPS, e.g. 20:10 (steps 21 to 30)")
     if args.synthetic_data and args.baseline_loader:
         problems.append("--synthetic_data and --baseline_loader are two stand-ins for the DALI loader; pass one")
+    for name in ("log_steps", "eval_steps", "save_steps"):
+        value, least = getattr(args, name), 0 if name == "save_steps" else 1
+        if value is not None and value < least:
+            problems.append(f"--{name} {value}: a step count of {least} or more"
+                            + (" (0: no checkpoint and no export, e.g. for benchmarks)" if name == "save_steps" else ""))
     if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
         problems.append(f"--hw_decoder_load {args.hw_decoder_load}: a share of the JPEGs, from 0 to 1")
     return problems
@@ -583,7 +588,7 @@ def fit(run: Run) -> str:
         profiler.close()
     elapsed = time.perf_counter() - started
     exported, why = export_choice(run)
-    if run.rank == 0:
+    if run.rank == 0 and exported is not None:
         try:
             export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
                          out=run.output_dir / MODEL_EXPORT)
@@ -598,10 +603,11 @@ def fit(run: Run) -> str:
              and run.logger.run.settings.mode == "offline" else (run.logger.run_dir or "disabled"))
     return (f"train: done, {run.step - first_step} steps in {elapsed:.0f}s ({images / elapsed:.0f} images/s incl. "
             f"eval), best eval top-1 {best}\n"
-            f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / MODEL_EXPORT} "
-            f"(from {exported.name}, {why})\n"
-            f"  checkpoints: {run.checkpoints} (latest {run.last_saved.name})\n"
-            f"  metrics:     {run.output_dir / 'metrics.jsonl'}\n"
+            + (f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / MODEL_EXPORT} "
+               f"(from {exported.name}, {why})\n"
+               f"  checkpoints: {run.checkpoints} (latest {run.last_saved.name})\n" if exported is not None else
+               "  model and checkpoints: none (--save_steps 0)\n")
+            + f"  metrics:     {run.output_dir / 'metrics.jsonl'}\n"
             + (f"  final eval:  {run.output_dir / RESULTS_FILE} (+ {PREDICTIONS_FILE}, {CONFUSION_FILE})\n"
                if run.eval_loader is not None else "")
             + f"  W&B run:     {wandb}")
@@ -691,7 +697,7 @@ def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float,
 def evaluate_and_save(run: Run, meter: dict) -> None:
     """Eval and checkpoint at their cadence, and both after the last step."""
     evaluating = run.eval_loader is not None and _due(run, run.eval_steps)
-    saving = _due(run, run.save_steps)
+    saving = bool(run.save_steps) and _due(run, run.save_steps)
     if evaluating or saving:
         average_buffers(run.engine.module)
     if evaluating:
@@ -861,7 +867,7 @@ def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
     if run.args.nan_guard == "stop":
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         run.unchecked = bad if run.unchecked is None else run.unchecked + bad
-        if any(_due(run, every) for every in (run.args.log_steps, run.eval_steps, run.save_steps)):
+        if any(_due(run, every) for every in (run.args.log_steps, run.eval_steps, run.save_steps) if every):
             dist.all_reduce(run.unchecked)
             if run.unchecked.item():
                 raise NonFiniteLoss(f"the train loss was not finite on some rank between steps {run.checked_step + 1} "
@@ -937,9 +943,12 @@ def _keys_log(run: Run) -> Path:
     return run.output_dir / "sample_keys" / f"rank{run.rank}.jsonl"
 
 
-def export_choice(run: Run) -> tuple[Path, str]:
+def export_choice(run: Run) -> tuple[Path | None, str]:
     """The checkpoint to export and why: with --export best, the complete one with the best eval
-    top-1 (the newest among equals; the pruning keeps it), else, or without evals, the last."""
+    top-1 (the newest among equals; the pruning keeps it), else, or without evals, the last; None
+    with --save_steps 0 (this run saved nothing to export)."""
+    if not run.save_steps:
+        return None, "--save_steps 0"
     if run.args.export == "best":
         scored = [(checkpoint_info(p).get("top1"), p.name, p) for p in complete_checkpoints(run.checkpoints)[0]]
         scored = [s for s in scored if s[0] is not None]
