@@ -96,6 +96,6 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
     from pipelines.spec import spec_from_processor
 
     rows = other_arithmetic(dict(data=files["photos"], split="val", spec=spec_from_processor(ViTImageProcessorPil()),
-                                 batch_size=4, num_threads=1, device="cpu"))
+                                 batch_size=4, num_threads=1, device="cpu"), batches=4)
     assert list(rows) == ["DALI eval loader, torch resize, float32 bytes", "DALI eval loader, pillow resize, float32 bytes"]
     assert all(rate > 0 for rate in rows.values()) and resize.FLOAT64 is None

@@ -1,6 +1,7 @@
 """Images/s of the DALI loaders against the HF processor in a PyTorch DataLoader.
 
     python tools/benchmark_loader.py [--data OUT | --images N] [--processor NAME_OR_DIR] [--device cpu|gpu]
+                                     [--split val|train] [--batch-size 32] [--batches 40]
 
 Both read the same shards (`--data`, or N ImageNet-like 500x375 JPEGs cut from real photos, built
 in a temporary folder; on a GPU take more than the default 1200), on the same cores, in the same
@@ -10,15 +11,15 @@ processor's PIL backend in a DataLoader with as many workers as DALI has threads
 and eval loaders' own DALI graphs run alone, outputs left in DALI (each loader's ceiling); on a GPU
 also the train loader with libjpeg-turbo's chroma upsampling (what Pillow's pixels would cost
 training's decoder), and the `torch` and `pillow` resizes in the batched arithmetic the GPU does
-not default to (float64 where float64 is slow, float32 bytes where it is fast). Prints a table and
-writes a bar chart to `--chart`.
+not default to (float64 where float64 is slow, float32 bytes where it is fast). Each is timed in
+its steady state: `--batches` batches after a warm-up that covers start-up and what was queued
+meanwhile (DALI's prefetch queue; two batches per DataLoader worker, which all arrive at once),
+over as many epochs of the split as that takes. Prints a table and writes a bar chart to `--chart`.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import os
 import sys
 import tempfile
@@ -29,34 +30,41 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.dali import Decoding, NoGPUError, device_id_of
-from pipelines.loader import RESIZES, create_loader
-from pipelines.shards import load_manifest
+from pipelines.loader import PREFETCH, RESIZES, create_loader
 from pipelines.spec import ProcessorError, load_processor, spec_from_processor
 
 
-class TooFewBatches(ValueError):
-    """An epoch of one batch: nothing is left to time after the start-up batch."""
-
-
-def time_epoch(batches) -> float:
-    """Images/s over one pass, the first batch (pipeline start-up) excluded."""
-    iterator = iter(batches)
-    next(iterator)
-    count, start = 0, time.perf_counter()
-    for batch in iterator:
-        count += len(batch["pixel_values"])
-    if not count:
-        raise TooFewBatches("an epoch of one batch leaves nothing to time after the start-up batch")
+def steady_rate(epoch, *, warmup: int, batches: int) -> float:
+    """Images/s over `batches` batches that follow `warmup` ones, iterating `epoch()` (one epoch of
+    a loader) as often as that takes. The warm-up covers start-up and the batches queued meanwhile
+    (DALI's prefetch queue; the first batches of every DataLoader worker, which all arrive at once)
+    so that the rate is the steady one."""
+    seen = count = 0
+    start = None
+    while seen < warmup + batches:
+        before = seen
+        for batch in epoch():
+            seen += 1
+            if seen > warmup:
+                count += len(batch["pixel_values"])
+            elif seen == warmup:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # GPU batches are copied asynchronously
+                start = time.perf_counter()
+            if seen == warmup + batches:
+                break
+        if seen == before:
+            raise ValueError("an epoch without a batch")
     if torch.cuda.is_available():
-        torch.cuda.synchronize()  # GPU batches are copied asynchronously
+        torch.cuda.synchronize()
     return count / (time.perf_counter() - start)
 
 
-def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int, samples: int):
-    """The processor in a DataLoader over webdataset, `samples` images' worth of batches. Every
-    worker draws whole shards at random from all of them (webdataset's resampling, as the trainer's
-    --baseline_loader does): split by shard instead, a split of fewer shards than workers would
-    leave workers idle and understate the baseline."""
+def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int):
+    """The processor in a DataLoader over webdataset, batches without end. Every worker draws whole
+    shards at random from all of them (webdataset's resampling, as the trainer's --baseline_loader
+    does): split by shard instead, a split of fewer shards than workers would leave workers idle
+    and understate the baseline."""
     import webdataset as wds
 
     def preprocess(sample):
@@ -65,8 +73,14 @@ def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int, sa
 
     dataset = wds.WebDataset(tars, resampled=True, shardshuffle=False, empty_check=False, nodesplitter=_every_shard)
     dataset = dataset.decode("pil").map(preprocess)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    return itertools.islice(loader, math.ceil(samples / batch_size))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+
+
+def hf_rate(tars: list[str], processor, *, batch_size: int, workers: int, batches: int) -> float:
+    """steady_rate of hf_baseline; its workers stop on return."""
+    endless = iter(hf_baseline(tars, processor, batch_size=batch_size, workers=workers))
+    # every worker's first batches (prefetch_factor 2 each) arrive together: the warm-up
+    return steady_rate(lambda: endless, warmup=2 * max(workers, 1), batches=batches)
 
 
 def _every_shard(urls):
@@ -83,7 +97,7 @@ def graph_alone(loader):
         yield {"pixel_values": range(len(outputs[0]))}
 
 
-def other_arithmetic(common: dict) -> dict[str, float]:
+def other_arithmetic(common: dict, *, batches: int) -> dict[str, float]:
     """The eval loaders with the `torch` and `pillow` resizes, their batched passes in the
     arithmetic the device does not default to (float64 or float32 bytes; pipelines/resize.py)."""
     from pipelines import resize
@@ -93,30 +107,36 @@ def other_arithmetic(common: dict) -> dict[str, float]:
     resize.FLOAT64 = wide
     try:
         for name in ("torch", "pillow"):
-            rows[f"DALI eval loader, {name} resize, {'float64' if wide else 'float32 bytes'}"] = time_epoch(
-                create_loader(train=False, resize=name, **common))
+            rows[f"DALI eval loader, {name} resize, {'float64' if wide else 'float32 bytes'}"] = dali_rate(
+                create_loader(train=False, resize=name, **common), batches=batches)
     finally:
         resize.FLOAT64 = None
     return rows
 
 
-def time_loaders(tars: list[str], processor, *, common: dict, workers: int, samples: int) -> dict[str, float]:
-    """Images/s of each loader over the split in `common` (of `samples` images), in the table's order."""
+def dali_rate(loader, *, batches: int, alone: bool = False) -> float:
+    """steady_rate of a DALI loader, or with `alone` of its own graph (graph_alone)."""
+    return steady_rate(lambda: graph_alone(loader) if alone else loader, warmup=PREFETCH + 1, batches=batches)
+
+
+def time_loaders(tars: list[str], processor, *, common: dict, workers: int, batches: int) -> dict[str, float]:
+    """Images/s of each loader over the split in `common`, in the table's order."""
     gpu = common["device"] == "cuda"
     rows = {
-        "HF processor DataLoader": time_epoch(hf_baseline(tars, processor, batch_size=common["batch_size"],
-                                                          workers=workers, samples=samples)),
-        **{f"DALI eval loader, {resize} resize": time_epoch(create_loader(train=False, resize=resize, **common))
-           for resize in RESIZES},
-        "DALI train loader": time_epoch(create_loader(train=True, **common)),
+        "HF processor DataLoader": hf_rate(tars, processor, batch_size=common["batch_size"], workers=workers,
+                                           batches=batches),
+        **{f"DALI eval loader, {resize} resize": dali_rate(create_loader(train=False, resize=resize, **common),
+                                                           batches=batches) for resize in RESIZES},
+        "DALI train loader": dali_rate(create_loader(train=True, **common), batches=batches),
         # what libjpeg-turbo's chroma upsampling (Pillow's pixels) would cost training's decoder
-        **({"DALI train loader, fancy upsampling": time_epoch(create_loader(
-            train=True, decoding=Decoding(fancy_upsampling=True), **common))} if gpu else {}),
-        "DALI eval graph alone": time_epoch(graph_alone(create_loader(train=False, resize="dali", **common))),
-        "DALI train graph alone": time_epoch(graph_alone(create_loader(train=True, **common))),
+        **({"DALI train loader, fancy upsampling": dali_rate(create_loader(
+            train=True, decoding=Decoding(fancy_upsampling=True), **common), batches=batches)} if gpu else {}),
+        "DALI eval graph alone": dali_rate(create_loader(train=False, resize="dali", **common), batches=batches,
+                                           alone=True),
+        "DALI train graph alone": dali_rate(create_loader(train=True, **common), batches=batches, alone=True),
     }
     if gpu:  # where the eval resizes are batched
-        rows.update(other_arithmetic(common))
+        rows.update(other_arithmetic(common, batches=batches))
     return rows
 
 
@@ -140,7 +160,8 @@ def main() -> int:
     parser.add_argument("--processor", help="hub name or folder (default: ViT's 224x224 processor)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--split", default="val", help="the split timed (every loader reads it once or more)")
+    parser.add_argument("--split", default="val", help="the split read (as many epochs as the timing takes)")
+    parser.add_argument("--batches", type=int, default=40, help="batches timed per loader, after its warm-up")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--chart", type=Path, default=Path("benchmark_loader.png"))
     args = parser.parse_args()
@@ -171,12 +192,7 @@ def main() -> int:
         tars = [str(p) for p in sorted((data / args.split).glob("*.tar"))]
         common = dict(data=data, split=args.split, spec=spec, batch_size=args.batch_size, num_threads=args.threads,
                       device=device)
-        try:
-            rows = time_loaders(tars, processor, common=common, workers=args.threads,
-                                samples=load_manifest(data)["splits"][args.split]["samples"])
-        except TooFewBatches as e:
-            parser.error(f"{e}: the {args.split} split of {data} is too small for --batch-size {args.batch_size}; "
-                         f"pass a smaller batch, a larger split (--split train) or more --images")
+        rows = time_loaders(tars, processor, common=common, workers=args.threads, batches=args.batches)
     base = rows["HF processor DataLoader"]
     graphs = {"DALI eval loader, dali resize": "DALI eval graph alone", "DALI train loader": "DALI train graph alone"}
     print(f"{spec.processor} -> {spec.output_size}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}")

@@ -264,10 +264,11 @@ def setup(args: TrainArgs) -> Run:
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
                      rank=rank)
     eval_steps = args.eval_steps or steps_per_epoch
+    save_steps = eval_steps if args.save_steps is None else args.save_steps  # 0: never
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
-              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=eval_steps if args.save_steps is None else args.save_steps,
+              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps,
               ds_config=ds_config, logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank),
               flops_per_image=flops, peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters,
