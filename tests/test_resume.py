@@ -72,6 +72,19 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     assert other_world.returncode == 2 and "saved by 2 ranks, this run has 1" in other_world.stderr
     # ... and says how to convert: export the checkpoint's weights, which load as a model
     assert "tools/export_checkpoint.py" in other_world.stderr
+    # so are another micro batch, seed or train shards (same classes): each rank would go on at the
+    # wrong place in its data order, training again samples it already saw this epoch
+    from make_shards import make_shards
+
+    make_shards(src=files["root"] / "photos", out=tmp_path / "reshard", val_fraction=0.25, max_count=5, progress=False)
+    changed = resume_args(files, resumed)
+    changed[changed.index("--micro_batch_size") + 1] = "4"
+    changed[changed.index("--data") + 1] = str(tmp_path / "reshard")
+    other_order = train(changed + ["--seed", "1", "--resume", "auto"], check=False)
+    assert other_order.returncode == 2, other_order.stderr[-3000:]
+    for expected in ("saved with micro batch 6, this run has 4; resume with --micro_batch_size 6",
+                     "saved by a run with --seed 0, this run has --seed 1", "trained on other train shards"):
+        assert expected in other_order.stderr, other_order.stderr[-3000:]
     exported = tmp_path / "step4-model"
     subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"),
                     str(resumed / "checkpoints" / "step-00000004"), str(exported)], check=True, capture_output=True)
@@ -93,6 +106,13 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     assert weights.keys() == reference.keys()
     for name in weights:
         assert weights[name].allclose(reference[name], rtol=1e-5, atol=1e-6), name
+    # a checkpoint of another run resumes into a new output dir, and goes on as that run did
+    elsewhere = tmp_path / "elsewhere"
+    train(resume_args(files, elsewhere) + ["--resume", str(straight / "checkpoints" / "step-00000004")])
+    assert [losses_by_step(elsewhere)[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)],
+                                                                               rel=1e-5, abs=1e-6)
+    assert (elsewhere / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (elsewhere / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000008"]
     complete = sorted(p.parent.name for p in (resumed / "checkpoints").glob("step-*/complete.json"))
     assert complete[-2:] == ["step-00000006", "step-00000008"]
     assert all((p / "complete.json").exists() for p in (resumed / "checkpoints").glob("step-*"))

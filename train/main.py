@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -89,6 +90,7 @@ class Run:
     save_steps: int
     logger: RunLogger
     ds_config: dict
+    order: dict = field(default_factory=dict)  # data_order: checked when a run resumes
     step: int = 0
     best: dict = field(default_factory=lambda: {"top1": None, "step": None})
     mix_rng: np.random.Generator | None = None
@@ -242,7 +244,8 @@ def setup(args: TrainArgs) -> Run:
     problems += resume_problems
     trainer_state = {}
     if resume is not None:
-        trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes, problems=problems)
+        trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes,
+                                            order=data_order(args, ds_config, manifest), problems=problems)
 
     train_loader = eval_loader = None
     if not problems:
@@ -269,8 +272,8 @@ def setup(args: TrainArgs) -> Run:
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps,
-              ds_config=ds_config, logger=None, mix_rng=np.random.default_rng(args.seed + 7919 * rank),
-              flops_per_image=flops, peak_tflops=peak)
+              ds_config=ds_config, order=data_order(args, ds_config, manifest), logger=None,
+              mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
     if resume is not None:
@@ -975,7 +978,8 @@ def save(run: Run) -> Path:
     top1 = run.last_eval.get("eval/top1") if run.last_eval.get("step") == run.step else None
     path = checkpoint_path(run.checkpoints, run.step)
     if run.rank == 0 and run.last_saved is not None and run.last_saved.is_dir():
-        free, needed = shutil.disk_usage(run.checkpoints).free, folder_bytes(run.last_saved)
+        # the output dir: its checkpoints/ is first made by this save when the run resumed from elsewhere
+        free, needed = shutil.disk_usage(run.output_dir).free, folder_bytes(run.last_saved)
         if free < needed:
             tqdm.write(f"train: warning: {free / 2**20:.1f} MiB free in {run.checkpoints}, the last checkpoint took "
                        f"{needed / 2**20:.1f} MiB: saving {path.name} will likely fail", file=sys.stderr)
@@ -994,7 +998,7 @@ def trainer_state(run: Run) -> dict:
     """Everything this rank needs to resume besides DeepSpeed's own state."""
     return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
             "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
-            "last_eval": run.last_eval, "classes": len(run.classes),
+            "last_eval": run.last_eval, "classes": len(run.classes), "order": run.order,
             "wandb_run_id": run.logger.run_id, "mix_rng": run.mix_rng.bit_generator.state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
@@ -1011,7 +1015,17 @@ def _restore(run: Run, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str], problems: list[str]) -> dict:
+def data_order(args: TrainArgs, ds_config: dict, manifest: dict | None) -> dict:
+    """What fixes a rank's data order besides the world size: the micro batch (the loader resumes
+    at a batch number), the seed (the epochs' permutations, the augmentation) and the train shards
+    (a fingerprint of their manifest entries: names, sizes, sample counts, sha256)."""
+    shards = json.dumps((manifest or {}).get("splits", {}).get("train", {}).get("shards"), sort_keys=True)
+    return {"micro_batch_size": ds_config.get("train_micro_batch_size_per_gpu"), "seed": args.seed,
+            "train_shards": hashlib.sha256(shards.encode()).hexdigest()[:16]}
+
+
+def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str], order: dict,
+                        problems: list[str]) -> dict:
     info = checkpoint_info(path)
     if info["world_size"] != world:
         problems.append(f"--resume {path}: saved by {info['world_size']} ranks, this run has {world}; resume with "
@@ -1022,6 +1036,20 @@ def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str]
     state = torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
     if classes and state["classes"] != len(classes):
         problems.append(f"--resume {path}: trained on {state['classes']} classes, --data has {len(classes)}")
+    saved = state.get("order", order)  # checkpoints from before the check carry none
+    restart = (f"or start a new run from its weights: `python tools/export_checkpoint.py {path} OUT`, then "
+               f"--model OUT")
+    if order["micro_batch_size"] is not None and saved["micro_batch_size"] != order["micro_batch_size"]:
+        problems.append(f"--resume {path}: saved with micro batch {saved['micro_batch_size']}, this run has "
+                        f"{order['micro_batch_size']}; resume with --micro_batch_size {saved['micro_batch_size']} "
+                        f"(a rank's data order resumes in batches of it), {restart}")
+    if saved["seed"] != order["seed"]:
+        problems.append(f"--resume {path}: saved by a run with --seed {saved['seed']}, this run has --seed "
+                        f"{order['seed']}; resume with --seed {saved['seed']} (each epoch's order and the "
+                        f"augmentation follow it), {restart}")
+    if classes and saved["train_shards"] != order["train_shards"]:
+        problems.append(f"--resume {path}: trained on other train shards than --data holds (their manifest "
+                        f"entries differ); resume with the --data it was trained on, {restart}")
     return state
 
 
