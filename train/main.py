@@ -91,7 +91,8 @@ class Run:
     logger: RunLogger
     ds_config: dict
     order: dict = field(default_factory=dict)  # data_order: checked when a run resumes
-    step: int = 0
+    step: int = 0  # optimizer steps done
+    doing: int = 0  # the step under way (its train step, then its hooks), for messages
     best: dict = field(default_factory=lambda: {"top1": None, "step": None})
     mix_rng: np.random.Generator | None = None
     skipped_steps: int = 0  # steps skipped for a non-finite loss
@@ -163,12 +164,12 @@ def run_training(args: TrainArgs) -> int:
         return 6
     except (DataError, PipelineError) as e:  # only the rank that read the batch knows: it stops the others
         code, what = (3, "data error") if isinstance(e, DataError) else (5, "input pipeline error")
-        when = "during the eval" if args.eval_only else f"at step {run.step + 1}"
+        when = "during the eval" if args.eval_only else f"at step {run.doing}"
         print(f"train: rank {rank}: {what} {when}: {e}\ntrain: {kept}", file=sys.stderr, flush=True)
         peers.stop_all(code, f"rank {rank} had a {what} {when} (its message says which)")
         return code
     except BaseException as e:
-        peers.stop_all(1, f"rank {rank} failed at step {run.step + 1}: {type(e).__name__}: {e}")
+        peers.stop_all(1, f"rank {rank} failed at step {run.doing}: {type(e).__name__}: {e}")
         raise
     finally:
         run.logger.finish()
@@ -574,6 +575,7 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
 def fit(run: Run) -> str:
     """Trains to run.total_steps; returns the summary printed at the end."""
     engine = run.engine
+    run.doing = run.step + 1
     engine.train()
     batches = step_batches(run.train_loader, accum=run.ds_config["gradient_accumulation_steps"])
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, unit="step", dynamic_ncols=True,
@@ -620,6 +622,7 @@ def fit(run: Run) -> str:
 def advance(run: Run, batches, meter: dict, bar) -> None:
     """One step of the loop: the next micro batches from `batches` (step_batches), train_step,
     and the hooks around it (NaN guard, meter, key log, train log, eval and checkpoint)."""
+    run.doing = run.step + 1
     with record_function("data_wait"):
         micro_batches, wait = next(batches)
     meter["lr"] = run.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on after it)
