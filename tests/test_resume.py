@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -324,6 +326,46 @@ def break_sample(split_dir: Path, key: str) -> Path:
         manifest_path.write_text(json.dumps(manifest))
         return shard
     raise AssertionError(f"{key} is in no shard of {split_dir}")
+
+
+def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, tmp_path):
+    """A preempted job: SIGTERM to all its processes (as SLURM sends it; the launcher relays it too
+    and kills the ranks 30 s later). Every rank stops after the same step, saved complete, and
+    --resume auto trains on from it to the end, each step once."""
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "150",
+            "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "100", "--eval_steps", "100", "--record_keys"]
+    job = subprocess.Popen(launcher(ranks=2) + args, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() or max(losses_by_step(out), default=0) < 3:
+            assert time.monotonic() < deadline and job.poll() is None, "the run did not reach step 3"
+            time.sleep(0.1)
+        os.killpg(job.pid, signal.SIGTERM)
+        output = job.communicate(timeout=120)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    stopped = re.search(r"SIGTERM \(preemption\): every rank stopped after step (\d+); saved (\S+);", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert 3 < step < 150 and Path(stopped.group(2)) == out / "checkpoints" / f"step-{step:08d}"
+    assert (Path(stopped.group(2)) / "complete.json").is_file() and max(losses_by_step(out)) == step
+    for rank in (0, 1):
+        assert [s for s, _ in keys_by_step(out, rank)] == list(range(1, step + 1))
+    assert "Traceback" not in output
+
+    done = train(args + ["--resume", "auto"], env={"WANDB_MODE": "disabled"})
+    assert f"(step {step})" in done.stdout
+    assert sorted(losses_by_step(out)) == list(range(1, 151))
+    for rank in (0, 1):  # 3 steps an epoch: every epoch's 36 samples once, across the stop
+        keys = keys_by_step(out, rank)
+        assert [s for s, _ in keys] == list(range(1, 151))
+        other = keys_by_step(out, 1 - rank)
+        for epoch in range(50):
+            seen = [k for s, ks in keys + other if epoch * 3 < s <= epoch * 3 + 3 for k in ks]
+            assert len(seen) == len(set(seen)) == 36, epoch
 
 
 def test_two_nodes_share_checkpoints_kill_mid_save_and_resume(files, tmp_path):

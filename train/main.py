@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -134,7 +135,7 @@ def run_training(args: TrainArgs) -> int:
     """setup and fit (with --eval_only: setup_eval and evaluate_only), and the exit code: 0 done,
     2 configuration, 3 data, 4 non-finite losses, 5 the input pipeline failed without a bad sample
     to blame, 6 a checkpoint, the export, the metrics or the eval results could not be written,
-    1 anything else."""
+    7 stopped on SIGTERM (preemption) with a checkpoint saved, 1 anything else."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
     peers = PeerWatch(rank)
@@ -158,6 +159,11 @@ def run_training(args: TrainArgs) -> int:
         if rank == 0:
             print(f"train: stopped: {e}\ntrain: {kept}", file=sys.stderr)
         return 4
+    except Preempted as e:  # agreed by every rank
+        peers.close()
+        if rank == 0:
+            print(f"train: stopped: {e}", file=sys.stderr, flush=True)
+        return 7
     except WriteError as e:  # one rank or several: the first to fail speaks
         if peers.stop_all(6, f"rank {rank} could not write (its message says what)"):
             print(f"train: {e}", file=sys.stderr, flush=True)
@@ -582,16 +588,19 @@ def fit(run: Run) -> str:
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     meter = new_meter()
     first_step, started = run.step, time.perf_counter()
-    profiler = StepProfiler(run)
+    profiler, preemption = StepProfiler(run), Preemption(run)
     try:
         while run.step < run.total_steps:
             profiler.before_step()
             advance(run, batches, meter, bar)
             profiler.after_step()
             bar.update(1)
+            if preemption.due():
+                preemption.stop()
     finally:  # a message after a failure starts on a line of its own
         bar.close()
         profiler.close()
+        preemption.close()
     elapsed = time.perf_counter() - started
     exported, why = export_choice(run)
     if run.rank == 0 and exported is not None:
@@ -643,6 +652,51 @@ def advance(run: Run, batches, meter: dict, bar) -> None:
 def new_meter() -> dict:
     """The log interval's running figures (count_step adds to them, log_train reads and resets them)."""
     return {"start": time.perf_counter(), "wait": 0.0, "steps": 0, "loss_sum": 0.0, "loss_n": 0}
+
+
+class Preempted(RuntimeError):
+    """SIGTERM: every rank saved at the agreed step and stops."""
+
+
+class Preemption:
+    """A graceful stop on SIGTERM (a scheduler preempting the job; the deepspeed launcher relays it
+    to its ranks and kills them 30 s later). The first rank to get it posts a stop step, two steps
+    ahead, in the job's store (which PeerWatch polls too); every rank looks it up after each step (a
+    store lookup, no device sync) and at that step all save a checkpoint and stop together. Ranks
+    cannot be two steps apart (every step has collectives), so none has passed the step it reads."""
+
+    KEY = "dali-deepspeed-vision/stop_at"
+
+    def __init__(self, run: Run):
+        self.run, self.store, self.at, self.signalled = run, dist.distributed_c10d._get_default_store(), None, False
+        self.previous = signal.signal(signal.SIGTERM, self._signal)
+
+    def _signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def due(self) -> bool:
+        """Whether the run stops after this step."""
+        if self.signalled and self.at is None and self.store.add(f"{self.KEY}/posted", 1) == 1:
+            self.store.set(self.KEY, str(self.run.step + 2))
+        if self.at is None and (self.signalled or self.store.check([self.KEY])):
+            self.store.wait([self.KEY])  # another rank may be between its post and its set
+            self.at = int(self.store.get(self.KEY))
+        return self.at is not None and self.run.step >= self.at
+
+    def stop(self) -> None:
+        """Saves this step (unless its cadence just did, or --save_steps 0) and raises Preempted."""
+        run = self.run
+        if run.save_steps and run.last_saved != checkpoint_path(run.checkpoints, run.step):
+            if run.args.nan_guard == "stop":
+                check_losses(run)  # as before any checkpoint
+            average_buffers(run.engine.module)
+            run.last_saved = save(run)
+        what = (f"saved {run.last_saved}; --resume auto goes on from it" if run.save_steps else
+                "nothing was saved (--save_steps 0)")
+        raise Preempted(f"SIGTERM (preemption): every rank stopped after step {self.run.step}; {what}")
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 class StepProfiler:
@@ -875,12 +929,7 @@ def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         run.unchecked = bad if run.unchecked is None else run.unchecked + bad
         if any(_due(run, every) for every in (run.args.log_steps, run.eval_steps, run.save_steps) if every):
-            dist.all_reduce(run.unchecked)
-            if run.unchecked.item():
-                raise NonFiniteLoss(f"the train loss was not finite on some rank between steps {run.checked_step + 1} "
-                                    f"and {run.step} (--nan_guard stop); lower --lr or check the data; --nan_guard "
-                                    f"skip steps over such batches")
-            run.unchecked, run.checked_step = None, run.step
+            check_losses(run)
         return
     if loss is not None:
         run.bad_steps = 0
@@ -890,6 +939,19 @@ def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
     if run.bad_steps >= run.args.max_bad_steps:
         raise NonFiniteLoss(f"{run.bad_steps} consecutive steps (to step {run.step}) had a non-finite loss on some "
                             f"rank and were skipped; lower --lr, check the data, or raise --max_bad_steps")
+
+
+def check_losses(run: Run) -> None:
+    """--nan_guard stop: the non-finite losses counted since the last check, summed over the ranks;
+    NonFiniteLoss if there is any."""
+    if run.unchecked is None:
+        return
+    dist.all_reduce(run.unchecked)
+    if run.unchecked.item():
+        raise NonFiniteLoss(f"the train loss was not finite on some rank between steps {run.checked_step + 1} "
+                            f"and {run.step} (--nan_guard stop); lower --lr or check the data; --nan_guard "
+                            f"skip steps over such batches")
+    run.unchecked, run.checked_step = None, run.step
 
 
 def log_train(run: Run, meter: dict, bar) -> None:
