@@ -150,12 +150,17 @@ def step_parity(ctx: Context) -> dict:
 
 def step_train(ctx: Context, *, models: list[str] | None = None, loaders: list[str] = (), extra: list[str] = (),
                name: str = "train") -> dict:
-    figures = ctx.work / f"{name}.json"
+    return tabled(ctx, [sys.executable, str(ROOT / "tools" / "benchmark_train.py"), "--data", str(ctx.data),
+                        "--steps", str(ctx.steps), "--micro_batch_size", str(ctx.micro), "--models",
+                        *(models or ctx.models), *(["--loaders", *loaders] if loaders else []), *ctx.threads, *extra],
+                  figures=ctx.work / f"{name}.json")
+
+
+def tabled(ctx: Context, command: list[str], *, figures: Path) -> dict:
+    """A benchmark tool's step: its Markdown table (the lines of its output that start with "|")
+    and the results of the JSON it writes to `figures` (--json)."""
     figures.unlink(missing_ok=True)
-    done = run([sys.executable, str(ROOT / "tools" / "benchmark_train.py"), "--data", str(ctx.data), "--steps",
-                str(ctx.steps), "--micro_batch_size", str(ctx.micro), "--models", *(models or ctx.models),
-                *(["--loaders", *loaders] if loaders else []), "--json", str(figures), *ctx.threads, *extra],
-               budget=ctx.budget)
+    done = run([*command, "--json", str(figures)], budget=ctx.budget)
     return outcome(done, table="\n".join(l for l in done["stdout"].splitlines() if l.startswith("|")),
                    results=json.loads(figures.read_text())["results"] if figures.exists() else None)
 
@@ -203,17 +208,14 @@ def step_profile(ctx: Context) -> dict:
 
 
 def step_levers(ctx: Context) -> dict:
-    figures = ctx.work / "levers.json"
-    figures.unlink(missing_ok=True)
     model = ctx.models[0]
-    done = run(["deepspeed", "--num_gpus", "1", "--master_port", str(ctx.next_port()),
-                str(ROOT / "tools" / "benchmark_levers.py"), "--ds_config", str(ROOT / "ds_configs" / "zero2.json"),
-                "--data", str(ctx.data), "--model_config", str(ctx.work / f"{model}.json"), "--processor",
-                str(ctx.work / f"{model}-processor"), "--micro_batch_size", str(ctx.micro), "--steps",
-                str(15 if ctx.gpu else 2), "--rounds", str(3 if ctx.gpu else 2), "--output_dir", str(ctx.work / "levers"),
-                "--json", str(figures), *ctx.threads], budget=ctx.budget)
-    return outcome(done, table="\n".join(l for l in done["stdout"].splitlines() if l.startswith("|")),
-                   results=json.loads(figures.read_text())["results"] if figures.exists() else None)
+    return tabled(ctx, ["deepspeed", "--num_gpus", "1", "--master_port", str(ctx.next_port()),
+                        str(ROOT / "tools" / "benchmark_levers.py"), "--ds_config",
+                        str(ROOT / "ds_configs" / "zero2.json"),
+                        "--data", str(ctx.data), "--model_config", str(ctx.work / f"{model}.json"), "--processor",
+                        str(ctx.work / f"{model}-processor"), "--micro_batch_size", str(ctx.micro), "--steps",
+                        str(15 if ctx.gpu else 2), "--rounds", str(3 if ctx.gpu else 2), "--output_dir",
+                        str(ctx.work / "levers"), *ctx.threads], figures=ctx.work / "levers.json")
 
 
 def step_matrix(ctx: Context) -> dict:

@@ -249,10 +249,10 @@ def setup(args: TrainArgs) -> Run:
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
     resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
     problems += resume_problems
-    trainer_state = {}
+    trainer_state, order = {}, data_order(args, ds_config, manifest)
     if resume is not None:
-        trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes,
-                                            order=data_order(args, ds_config, manifest), problems=problems)
+        trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes, order=order,
+                                            problems=problems)
 
     train_loader = eval_loader = None
     if not problems:
@@ -279,7 +279,7 @@ def setup(args: TrainArgs) -> Run:
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps,
-              ds_config=ds_config, order=data_order(args, ds_config, manifest), logger=None,
+              ds_config=ds_config, order=order, logger=None,
               mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
@@ -693,7 +693,7 @@ class Preemption:
             run.last_saved = save(run)
         what = (f"saved {run.last_saved}; --resume auto goes on from it" if run.save_steps else
                 "nothing was saved (--save_steps 0)")
-        raise Preempted(f"SIGTERM (preemption): every rank stopped after step {self.run.step}; {what}")
+        raise Preempted(f"SIGTERM (preemption): every rank stopped after step {run.step}; {what}")
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
@@ -758,7 +758,7 @@ def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float,
 def evaluate_and_save(run: Run, meter: dict) -> None:
     """Eval and checkpoint at their cadence, and both after the last step."""
     evaluating = run.eval_loader is not None and _due(run, run.eval_steps)
-    saving = bool(run.save_steps) and _due(run, run.save_steps)
+    saving = _due(run, run.save_steps)
     if evaluating or saving:
         average_buffers(run.engine.module)
     if evaluating:
@@ -769,8 +769,9 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
 
 
 def _due(run: Run, every: int) -> bool:
-    """Whether a hook that runs every `every` steps, and after the last, runs at this step."""
-    return run.step % every == 0 or run.step == run.total_steps
+    """Whether a hook that runs every `every` steps, and after the last, runs at this step (never
+    when `every` is 0: --save_steps 0)."""
+    return bool(every) and (run.step % every == 0 or run.step == run.total_steps)
 
 
 def step_batches(loader, *, accum: int):
@@ -928,7 +929,7 @@ def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
     if run.args.nan_guard == "stop":
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         run.unchecked = bad if run.unchecked is None else run.unchecked + bad
-        if any(_due(run, every) for every in (run.args.log_steps, run.eval_steps, run.save_steps) if every):
+        if any(_due(run, every) for every in (run.args.log_steps, run.eval_steps, run.save_steps)):
             check_losses(run)
         return
     if loss is not None:
