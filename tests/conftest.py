@@ -8,9 +8,11 @@ import io
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -257,11 +259,43 @@ def two_nodes(args: list[str], *, tmp_path: Path, env: dict | None = None) -> li
 def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, check: bool = True,
           cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    done = subprocess.run(launcher(ranks=ranks) + args, capture_output=True, text=True, env=env, cwd=cwd or ROOT,
-                          timeout=600)
+    job = subprocess.Popen(launcher(ranks=ranks) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, cwd=cwd or ROOT, start_new_session=True)
+    done = subprocess.CompletedProcess(job.args, None, *finish(job, timeout=600))
+    done.returncode = job.returncode
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done
+
+
+def finish(job: subprocess.Popen, *, timeout: float) -> tuple[str, str | None]:
+    """A job's (stdout, stderr) once it exits (the job started in a session of its own). One still
+    running after `timeout` s is hung: each of its ranks prints every thread's Python stack
+    (SIGUSR1, see train/main.py), the job is killed, and the failure shows where each rank waited."""
+    try:
+        return job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_ranks(job, signal.SIGUSR1)
+        time.sleep(3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        out, err = job.communicate()
+        raise AssertionError(f"hung: still running after {timeout:.0f}s, killed; its output ends (every rank's "
+                             f"stacks last):\n{out[-6000:]}\n{(err or '')[-20000:]}") from None
+
+
+def signal_ranks(job: subprocess.Popen, signum: int) -> int:
+    """Sends `signum` to the trainer's ranks among the job's processes (not to the launcher); how many."""
+    import psutil
+
+    sent = 0
+    for proc in [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            command = [part for part in proc.cmdline()[1:] if part != "-u"]
+            if command and command[0].endswith("main.py"):  # a rank; the launcher runs deepspeed's modules
+                proc.send_signal(signum)
+                sent += 1
+    return sent
 
 
 def metrics(output_dir: Path) -> list[dict]:

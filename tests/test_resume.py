@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, common, evals, launcher, metrics, photo, train, two_nodes
+from conftest import (ROOT, common, evals, finish, launcher, metrics, photo, signal_ranks, train,
+                      two_nodes)
 from pipelines.shards import file_sha256
 
 
@@ -296,7 +297,7 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(fil
     args[args.index("--output_dir") + 1] = str(out)
     start = time.monotonic()
     nodes = two_nodes(args, tmp_path=tmp_path)
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    logs = [finish(node, timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [3, 3], logs
     assert "rank 1: data error at step 3" in logs[1] and f"shard {shard}, sample {keys[0]}" in logs[1]
     assert "rank 0: stopping: rank 1 had a data error at step 3" in logs[0]
@@ -342,6 +343,8 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
         while not (out / "metrics.jsonl").exists() or max(losses_by_step(out), default=0) < 3:
             assert time.monotonic() < deadline and job.poll() is None, "the run did not reach step 3"
             time.sleep(0.1)
+        assert signal_ranks(job, signal.SIGUSR1) == 2  # a hung run's diagnosis: each rank prints its stacks, trains on
+        time.sleep(1)
         os.killpg(job.pid, signal.SIGTERM)
         output = job.communicate(timeout=120)[0]
     finally:
@@ -355,6 +358,7 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
     for rank in (0, 1):
         assert [s for s, _ in keys_by_step(out, rank)] == list(range(1, step + 1))
     assert "Traceback" not in output
+    assert output.count("in fit\n") == 2, output[-3000:]  # each rank's main thread, in the loop
 
     done = train(args + ["--resume", "auto"], env={"WANDB_MODE": "disabled"})
     assert f"(step {step})" in done.stdout
@@ -387,7 +391,7 @@ def test_two_nodes_share_checkpoints_kill_mid_save_and_resume(files, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step-00000003"
 
     nodes = two_nodes(args + ["--resume", "auto"], tmp_path=tmp_path)
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    logs = [finish(node, timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs
     assert "ignoring 1 incomplete checkpoint(s) (interrupted saves): step-00000004" in logs[0]
     assert f"resuming from {out / 'checkpoints' / 'step-00000003'} (step 3)" in logs[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_RESNET, TINY_VIT, common, evals, metrics, photo, train, two_nodes
+from conftest import ROOT, TINY_RESNET, TINY_VIT, common, evals, finish, metrics, photo, train, two_nodes
 
 def wandb_records(run_file: Path):
     """The protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte
@@ -168,7 +168,7 @@ def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_pat
     args = ["--ds_config", str(ROOT / "ds_configs/zero2.json"), *common(files, "photos", "vit", out),
             "--epochs", "2", "--micro_batch_size", "6", "--record_keys"]
     nodes = two_nodes(args, tmp_path=tmp_path)
-    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    logs = [finish(node, timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
     seen = {rank: [json.loads(line) for line in (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines()]

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 
 import contextlib
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import logging
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in [k for k, v in os.environ.items() if v == "" and k.startswith(("WANDB_", "DDV_", "TRAIN_", "DS_"))]:
         del os.environ[key]  # an empty variable means unset (wandb.init fails on WANDB_MODE="")
     args = parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung rank: `kill -USR1 PID` prints its stacks
     with distributed():
         return run_training(args)
 
