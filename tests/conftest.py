@@ -25,6 +25,12 @@ sys.path.insert(0, str(ROOT / "tools"))  # the tools are scripts; tests import t
 # Launched jobs run CPU ranks on every machine (a one-GPU machine cannot host the tests' two GPU
 # ranks); the `gpu`-marked tests ask for CUDA themselves.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Two pytest-xdist workers on the cores, each launching jobs whose torch threads fill them all:
+# OpenMP threads that spin while they wait for their team then burn the time slices the other
+# jobs' threads need (measured on 2 cores: two 2-thread trainings at 39 steps/s each against 290
+# alone; 180 each with passive waits; a CI run's tiny ViT fell to 0.5 img/s from 20). Every
+# process the tests start inherits this; torch reads it when it loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_configure(config):
