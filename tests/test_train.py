@@ -311,12 +311,13 @@ def test_deepspeed_config_auto_values_and_conflicts():
                         ["--precision fp16 needs a GPU (DeepSpeed has no fp16 on this CPU); use bf16 or fp32"])
 
 
-@pytest.mark.parametrize("labels, zero", [("seven", "zero3"), ("renamed", "zero1"), ("renamed", "zero2"),
+@pytest.mark.parametrize("labels, zero", [("seven", "zero3"), ("renamed", "zero1"), ("shuffled", "zero2"),
                                           ("same", "zero3")])
 def test_pretrained_head_is_replaced_when_its_classes_differ(files, tmp_path, labels, zero):
     """A saved model fine-tuned on the 4-class photo shards: a 7-class head, or a 4-class head with
-    other class names, is initialised afresh; a head with these very classes is kept; the body is
-    kept in every case, under every ZeRO stage."""
+    other class names, is initialised afresh; a head with these very classes is kept; a head that
+    knows some of them among others, in another order, gives each its trained row and the rest a
+    fresh one; the body is kept in every case, under every ZeRO stage."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForImageClassification, ViTImageProcessorPil
@@ -324,22 +325,35 @@ def test_pretrained_head_is_replaced_when_its_classes_differ(files, tmp_path, la
     pretrained = tmp_path / "pretrained"
     torch.manual_seed(1)
     names = {"seven": [f"other{i}" for i in range(7)], "renamed": [f"other{i}" for i in range(4)],
+             "shuffled": ["class2", "other", "class0", "class3", "more"],
              "same": [f"class{i}" for i in range(4)]}[labels]
     config = AutoConfig.for_model(**TINY_VIT, num_labels=len(names), id2label=dict(enumerate(names)),
                                   label2id={n: i for i, n in enumerate(names)})
-    AutoModelForImageClassification.from_config(config).save_pretrained(pretrained)
+    model = AutoModelForImageClassification.from_config(config)
+    model.classifier.bias.data = torch.arange(len(names), dtype=torch.float32) + 1  # each row told apart
+    model.save_pretrained(pretrained)
     ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(pretrained)
     out = tmp_path / "run"
-    train(["--ds_config", f"ds_configs/{zero}.json", "--data", str(files["photos"]), "--model", str(pretrained),
-           "--output_dir", str(out), "--precision", "fp32", "--max_steps", "2", "--micro_batch_size", "6",
-           "--lr", "1e-9", "--warmup_steps", "1", "--lr_scheduler", "constant", "--wandb_mode", "disabled"])
+    done = train(["--ds_config", f"ds_configs/{zero}.json", "--data", str(files["photos"]), "--model", str(pretrained),
+                  "--output_dir", str(out), "--precision", "fp32", "--max_steps", "2", "--micro_batch_size", "6",
+                  "--lr", "1e-9", "--warmup_steps", "1", "--lr_scheduler", "constant", "--wandb_mode", "disabled"])
     exported, original = load_file(out / "model" / "model.safetensors"), load_file(pretrained / "model.safetensors")
     assert exported["classifier.weight"].shape == (4, 32) and original["classifier.weight"].shape == (len(names), 32)
     body = [k for k in original if not k.startswith("classifier.")]
     assert body and all(exported[k].allclose(original[k], atol=1e-6) for k in body)  # lr 1e-9: unchanged
-    kept = exported["classifier.weight"].allclose(original["classifier.weight"][:4], atol=1e-6)
-    assert kept == (labels == "same")
+    weight, bias = exported["classifier.weight"], exported["classifier.bias"]
+    for i in range(4):  # each class's row: the pretrained one of its name, else a fresh one (bias 0)
+        if f"class{i}" in names:
+            j = names.index(f"class{i}")
+            assert weight[i].allclose(original["classifier.weight"][j], atol=1e-6), i
+            assert bias[i].item() == pytest.approx(j + 1, abs=1e-5), i
+        else:
+            assert not any(weight[i].allclose(row, atol=1e-3) for row in original["classifier.weight"]), i
+            assert bias[i].item() == pytest.approx(0, abs=1e-5), i
     assert exported["classifier.weight"].std() == pytest.approx(0.02, rel=0.5)  # the model's own init (std 0.02)
+    assert {"seven": "train: classifier head: new for 4 classes (", "renamed": "train: classifier head: new for 4",
+            "shuffled": "train: classifier head: 3 of 4 classes' rows from", "same": "train: classifier head: kept (4 "
+            }[labels] in done.stdout
     labels = json.loads((out / "model" / "config.json").read_text())["id2label"]
     assert labels == {str(i): f"class{i}" for i in range(4)}
     assert [m["train/lr"] for m in metrics(out) if "train/lr" in m][-1] == pytest.approx(1e-9)

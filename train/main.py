@@ -246,7 +246,7 @@ def setup(args: TrainArgs) -> Run:
     data, manifest, classes, eval_samples = _data(args, local_rank=local_rank, problems=problems)
     ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
     precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
-    model, image_processor, spec = _model(args, builtin=builtin, classes=classes, problems=problems)
+    model, image_processor, spec, head = _model(args, builtin=builtin, classes=classes, problems=problems)
 
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
     resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
@@ -283,7 +283,7 @@ def setup(args: TrainArgs) -> Run:
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps,
               ds_config=ds_config, order=order, logger=None,
               mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
-    run_config = _record_run(run, model=model, parameters=parameters,
+    run_config = _record_run(run, model=model, parameters=parameters, head=head,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
     if resume is not None:
         _restore(run, load_checkpoint(engine, resume, rank=rank))
@@ -298,7 +298,7 @@ def setup(args: TrainArgs) -> Run:
     return run
 
 
-def _record_run(run: Run, *, model, parameters: int, train_samples: int, eval_samples: int) -> dict:
+def _record_run(run: Run, *, model, parameters: int, head: str | None, train_samples: int, eval_samples: int) -> dict:
     """The run's resolved configuration (run_config.json, and W&B's config); rank 0 writes it, and
     the model config and processor to OUTPUT/model_files, which turn any checkpoint into a model
     folder (tools/export_checkpoint.py)."""
@@ -306,7 +306,8 @@ def _record_run(run: Run, *, model, parameters: int, train_samples: int, eval_sa
               "precision": run.precision, "world_size": run.world_size, "device": run.device.type,
               "data": str(run.data), "classes": len(run.classes), "train_samples": train_samples,
               "val_samples": eval_samples, "eval_split": run.args.eval_split,
-              "parameters": parameters, "train_flops_per_image": run.flops_per_image, "peak_tflops": run.peak_tflops}
+              "parameters": parameters, "head": head, "train_flops_per_image": run.flops_per_image,
+              "peak_tflops": run.peak_tflops}
     if run.rank == 0:
         (run.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         model.config.save_pretrained(run.output_dir / MODEL_FILES)
@@ -321,7 +322,8 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, wandb: str) -> str:
             f"{config['train_samples']} train / {config['val_samples']} {args.eval_split} images, "
             f"{len(run.classes)} classes; {type(run.engine.module).__name__} ({config['parameters'] / 1e6:.2f}M "
             f"parameters)\n"
-            f"train: {run.total_steps} steps ({run.steps_per_epoch} per epoch) of {ds['train_batch_size']} images "
+            + (f"train: classifier head: {config['head']}\n" if config["head"] else "")
+            + f"train: {run.total_steps} steps ({run.steps_per_epoch} per epoch) of {ds['train_batch_size']} images "
             f"= {ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accumulation x "
             f"{run.world_size} ranks\n"
             f"train: output in {run.output_dir}; {wandb}"
@@ -472,24 +474,25 @@ def _flag_problems(args: TrainArgs) -> list[str]:
 
 
 def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list[str]):
-    """(model, image processor, preprocessing spec), each None where a problem was found."""
+    """(model, image processor, preprocessing spec, what became of a pretrained head), each None
+    where a problem was found (the head's: or where there is no pretrained head)."""
     model_config, processor = args.model_config, args.processor
     if not args.model and not model_config:
         if builtin:
             model_config, processor = BUILTIN_MODEL, processor or builtin_processor()
         else:
             problems.append("no model: pass --model NAME_OR_DIR (pretrained) or --model_config JSON (random init)")
-    model = image_processor = None
+    model = image_processor = head = None
     if classes and (args.model or model_config):
         torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
-        model, image_processor = build_model(model=args.model, model_config=model_config, processor=processor,
+        model, image_processor, head = build_model(model=args.model, model_config=model_config, processor=processor,
                                              classes=classes, problems=problems)
     elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
         model_source(model=args.model, model_config=args.model_config, problems=problems)
     spec = _spec(image_processor, problems)
     if args.gradient_checkpointing and model is not None and not model.supports_gradient_checkpointing:
         problems.append(f"--gradient_checkpointing: {type(model).__name__} does not support it")
-    return model, image_processor, spec
+    return model, image_processor, spec, head
 
 
 def _spec(image_processor, problems: list[str]):

@@ -21,27 +21,28 @@ BUILTIN_PROCESSOR = {"size": {"height": 32, "width": 32}, "image_mean": [0.5] * 
 
 def build_model(*, model: str | None, model_config: str | dict | None, processor, classes: list[str],
                 problems: list[str]):
-    """(model, image processor), or (None, None) with what is wrong appended to `problems`.
+    """(model, image processor, what became of a pretrained head), or (None, None, None) with what
+    is wrong appended to `problems`.
 
-    A pretrained head of another size is replaced (`ignore_mismatched_sizes`); the full model is
-    built on every rank and DeepSpeed partitions it afterwards, which is what makes the head swap
-    work under ZeRO-3 too (vision classifiers fit one device before partitioning).
+    A pretrained head of another size is replaced (`ignore_mismatched_sizes`, then adapt_head); the
+    full model is built on every rank and DeepSpeed partitions it afterwards, which is what makes the
+    head swap work under ZeRO-3 too (vision classifiers fit one device before partitioning).
     """
     labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
               "label2id": {name: i for i, name in enumerate(classes)}}
     if model and model_config:
         problems.append("--model and --model_config are exclusive: pretrained weights, or a config to init randomly")
-        return None, None
+        return None, None, None
     values = model_source(model=model, model_config=model_config, problems=problems)
     if values is None:
-        return None, None
+        return None, None, None
     if model_config:
         stated = len(values["id2label"]) if "id2label" in values else values.get("num_labels", len(classes))
         if stated != len(classes):
             problems.append(f"--model_config {model_config} has {stated} labels but the shards have "
                             f"{len(classes)} classes (classes.json); drop num_labels/id2label from the config "
                             f"(the head is sized from the data) or point --data at the right shards")
-            return None, None
+            return None, None, None
     try:
         if model:
             net = AutoModelForImageClassification.from_pretrained(model, ignore_mismatched_sizes=True, **labels)
@@ -50,12 +51,13 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
             net = AutoModelForImageClassification.from_config(AutoConfig.for_model(**values, **labels))
     except (OSError, ValueError, KeyError) as e:
         problems.append(_cannot_build(model, model_config, e))
-        return None, None
+        return None, None, None
     except Exception as e:  # the model's own code failed on values it cannot build from
         problems.append(_inconsistent(model, model_config, e))
-        return None, None
-    if model and [values.id2label.get(i) for i in range(values.num_labels)] != classes:
-        reinit_head(net)  # same size, other classes: `ignore_mismatched_sizes` kept it
+        return None, None, None
+    head = None
+    if model:
+        head = adapt_head(net, model, [values.id2label.get(i) for i in range(values.num_labels)], classes)
     try:
         if processor is not None:  # a name or folder, or an instance (the built-in default's)
             image_processor = load_processor(processor) if isinstance(processor, (str, Path)) else processor
@@ -64,11 +66,11 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
         else:
             problems.append(f"--model_config {model_config}: a model from a config has no image processor; "
                             f"pass --processor NAME_OR_DIR")
-            return net, None
+            return net, None, None
     except ProcessorError as e:
         problems.append(f"{e}; pass --processor NAME_OR_DIR")
-        return net, None
-    return net, image_processor
+        return net, None, None
+    return net, image_processor, head
 
 
 def load_trained(*, model: str, processor, classes: list[str], problems: list[str]):
@@ -110,16 +112,38 @@ def _names(names: list, shown: int = 3) -> str:
     return ", ".join(map(str, names[:shown])) + (", ..." if len(names) > shown else "")
 
 
-def reinit_head(net) -> list[str]:
-    """Initialises the classifier head afresh, as the model's own init does; returns its parameter
-    names. The head is what depends on the number of labels: found by building the model with one
-    label more on the meta device and comparing shapes."""
+def adapt_head(net, model: str, pretrained: list, classes: list[str]) -> str:
+    """The head for `classes`, from a pretrained one made for the labels `pretrained`: kept when those
+    are these classes in this order; else initialised afresh, and each class the pretrained model
+    knows by name (in any position) takes its trained row back. Returns what was done, in words."""
+    if pretrained == classes:
+        return f"kept ({len(classes)} classes, as {model} was trained)"
+    head = reinit_head(net)
+    rows = {new: pretrained.index(name) for new, name in enumerate(classes) if name in pretrained}
+    if not rows:
+        return (f"new for {len(classes)} classes ({model} was trained for {len(pretrained)} labels, none of "
+                f"them these classes)")
+    source = AutoModelForImageClassification.from_pretrained(model)  # its head as trained
+    new, old = torch.tensor(list(rows)), torch.tensor(list(rows.values()))
+    with torch.no_grad():
+        for name, dim in head.items():
+            target = net.get_parameter(name)
+            target.index_copy_(dim, new, source.get_parameter(name).index_select(dim, old).to(target.dtype))
+    return (f"{len(rows)} of {len(classes)} classes' rows from {model}'s head (matched by name), "
+            f"{len(classes) - len(rows)} new")
+
+
+def reinit_head(net) -> dict[str, int]:
+    """Initialises the classifier head afresh, as the model's own init does; returns its parameters'
+    names, each with the dimension that runs over the labels. The head is what depends on the number
+    of labels: found by building the model with one label more on the meta device and comparing shapes."""
     with torch.device("meta"):
         probe = AutoModelForImageClassification.from_config(
             AutoConfig.for_model(**{**net.config.to_dict(), "num_labels": net.config.num_labels + 1,
                                     "id2label": None, "label2id": None}))
     shapes = {name: p.shape for name, p in probe.named_parameters()}
-    head = [name for name, p in net.named_parameters() if shapes.get(name) != p.shape]
+    head = {name: next(d for d, (a, b) in enumerate(zip(shapes[name], p.shape)) if a != b)
+            for name, p in net.named_parameters() if shapes.get(name) != p.shape}
     for module_name in sorted({name.rsplit(".", 1)[0] for name in head}):
         module = net.get_submodule(module_name)
         for target in (module, *module.parameters(recurse=False)):
