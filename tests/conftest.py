@@ -291,7 +291,8 @@ def finish(job: subprocess.Popen, *, timeout: float) -> tuple[str, str | None]:
 
 
 def signal_ranks(job: subprocess.Popen, signum: int) -> int:
-    """Sends `signum` to the trainer's ranks among the job's processes (not to the launcher); how many."""
+    """Sends `signum` to the trainer's ranks among the job's processes (not to the launcher), half a
+    second apart (what they print on it then does not interleave in the job's output); how many."""
     import psutil
 
     sent = 0
@@ -299,6 +300,7 @@ def signal_ranks(job: subprocess.Popen, signum: int) -> int:
         with contextlib.suppress(psutil.Error):
             command = [part for part in proc.cmdline()[1:] if part != "-u"]
             if command and command[0].endswith("main.py"):  # a rank; the launcher runs deepspeed's modules
+                time.sleep(0.5 if sent else 0)
                 proc.send_signal(signum)
                 sent += 1
     return sent
