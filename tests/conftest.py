@@ -267,8 +267,8 @@ def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, ch
     env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     job = subprocess.Popen(launcher(ranks=ranks) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=env, cwd=cwd or ROOT, start_new_session=True)
-    done = subprocess.CompletedProcess(job.args, None, *finish(job, timeout=600))
-    done.returncode = job.returncode
+    out, err = finish(job, timeout=600)
+    done = subprocess.CompletedProcess(job.args, job.returncode, out, err)
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done
@@ -287,7 +287,7 @@ def finish(job: subprocess.Popen, *, timeout: float) -> tuple[str, str | None]:
             os.killpg(job.pid, signal.SIGKILL)
         out, err = job.communicate()
         raise AssertionError(f"hung: still running after {timeout:.0f}s, killed; its output ends (every rank's "
-                             f"stacks last):\n{out[-6000:]}\n{(err or '')[-20000:]}") from None
+                             f"stacks last):\n{out[-20000:]}\n{(err or '')[-20000:]}") from None
 
 
 def signal_ranks(job: subprocess.Popen, signum: int) -> int:
