@@ -346,7 +346,7 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
         assert signal_ranks(job, signal.SIGUSR1) == 2  # a hung run's diagnosis: each rank prints its stacks, trains on
         time.sleep(1)
         os.killpg(job.pid, signal.SIGTERM)
-        output = job.communicate(timeout=120)[0]
+        output = finish(job, timeout=120)[0]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)

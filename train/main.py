@@ -485,8 +485,8 @@ def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list
     model = image_processor = head = None
     if classes and (args.model or model_config):
         torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
-        model, image_processor, head = build_model(model=args.model, model_config=model_config, processor=processor,
-                                             classes=classes, problems=problems)
+        model, image_processor, head = build_model(model=args.model, model_config=model_config,
+                                                   processor=processor, classes=classes, problems=problems)
     elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
         model_source(model=args.model, model_config=args.model_config, problems=problems)
     spec = _spec(image_processor, problems)
