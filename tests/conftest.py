@@ -135,16 +135,17 @@ def write_bad_files(folder: Path) -> dict[str, int]:
     write(folder / "empty.jpg", b"")
     write(folder / "truncated.jpg", good[: len(good) // 2])
     write(folder / "random.png", np.random.default_rng(0).bytes(5000))
-    write(folder / "notes.txt", b"not an image")
+    write(folder / "IMG_0001.HEIC", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00" + bytes(64))  # Pillow has no HEIC
     write(folder / "tiny.png", encode(photo(1, (6, 5)), "PNG"))
+    write(folder / "notes.txt", b"not an image: ignored, not counted")
     write(folder / ".DS_Store", b"hidden files are ignored")
-    return {"empty": 1, "truncated": 1, "undecodable": 1, "not_image": 1, "too_small": 1}
+    return {"empty": 1, "truncated": 1, "undecodable": 1, "unsupported_format": 1, "too_small": 1}
 
 
 @pytest.fixture
 def class_folders(tmp_path: Path) -> Path:
-    """SRC/<class>/... with three classes (one with a dot in its name), all inputs valid but two
-    non-images; `cat` also holds a long nested name full of dots and spaces."""
+    """SRC/<class>/... with three classes (one with a dot in its name), all inputs valid, and two
+    files that are no images; `cat` also holds a long nested name full of dots and spaces."""
     src = tmp_path / "src"
     for c, name in enumerate(["zebra", "cat", "dog.big"]):
         write_class(src / name, first=c * 20)

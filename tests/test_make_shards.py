@@ -53,8 +53,7 @@ def expected_keys(src: Path, classes: list[str]) -> dict[str, int]:
 
 def test_class_folders_round_trip_through_dali_and_webdataset(class_folders, tmp_path):
     out = tmp_path / "out"
-    result = run_tool(class_folders, out, "--val-fraction", "0.25", "--max-count", "7", "--workers", "2",
-                      "--max-bad-fraction", "0.1")
+    result = run_tool(class_folders, out, "--val-fraction", "0.25", "--max-count", "7", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert "train: 28 samples in 4 shard(s)" in result.stdout
 
@@ -65,8 +64,11 @@ def test_class_folders_round_trip_through_dali_and_webdataset(class_folders, tmp
     assert manifest["splits"]["val"]["per_class"] == {"cat": 3, "dog.big": 3, "zebra": 3}
     assert manifest["splits"]["train"]["per_class"] == {"cat": 10, "dog.big": 9, "zebra": 9}
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [7, 7, 7, 7]
-    assert manifest["skipped_counts"] == {"not_image": 1, "outside_class": 1}
-    assert manifest["inputs"] == 39
+    assert manifest["skipped_counts"] == {}  # a licence and a README are no inputs, so nothing bad
+    assert manifest["ignored_counts"] == {".md": 1, ".txt": 1}
+    assert manifest["ignored"] == ["README.md", "dog.big/LICENSE.txt"]
+    assert "ignored 2 files that are no images: .md 1, .txt 1" in result.stdout
+    assert manifest["inputs"] == 37
     reasons = Counter(r for _, r in VALID_KINDS.values() if r)
     assert manifest["converted_counts"] == {r: 3 * n for r, n in reasons.items()}
 
@@ -144,7 +146,8 @@ def test_train_val_layout_kept_as_given_and_bad_inputs_counted(tmp_path):
     valid[("val", "bee")] = 0
     bad = write_bad_files(src / "train" / "bee")
     bad_val = write_bad_files(src / "val" / "bee")
-    write(src / "val" / "bee" / "ok.jpg", encode(photo(3), "JPEG"))
+    write(src / "val" / "bee" / "ok", encode(photo(3), "JPEG"))  # a JPEG without extension: an input
+    write(src / "train" / "ant" / "Thumbs.db", b"\xd0\xcf\x11\xe0 Windows' thumbnail cache")
     valid[("val", "bee")] += 1
 
     result = run_tool(src, tmp_path / "out", "--min-side", "8", "--max-bad-fraction", "0.5", "--workers", "1")
@@ -158,7 +161,10 @@ def test_train_val_layout_kept_as_given_and_bad_inputs_counted(tmp_path):
     assert len(manifest["skipped"]) == sum(expected_skips.values())
     assert {"path": "train/bee/truncated.jpg", "reason": "truncated"}.items() <= next(
         s for s in manifest["skipped"] if s["path"] == "train/bee/truncated.jpg").items()
-    assert "skipped 10: empty 2, not_image 2, too_small 2, truncated 2, undecodable 2" in result.stdout
+    assert {"path": "val/bee/IMG_0001.HEIC", "reason": "unsupported_format"}.items() <= next(
+        s for s in manifest["skipped"] if s["path"] == "val/bee/IMG_0001.HEIC").items()
+    assert "skipped 10: empty 2, too_small 2, truncated 2, undecodable 2, unsupported_format 2" in result.stdout
+    assert manifest["ignored"] == ["train/ant/Thumbs.db", "train/bee/notes.txt", "val/bee/notes.txt"]
     assert verify_shards(tmp_path / "out", workers=1) == []
 
 
@@ -331,13 +337,15 @@ def test_split_folder_names_of_hf_imagefolder_and_timm_are_splits(tmp_path, val_
             for i in range(n):
                 write(src / split / name / f"{i}.jpg", encode(photo(10 * c + i + 3 * n, (40, 30)), "JPEG", quality=90))
     write(src / "README.txt", b"top-level file")
+    write(src / "cover.jpg", encode(photo(99, (40, 30)), "JPEG", quality=90))
     result = run_tool(src, out, "--workers", "1", "--max-bad-fraction", "0.1")
     assert result.returncode == 0, result.stderr
     manifest = load_manifest(out)
     assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]  # not ["test", "train", "validation"]
     assert {s: manifest["splits"][s]["per_class"] for s in ("train", "val", "test")} == {
         "train": {"cat": 4, "dog": 4}, "val": {"cat": 2, "dog": 2}, "test": {"cat": 3, "dog": 3}}
-    assert manifest["skipped"] == [{"path": "README.txt", "reason": "outside_class", "detail": "not inside a class folder"}]
+    assert manifest["skipped"] == [{"path": "cover.jpg", "reason": "outside_class", "detail": "not inside a class folder"}]
+    assert manifest["ignored"] == ["README.txt"]
     assert "test: 6 samples in 1 shard(s)" in result.stdout
     test_keys = set(shard_members(out, "test"))
     assert test_keys == {sample_key(f"test/{c}/{i}.jpg") for c in ("cat", "dog") for i in range(3)}
@@ -385,7 +393,8 @@ def test_val_split_is_drawn_from_the_valid_images_whatever_the_workers(tmp_path)
     manifest = load_manifest(runs[0])
     assert manifest["splits"]["val"]["per_class"] == {"ant": 3, "bee": 3, "cow": 3}
     assert manifest["splits"]["train"]["per_class"] == {"ant": 9, "bee": 9, "cow": 9}
-    assert manifest["skipped_counts"] == {"empty": 1, "not_image": 1, "too_small": 1, "truncated": 1, "undecodable": 2}
+    assert manifest["skipped_counts"] == {"empty": 1, "too_small": 1, "truncated": 1, "undecodable": 2,
+                                          "unsupported_format": 1}
     assert manifest == load_manifest(runs[1])
     for split in ("train", "val"):
         for a in sorted((runs[0] / split).iterdir()):

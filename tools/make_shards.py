@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipelines.hf_source import HFSource, HFSourceError, is_hf_source, open_source
@@ -53,7 +53,19 @@ from pipelines.shards import (
     write_atomic,
 )
 
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+# Extensions of the formats Pillow decodes (not its stubs for HDF5, GRIB, WMF..., nor MPEG video, which
+# it only identifies)
+IMAGE_EXTENSIONS = frozenset(
+    ext for ext, fmt in Image.registered_extensions().items()
+    if fmt in Image.OPEN and fmt != "MPEG"
+    and not (isinstance(Image.OPEN[fmt][0], type) and issubclass(Image.OPEN[fmt][0], ImageFile.StubImageFile)))
+# Image formats known by their first bytes, whatever the file's name (ISO media files by their brand)
+IMAGE_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+                    b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\xff\x0a": "JPEG XL", b"\x00\x00\x00\x0cJXL ": "JPEG XL",
+                    b"\x00\x00\x00\x0cjP  ": "JPEG 2000", b"\xff\x4f\xff\x51": "JPEG 2000"}
+IMAGE_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+                b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+IGNORED_LISTED = 1000  # files that are no images: all counted by extension, this many named in the manifest
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 BUILTIN_SOURCES = ("sklearn:digits",)
 CHUNK, CHUNK_BYTES = 4096, 64 << 20  # inputs in flight to the workers at a time, and their bytes at most
@@ -102,6 +114,9 @@ def convert_image(image: str | bytes | None, opts: EncodeOptions) -> tuple[str, 
     except Image.DecompressionBombError as e:
         return "skip", "too_large", [str(e)]
     except UnidentifiedImageError:
+        if fmt := image_format(data[:16]):
+            return "skip", "unsupported_format", [f"a {fmt} image, which Pillow cannot decode here: convert it "
+                                                  f"to JPEG or PNG"]
         return "skip", "undecodable", ["not an image Pillow recognises"]
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         reason = "truncated" if "truncated" in str(e) else "undecodable"
@@ -175,36 +190,62 @@ def split_folders(src: Path) -> dict[str, Path] | None:
     return splits
 
 
+def image_format(head: bytes) -> str | None:
+    """The image format that a file's first 16 bytes announce, or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[4:8] == b"ftyp":
+        return IMAGE_BRANDS.get(head[8:12])
+    return next((name for sig, name in IMAGE_SIGNATURES.items() if head.startswith(sig)), None)
+
+
+def is_image(path: Path) -> bool:
+    """Whether a file is an image to shard (or to count as bad): an extension Pillow opens, or else
+    the first bytes of an image format (a JPEG saved without extension, a HEIC photo Pillow cannot
+    decode). Anything else (captions, labels, licences, Thumbs.db) is no input at all."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return image_format(f.read(16)) is not None
+    except OSError:
+        return True  # unreadable: checked, and named, as an input
+
+
 def find_sources(src: Path, *, classes_file: Path | None):
     """Class names, {split or None (to be split here): {class: [relpath]}}, the inputs already
-    skipped (non-image files), and the layout name."""
+    skipped (images outside any class folder), the files that are no images, and the layout name."""
     roots = split_folders(src)
     layout = "train_val" if roots else "class_folders"
     roots = roots or {None: src}
     files: dict[str | None, dict[str, list[str]]] = {}
-    skipped = [{"path": p.name, "reason": "outside_class", "detail": "not inside a class folder"}
-               for p in sorted(src.iterdir()) if layout == "train_val" and not p.is_dir() and not p.name.startswith(".")]
+    skipped, ignored = [], []
+
+    def outside_class(entry: Path):
+        rel = entry.relative_to(src).as_posix()
+        if is_image(entry):
+            skipped.append({"path": rel, "reason": "outside_class", "detail": "not inside a class folder"})
+        else:
+            ignored.append(rel)
+
+    for entry in sorted(src.iterdir()) if layout == "train_val" else ():
+        if not entry.is_dir() and not entry.name.startswith("."):
+            outside_class(entry)
     for split, root in roots.items():
         files[split] = {}
         for entry in sorted(root.iterdir()):
-            rel = entry.relative_to(src).as_posix()
             if entry.name.startswith("."):
                 continue
             if not entry.is_dir():
-                skipped.append({"path": rel, "reason": "outside_class", "detail": "not inside a class folder"})
+                outside_class(entry)
                 continue
             names = files[split].setdefault(entry.name, [])
             for dirpath, dirnames, filenames in os.walk(entry, followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 prefix = Path(dirpath).relative_to(src).as_posix()
                 for name in sorted(filenames):
-                    if name.startswith("."):
-                        continue
-                    rel = f"{prefix}/{name}"
-                    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                        names.append(rel)
-                    else:
-                        skipped.append({"path": rel, "reason": "not_image", "detail": "extension"})
+                    if not name.startswith("."):
+                        (names if is_image(Path(dirpath, name)) else ignored).append(f"{prefix}/{name}")
 
     found = sorted(set().union(*(f.keys() for f in files.values())))
     if not found:
@@ -223,7 +264,7 @@ def find_sources(src: Path, *, classes_file: Path | None):
         for split in ("val", "test"):
             if missing := sorted(files.get(split, {}).keys() - files["train"].keys()):
                 raise ShardingError(f"classes {missing[:5]} have a {roots[split].name} folder but no train folder in {src}")
-    return classes, files, skipped, layout
+    return classes, files, skipped, ignored, layout
 
 
 def split_valid(files: dict[str | None, dict[str, list[str]]], valid: set[str], *, label: dict[str, int],
@@ -353,7 +394,8 @@ class FolderInputs:
 
     def __init__(self, folder: Path, *, classes_file: Path | None, description: str):
         self.folder, self.description, self.details = folder, description, {}
-        self.classes, self.files, self.skipped, self.layout = find_sources(folder, classes_file=classes_file)
+        self.classes, self.files, self.skipped, self.ignored, self.layout = find_sources(
+            folder, classes_file=classes_file)
         self.paths = sorted(p for per_class in self.files.values() for ps in per_class.values() for p in ps)
         self.total = len(self.paths)
 
@@ -375,6 +417,7 @@ class DatasetInputs:
         self.classes_file = classes_file
         self.files: dict[str | None, dict[str, list[str]]] = {split: {} for split in source.splits}
         self.skipped: list[dict] = []
+        self.ignored: list[str] = []
         self.total = source.total
 
     def items(self):
@@ -521,6 +564,9 @@ def make_shards(
         "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
         "converted_counts": dict(sorted(Counter(r for c in converted for r in c["reasons"]).items())),
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "ignored_counts": dict(sorted(Counter(os.path.splitext(p)[1].lower() or "(none)"
+                                              for p in inputs.ignored).items())),
+        "ignored": sorted(inputs.ignored)[:IGNORED_LISTED],
         "converted": sorted(converted, key=lambda c: c["path"]),
         "errors": errors,
     }
@@ -537,6 +583,9 @@ def summary(manifest: dict, out: Path) -> str:
         lines.append(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
     skipped = manifest["skipped_counts"]
     lines.append(f"skipped {sum(skipped.values())}" + (": " + ", ".join(f"{k} {v}" for k, v in skipped.items()) if skipped else ""))
+    if ignored := manifest["ignored_counts"]:
+        lines.append(f"ignored {sum(ignored.values())} files that are no images: "
+                     + ", ".join(f"{k} {v}" for k, v in ignored.items()))
     conv = manifest["converted_counts"]
     lines.append(f"re-encoded {len(manifest['converted'])}" + (": " + ", ".join(f"{k} {v}" for k, v in conv.items()) if conv else ""))
     done = sum(i["samples"] for i in manifest["splits"].values()) + sum(skipped.values())
