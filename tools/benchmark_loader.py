@@ -71,7 +71,7 @@ def hf_baseline(tars: list[str], processor, *, batch_size: int, workers: int):
         pixels = processor(sample["jpg"].convert("RGB"), return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixels, "labels": sample["cls"]}
 
-    dataset = wds.WebDataset(tars, resampled=True, shardshuffle=False, empty_check=False, nodesplitter=_every_shard)
+    dataset = wds.WebDataset(tars, resampled=True, shardshuffle=False, empty_check=False, nodesplitter=None)
     dataset = dataset.decode("pil").map(preprocess)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
@@ -81,10 +81,6 @@ def hf_rate(tars: list[str], processor, *, batch_size: int, workers: int, batche
     endless = iter(hf_baseline(tars, processor, batch_size=batch_size, workers=workers))
     # every worker's first batches (prefetch_factor 2 each) arrive together: the warm-up
     return steady_rate(lambda: endless, warmup=2 * max(workers, 1), batches=batches)
-
-
-def _every_shard(urls):
-    return urls
 
 
 def graph_alone(loader):

@@ -84,7 +84,7 @@ class BaselineLoader:
         # every rank draws shards at random from all of them, seeded by its rank (webdataset's
         # recipe for many nodes): no shard count to match to the ranks
         dataset = (wds.WebDataset(tars, resampled=True, shardshuffle=False, seed=seed, empty_check=False,
-                                  nodesplitter=_every_shard)
+                                  nodesplitter=None)
                    .shuffle(self.SHUFFLE, seed=seed).decode("pil")
                    .map(_Preprocess(processor)).batched(batch_size, partial=False))
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
@@ -120,6 +120,3 @@ class _Preprocess:
         pixels = self.processor(sample["jpg"].convert("RGB"), return_tensors="pt")["pixel_values"][0]
         return pixels, int(sample["cls"]), sample["__key__"]
 
-
-def _every_shard(urls):
-    return urls
