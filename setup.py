@@ -17,6 +17,7 @@ setup(
         "numpy>=2.0",
         "Pillow>=12.0,<14",
         "tqdm>=4.66",
+        "psutil>=5.9",  # the trainer watches its launcher
         "scikit-learn>=1.9,<2",  # the built-in digits dataset
     ],
     extras_require={

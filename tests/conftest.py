@@ -242,10 +242,13 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {start}-{start + 1999}")
 
 
-def launcher(*, ranks: int | None = 2, extra: list[str] = ()) -> list[str]:
-    """The deepspeed launcher (ranks=None: plain python, a world of one)."""
+def launcher(*, ranks: int | None = 2, extra: list[str] = (), via: str = "deepspeed") -> list[str]:
+    """The deepspeed launcher, or torchrun (ranks=None: plain python, a world of one)."""
     if ranks is None:
         return [sys.executable, str(ROOT / "train" / "main.py")]
+    if via == "torchrun":
+        return ["torchrun", "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *extra,
+                str(ROOT / "train" / "main.py")]
     return ["deepspeed", *(["--num_gpus", str(ranks)]), "--master_port", str(free_port()), *extra,
             str(ROOT / "train" / "main.py")]
 

@@ -372,6 +372,36 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
             assert len(seen) == len(set(seen)) == 36, epoch
 
 
+@pytest.mark.parametrize("via", ["deepspeed", "torchrun"])
+def test_sigterm_to_the_launcher_alone_saves_and_stops_every_rank(files, tmp_path, via):
+    """SIGTERM to the launcher's pid only (`kill PID`; docker and Kubernetes signal PID 1). torchrun
+    relays it to its ranks; the deepspeed runner does not (deepspeed#4098) and dies: its ranks see
+    that it is gone. Either way every rank saves the same step, complete, and stops."""
+    out = tmp_path / "run"
+    job = subprocess.Popen(launcher(ranks=2, via=via) + [
+        "--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "1000",
+        "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "500", "--eval_steps", "500"],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"}, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() or max(losses_by_step(out), default=0) < 3:
+            assert time.monotonic() < deadline and job.poll() is None, "the run did not reach step 3"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        output = finish(job, timeout=120)[0]  # until the ranks, which hold the output pipe, are gone too
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    why = r"SIGTERM \(preemption\)" if via == "torchrun" else r"the deepspeed runner \(pid \d+ on \S+\) is gone"
+    stopped = re.search(why + r": every rank stopped after step (\d+); saved (\S+);", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert 3 < step < 1000 and Path(stopped.group(2)) == out / "checkpoints" / f"step-{step:08d}"
+    assert (Path(stopped.group(2)) / "complete.json").is_file() and max(losses_by_step(out)) == step
+    assert output.count("exits with return code = 7") == (1 if via == "deepspeed" else 0)  # launch.py's report
+
+
 def test_two_nodes_share_checkpoints_kill_mid_save_and_resume(files, tmp_path):
     """Two nodes, one output dir, a save every step (pruned to 2 + best): killed while saving step 4,
     `--resume auto` on both nodes goes on from step 3 on both, to the end; rank 0 alone commits and

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import deepspeed
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -665,27 +666,43 @@ class Preempted(RuntimeError):
 
 class Preemption:
     """A graceful stop on SIGTERM (a scheduler preempting the job; the deepspeed launcher relays it
-    to its ranks and kills them 30 s later). The first rank to get it posts a stop step, two steps
-    ahead, in the job's store (which PeerWatch polls too); every rank looks it up after each step (a
-    store lookup, no device sync) and at that step all save a checkpoint and stop together. Ranks
-    cannot be two steps apart (every step has collectives), so none has passed the step it reads."""
+    to its ranks and kills them 30 s later), or when the `deepspeed` runner that started this node's
+    launcher is gone (it does not relay SIGTERM on one node, deepspeed#4098: `kill` of its pid would
+    leave the ranks training on without it). The first rank to see either posts a stop step, two
+    steps ahead, and why, in the job's store (which PeerWatch polls too); every rank looks it up after
+    each step (a store lookup, no device sync) and at that step all save a checkpoint and stop
+    together. Ranks cannot be two steps apart (every step has collectives), so none has passed the
+    step it reads."""
 
     KEY = "dali-deepspeed-vision/stop_at"
 
     def __init__(self, run: Run):
-        self.run, self.store, self.at, self.signalled = run, dist.distributed_c10d._get_default_store(), None, False
+        self.run, self.store, self.at, self.why = run, dist.distributed_c10d._get_default_store(), None, None
+        self.signalled: str | None = None  # why this rank wants to stop
+        self.runner, self.looked = deepspeed_runner(), time.monotonic()
         self.previous = signal.signal(signal.SIGTERM, self._signal)
 
     def _signal(self, signum, frame) -> None:
-        self.signalled = True
+        self.signalled = "SIGTERM (preemption)"
 
     def due(self) -> bool:
         """Whether the run stops after this step."""
+        if self.runner and not self.signalled and time.monotonic() - self.looked > 1:
+            self.looked = time.monotonic()
+            launcher, pid = self.runner
+            with contextlib.suppress(psutil.Error):
+                if launcher.ppid() == pid:
+                    return self._agreed()
+            self.signalled = f"the deepspeed runner (pid {pid} on {socket.gethostname()}) is gone"
         if self.signalled and self.at is None and self.store.add(f"{self.KEY}/posted", 1) == 1:
+            self.store.set(f"{self.KEY}/why", self.signalled)
             self.store.set(self.KEY, str(self.run.step + 2))
+        return self._agreed()
+
+    def _agreed(self) -> bool:
         if self.at is None and (self.signalled or self.store.check([self.KEY])):
             self.store.wait([self.KEY])  # another rank may be between its post and its set
-            self.at = int(self.store.get(self.KEY))
+            self.at, self.why = int(self.store.get(self.KEY)), self.store.get(f"{self.KEY}/why").decode()
         return self.at is not None and self.run.step >= self.at
 
     def stop(self) -> None:
@@ -698,7 +715,7 @@ class Preemption:
             run.last_saved = save(run)
         what = (f"saved {run.last_saved}; --resume auto goes on from it" if run.save_steps else
                 "nothing was saved (--save_steps 0)")
-        raise Preempted(f"SIGTERM (preemption): every rank stopped after step {run.step}; {what}")
+        raise Preempted(f"{self.why}: every rank stopped after step {run.step}; {what}")
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
@@ -1176,6 +1193,19 @@ def _inject_nan(run: Run, pixels: torch.Tensor, micro: int) -> torch.Tensor:
         if int(rank) == run.rank and {str(run.step + 1), f"{run.step + 1}.{micro}"} & set(steps.split(",")):
             return torch.full_like(pixels, float("nan"))
     return pixels
+
+
+def deepspeed_runner() -> tuple[psutil.Process, int] | None:
+    """This rank's launcher (deepspeed's launch.py) and the pid of the `deepspeed` runner that
+    started it, when this node's job was started so; None otherwise (torchrun, pdsh: they relay
+    SIGTERM themselves)."""
+    with contextlib.suppress(psutil.Error):
+        launcher = psutil.Process(os.getppid())
+        runner = launcher.parent()
+        if runner and "deepspeed.launcher.launch" in launcher.cmdline() and any(
+                Path(part).name == "deepspeed" or part == "deepspeed.launcher.runner" for part in runner.cmdline()[:3]):
+            return launcher, runner.pid
+    return None
 
 
 def _init_distributed() -> None:
