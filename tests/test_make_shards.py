@@ -417,3 +417,43 @@ def test_a_full_disk_is_one_message_naming_the_output(tmp_path):
         assert "No space left on device" in result.stderr and f"while writing {small / 'out'}" in result.stderr
         assert "rerun with --overwrite" in result.stderr
         assert not (small / "out" / "manifest.json").exists() and not (small / "out" / ".staged.tmp").exists()
+
+
+def test_byte_identical_copies_never_reach_val_beside_train(tmp_path):
+    """Copies of one image (4 in `ant`, one filed under `bee` too) split here, with five seeds: every
+    copy goes where the others go, the one under two classes goes to train, and no val JPEG equals a
+    train JPEG byte for byte (val accuracy would count images the model trained on). Splits given
+    as folders are kept, and their copies across splits are reported."""
+    src = tmp_path / "src"
+    for c, name in enumerate(["ant", "bee"]):
+        for i in range(10):
+            write(src / name / f"{i:02d}.jpg", encode(photo(20 * c + i, (40, 30)), "JPEG", quality=90))
+    for copy in ("copy1.jpg", "deeper/copy2.jpg", "copy3"):
+        write(src / "ant" / copy, (src / "ant" / "00.jpg").read_bytes())
+    write(src / "bee" / "same_as_ant_05.jpg", (src / "ant" / "05.jpg").read_bytes())
+    for seed in range(5):
+        out = tmp_path / f"out{seed}"
+        manifest = make_shards(src=src, out=out, val_fraction=0.5, seed=seed, workers=1, progress=False)
+        train, val = ({m["jpg"] for m in shard_members(out, split).values()} for split in ("train", "val"))
+        assert val and not val & train, seed
+        assert (src / "ant" / "05.jpg").read_bytes() in train
+        # ant: 9 images that can go either way (4 copies count as one), bee: 10; round(n / 2) of them in val
+        per_class = manifest["splits"]["val"]["per_class"]
+        assert per_class["bee"] == 5 and per_class["ant"] in (5, 8), (seed, per_class)
+        assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 24
+        assert manifest["duplicates"] == {
+            "copies": 4, "split_here": True,
+            "across_classes": {"count": 1, "groups": [["ant/05.jpg", "bee/same_as_ant_05.jpg"]]},
+            "across_splits": {"count": 0, "inputs": []}}
+
+    given = tmp_path / "given"
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):
+            write(given / split / "ant" / f"{i}.jpg", encode(photo(i + 10 * (split == "val"), (40, 30)), "JPEG"))
+    write(given / "val" / "ant" / "leak.jpg", (given / "train" / "ant" / "2.jpg").read_bytes())
+    result = run_tool(given, tmp_path / "given_out", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert load_manifest(tmp_path / "given_out")["duplicates"]["across_splits"] == {
+        "count": 1, "inputs": [{"path": "val/ant/leak.jpg", "split": "val", "train": "train/ant/2.jpg"}]}
+    assert ("warning: 1 val images are byte-identical to train images, so evals count images the model "
+            "trained on; manifest: duplicates.across_splits") in result.stdout

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -65,7 +66,7 @@ IMAGE_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8
                     b"\x00\x00\x00\x0cjP  ": "JPEG 2000", b"\xff\x4f\xff\x51": "JPEG 2000"}
 IMAGE_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
                 b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
-IGNORED_LISTED = 1000  # files that are no images: all counted by extension, this many named in the manifest
+LISTED = 1000  # the manifest names this many of the ignored files and of each kind of duplicate (all counted)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 BUILTIN_SOURCES = ("sklearn:digits",)
 CHUNK, CHUNK_BYTES = 4096, 64 << 20  # inputs in flight to the workers at a time, and their bytes at most
@@ -90,19 +91,26 @@ class Source:
 
 # --- one image ----------------------------------------------------------------------------
 
-def convert_image(image: str | bytes | None, opts: EncodeOptions) -> tuple[str, bytes | str | None, list[str]]:
-    """("ok", new jpeg bytes, conversion reasons), ("ok", None, []) for an input to copy as it
-    is (cheaper than sending its bytes between processes), or ("skip", reason, [detail]).
-    `image` is a file's path or its bytes (a dataset row's)."""
+def convert_image(image: str | bytes | None, opts: EncodeOptions) -> tuple[str, bytes | str | None, list[str], int]:
+    """("ok", new jpeg bytes, conversion reasons, digest), ("ok", None, [], digest) for an input to
+    copy as it is (cheaper than sending its bytes between processes), or ("skip", reason, [detail], 0).
+    `image` is a file's path or its bytes (a dataset row's); the digest is a hash of those bytes,
+    which tells byte-identical inputs apart from the others."""
     data = image
     if isinstance(image, str):
         try:
             with open(image, "rb") as f:
                 data = f.read()
         except OSError as e:
-            return "skip", "unreadable", [str(e)]
+            return "skip", "unreadable", [str(e)], 0
     if not data:
-        return "skip", "empty", ["zero bytes"]
+        return "skip", "empty", ["zero bytes"], 0
+    status, payload, info = _convert(data, opts)
+    digest = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") if status == "ok" else 0
+    return status, payload, info, digest
+
+
+def _convert(data: bytes, opts: EncodeOptions) -> tuple[str, bytes | str | None, list[str]]:
     try:
         # the JPEG hint skips Pillow's format probing, a tenth of the validation cost
         img = Image.open(io.BytesIO(data), formats=["JPEG"] if data[:2] == b"\xff\xd8" else None)
@@ -267,27 +275,61 @@ def find_sources(src: Path, *, classes_file: Path | None):
     return classes, files, skipped, ignored, layout
 
 
-def split_valid(files: dict[str | None, dict[str, list[str]]], valid: set[str], *, label: dict[str, int],
-                val_fraction: float, rng: random.Random) -> dict[str, list[Source]]:
-    """The valid inputs per split, each split shuffled (seeded) so that no shard is one class.
+def split_valid(files: dict[str | None, dict[str, list[str]]], digests: dict[str, int], *, label: dict[str, int],
+                val_fraction: float, rng: random.Random) -> tuple[dict[str, list[Source]], dict]:
+    """The valid inputs (those with a digest) per split, each split shuffled (seeded) so that no
+    shard is one class, and what was found byte-identical (`duplicates` of the manifest).
 
     Folders without splits are split here, per class over the images that turned out valid:
-    `round(n_valid * val_fraction)` go to val (at least one stays in train)."""
+    `round(n_valid * val_fraction)` go to val (at least one stays in train), where byte-identical
+    copies count as one image and go to the same split, and an image filed under two classes goes to
+    train: val never holds a copy of a train image, nor an image whose label is in doubt. Splits
+    given by the source are kept; copies across them are reported."""
+    classes_of: dict[int, set[str]] = {}
+    for per_class in files.values():
+        for name, paths in per_class.items():
+            for p in paths:
+                if p in digests:
+                    classes_of.setdefault(digests[p], set()).add(name)
     splits: dict[str, list[Source]] = {s: [] for s in SPLITS}
     for split, per_class in files.items():
         for name, paths in per_class.items():
-            paths = sorted(p for p in paths if p in valid)
+            paths = sorted(p for p in paths if p in digests)
             if split is not None:
                 splits[split] += [Source(p, label[name]) for p in paths]
                 continue
-            rng.shuffle(paths)
-            n_val = max(0, min(math.floor(len(paths) * val_fraction + 0.5), len(paths) - 1))
-            splits["val"] += [Source(p, label[name]) for p in paths[:n_val]]
-            splits["train"] += [Source(p, label[name]) for p in paths[n_val:]]
+            groups: dict[int, list[str]] = {}
+            for p in paths:
+                groups.setdefault(digests[p], []).append(p)
+            ambiguous = [p for d, group in groups.items() if len(classes_of[d]) > 1 for p in group]
+            groups = [group for d, group in groups.items() if len(classes_of[d]) == 1]
+            rng.shuffle(groups)
+            n_val = max(0, min(math.floor(len(groups) * val_fraction + 0.5), len(groups) - 1))
+            splits["val"] += [Source(p, label[name]) for group in groups[:n_val] for p in group]
+            kept = [p for group in groups[n_val:] for p in group] + ambiguous
+            splits["train"] += [Source(p, label[name]) for p in kept]
     for sources in splits.values():
         sources.sort(key=lambda s: s.relpath)
         rng.shuffle(sources)
-    return splits
+    return splits, duplicates_found(splits, digests, classes_of, split_here=None in files)
+
+
+def duplicates_found(splits: dict[str, list[Source]], digests: dict[str, int], classes_of: dict[int, set[str]], *,
+                     split_here: bool) -> dict:
+    """Byte-identical inputs: how many are copies of another, the groups filed under more than one
+    class, and each val or test input that is a copy of a train input (with that train input)."""
+    groups: dict[int, list[str]] = {}
+    for sources in splits.values():
+        for source in sources:
+            groups.setdefault(digests[source.relpath], []).append(source.relpath)
+    train = {digests[s.relpath]: s.relpath for s in sorted(splits["train"], key=lambda s: s.relpath, reverse=True)}
+    classes = sorted(sorted(group) for d, group in groups.items() if len(classes_of[d]) > 1)
+    leaks = sorted(({"path": s.relpath, "split": split, "train": train[digests[s.relpath]]}
+                    for split in SPLITS if split != "train" for s in splits[split] if digests[s.relpath] in train),
+                   key=lambda d: d["path"])
+    return {"copies": sum(len(group) - 1 for group in groups.values()), "split_here": split_here,
+            "across_classes": {"count": len(classes), "groups": classes[:LISTED]},
+            "across_splits": {"count": len(leaks), "inputs": leaks[:LISTED]}}
 
 
 def load_class_list(path: Path) -> list[str]:
@@ -318,22 +360,24 @@ def export_digits(dest: Path) -> Path:
 # --- the whole run ------------------------------------------------------------------------
 
 def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int | None, stage, keep_all: bool,
-                 workers: int | None, progress: bool, opts: EncodeOptions) -> tuple[dict, list[dict], list[dict]]:
+                 workers: int | None, progress: bool, opts: EncodeOptions) -> tuple[dict, dict, list[dict], list[dict]]:
     """Decodes (and where needed converts) every input, a (relpath, path or bytes) pair, in order
     whatever the number of workers: ({relpath: (offset, size) of its JPEG in `stage`, or None to
-    copy the file as it is}, the converted inputs with their reasons, the skipped ones with theirs).
+    copy the file as it is}, {relpath: digest of its bytes} (convert_image), the converted inputs
+    with their reasons, the skipped ones with theirs).
     With `keep_all` every valid input is staged (dataset rows cannot be read again).
     Inputs go to the workers a chunk at a time, so memory stays bounded on a stream of rows."""
-    staged, converted, skipped = {}, [], []
+    staged, digests, converted, skipped = {}, {}, [], []
     with Pool(workers or os.cpu_count()) as pool, tqdm(total=total, unit="img", disable=not progress,
                                                          desc="checking") as bar:
         for chunk in _chunks(inputs):
             results = pool.imap(partial(convert_image, opts=opts), [image for _, image in chunk], chunksize=16)
-            for (relpath, image), (status, payload, info) in zip(chunk, results):
+            for (relpath, image), (status, payload, info, digest) in zip(chunk, results):
                 bar.update(1)
                 if status == "skip":
                     skipped.append({"path": relpath, "reason": payload, "detail": info[0]})
                     continue
+                digests[relpath] = digest
                 if payload is None and keep_all:
                     payload = image if isinstance(image, bytes) else Path(image).read_bytes()
                 staged[relpath] = None if payload is None else (stage.tell(), len(payload))
@@ -341,7 +385,7 @@ def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int
                     stage.write(payload)
                 if info:  # conversion reasons
                     converted.append({"path": relpath, "reasons": info})
-    return staged, converted, skipped
+    return staged, digests, converted, skipped
 
 
 def _chunks(inputs: Iterable[tuple[str, str | bytes | None]]):
@@ -519,13 +563,14 @@ def make_shards(
         staging = out / ".staged.tmp"
         try:
             with open(staging, "w+b") as stage:
-                staged, converted, bad = check_inputs(inputs.items(), total=inputs.total, stage=stage,
+                staged, digests, converted, bad = check_inputs(inputs.items(), total=inputs.total, stage=stage,
                                                       keep_all=inputs.keep_all, workers=workers, progress=progress,
                                                       opts=EncodeOptions(quality, max_side, min_side))
                 classes = inputs.finish()
                 skipped = inputs.skipped + bad
-                split_samples = split_valid(inputs.files, set(staged), label={name: i for i, name in enumerate(classes)},
-                                            val_fraction=val_fraction, rng=random.Random(seed))
+                split_samples, duplicates = split_valid(inputs.files, digests, val_fraction=val_fraction,
+                                                        label={name: i for i, name in enumerate(classes)},
+                                                        rng=random.Random(seed))
                 writers, per_class = write_splits(split_samples, out=out, folder=inputs.folder, staged=staged,
                                                   stage=stage, max_count=max_count, max_size=max_size, progress=progress)
         except OSError as e:
@@ -566,7 +611,8 @@ def make_shards(
         "skipped": sorted(skipped, key=lambda s: s["path"]),
         "ignored_counts": dict(sorted(Counter(os.path.splitext(p)[1].lower() or "(none)"
                                               for p in inputs.ignored).items())),
-        "ignored": sorted(inputs.ignored)[:IGNORED_LISTED],
+        "ignored": sorted(inputs.ignored)[:LISTED],
+        "duplicates": duplicates,
         "converted": sorted(converted, key=lambda c: c["path"]),
         "errors": errors,
     }
@@ -583,6 +629,18 @@ def summary(manifest: dict, out: Path) -> str:
         lines.append(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
     skipped = manifest["skipped_counts"]
     lines.append(f"skipped {sum(skipped.values())}" + (": " + ", ".join(f"{k} {v}" for k, v in skipped.items()) if skipped else ""))
+    dup = manifest["duplicates"]
+    if dup["copies"]:
+        lines.append(f"duplicates: {dup['copies']} inputs are byte-identical copies of others"
+                     + (", each kept in one split with its copies" if dup["split_here"] else ""))
+    if n := dup["across_classes"]["count"]:
+        lines.append(f"duplicates: {n} images are filed under more than one class"
+                     + (" (all their copies went to train)" if dup["split_here"] else "")
+                     + "; manifest: duplicates.across_classes")
+    if n := dup["across_splits"]["count"]:
+        splits = Counter(d["split"] for d in dup["across_splits"]["inputs"])
+        lines.append(f"warning: {n} {'/'.join(sorted(splits))} images are byte-identical to train images, so evals "
+                     f"count images the model trained on; manifest: duplicates.across_splits")
     if ignored := manifest["ignored_counts"]:
         lines.append(f"ignored {sum(ignored.values())} files that are no images: "
                      + ", ".join(f"{k} {v}" for k, v in ignored.items()))
