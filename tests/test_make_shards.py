@@ -457,3 +457,19 @@ def test_byte_identical_copies_never_reach_val_beside_train(tmp_path):
         "count": 1, "inputs": [{"path": "val/ant/leak.jpg", "split": "val", "train": "train/ant/2.jpg"}]}
     assert ("warning: 1 val images are byte-identical to train images, so evals count images the model "
             "trained on; manifest: duplicates.across_splits") in result.stdout
+
+
+def test_symlinked_folders_are_followed_each_once(tmp_path):
+    """A class folder may link to images elsewhere (followed); a link back up its own tree is not
+    followed: os.walk would follow a loop to the kernel's link limit (40 copies of each image), and
+    a link to SRC would file every class's images under this one."""
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    for i in range(3):
+        write(src / "ant" / "sub" / f"{i}.jpg", encode(photo(i, (40, 30)), "JPEG", quality=90))
+        write(elsewhere / f"{i}.jpg", encode(photo(10 + i, (40, 30)), "JPEG", quality=90))
+    (src / "ant" / "sub" / "loop").symlink_to("..")
+    (src / "ant" / "sub" / "up").symlink_to("../..")  # to SRC: would file bee's images under ant
+    (src / "bee").symlink_to(elsewhere)
+    manifest = make_shards(src=src, out=tmp_path / "out", val_fraction=0, workers=1, progress=False)
+    assert manifest["splits"]["train"]["per_class"] == {"ant": 3, "bee": 3}
+    assert manifest["duplicates"]["copies"] == 0

@@ -248,7 +248,15 @@ def find_sources(src: Path, *, classes_file: Path | None):
                 outside_class(entry)
                 continue
             names = files[split].setdefault(entry.name, [])
+            # links are followed, but a folder is walked once, and never one holding the class folder: a
+            # link back up the tree would be walked to the kernel's link limit, or reach other classes
+            root, walked = Path(entry).resolve(), set()
             for dirpath, dirnames, filenames in os.walk(entry, followlinks=True):
+                real = Path(dirpath).resolve()
+                if real in walked or (real != root and root.is_relative_to(real)):
+                    dirnames.clear()
+                    continue
+                walked.add(real)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 prefix = Path(dirpath).relative_to(src).as_posix()
                 for name in sorted(filenames):
