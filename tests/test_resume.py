@@ -460,3 +460,56 @@ def test_full_disk_while_saving_is_one_message_and_resume_goes_on_after_space_is
         resumed = train(args + ["--resume", "auto", "--save_total_limit", "1"])
         assert f"resuming from {checkpoints / 'step-00000002'} (step 2)" in resumed.stdout
         assert (checkpoints / "latest").read_text() == "step-00000003" and (out / "model" / "model.safetensors").is_file()
+
+
+def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_stops_cleanly(files, tmp_path, request):
+    """torch's lock of an op build folder, left by a rank killed while it built or loaded the op:
+    every later run waited for it forever, printing nothing. Held by no process, it is named while it
+    may still be another machine's build, and SIGTERM then stops the waiting ranks with one line each
+    (an exception, which releases what a rank holds, not the signal's default death); once older than
+    any build it is removed and the run trains. A lock some process holds is left alone."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    extensions = tmp_path / "torch_extensions"  # TORCH_EXTENSIONS_DIR/NAME: copies of the ops a CPU job loads
+    for name, builder in (("deepspeed_shm_comm", "ShareMemCommBuilder"), ("fused_adam", "FusedAdamBuilder")):
+        get_accelerator().create_op_builder(builder).load()  # built once, as any CPU job does
+        shutil.copytree(_get_build_directory(name, verbose=False), extensions / name)
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    held = extensions / "other_op" / "lock"  # an op another process builds now: its lock is left alone
+    held.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from torch.utils.file_baton import FileBaton; "
+                               "FileBaton(sys.argv[1]).try_acquire(); time.sleep(600)", str(held)])
+    request.addfinalizer(holder.kill)
+    while not held.exists():
+        time.sleep(0.1)
+    os.utime(held, (time.time() - 1200, time.time() - 1200))
+    env = {**os.environ, "WANDB_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "2",
+            "--micro_batch_size", "6", "--save_steps", "0"]
+    with open(log, "w") as sink:
+        job = subprocess.Popen(launcher(ranks=2) + args, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "is held by no process on this machine" not in log.read_text():
+            assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)  # the ranks wait for the lock
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert f"train: {lock.resolve()} is held by no process on this machine" in output
+    assert output.count("stopped by SIGTERM outside the training loop; nothing was saved") == 2, output[-3000:]
+    assert "Traceback" not in output and lock.exists()
+
+    os.utime(lock, (time.time() - 1200, time.time() - 1200))  # 20 minutes old: no build takes that long
+    done = train(args, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert f"train: removed {lock.resolve()}, 20 min old and held by no process here" in done.stderr
+    assert "train: done, 2 steps" in done.stdout and not lock.exists()
+    assert held.exists() and "other_op" not in output + done.stderr

@@ -60,7 +60,8 @@ from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, Pr
 from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_parameters, load_trained,
                          model_input_size, model_source, parameter_groups, prepare_precision)
-from train.perf import deepspeed_arch_list, fused_adam_is_built, peak_tflops, train_flops_per_image
+from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
+                        release_build_locks, train_flops_per_image)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
@@ -117,8 +118,30 @@ def main(argv: list[str] | None = None) -> int:
         del os.environ[key]  # an empty variable means unset (wandb.init fails on WANDB_MODE="")
     args = parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung rank: `kill -USR1 PID` prints its stacks
-    with distributed():
-        return run_training(args)
+    signal.signal(signal.SIGTERM, _terminated)  # the training loop saves on it instead (Preemption)
+    removed, named = clear_stale_build_locks()  # every rank, before any op loads
+    for line in removed + (named if os.environ.get("LOCAL_RANK", "0") == "0" else []):
+        print(f"train: {line}", file=sys.stderr, flush=True)
+    try:
+        with distributed():
+            return run_training(args)
+    except Terminated:
+        print(f"train: rank {os.environ.get('RANK', 0)}: stopped by SIGTERM outside the training loop; nothing "
+              f"was saved", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the way out is done: exit's own cleanup is not interrupted
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves on it: Preemption). Raised, rather than the
+    signal's default death, so that what the rank holds is released on the way out: a rank killed
+    while DeepSpeed builds or loads an op leaves torch's build lock, and every later run waits for it."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher relays a second one: the way out is not cut short
+    raise Terminated()
 
 
 @contextlib.contextmanager
@@ -227,6 +250,7 @@ class PeerWatch:
                     return
                 stop = {"code": 1, "reason": "lost contact with rank 0 (it exited or its node went down)"}
             print(f"train: rank {self.rank}: stopping: {stop['reason']}", file=sys.stderr, flush=True)
+            release_build_locks()  # os._exit skips every finally
             os._exit(stop["code"])
 
 

@@ -1,4 +1,4 @@
-"""What the hardware does with a run: model FLOPs, MFU, and DeepSpeed's CUDA op builds.
+"""What the hardware does with a run: model FLOPs, MFU, and DeepSpeed's op builds.
 
 MFU is the model's FLOPs per second (forward and backward of the images trained, counted once at
 start with torch's FLOP counter; recomputation by gradient checkpointing not included) over the
@@ -8,8 +8,11 @@ device's dense peak for the training precision.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,3 +111,57 @@ def fused_adam_is_built() -> bool:
 
     folder = _get_build_directory("fused_adam", verbose=False)
     return any(name.endswith(".so") for name in os.listdir(folder)) if os.path.isdir(folder) else False
+
+
+STALE_LOCK_S = 600  # older than any op build; a younger lock may be another machine's build in a shared folder
+
+
+def clear_stale_build_locks() -> tuple[list[str], list[str]]:
+    """Deals with torch's lock of each op build folder (torch.utils.file_baton) that no process on
+    this machine holds; returns what this process removed and what it only names, in words (every
+    rank calls it: one removes each lock). A process killed while it builds or loads
+    a DeepSpeed op (SIGKILL: the OOM killer, `kill -9`) leaves its lock behind, and every later run
+    waits for it without end, printing nothing. One older than any build is removed; a younger one
+    is only named (a build on another machine may hold it, where the folder is shared)."""
+    locks = glob.glob(os.path.join(_extensions_root(), *["*"] * (1 if "TORCH_EXTENSIONS_DIR" in os.environ else 2),
+                                   "lock"))
+    if not locks:
+        return [], []
+    held = set()
+    for fd in glob.glob("/proc/[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            held.add(os.readlink(fd))
+    removed, named = [], []
+    for lock in map(os.path.realpath, locks):
+        with contextlib.suppress(FileNotFoundError):
+            age = time.time() - os.stat(lock).st_mtime
+            if lock in held:
+                continue
+            if age > STALE_LOCK_S:
+                os.unlink(lock)
+                removed.append(f"removed {lock}, {age / 60:.0f} min old and held by no process here: a run killed while "
+                            f"it built or loaded {Path(lock).parent.name} left it, and DeepSpeed would wait for it "
+                            f"without end")
+            else:
+                named.append(f"{lock} is held by no process on this machine: unless another machine builds into "
+                            f"{Path(lock).parent} now, a killed run left it and DeepSpeed will wait for it without "
+                            f"end: delete it")
+    return removed, named
+
+
+def release_build_locks() -> None:
+    """Removes the op build locks this process holds, before it ends without unwinding (os._exit),
+    which would leave them to stop every later run (see clear_stale_build_locks)."""
+    root = os.path.realpath(_extensions_root()) + os.sep
+    for fd in glob.glob("/proc/self/fd/*"):
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith(root) and os.path.basename(target) == "lock":
+                os.unlink(target)
+
+
+def _extensions_root() -> str:
+    """Where torch builds extensions: TORCH_EXTENSIONS_DIR/NAME, or CACHE/torch_extensions/py311_cpu/NAME
+    (torch.utils.cpp_extension._get_build_directory)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
