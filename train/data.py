@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,8 @@ class BaselineLoader:
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                                   pin_memory=device.type == "cuda",
                                                   persistent_workers=workers > 0,
-                                                  prefetch_factor=4 if workers else None)
+                                                  prefetch_factor=4 if workers else None,
+                                                  worker_init_fn=_default_sigterm)
         self.batches = iter(self.loader)
 
     def __len__(self) -> int:
@@ -120,3 +122,8 @@ class _Preprocess:
         pixels = self.processor(sample["jpg"].convert("RGB"), return_tensors="pt")["pixel_values"][0]
         return pixels, int(sample["cls"]), sample["__key__"]
 
+
+
+def _default_sigterm(worker_id: int) -> None:
+    """A worker dies of SIGTERM as processes do: the rank's own handler (train/main.py) is for the rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -161,7 +161,8 @@ def run_training(args: TrainArgs) -> int:
     """setup and fit (with --eval_only: setup_eval and evaluate_only), and the exit code: 0 done,
     2 configuration, 3 data, 4 non-finite losses, 5 the input pipeline failed without a bad sample
     to blame, 6 a checkpoint, the export, the metrics or the eval results could not be written,
-    7 stopped on SIGTERM (preemption) with a checkpoint saved, 1 anything else."""
+    7 stopped on SIGTERM (preemption) with a checkpoint saved, 1 anything else (main: 143, SIGTERM
+    outside the training loop)."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
     peers = PeerWatch(rank)
