@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import shutil
 import struct
 import tarfile
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_RESNET, TINY_VIT, common, evals, finish, metrics, photo, train, two_nodes
+from conftest import (ROOT, TINY_RESNET, TINY_VIT, common, evals, finish, free_port, metrics, photo, train,
+                      two_nodes)
 
 def wandb_records(run_file: Path):
     """The protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte
@@ -161,6 +163,24 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
     # linear warmup over 2 steps, then cosine to 0 at step 6: the rate each step used
     cosine = [0.01 * (i / 2 if i < 2 else 0.5 * (1 + math.cos(math.pi * (i - 2) / 4))) for i in range(6)]
     assert [history[s]["train/lr"] for s in range(1, 7)] == pytest.approx(cosine, abs=1e-9)
+
+
+@pytest.mark.parametrize("network", ["no_route", "proxy_refuses"])
+def test_wandb_online_without_its_server_trains_and_logs_offline(files, tmp_path, network):
+    """An API key is configured but W&B's server cannot be reached (a compute node without internet):
+    the run used to wait 90 s in wandb.init and die. It logs offline instead and says so: at once
+    where the server has no route (checked before init), after init's timeout through a proxy."""
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "https://api.wandb.invalid"}
+    if network == "proxy_refuses":
+        env |= {"HTTPS_PROXY": f"http://127.0.0.1:{free_port()}", "WANDB_INIT_TIMEOUT": "5"}
+    done = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "3",
+                  "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "0"], ranks=None, env=env)
+    said = re.search(r"W&B offline: online failed \((.+)\); `wandb sync DIR` uploads it later", done.stdout)
+    assert said, done.stdout[-3000:]
+    assert ("api.wandb.invalid" in said.group(1)) if network == "no_route" else ("proxy" in said.group(1))
+    history, _ = wandb_history(out)
+    assert sorted(history) == sorted({m["step"] for m in metrics(out)}) == [1, 2, 3]
 
 
 def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_path):

@@ -385,6 +385,8 @@ def _open_logger(run: Run, config: dict, *, run_id: str | None, resume_step: int
     run.logger = RunLogger(output_dir=run.output_dir, enabled=run.rank == 0, mode=mode, project=args.wandb_project,
                            name=args.wandb_run_name or run.output_dir.name, config=config, run_id=run_id,
                            resume_step=resume_step)
+    if run.logger.fallback:
+        return f"W&B offline: {mode} failed ({run.logger.fallback}); `wandb sync DIR` uploads it later"
     return f"W&B {mode} ({why})"
 
 

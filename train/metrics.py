@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +37,30 @@ def default_wandb_mode() -> tuple[str, str]:
     return "offline", "no W&B API key configured; `wandb sync` uploads it later"
 
 
+def wandb_unreachable(timeout: float = 5.0) -> str | None:
+    """Why W&B's server cannot be reached from this machine (no DNS, no route), or None. A compute
+    node without internet, where the API key of the login node is configured, would otherwise wait
+    in wandb.init for its 90 s timeout. Not checked through a proxy (W&B goes through it)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import wandb
+
+    url = urllib.parse.urlparse(wandb.setup().settings.base_url)  # as init reads it: env, `wandb login --host`
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
+
+
 class RunLogger:
-    """Logs on rank 0 only; every other rank gets a logger that does nothing."""
+    """Logs on rank 0 only; every other rank gets a logger that does nothing. An online run whose
+    server cannot be reached logs offline instead (`fallback` says why): the training goes on, and
+    `wandb sync` uploads it later."""
 
     def __init__(self, *, output_dir: Path, enabled: bool, mode: str, project: str, name: str, config: dict,
                  run_id: str | None, resume_step: int | None):
-        self.enabled, self.run = enabled, None
+        self.enabled, self.run, self.fallback = enabled, None, None
         self.path = Path(output_dir) / "metrics.jsonl"
         if not enabled:
             return
@@ -48,8 +68,17 @@ class RunLogger:
         if mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project=project, name=name, mode=mode, dir=str(output_dir), config=config,
-                                  id=run_id, resume="allow" if run_id else None)
+            if mode == "online" and (why := wandb_unreachable()):
+                mode, self.fallback = "offline", why
+            init = dict(project=project, name=name, dir=str(output_dir), config=config, id=run_id,
+                        resume="allow" if run_id else None)
+            try:
+                self.run = wandb.init(mode=mode, **init)
+            except wandb.errors.CommError as e:
+                if mode != "online":
+                    raise
+                self.fallback = str(e).splitlines()[0]
+                self.run = wandb.init(mode="offline", **init)
             # Charts follow the trainer's step, not W&B's own: W&B drops `log(step=s)` for an s it has
             # passed, so after a crash at step M and a resume from N < M the values of N+1..M would be
             # the dead run's, and the resumed ones lost
