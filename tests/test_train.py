@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import shutil
+import socket
 import struct
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import (ROOT, TINY_RESNET, TINY_VIT, common, evals, finish, free_port, metrics, photo, train,
-                      two_nodes)
+from conftest import (ROOT, TINY_RESNET, TINY_VIT, common, evals, finish, free_port, launcher, metrics, photo,
+                      train, two_nodes)
 
 def wandb_records(run_file: Path):
     """The protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte
@@ -181,6 +185,27 @@ def test_wandb_online_without_its_server_trains_and_logs_offline(files, tmp_path
     assert ("api.wandb.invalid" in said.group(1)) if network == "no_route" else ("proxy" in said.group(1))
     history, _ = wandb_history(out)
     assert sorted(history) == sorted({m["step"] for m in metrics(out)}) == [1, 2, 3]
+
+
+def test_a_rendezvous_port_in_use_is_one_line_and_every_rank_ends(files, tmp_path):
+    """Another job holds the port (two jobs on one machine, the launcher's default port each): rank 0
+    cannot listen on it, and says what to pass (it was torch's traceback). Rank 1, blocked in C++
+    connecting to that other job's port, runs no Python handler: the launcher's SIGTERM still ends
+    it within seconds, not at the launcher's SIGKILL 30 s later."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("", port := free_port()))
+        taken.listen()
+        started = time.monotonic()
+        job = subprocess.Popen(launcher(ranks=2, extra=["--master_port", str(port)]) + [
+            "--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", tmp_path / "run")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True,
+            env={**os.environ, "WANDB_MODE": "disabled"})
+        output = finish(job, timeout=120)[0]
+    assert job.returncode == 2, output[-3000:]
+    assert (f"train: rank 0: the rendezvous port {port} is taken on 127.0.0.1 (another job?): give this job one of "
+            f"its own, `deepspeed --master_port N ...`") in output
+    assert "Traceback" not in output and time.monotonic() - started < 30
 
 
 def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_path):

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         del os.environ[key]  # an empty variable means unset (wandb.init fails on WANDB_MODE="")
     args = parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung rank: `kill -USR1 PID` prints its stacks
-    signal.signal(signal.SIGTERM, _terminated)  # the training loop saves on it instead (Preemption)
+    watch_sigterm()
     removed, named = clear_stale_build_locks()  # every rank, before any op loads
     for line in removed + (named if os.environ.get("LOCAL_RANK", "0") == "0" else []):
         print(f"train: {line}", file=sys.stderr, flush=True)
@@ -134,9 +134,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Terminated(BaseException):
-    """SIGTERM outside the training loop (which saves on it: Preemption). Raised, rather than the
-    signal's default death, so that what the rank holds is released on the way out: a rank killed
-    while DeepSpeed builds or loads an op leaves torch's build lock, and every later run waits for it."""
+    """SIGTERM outside the training loop (which saves on it: Preemption), raised in the main thread."""
+
+
+LOOP_SAVES = threading.Event()  # set while Preemption handles SIGTERM: saving takes as long as it takes
+SIGTERM_GRACE_S = 5.0
+
+
+def watch_sigterm() -> None:
+    """SIGTERM outside the training loop raises Terminated in the main thread, which unwinds: what
+    the rank holds is released on the way out (a rank killed by the signal's default action while
+    DeepSpeed builds or loads an op leaves torch's build lock, and every later run waits for it).
+    A main thread blocked in C++ (a store, a collective) runs no Python handler, so a thread woken
+    by the signal (the wakeup fd) ends the rank SIGTERM_GRACE_S later, as the default action would."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _terminated)
+
+    def watch():
+        while signal.SIGTERM not in os.read(read, 64) or LOOP_SAVES.is_set():
+            pass
+        time.sleep(SIGTERM_GRACE_S)
+        release_build_locks()
+        print(f"train: rank {os.environ.get('RANK', 0)}: SIGTERM while blocked outside Python; exiting", file=sys.stderr,
+              flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="sigterm-watch").start()
 
 
 def _terminated(signum, frame):
@@ -708,6 +733,7 @@ class Preemption:
         self.signalled: str | None = None  # why this rank wants to stop
         self.runner, self.looked = deepspeed_runner(), time.monotonic()
         self.previous = signal.signal(signal.SIGTERM, self._signal)
+        LOOP_SAVES.set()
 
     def _signal(self, signum, frame) -> None:
         self.signalled = "SIGTERM (preemption)"
@@ -746,6 +772,7 @@ class Preemption:
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
+        LOOP_SAVES.clear()
 
 
 class StepProfiler:
@@ -1240,7 +1267,15 @@ def _init_distributed() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(verbose=False)
+    try:
+        deepspeed.init_distributed(verbose=False)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        print(f"train: rank {os.environ['RANK']}: the rendezvous port {os.environ['MASTER_PORT']} is taken on "
+              f"{os.environ['MASTER_ADDR']} (another job?): give this job one of its own, `deepspeed --master_port N "
+              f"...` (torchrun: --master_port N)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _shm_buffer() -> Path:
