@@ -513,3 +513,29 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     assert f"train: removed {lock.resolve()}, 20 min old and held by no process here" in done.stderr
     assert "train: done, 2 steps" in done.stdout and not lock.exists()
     assert held.exists() and "other_op" not in output + done.stderr
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_trains(files, tmp_path):
+    """The same command started twice: the second run would have written its checkpoints and metrics
+    over the first's (and with --overwrite_output_dir deleted them). It is refused, naming the run that
+    holds the folder; the first trains on, its checkpoints intact, and the folder is free once it ends."""
+    out = tmp_path / "run"
+    base = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--micro_batch_size", "6"]
+    args = base + ["--max_steps", "3000", "--save_steps", "5", "--eval_steps", "1000"]
+    first = subprocess.Popen(launcher(ranks=2) + args, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "latest").exists():
+            assert time.monotonic() < deadline and first.poll() is None, "the first run saved nothing"
+            time.sleep(0.1)
+        second = train(args + ["--overwrite_output_dir"], check=False, env={"WANDB_MODE": "disabled"})
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert re.search(rf"--output_dir {re.escape(str(out))} is in use by another run \(pid \d+ on \S+, since "
+                         r"[\d-]+ [\d:]+\): wait for it to end", second.stderr), second.stderr[-3000:]
+        assert first.poll() is None and (out / "checkpoints" / "latest").exists()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    done = train(base + ["--max_steps", "2", "--overwrite_output_dir"], env={"WANDB_MODE": "disabled"})
+    assert "train: done, 2 steps" in done.stdout

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: import the repo's packages, no
 import contextlib
 import dataclasses
 import faulthandler
+import fcntl
 import hashlib
 import json
 import logging
@@ -300,6 +301,7 @@ def setup(args: TrainArgs) -> Run:
     model, image_processor, spec, head = _model(args, builtin=builtin, classes=classes, problems=problems)
 
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
+    problems += _claim_output_dir(output_dir, rank=rank) if output_dir.is_dir() else []  # before reading it
     resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
     problems += resume_problems
     trainer_state, order = {}, data_order(args, ds_config, manifest)
@@ -395,12 +397,45 @@ def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: 
 
 
 def _prepare_output_dir(output_dir: Path, *, clear: bool, rank: int) -> None:
-    """The output dir, its old checkpoints removed when `clear`, checked to be shared by every rank."""
+    """The output dir, claimed by this run, its old checkpoints removed when `clear`, checked to be
+    shared by every rank."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    problems = _claim_output_dir(output_dir, rank=rank)
+    _agree(problems)
+    if problems:
+        raise ConfigError(problems)
     if clear and rank == 0:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     _check_shared(output_dir, rank=rank)
+
+
+CLAIMS: dict[Path, int] = {}  # output dir -> the file descriptor of its lock, held until the process ends
+
+
+def _claim_output_dir(output_dir: Path, *, rank: int) -> list[str]:
+    """Rank 0 takes the output dir's lock (flock on OUTPUT/.run.lock, released when the process ends,
+    however it ends); a problem naming the run that holds it. Two runs in one output dir (the same
+    command started twice) would write each other's checkpoints and metrics, and --overwrite_output_dir
+    would delete the other's. A file system without locks is not checked."""
+    if rank != 0 or output_dir.resolve() in CLAIMS:
+        return []
+    path = output_dir / ".run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        return [f"--output_dir {output_dir} is in use by another run ({holder}): wait for it to end, or pick "
+                f"another --output_dir"]
+    except OSError:  # no locks on this file system
+        os.close(fd)
+        return []
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    CLAIMS[output_dir.resolve()] = fd
+    return []
 
 
 def _open_logger(run: Run, config: dict, *, run_id: str | None, resume_step: int | None) -> str:
