@@ -462,12 +462,14 @@ def test_full_disk_while_saving_is_one_message_and_resume_goes_on_after_space_is
         assert (checkpoints / "latest").read_text() == "step-00000003" and (out / "model" / "model.safetensors").is_file()
 
 
-def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_stops_cleanly(files, tmp_path, request):
+def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_stops_cleanly(
+        files, tmp_path, request, monkeypatch):
     """torch's lock of an op build folder, left by a rank killed while it built or loaded the op:
     every later run waited for it forever, printing nothing. Held by no process, it is named while it
     may still be another machine's build, and SIGTERM then stops the waiting ranks with one line each
     (an exception, which releases what a rank holds, not the signal's default death); once older than
-    any build it is removed and the run trains. A lock some process holds is left alone."""
+    any build it is removed and the run trains. A lock some process holds is left alone, and a rank
+    ended by os._exit removes only the locks it holds."""
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -513,6 +515,18 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     assert f"train: removed {lock.resolve()}, 20 min old and held by no process here" in done.stderr
     assert "train: done, 2 steps" in done.stdout and not lock.exists()
     assert held.exists() and "other_op" not in output + done.stderr
+
+    # a rank that PeerWatch ends with os._exit first removes the locks it holds, and only those
+    from torch.utils.file_baton import FileBaton
+    from train.perf import release_build_locks
+
+    own = extensions / "own_op" / "lock"
+    own.parent.mkdir()
+    assert FileBaton(str(own)).try_acquire()
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    release_build_locks()
+    assert not own.exists() and lock.exists() and held.exists()
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_trains(files, tmp_path):

@@ -123,7 +123,6 @@ class _Preprocess:
         return pixels, int(sample["cls"]), sample["__key__"]
 
 
-
 def _default_sigterm(worker_id: int) -> None:
     """A worker dies of SIGTERM as processes do: the rank's own handler (train/main.py) is for the rank."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

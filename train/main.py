@@ -420,8 +420,10 @@ def _claim_output_dir(output_dir: Path, *, rank: int) -> list[str]:
     would delete the other's. A file system without locks is not checked."""
     if rank != 0 or output_dir.resolve() in CLAIMS:
         return []
-    path = output_dir / ".run.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(output_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return [f"--output_dir {output_dir}: cannot write in it ({e.strerror})"]
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -433,7 +435,8 @@ def _claim_output_dir(output_dir: Path, *, rank: int) -> list[str]:
         os.close(fd)
         return []
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    os.pwrite(fd, holder.encode(), 0)
     CLAIMS[output_dir.resolve()] = fd
     return []
 
@@ -777,21 +780,22 @@ class Preemption:
         """Whether the run stops after this step."""
         if self.runner and not self.signalled and time.monotonic() - self.looked > 1:
             self.looked = time.monotonic()
-            launcher, pid = self.runner
-            with contextlib.suppress(psutil.Error):
-                if launcher.ppid() == pid:
-                    return self._agreed()
-            self.signalled = f"the deepspeed runner (pid {pid} on {socket.gethostname()}) is gone"
+            if not self._runner_alive():
+                self.signalled = f"the deepspeed runner (pid {self.runner[1]} on {socket.gethostname()}) is gone"
         if self.signalled and self.at is None and self.store.add(f"{self.KEY}/posted", 1) == 1:
             self.store.set(f"{self.KEY}/why", self.signalled)
             self.store.set(self.KEY, str(self.run.step + 2))
-        return self._agreed()
-
-    def _agreed(self) -> bool:
         if self.at is None and (self.signalled or self.store.check([self.KEY])):
             self.store.wait([self.KEY])  # another rank may be between its post and its set
             self.at, self.why = int(self.store.get(self.KEY)), self.store.get(f"{self.KEY}/why").decode()
         return self.at is not None and self.run.step >= self.at
+
+    def _runner_alive(self) -> bool:
+        launcher, pid = self.runner
+        try:
+            return launcher.ppid() == pid
+        except psutil.Error:  # the launcher is gone too
+            return False
 
     def stop(self) -> None:
         """Saves this step (unless its cadence just did, or --save_steps 0) and raises Preempted."""
