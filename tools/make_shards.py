@@ -250,10 +250,10 @@ def find_sources(src: Path, *, classes_file: Path | None):
             names = files[split].setdefault(entry.name, [])
             # links are followed, but a folder is walked once, and never one holding the class folder: a
             # link back up the tree would be walked to the kernel's link limit, or reach other classes
-            root, walked = Path(entry).resolve(), set()
+            top, walked = entry.resolve(), set()
             for dirpath, dirnames, filenames in os.walk(entry, followlinks=True):
                 real = Path(dirpath).resolve()
-                if real in walked or (real != root and root.is_relative_to(real)):
+                if real in walked or (real != top and top.is_relative_to(real)):
                     dirnames.clear()
                     continue
                 walked.add(real)
@@ -330,7 +330,9 @@ def duplicates_found(splits: dict[str, list[Source]], digests: dict[str, int], c
     for sources in splits.values():
         for source in sources:
             groups.setdefault(digests[source.relpath], []).append(source.relpath)
-    train = {digests[s.relpath]: s.relpath for s in sorted(splits["train"], key=lambda s: s.relpath, reverse=True)}
+    train: dict[int, str] = {}  # digest -> the first train input with it
+    for source in sorted(splits["train"], key=lambda s: s.relpath):
+        train.setdefault(digests[source.relpath], source.relpath)
     classes = sorted(sorted(group) for d, group in groups.items() if len(classes_of[d]) > 1)
     leaks = sorted(({"path": s.relpath, "split": split, "train": train[digests[s.relpath]]}
                     for split in SPLITS if split != "train" for s in splits[split] if digests[s.relpath] in train),
