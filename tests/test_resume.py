@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -551,5 +552,12 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_trains(f
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    done = train(base + ["--max_steps", "2", "--overwrite_output_dir"], env={"WANDB_MODE": "disabled"})
-    assert "train: done, 2 steps" in done.stdout
+    with open(out / ".run.lock") as lock:  # free once rank 0 is gone: the kernel drops a dead process's flock
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the lock outlived the run"
+                time.sleep(0.1)
