@@ -30,11 +30,22 @@ def resume_args(files, out: Path) -> list[str]:
             "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "2", "--eval_steps", "4", "--record_keys"]
 
 
-def wait_for(paths: list[Path], timeout: float = 300) -> None:
+def wait_for(paths: list[Path], timeout: float = 300, *, job: subprocess.Popen | None = None) -> None:
+    """Until every path exists; fails at the timeout, or as soon as `job` has ended."""
     deadline = time.monotonic() + timeout
     while not all(p.exists() for p in paths):
         assert time.monotonic() < deadline, f"timed out waiting for {paths}"
-        time.sleep(0.5)
+        assert job is None or job.poll() is None, f"the job ended (exit {job.returncode}) before {paths} appeared"
+        time.sleep(0.1)
+
+
+def wait_for_step(out: Path, step: int, *, job: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the running `job` has logged the train loss of `step` in OUT/metrics.jsonl."""
+    wait_for([out / "metrics.jsonl"], timeout, job=job)
+    deadline = time.monotonic() + timeout
+    while max(losses_by_step(out), default=0) < step:
+        assert time.monotonic() < deadline and job.poll() is None, f"the run did not reach step {step}"
+        time.sleep(0.1)
 
 
 def losses_by_step(out: Path) -> dict[int, float]:
@@ -340,10 +351,7 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
     job = subprocess.Popen(launcher(ranks=2) + args, start_new_session=True, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").exists() or max(losses_by_step(out), default=0) < 3:
-            assert time.monotonic() < deadline and job.poll() is None, "the run did not reach step 3"
-            time.sleep(0.1)
+        wait_for_step(out, 3, job=job)
         assert signal_ranks(job, signal.SIGUSR1) == 2  # a hung run's diagnosis: each rank prints its stacks, trains on
         time.sleep(1)
         os.killpg(job.pid, signal.SIGTERM)
@@ -385,10 +393,7 @@ def test_sigterm_to_the_launcher_alone_saves_and_stops_every_rank(files, tmp_pat
         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "WANDB_MODE": "disabled"}, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").exists() or max(losses_by_step(out), default=0) < 3:
-            assert time.monotonic() < deadline and job.poll() is None, "the run did not reach step 3"
-            time.sleep(0.1)
+        wait_for_step(out, 3, job=job)
         job.send_signal(signal.SIGTERM)
         output = finish(job, timeout=120)[0]  # until the ranks, which hold the output pipe, are gone too
     finally:
@@ -540,10 +545,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_trains(f
     first = subprocess.Popen(launcher(ranks=2) + args, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "latest").exists():
-            assert time.monotonic() < deadline and first.poll() is None, "the first run saved nothing"
-            time.sleep(0.1)
+        wait_for([out / "checkpoints" / "latest"], job=first)
         second = train(args + ["--overwrite_output_dir"], check=False, env={"WANDB_MODE": "disabled"})
         assert second.returncode == 2, second.stderr[-3000:]
         assert re.search(rf"--output_dir {re.escape(str(out))} is in use by another run \(pid \d+ on \S+, since "

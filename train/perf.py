@@ -123,45 +123,48 @@ def clear_stale_build_locks() -> tuple[list[str], list[str]]:
     a DeepSpeed op (SIGKILL: the OOM killer, `kill -9`) leaves its lock behind, and every later run
     waits for it without end, printing nothing. One older than any build is removed; a younger one
     is only named (a build on another machine may hold it, where the folder is shared)."""
-    locks = glob.glob(os.path.join(_extensions_root(), *["*"] * (1 if "TORCH_EXTENSIONS_DIR" in os.environ else 2),
-                                   "lock"))
+    locks = _build_locks()
     if not locks:
         return [], []
-    held = set()
-    for fd in glob.glob("/proc/[0-9]*/fd/*"):
-        with contextlib.suppress(OSError):
-            held.add(os.readlink(fd))
+    held = _open_files("[0-9]*")
     removed, named = [], []
-    for lock in map(os.path.realpath, locks):
+    for lock in sorted(locks - held):
         with contextlib.suppress(FileNotFoundError):
             age = time.time() - os.stat(lock).st_mtime
-            if lock in held:
-                continue
             if age > STALE_LOCK_S:
                 os.unlink(lock)
-                removed.append(f"removed {lock}, {age / 60:.0f} min old and held by no process here: a run killed while "
-                            f"it built or loaded {Path(lock).parent.name} left it, and DeepSpeed would wait for it "
-                            f"without end")
+                removed.append(f"removed {lock}, {age / 60:.0f} min old and held by no process here: a run killed "
+                               f"while it built or loaded {Path(lock).parent.name} left it, and DeepSpeed would wait "
+                               f"for it without end")
             else:
                 named.append(f"{lock} is held by no process on this machine: unless another machine builds into "
-                            f"{Path(lock).parent} now, a killed run left it and DeepSpeed will wait for it without "
-                            f"end: delete it")
+                             f"{Path(lock).parent} now, a killed run left it and DeepSpeed will wait for it without "
+                             f"end: delete it")
     return removed, named
 
 
 def release_build_locks() -> None:
     """Removes the op build locks this process holds, before it ends without unwinding (os._exit),
     which would leave them to stop every later run (see clear_stale_build_locks)."""
-    root = os.path.realpath(_extensions_root()) + os.sep
-    for fd in glob.glob("/proc/self/fd/*"):
+    for lock in _build_locks() & _open_files("self"):
         with contextlib.suppress(OSError):
-            if (target := os.readlink(fd)).startswith(root) and os.path.basename(target) == "lock":
-                os.unlink(target)
+            os.unlink(lock)
 
 
-def _extensions_root() -> str:
-    """Where torch builds extensions: TORCH_EXTENSIONS_DIR/NAME, or CACHE/torch_extensions/py311_cpu/NAME
-    (torch.utils.cpp_extension._get_build_directory)."""
+def _build_locks() -> set[str]:
+    """The real paths of the lock files in torch's extension build folders: TORCH_EXTENSIONS_DIR/NAME,
+    or CACHE/torch_extensions/py311_cpu/NAME (torch.utils.cpp_extension._get_build_directory)."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    folders = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "*") if os.environ.get("TORCH_EXTENSIONS_DIR") else \
+        os.path.join(get_default_build_root(), "*", "*")
+    return set(map(os.path.realpath, glob.glob(os.path.join(folders, "lock"))))
+
+
+def _open_files(pids: str) -> set[str]:
+    """What the processes matching `pids` ("self", "[0-9]*": all that can be read) hold open."""
+    files = set()
+    for fd in glob.glob(f"/proc/{pids}/fd/*"):
+        with contextlib.suppress(OSError):
+            files.add(os.readlink(fd))
+    return files
