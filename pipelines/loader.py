@@ -123,7 +123,8 @@ def create_loader(
     """A DaliLoader over `data/split` for this rank; `device` defaults to the local GPU if any.
 
     `expected_size` is the model's input size, checked against the processor's output size.
-    `state` is a `DaliLoader.state_dict()` to resume from. `verify_hashes`: this rank checks the
+    `state` is a `DaliLoader.state_dict()` to resume from (with `"dali": None`, from its epoch and
+    step, the augmentation's random state seeded afresh: for a changed augmentation graph). `verify_hashes`: this rank checks the
     sha256 of its share of the shards (see `preflight`).
 
     `resize` (eval): "dali" resizes in the DALI graph (the default on GPU); "torch" and "pillow"
@@ -149,11 +150,13 @@ def create_loader(
                       hash_share=(rank, world_size) if verify_hashes else None)
     source = EpochSource(table, rank=rank, world_size=world_size, batch_size=batch_size, shuffle=train, seed=seed,
                          full_batches=train)
+    if state and state.get("dali") is None:  # resumed without DALI's checkpoint (another augmentation graph)
+        source.first = state["epoch"] * source.steps + state["step"]
     pipe = shard_pipeline(
         source=source, spec=spec, train=train, gpu=gpu, layout="HWC" if channels_last else "CHW",
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT, augment=augment or {},
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
-        device_id=device_id, seed=seed + rank,
+        device_id=device_id, seed=seed + rank if not source.first else _seed(seed, rank, source.first),
         enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=PREFETCH,
         # only automatic augmentation branches; AutoGraph's rewrite of the graph is otherwise wasted
         enable_conditionals=bool((augment or {}).get("auto_augment")),
@@ -168,7 +171,8 @@ class EpochSource:
     """DALI's external source: batch number (counted over all epochs) -> this rank's samples.
 
     Stateless by design: DALI passes the batch number (`BatchInfo.iteration`, restored from its
-    checkpoint), so resuming needs nothing of ours. Returns the JPEG bytes, the labels, and the
+    checkpoint), so resuming needs nothing of ours; a loader resumed without DALI's checkpoint (its
+    augmentation changed) starts DALI at the batch number `first`. Returns the JPEG bytes, the labels, and the
     sample ids, where padding (eval, past this rank's part) is `-(id + 1)` of the sample it repeats.
     """
 
@@ -182,6 +186,7 @@ class EpochSource:
         else:
             self.steps = math.ceil(math.ceil(n / world_size) / batch_size)
         self._parts: dict[int, np.ndarray] = {}
+        self.first = 0  # the batch number of DALI's iteration 0 (nonzero: resumed without DALI's checkpoint)
 
     def part(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for `epoch`, in the order they are read."""
@@ -200,7 +205,7 @@ class EpochSource:
         return np.concatenate([ids, np.full(self.batch_size - len(ids), -(fill + 1), dtype=np.int64)])
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        ids = self.batch_ids(info.iteration)
+        ids = self.batch_ids(self.first + info.iteration)
         jpegs, labels = [], np.empty(len(ids), dtype=np.int64)
         for j, i in enumerate(ids):
             jpeg, cls = self.table.read(_real(i))
@@ -209,6 +214,11 @@ class EpochSource:
             jpegs.append(np.frombuffer(jpeg, dtype=np.uint8))
             labels[j] = int(cls)
         return jpegs, labels, ids
+
+
+def _seed(seed: int, rank: int, first: int) -> int:
+    """DALI's seed for a pipeline that starts at batch `first`: not the stream batch 0 had."""
+    return int(np.random.SeedSequence([seed, rank, first]).generate_state(1)[0] >> 1)
 
 
 def _real(i: int) -> int:

@@ -64,7 +64,7 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     from transformers import pipeline
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(resume_args(files, straight))
+    train(resume_args(files, straight) + ["--save_total_limit", "10"])  # keeps step 4, resumed from below
 
     # kill the whole job while it saves step 6: both ranks wrote their files, none marked it complete
     job = subprocess.Popen(launcher(ranks=2) + resume_args(files, resumed), start_new_session=True,
@@ -140,6 +140,62 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     resumed_history = wandb_history(resumed, 1)[0]
     assert sorted(resumed_history) == [5, 6, 7, 8]
     assert [resumed_history[s]["train/loss"] for s in range(5, 9)] == pytest.approx([got[s] for s in range(5, 9)])
+
+
+def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_aside(files, tmp_path):
+    """Going back to an earlier checkpoint with other settings (a loss spike: lower the lr, resume
+    from before it) is a new line of the run: its settings apply from its first step, the data order
+    goes on, and the later checkpoints of the line it leaves are moved out of the way, where
+    --resume auto, the pruning and --export best would have taken them for its own."""
+    import torch
+
+    out = tmp_path / "run"
+    train(resume_args(files, out) + ["--save_total_limit", "10"])
+    first_keys = {rank: keys_by_step(out, rank) for rank in (0, 1)}
+    first_lrs = {m["step"]: m["train/lr"] for m in metrics(out) if "train/lr" in m}
+
+    step4 = out / "checkpoints" / "step-00000004"
+    branch = resume_args(files, out) + ["--resume", str(step4), "--lr", "3e-3", "--weight_decay", "0.1",
+                                        "--color_jitter", "0.3", "--save_steps", "5", "--eval_steps", "5"]
+    branch[branch.index("--max_steps") + 1] = "10"
+    done = train(branch)
+    assert ("this run's settings apply from step 5: steps 8 -> 10; lr 0.001 -> 0.003; weight_decay 0.05 -> 0.1; "
+            "color_jitter 0.0 -> 0.3 (the augmentation's random state starts afresh)") in done.stdout
+    abandoned = next((out / "abandoned").iterdir())
+    assert (f"moved 2 checkpoint(s) this run does not continue (step-00000006, step-00000008; it goes on from "
+            f"{step4}) to {abandoned}") in done.stdout
+    assert sorted(p.parent.name for p in abandoned.glob("*/complete.json")) == ["step-00000006", "step-00000008"]
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept[-2:] == ["step-00000005", "step-00000010"] and set(kept) <= {"step-00000004", *kept[-2:]}
+    # the new lr and schedule from step 5 on (DeepSpeed alone restores the saved rates), the old before
+    rows = {m["step"]: m for m in metrics(out) if "train/lr" in m}
+    assert sorted(rows) == list(range(1, 11))
+    assert [rows[s]["train/lr"] for s in range(1, 5)] == pytest.approx([first_lrs[s] for s in range(1, 5)])
+    assert [rows[s]["train/lr"] for s in range(5, 11)] == pytest.approx(
+        schedule_lrs("cosine", warmup=0, steps=10, lr=3e-3)[4:])
+    saved = torch.load(out / "checkpoints" / "step-00000010" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert sorted(group["weight_decay"] for group in saved) == [0.0, 0.1]
+    # a new augmentation graph cannot take DALI's checkpoint, yet the data order goes on where it was
+    for rank in (0, 1):
+        assert keys_by_step(out, rank)[:8] == first_keys[rank]
+    # the best among equal evals is the newest, in the summary as in the export
+    best = max(evals(out), key=lambda e: (e["eval/top1"], e["step"]))
+    assert (f"best eval top-1 {best['eval/top1']:.2%} at step {best['step']}" in done.stdout
+            and f"(from step-{best['step']:08d}, the best by eval top-1)" in done.stdout)
+
+    # what DeepSpeed's checkpoint cannot follow is refused, each with what to do
+    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    config["optimizer"]["type"] = "Adam"
+    (tmp_path / "adam3.json").write_text(json.dumps(config))
+    other = resume_args(files, out) + ["--resume", "auto", "--ds_config", str(tmp_path / "adam3.json")]
+    other[other.index("--precision") + 1] = "bf16"
+    refused = train(other, check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    for expected in ("saved by a fp32 run, this one is bf16; resume with --precision fp32",
+                     "saved under ZeRO-2, this run's --ds_config has ZeRO-3; resume with a ZeRO-2 config",
+                     "saved with the optimizer AdamW, this run's --ds_config has Adam; resume with AdamW"):
+        assert expected in refused.stderr, refused.stderr[-3000:]
 
 
 def schedule_lrs(name: str, *, warmup: int, steps: int, lr: float = 1e-3) -> list[float]:

@@ -95,6 +95,25 @@ def complete_checkpoints(root: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in folders if (p / MARKER).is_file()], [p for p in folders if not (p / MARKER).is_file()]
 
 
+def set_aside(root: Path, *, resume: Path, into: Path) -> list[Path]:
+    """Moves the complete checkpoints under `root` that a run resuming from `resume` does not
+    continue into the folder `into`, and returns where they went: those after `resume` when it is
+    one of them (a run branching off an earlier step), all of them when it is another run's. Left
+    in place, they would pass for this run's: `--resume auto` would go on from a later step of the
+    abandoned line, and the pruning and `--export best` would weigh its evals."""
+    here = Path(resume).resolve().parent == Path(root).resolve()
+    others = [p for p in complete_checkpoints(root)[0] if not here or p.name > Path(resume).name]
+    if others:
+        into.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in others:
+        path.rename(into / path.name)
+        moved.append(into / path.name)
+    if here and moved:
+        write_atomic(Path(root) / "latest", Path(resume).name)
+    return moved
+
+
 def find_resume(resume: str | None, root: Path) -> tuple[Path | None, list[Path]]:
     """The checkpoint to resume from (None: fresh start) and the partial ones that were skipped."""
     complete, partial = complete_checkpoints(root)
@@ -116,12 +135,38 @@ def checkpoint_info(path: Path) -> dict:
 
 
 def load_checkpoint(engine, path: Path, *, rank: int) -> dict:
-    """Restores DeepSpeed's state from `path` and returns this rank's trainer state."""
+    """Restores DeepSpeed's state from `path` and returns this rank's trainer state.
+
+    The optimizer's state (moments, step counts) and the schedule's position come from the
+    checkpoint; the optimizer's hyperparameters (lr, weight decay, betas, eps) stay this run's, and
+    the next step's learning rate is this run's schedule's at that position. DeepSpeed restores the
+    saved param groups whole, which would silently ignore a new --lr or --weight_decay, and train
+    the first resumed step at the old schedule's rate after a change of --epochs."""
     path = Path(path)
+    ours = [{k: v for k, v in group.items() if k not in ("params", "lr", "step")}
+            for group in engine.optimizer.param_groups]
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    groups = engine.optimizer.param_groups
+    for group, hyperparameters in zip(groups, ours):
+        group.update(hyperparameters)
+    _set_scheduled_lr(engine.lr_scheduler, groups)
     return torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
+
+
+def _set_scheduled_lr(scheduler, groups: list[dict]) -> None:
+    """Each group's learning rate as `scheduler` sets it at its current position."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # transformers' schedules
+        scheduler.base_lrs = [group["initial_lr"] for group in groups]  # the saved ones were restored
+        rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        scheduler._last_lr = rates
+    elif scheduler is not None:  # DeepSpeed's: a function of last_batch_iteration and this run's config
+        rates = scheduler.get_lr()
+    else:
+        return
+    for group, rate in zip(groups, rates):
+        group["lr"] = rate
 
 
 def export_model(*, checkpoint: Path, config, processor, out: Path) -> Path:
@@ -157,7 +202,7 @@ def _tied_keys(model) -> set[str]:
 def _prune(root: Path, *, keep: int) -> None:
     complete, _ = complete_checkpoints(root)
     scored = [(checkpoint_info(p).get("top1"), p) for p in complete]
-    best = max((s for s in scored if s[0] is not None), key=lambda s: s[0], default=(None, None))[1]
+    best = max((s for s in scored if s[0] is not None), key=lambda s: (s[0], s[1].name), default=(None, None))[1]
     for path in complete[:-keep] if keep > 0 else complete:
         if path != best and path != complete[-1]:
             shutil.rmtree(path, ignore_errors=True)

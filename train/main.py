@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import faulthandler
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -53,7 +52,7 @@ from pipelines.spec import ProcessorError, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
 from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
                               complete_checkpoints, export_model, find_resume, folder_bytes, load_checkpoint,
-                              save_checkpoint, write_failure)
+                              save_checkpoint, set_aside, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
@@ -63,6 +62,7 @@ from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_par
                          model_input_size, model_source, parameter_groups, prepare_precision)
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
                         release_build_locks, train_flops_per_image)
+from train.resume import augmentation_changed, data_order, read_trainer_state, recipe_changes, training_recipe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
@@ -96,6 +96,7 @@ class Run:
     logger: RunLogger
     ds_config: dict
     order: dict = field(default_factory=dict)  # data_order: checked when a run resumes
+    recipe: dict = field(default_factory=dict)  # training_recipe: compared when a run resumes
     step: int = 0  # optimizer steps done
     doing: int = 0  # the step under way (its train step, then its hooks), for messages
     best: dict = field(default_factory=lambda: {"top1": None, "step": None})
@@ -306,16 +307,18 @@ def setup(args: TrainArgs) -> Run:
     problems += resume_problems
     trainer_state, order = {}, data_order(args, ds_config, manifest)
     if resume is not None:
-        trainer_state = _read_trainer_state(resume, rank=rank, world=world, classes=classes, order=order,
-                                            problems=problems)
+        trainer_state = read_trainer_state(resume, rank=rank, world=world, classes=classes, order=order,
+                                           problems=problems)
 
     train_loader = eval_loader = None
     if not problems:
         train_loader, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
                                                    precision=precision, device=device, eval_samples=eval_samples,
-                                                   state=trainer_state.get("train_loader"), problems=problems)
-    steps_per_epoch, total_steps, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
-                                                       problems=problems)
+                                                   state=_loader_state(trainer_state, args), problems=problems)
+    steps_per_epoch, total_steps, warmup, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
+                                                               problems=problems)
+    recipe = training_recipe(args, ds_config, precision=precision, total_steps=total_steps, warmup_steps=warmup)
+    changes = recipe_changes(trainer_state.get("recipe"), recipe, path=resume, problems=problems)
     problems += _flag_problems(args)
     _agree(problems)
     if problems:
@@ -323,7 +326,7 @@ def setup(args: TrainArgs) -> Run:
 
     train_loader = _stand_in(args, train_loader, data=data, processor=image_processor, classes=classes,
                              ds_config=ds_config, precision=precision, device=device, rank=rank)
-    _prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, rank=rank)
+    _prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, resume=resume, rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
@@ -334,7 +337,7 @@ def setup(args: TrainArgs) -> Run:
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps,
-              ds_config=ds_config, order=order, logger=None,
+              ds_config=ds_config, order=order, recipe=recipe, logger=None,
               mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters, head=head,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
@@ -348,7 +351,17 @@ def setup(args: TrainArgs) -> Run:
                          resume_step=run.step if resume else None)
     if rank == 0:
         print(_banner(run, run_config, resumed=resume, wandb=wandb))
+        if changes:
+            fresh = " (the augmentation's random state starts afresh)" if augmentation_changed(trainer_state, args) else ""
+            print(f"train: this run's settings apply from step {run.step + 1}: {'; '.join(changes)}{fresh}")
     return run
+
+
+def _loader_state(trainer_state: dict, args: TrainArgs) -> dict | None:
+    """The train loader's state to resume from: without DALI's part when the augmentation changed
+    (the loader then goes on from its epoch and step, the augmentation seeded afresh)."""
+    state = trainer_state.get("train_loader")
+    return {**state, "dali": None} if state and augmentation_changed(trainer_state, args) else state
 
 
 def _record_run(run: Run, *, model, parameters: int, head: str | None, train_samples: int, eval_samples: int) -> dict:
@@ -396,9 +409,9 @@ def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: 
     return train_loader
 
 
-def _prepare_output_dir(output_dir: Path, *, clear: bool, rank: int) -> None:
-    """The output dir, claimed by this run, its old checkpoints removed when `clear`, checked to be
-    shared by every rank."""
+def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, rank: int) -> None:
+    """The output dir, claimed by this run, its old checkpoints removed when `clear`, or those the
+    resumed run does not continue set aside in OUTPUT/abandoned/, checked to be shared by every rank."""
     output_dir.mkdir(parents=True, exist_ok=True)
     problems = _claim_output_dir(output_dir, rank=rank)
     _agree(problems)
@@ -406,6 +419,12 @@ def _prepare_output_dir(output_dir: Path, *, clear: bool, rank: int) -> None:
         raise ConfigError(problems)
     if clear and rank == 0:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    if resume is not None and rank == 0:
+        into = output_dir / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+        if moved := set_aside(output_dir / "checkpoints", resume=resume, into=into):
+            names = ", ".join(p.name for p in moved)
+            print(f"train: moved {len(moved)} checkpoint(s) this run does not continue ({names}; it goes on from "
+                  f"{resume}) to {into}", flush=True)
     dist.barrier()
     _check_shared(output_dir, rank=rank)
 
@@ -482,7 +501,7 @@ def setup_eval(args: TrainArgs) -> Run:
         raise ConfigError(problems)
 
     output_dir = Path(args.output_dir or Path("outputs") / f"eval-{data.name}-{_model_name(args, model)}-{args.eval_split}")
-    _prepare_output_dir(output_dir, clear=False, rank=rank)
+    _prepare_output_dir(output_dir, clear=False, resume=None, rank=rank)
     prepare_precision(model, DTYPES[precision])
     cast_parameters(model, DTYPES[precision])  # as DeepSpeed's engine would: the same logits as training's evals
     model.to(device).eval()
@@ -630,9 +649,9 @@ def decoding_of(args: TrainArgs, *, train: bool) -> Decoding:
 
 
 def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, problems: list[str]):
-    """(steps per epoch, total steps, the learning-rate schedule for deepspeed.initialize)."""
+    """(steps per epoch, total steps, warmup steps, the learning-rate schedule for deepspeed.initialize)."""
     if train_loader is None:
-        return 0, 0, None
+        return 0, 0, 0, None
     accum = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
@@ -643,7 +662,7 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, pro
     schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
     if autos := find_autos(ds_config):
         problems.append(f"{args.ds_config}: nothing fills {', '.join(autos)} (\"auto\"); set values")
-    return steps_per_epoch, total_steps, schedule
+    return steps_per_epoch, total_steps, warmup, schedule
 
 
 def _perf_figures(args: TrainArgs, model, *, spec, classes: list[str], device: torch.device,
@@ -1103,7 +1122,7 @@ def log_train(run: Run, meter: dict, bar) -> None:
 def log_eval(run: Run, result: dict) -> None:
     samples, report = result.pop("_samples"), result.pop("_report")
     run.last_eval = {"step": run.step, **result}
-    if run.best["top1"] is None or result["eval/top1"] > run.best["top1"]:
+    if run.best["top1"] is None or result["eval/top1"] >= run.best["top1"]:  # the newest among equals, as exported
         run.best = {"top1": result["eval/top1"], "step": run.step}
     run.logger.log(run.step, result)
     if samples is not None:
@@ -1179,7 +1198,7 @@ def trainer_state(run: Run) -> dict:
     """Everything this rank needs to resume besides DeepSpeed's own state."""
     return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
             "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
-            "last_eval": run.last_eval, "classes": len(run.classes), "order": run.order,
+            "last_eval": run.last_eval, "classes": len(run.classes), "order": run.order, "recipe": run.recipe,
             "wandb_run_id": run.logger.run_id, "mix_rng": run.mix_rng.bit_generator.state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
@@ -1194,44 +1213,6 @@ def _restore(run: Run, state: dict) -> None:
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-def data_order(args: TrainArgs, ds_config: dict, manifest: dict | None) -> dict:
-    """What fixes a rank's data order besides the world size: the micro batch (the loader resumes
-    at a batch number), the seed (the epochs' permutations, the augmentation) and the train shards
-    (a fingerprint of their manifest entries: names, sizes, sample counts, sha256)."""
-    shards = json.dumps((manifest or {}).get("splits", {}).get("train", {}).get("shards"), sort_keys=True)
-    return {"micro_batch_size": ds_config.get("train_micro_batch_size_per_gpu"), "seed": args.seed,
-            "train_shards": hashlib.sha256(shards.encode()).hexdigest()[:16]}
-
-
-def _read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str], order: dict,
-                        problems: list[str]) -> dict:
-    info = checkpoint_info(path)
-    if info["world_size"] != world:
-        problems.append(f"--resume {path}: saved by {info['world_size']} ranks, this run has {world}; resume with "
-                        f"{info['world_size']} ranks (the data order and optimizer partitions are per rank), or "
-                        f"convert it to weights with `python tools/export_checkpoint.py {path} OUT` and start a "
-                        f"new run from them with --model OUT")
-        return {}
-    state = torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
-    if classes and state["classes"] != len(classes):
-        problems.append(f"--resume {path}: trained on {state['classes']} classes, --data has {len(classes)}")
-    saved = state.get("order", order)  # checkpoints from before the check carry none
-    restart = (f"or start a new run from its weights: `python tools/export_checkpoint.py {path} OUT`, then "
-               f"--model OUT")
-    if order["micro_batch_size"] is not None and saved["micro_batch_size"] != order["micro_batch_size"]:
-        problems.append(f"--resume {path}: saved with micro batch {saved['micro_batch_size']}, this run has "
-                        f"{order['micro_batch_size']}; resume with --micro_batch_size {saved['micro_batch_size']} "
-                        f"(a rank's data order resumes in batches of it), {restart}")
-    if saved["seed"] != order["seed"]:
-        problems.append(f"--resume {path}: saved by a run with --seed {saved['seed']}, this run has --seed "
-                        f"{order['seed']}; resume with --seed {saved['seed']} (each epoch's order and the "
-                        f"augmentation follow it), {restart}")
-    if classes and saved["train_shards"] != order["train_shards"]:
-        problems.append(f"--resume {path}: trained on other train shards than --data holds (their manifest "
-                        f"entries differ); resume with the --data it was trained on, {restart}")
-    return state
 
 
 # --- plumbing -----------------------------------------------------------------------------------
