@@ -184,7 +184,8 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
     assert (f"best eval top-1 {best['eval/top1']:.2%} at step {best['step']}" in done.stdout
             and f"(from step-{best['step']:08d}, the best by eval top-1)" in done.stdout)
 
-    # what DeepSpeed's checkpoint cannot follow is refused, each with what to do
+    # what DeepSpeed's checkpoint cannot follow is refused, each with what to do; so is a checkpoint
+    # past the run's last step (--max_steps 8 from step 10), which would train nothing
     config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     config["optimizer"]["type"] = "Adam"
     (tmp_path / "adam3.json").write_text(json.dumps(config))
@@ -194,7 +195,9 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
     assert refused.returncode == 2, refused.stderr[-3000:]
     for expected in ("saved by a fp32 run, this one is bf16; resume with --precision fp32",
                      "saved under ZeRO-2, this run's --ds_config has ZeRO-3; resume with a ZeRO-2 config",
-                     "saved with the optimizer AdamW, this run's --ds_config has Adam; resume with AdamW"):
+                     "saved with the optimizer AdamW, this run's --ds_config has Adam; resume with AdamW",
+                     "saved at step 10, past this run's last step 8; the steps count from the start of the run "
+                     "(--max_steps 18 trains 8 more)"):
         assert expected in refused.stderr, refused.stderr[-3000:]
 
 

@@ -318,7 +318,7 @@ def setup(args: TrainArgs) -> Run:
     steps_per_epoch, total_steps, warmup, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
                                                                problems=problems)
     recipe = training_recipe(args, ds_config, precision=precision, total_steps=total_steps, warmup_steps=warmup)
-    changes = recipe_changes(trainer_state.get("recipe"), recipe, path=resume, problems=problems)
+    changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems)
     problems += _flag_problems(args)
     _agree(problems)
     if problems:

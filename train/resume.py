@@ -85,10 +85,16 @@ def augmentation_changed(state: dict, args: TrainArgs) -> bool:
     return bool(saved) and any(saved[key] != getattr(args, key) for key in AUGMENTATION)
 
 
-def recipe_changes(saved: dict | None, recipe: dict, *, path: Path, problems: list[str]) -> list[str]:
-    """`name old -> new` for each setting this run changes from the checkpoint's; the ones DeepSpeed's
-    checkpoint cannot follow are noted as problems instead. Nothing for checkpoints from before the
-    recipe was saved."""
+def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: list[str]) -> list[str]:
+    """`name old -> new` for each setting this run changes from those of the checkpoint whose trainer
+    `state` it resumes; the ones DeepSpeed's checkpoint cannot follow are noted as problems instead,
+    and so is a checkpoint past this run's last step. Nothing to compare for a fresh run or a
+    checkpoint from before the recipe was saved."""
+    if state and state["step"] > recipe["steps"]:
+        problems.append(f"--resume {path}: saved at step {state['step']}, past this run's last step "
+                        f"{recipe['steps']}; the steps count from the start of the run (--max_steps "
+                        f"{state['step'] + recipe['steps']} trains {recipe['steps']} more)")
+    saved = state.get("recipe")
     if not saved:
         return []
     if saved["precision"] != recipe["precision"]:
