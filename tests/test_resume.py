@@ -163,7 +163,9 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
             "color_jitter 0.0 -> 0.3 (the augmentation's random state starts afresh)") in done.stdout
     abandoned = next((out / "abandoned").iterdir())
     assert (f"moved 2 checkpoint(s) this run does not continue (step-00000006, step-00000008; it goes on from "
-            f"{step4}) to {abandoned}") in done.stdout
+            f"{step4}) and their metrics to {abandoned}") in done.stdout
+    assert [json.loads(line)["step"] for line in (abandoned / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line] == [5, 6, 7, 8]
     assert sorted(p.parent.name for p in abandoned.glob("*/complete.json")) == ["step-00000006", "step-00000008"]
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert kept[-2:] == ["step-00000005", "step-00000010"] and set(kept) <= {"step-00000004", *kept[-2:]}
@@ -179,6 +181,19 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
     # a new augmentation graph cannot take DALI's checkpoint, yet the data order goes on where it was
     for rank in (0, 1):
         assert keys_by_step(out, rank)[:8] == first_keys[rank]
+    # one W&B run per line: the branch is a new run from step 5 on (W&B would draw both lines' values
+    # at steps 5-8 in one run), named for where it starts
+    from test_train import wandb_history, wandb_records
+
+    run_files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len({f.parent.name.rsplit("-", 1)[-1] for f in run_files}) == 2
+    assert sorted(wandb_history(out, 0)[0]) == list(range(1, 9))
+    assert sorted(wandb_history(out, 1)[0]) == list(range(5, 11))
+    names = [r.run.display_name for r in wandb_records(run_files[1]) if r.WhichOneof("record_type") == "run"]
+    assert names and set(names) == {"run from step 4"}, names
+    state = torch.load(out / "checkpoints" / "step-00000010" / "trainer_state_rank0.pt", weights_only=False)
+    assert (state["wandb_run_id"], state["wandb_run_name"]) == (run_files[1].parent.name.rsplit("-", 1)[-1],
+                                                                "run from step 4")  # a later resume goes on in it
     # the best among equal evals is the newest, in the summary as in the export
     best = max(evals(out), key=lambda e: (e["eval/top1"], e["step"]))
     assert (f"best eval top-1 {best['eval/top1']:.2%} at step {best['step']}" in done.stdout

@@ -57,7 +57,7 @@ from train.config import find_autos, load_ds_config, resolve_batch, resolve_prec
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
-from train.metrics import RunLogger, default_wandb_mode, truncate_log, viewable
+from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_parameters, load_trained,
                          model_input_size, model_source, parameter_groups, prepare_precision)
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
@@ -326,7 +326,8 @@ def setup(args: TrainArgs) -> Run:
 
     train_loader = _stand_in(args, train_loader, data=data, processor=image_processor, classes=classes,
                              ds_config=ds_config, precision=precision, device=device, rank=rank)
-    _prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, resume=resume, rank=rank)
+    moved = _prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, resume=resume,
+                                rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
@@ -347,8 +348,8 @@ def setup(args: TrainArgs) -> Run:
     if args.record_keys:
         _keys_log(run).parent.mkdir(exist_ok=True)
         truncate_log(_keys_log(run), after=run.step)
-    wandb = _open_logger(run, run_config, run_id=trainer_state.get("wandb_run_id"),
-                         resume_step=run.step if resume else None)
+    wandb = _open_logger(run, run_config, resume_step=run.step if resume else None,
+                         **_wandb_line(run, trainer_state, resume=resume, branched=bool(moved or changes)))
     if rank == 0:
         print(_banner(run, run_config, resumed=resume, wandb=wandb))
         if changes:
@@ -409,9 +410,11 @@ def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: 
     return train_loader
 
 
-def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, rank: int) -> None:
-    """The output dir, claimed by this run, its old checkpoints removed when `clear`, or those the
-    resumed run does not continue set aside in OUTPUT/abandoned/, checked to be shared by every rank."""
+def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, rank: int) -> list[Path]:
+    """The output dir, claimed by this run, its old checkpoints removed when `clear`, checked to be
+    shared by every rank. The checkpoints a resumed run does not continue are set aside in
+    OUTPUT/abandoned/TIME/ with the metrics logged past its step (which metrics.jsonl drops), and
+    returned (on rank 0)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     problems = _claim_output_dir(output_dir, rank=rank)
     _agree(problems)
@@ -419,14 +422,18 @@ def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, r
         raise ConfigError(problems)
     if clear and rank == 0:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    moved = []
     if resume is not None and rank == 0:
         into = output_dir / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
         if moved := set_aside(output_dir / "checkpoints", resume=resume, into=into):
+            past = split_log(output_dir / "metrics.jsonl", at=checkpoint_info(resume)["step"])[1]
+            (into / "metrics.jsonl").write_text("".join(line + "\n" for line in past))
             names = ", ".join(p.name for p in moved)
             print(f"train: moved {len(moved)} checkpoint(s) this run does not continue ({names}; it goes on from "
-                  f"{resume}) to {into}", flush=True)
+                  f"{resume}) and their metrics to {into}", flush=True)
     dist.barrier()
     _check_shared(output_dir, rank=rank)
+    return moved
 
 
 CLAIMS: dict[Path, int] = {}  # output dir -> the file descriptor of its lock, held until the process ends
@@ -460,13 +467,27 @@ def _claim_output_dir(output_dir: Path, *, rank: int) -> list[str]:
     return []
 
 
-def _open_logger(run: Run, config: dict, *, run_id: str | None, resume_step: int | None) -> str:
+def _wandb_line(run: Run, trainer_state: dict, *, resume: Path | None, branched: bool) -> dict:
+    """The W&B run to log to (id None: a new one) and its name. One W&B run per line of training: a
+    resumed run continues the checkpoint's W&B run, unless the checkpoint is another output dir's,
+    or this run leaves the line that W&B logged past the checkpoint's step (it went back to an
+    earlier checkpoint, or changed settings): W&B would draw both lines' values at those steps."""
+    name = run.args.wandb_run_name or trainer_state.get("wandb_run_name") or run.output_dir.name
+    if resume is None:
+        return {"run_id": None, "name": name}
+    elsewhere = resume.resolve().parent != run.checkpoints.resolve()
+    logged_past = run.rank == 0 and bool(split_log(run.output_dir / "metrics.jsonl", at=run.step)[1])
+    if elsewhere or branched and logged_past:
+        return {"run_id": None, "name": run.args.wandb_run_name or f"{run.output_dir.name} from step {run.step}"}
+    return {"run_id": trainer_state.get("wandb_run_id"), "name": name}
+
+
+def _open_logger(run: Run, config: dict, *, run_id: str | None, name: str, resume_step: int | None) -> str:
     """Sets run.logger (metrics.jsonl, and W&B on rank 0); returns the W&B mode and why, for the banner."""
     args = run.args
     mode, why = (args.wandb_mode, "--wandb_mode") if args.wandb_mode else default_wandb_mode()
     run.logger = RunLogger(output_dir=run.output_dir, enabled=run.rank == 0, mode=mode, project=args.wandb_project,
-                           name=args.wandb_run_name or run.output_dir.name, config=config, run_id=run_id,
-                           resume_step=resume_step)
+                           name=name, config=config, run_id=run_id, resume_step=resume_step)
     if run.logger.fallback:
         return f"W&B offline: {mode} failed ({run.logger.fallback}); `wandb sync DIR` uploads it later"
     return f"W&B {mode} ({why})"
@@ -512,7 +533,7 @@ def setup_eval(args: TrainArgs) -> Run:
               data=data, classes=classes, spec=spec, processor=image_processor, engine=model, train_loader=None,
               eval_loader=eval_loader, output_dir=output_dir, total_steps=0, steps_per_epoch=0, eval_steps=0,
               save_steps=0, ds_config=ds_config, logger=None)
-    wandb = _open_logger(run, run_config, run_id=None, resume_step=None)
+    wandb = _open_logger(run, run_config, resume_step=None, **_wandb_line(run, {}, resume=None, branched=False))
     if rank == 0:
         print(f"train: evaluating {args.model} ({type(model).__name__}, {precision}) on {eval_samples} "
               f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; {wandb}")
@@ -1199,7 +1220,7 @@ def trainer_state(run: Run) -> dict:
     return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
             "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
             "last_eval": run.last_eval, "classes": len(run.classes), "order": run.order, "recipe": run.recipe,
-            "wandb_run_id": run.logger.run_id, "mix_rng": run.mix_rng.bit_generator.state,
+            "wandb_run_id": run.logger.run_id, "wandb_run_name": run.logger.run_name, "mix_rng": run.mix_rng.bit_generator.state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
 

@@ -90,6 +90,10 @@ class RunLogger:
         return self.run.id if self.run else None
 
     @property
+    def run_name(self) -> str | None:
+        return self.run.name if self.run else None
+
+    @property
     def run_dir(self) -> str | None:
         return self.run.dir if self.run else None
 
@@ -146,8 +150,14 @@ def truncate_log(path: Path, *, after: int) -> None:
     """Drops the lines of a per-step JSONL log whose step is past `after` (what a resumed run will
     log again), so the log has no gap and no duplicate step; `after=0` empties it."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after]
-        write_atomic(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in split_log(path, at=after)[0]))
+
+
+def split_log(path: Path, *, at: int) -> tuple[list[str], list[str]]:
+    """(the lines of a per-step JSONL log up to step `at`, the lines past it)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    past = [json.loads(line)["step"] > at for line in lines]
+    return [l for l, p in zip(lines, past) if not p], [l for l, p in zip(lines, past) if p]
 
 
 def viewable(pixel_values: torch.Tensor, *, mean: list[float], std: list[float]) -> np.ndarray:
