@@ -163,7 +163,8 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
             "color_jitter 0.0 -> 0.3 (the augmentation's random state starts afresh)") in done.stdout
     abandoned = next((out / "abandoned").iterdir())
     assert (f"moved 2 checkpoint(s) this run does not continue (step-00000006, step-00000008; it goes on from "
-            f"{step4}) and their metrics to {abandoned}") in done.stdout
+            f"{step4}), their metrics and export to {abandoned}") in done.stdout
+    assert (abandoned / "model" / "model.safetensors").is_file() and (abandoned / "eval_results.json").is_file()
     assert [json.loads(line)["step"] for line in (abandoned / "metrics.jsonl").read_text().splitlines()
             if "train/loss" in line] == [5, 6, 7, 8]
     assert sorted(p.parent.name for p in abandoned.glob("*/complete.json")) == ["step-00000006", "step-00000008"]

@@ -413,8 +413,8 @@ def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: 
 def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, rank: int) -> list[Path]:
     """The output dir, claimed by this run, its old checkpoints removed when `clear`, checked to be
     shared by every rank. The checkpoints a resumed run does not continue are set aside in
-    OUTPUT/abandoned/TIME/ with the metrics logged past its step (which metrics.jsonl drops), and
-    returned (on rank 0)."""
+    OUTPUT/abandoned/TIME/ with the metrics logged past its step (which metrics.jsonl drops), the
+    export and the final eval's files, and returned (on rank 0)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     problems = _claim_output_dir(output_dir, rank=rank)
     _agree(problems)
@@ -428,9 +428,12 @@ def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, r
         if moved := set_aside(output_dir / "checkpoints", resume=resume, into=into):
             past = split_log(output_dir / "metrics.jsonl", at=checkpoint_info(resume)["step"])[1]
             (into / "metrics.jsonl").write_text("".join(line + "\n" for line in past))
+            for name in (MODEL_EXPORT, RESULTS_FILE, PREDICTIONS_FILE, CONFUSION_FILE):  # that line's products
+                if (output_dir / name).exists():
+                    (output_dir / name).rename(into / name)
             names = ", ".join(p.name for p in moved)
             print(f"train: moved {len(moved)} checkpoint(s) this run does not continue ({names}; it goes on from "
-                  f"{resume}) and their metrics to {into}", flush=True)
+                  f"{resume}), their metrics and export to {into}", flush=True)
     dist.barrier()
     _check_shared(output_dir, rank=rank)
     return moved
