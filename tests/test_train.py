@@ -115,6 +115,23 @@ def test_two_ranks_train_evaluate_and_export(files, tmp_path, zero):
     assert (out / "checkpoints" / "latest").read_text() == "step-00000050"
 
 
+def test_the_best_eval_is_the_export_whatever_the_save_cadence(files, tmp_path):
+    """Evals every step, checkpoints every 3: a best eval between two saves is saved too, so the
+    summary's best eval and the exported checkpoint are the same step (the newest among equals)."""
+    out = tmp_path / "run"
+    done = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "6",
+                  "--micro_batch_size", "6", "--eval_steps", "1", "--save_steps", "3", "--lr", "3e-3",
+                  "--save_total_limit", "1", "--wandb_mode", "disabled"])
+    scores = [(e["eval/top1"], e["step"]) for e in evals(out)]
+    assert [s for _, s in scores] == list(range(1, 7))
+    top1, step = max(scores)
+    assert f"best eval top-1 {top1:.2%} at step {step}" in done.stdout
+    assert f"(from step-{step:08d}, the best by eval top-1)" in done.stdout
+    kept = sorted(p.parent.name for p in (out / "checkpoints").glob("step-*/complete.json"))
+    assert kept == sorted({f"step-{step:08d}", "step-00000006"})  # the best and the last (--save_total_limit 1)
+    assert json.loads((out / "checkpoints" / f"step-{step:08d}" / "complete.json").read_text())["top1"] == top1
+
+
 def test_every_shipped_deepspeed_config_trains_the_same(files, tmp_path):
     """fp32 ZeRO stages 1-3 and CPU offload are the same math: the same losses step by step."""
     losses = {}

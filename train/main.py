@@ -914,7 +914,8 @@ def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float,
 
 
 def evaluate_and_save(run: Run, meter: dict) -> None:
-    """Eval and checkpoint at their cadence, and both after the last step."""
+    """Eval and checkpoint at their cadence, and both after the last step; with --export best, also
+    a checkpoint at each new best eval between saves, so that the best eval is the export."""
     evaluating = run.eval_loader is not None and _due(run, run.eval_steps)
     saving = _due(run, run.save_steps)
     if evaluating or saving:
@@ -922,6 +923,7 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
     if evaluating:
         log_eval(run, evaluate(run, details=run.step == run.total_steps))
         meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
+        saving = saving or bool(run.save_steps) and run.args.export == "best" and run.best["step"] == run.step
     if saving:
         run.last_saved = save(run)
 
