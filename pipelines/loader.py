@@ -124,8 +124,8 @@ def create_loader(
 
     `expected_size` is the model's input size, checked against the processor's output size.
     `state` is a `DaliLoader.state_dict()` to resume from (with `"dali": None`, from its epoch and
-    step, the augmentation's random state seeded afresh: for a changed augmentation graph). `verify_hashes`: this rank checks the
-    sha256 of its share of the shards (see `preflight`).
+    step, the augmentation's random state seeded afresh: for a changed augmentation graph).
+    `verify_hashes`: this rank checks the sha256 of its share of the shards (see `preflight`).
 
     `resize` (eval): "dali" resizes in the DALI graph (the default on GPU); "torch" and "pillow"
     take DALI's decoded images and resize, crop and normalize in torch on the device
@@ -172,8 +172,9 @@ class EpochSource:
 
     Stateless by design: DALI passes the batch number (`BatchInfo.iteration`, restored from its
     checkpoint), so resuming needs nothing of ours; a loader resumed without DALI's checkpoint (its
-    augmentation changed) starts DALI at the batch number `first`. Returns the JPEG bytes, the labels, and the
-    sample ids, where padding (eval, past this rank's part) is `-(id + 1)` of the sample it repeats.
+    augmentation changed) starts DALI at the batch number `first`. Returns the JPEG bytes, the
+    labels, and the sample ids, where padding (eval, past this rank's part) is `-(id + 1)` of the
+    sample it repeats.
     """
 
     def __init__(self, table: SampleTable, *, rank: int, world_size: int, batch_size: int, shuffle: bool,

@@ -322,8 +322,9 @@ def test_too_many_non_finite_steps_stop_the_run_with_checkpoints_intact(files, t
     assert done.returncode != 0
     assert "3 consecutive steps (to step 6) had a non-finite loss" in done.stderr
     checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000004"]
-    assert all((checkpoints / name / "complete.json").is_file() for name in ("step-00000002", "step-00000004"))
+    # saves every 2 steps and at the step-3 eval (a new best); the newest two kept, none past step 4
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000004"]
+    assert all((checkpoints / name / "complete.json").is_file() for name in ("step-00000003", "step-00000004"))
 
 
 def test_nan_guard_stop_trains_the_same_without_syncs_and_stops_at_the_next_check(files, tmp_path):

@@ -105,10 +105,7 @@ def set_aside(root: Path, *, resume: Path, into: Path) -> list[Path]:
     others = [p for p in complete_checkpoints(root)[0] if not here or p.name > Path(resume).name]
     if others:
         into.mkdir(parents=True, exist_ok=True)
-    moved = []
-    for path in others:
-        path.rename(into / path.name)
-        moved.append(into / path.name)
+    moved = [path.rename(into / path.name) for path in others]
     if here and moved:
         write_atomic(Path(root) / "latest", Path(resume).name)
     return moved

@@ -351,10 +351,7 @@ def setup(args: TrainArgs) -> Run:
     wandb = _open_logger(run, run_config, resume_step=run.step if resume else None,
                          **_wandb_line(run, trainer_state, resume=resume, branched=bool(moved or changes)))
     if rank == 0:
-        print(_banner(run, run_config, resumed=resume, wandb=wandb))
-        if changes:
-            fresh = " (the augmentation's random state starts afresh)" if augmentation_changed(trainer_state, args) else ""
-            print(f"train: this run's settings apply from step {run.step + 1}: {'; '.join(changes)}{fresh}")
+        print(_banner(run, run_config, resumed=resume, changes=changes, wandb=wandb))
     return run
 
 
@@ -382,7 +379,7 @@ def _record_run(run: Run, *, model, parameters: int, head: str | None, train_sam
     return config
 
 
-def _banner(run: Run, config: dict, *, resumed: Path | None, wandb: str) -> str:
+def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str], wandb: str) -> str:
     ds, args = run.ds_config, run.args
     zero = ds.get("zero_optimization", {}).get("stage", 0)
     return (f"train: {run.world_size} rank(s) on {run.device.type}, {run.precision}, ZeRO-{zero}; {run.data}: "
@@ -394,7 +391,8 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, wandb: str) -> str:
             f"= {ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accumulation x "
             f"{run.world_size} ranks\n"
             f"train: output in {run.output_dir}; {wandb}"
-            + (f"\ntrain: resuming from {resumed} (step {run.step})" if resumed else ""))
+            + (f"\ntrain: resuming from {resumed} (step {run.step})" if resumed else "")
+            + (f"\ntrain: this run's settings apply from step {run.step + 1}: {'; '.join(changes)}" if changes else ""))
 
 
 def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: list[str], ds_config: dict,
@@ -422,20 +420,25 @@ def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, r
         raise ConfigError(problems)
     if clear and rank == 0:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    moved = []
-    if resume is not None and rank == 0:
-        into = output_dir / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
-        if moved := set_aside(output_dir / "checkpoints", resume=resume, into=into):
-            past = split_log(output_dir / "metrics.jsonl", at=checkpoint_info(resume)["step"])[1]
-            (into / "metrics.jsonl").write_text("".join(line + "\n" for line in past))
-            for name in (MODEL_EXPORT, RESULTS_FILE, PREDICTIONS_FILE, CONFUSION_FILE):  # that line's products
-                if (output_dir / name).exists():
-                    (output_dir / name).rename(into / name)
-            names = ", ".join(p.name for p in moved)
-            print(f"train: moved {len(moved)} checkpoint(s) this run does not continue ({names}; it goes on from "
-                  f"{resume}), their metrics and export to {into}", flush=True)
+    moved = _set_aside_the_line_left(output_dir, resume=resume) if resume is not None and rank == 0 else []
     dist.barrier()
     _check_shared(output_dir, rank=rank)
+    return moved
+
+
+def _set_aside_the_line_left(output_dir: Path, *, resume: Path) -> list[Path]:
+    """Moves the checkpoints that a run resuming from `resume` does not continue (set_aside), the
+    metrics logged past its step, the export and the final eval's files to OUTPUT/abandoned/TIME/;
+    returns the checkpoints moved."""
+    into = output_dir / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+    if moved := set_aside(output_dir / "checkpoints", resume=resume, into=into):
+        past = split_log(output_dir / "metrics.jsonl", at=checkpoint_info(resume)["step"])[1]
+        (into / "metrics.jsonl").write_text("".join(line + "\n" for line in past))
+        for name in (MODEL_EXPORT, RESULTS_FILE, PREDICTIONS_FILE, CONFUSION_FILE):
+            if (output_dir / name).exists():
+                (output_dir / name).rename(into / name)
+        print(f"train: moved {len(moved)} checkpoint(s) this run does not continue ({', '.join(p.name for p in moved)}"
+              f"; it goes on from {resume}), their metrics and export to {into}", flush=True)
     return moved
 
 
@@ -1225,7 +1228,8 @@ def trainer_state(run: Run) -> dict:
     return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
             "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
             "last_eval": run.last_eval, "classes": len(run.classes), "order": run.order, "recipe": run.recipe,
-            "wandb_run_id": run.logger.run_id, "wandb_run_name": run.logger.run_name, "mix_rng": run.mix_rng.bit_generator.state,
+            "wandb_run_id": run.logger.run_id, "wandb_run_name": run.logger.run_name,
+            "mix_rng": run.mix_rng.bit_generator.state,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
 

@@ -108,8 +108,11 @@ def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: li
     if saved["optimizer"] != recipe["optimizer"]:
         problems.append(f"--resume {path}: saved with the optimizer {saved['optimizer']}, this run's --ds_config has "
                         f"{recipe['optimizer']}; resume with {saved['optimizer']}, {restart_hint(path)}")
-    return [f"{key} {_shown(saved.get(key))} -> {_shown(value)}" for key, value in recipe.items()
-            if key not in KEPT and saved.get(key) != value]
+    changed = [key for key, value in recipe.items() if key not in KEPT and saved.get(key) != value]
+    last_augmentation = ([key for key in changed if key in AUGMENTATION] or [None])[-1]
+    return [f"{key} {_shown(saved.get(key))} -> {_shown(recipe[key])}"
+            + (" (the augmentation's random state starts afresh)" if key == last_augmentation else "")
+            for key in changed]
 
 
 def _shown(value) -> str:
