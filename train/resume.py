@@ -56,9 +56,8 @@ def read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str],
     info = checkpoint_info(path)
     if info["world_size"] != world:
         problems.append(f"--resume {path}: saved by {info['world_size']} ranks, this run has {world}; resume with "
-                        f"{info['world_size']} ranks (the data order and optimizer partitions are per rank), or "
-                        f"convert it to weights with `python tools/export_checkpoint.py {path} OUT` and start a "
-                        f"new run from them with --model OUT")
+                        f"{info['world_size']} ranks (the data order and optimizer partitions are per rank), "
+                        f"{restart_hint(path)}")
         return {}
     state = torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
     if classes and state["classes"] != len(classes):
