@@ -20,7 +20,9 @@ of this rank's batches, read with one `pread` per sample at the offsets of the D
 
 Batches are numbered across epochs and the source maps batch number -> samples, so nothing a
 previous epoch left unread can leak into the next, and DALI's checkpoint (its batch number and
-the augmentation RNG) resumes exactly mid-epoch.
+the augmentation RNG) resumes exactly mid-epoch. A run resumed with other ranks or another batch
+size (`resplit`) goes on with the samples of the epoch that no rank has read yet, split afresh
+among its ranks; its later epochs are whole again.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def create_loader(
 
     `expected_size` is the model's input size, checked against the processor's output size.
     `state` is a `DaliLoader.state_dict()` to resume from (with `"dali": None`, from its epoch and
-    step, the augmentation's random state seeded afresh: for a changed augmentation graph).
+    step, the augmentation's random state seeded afresh: for a changed augmentation graph; see
+    `resplit` for a state saved by other ranks).
     `verify_hashes`: this rank checks the sha256 of its share of the shards (see `preflight`).
 
     `resize` (eval): "dali" resizes in the DALI graph (the default on GPU); "torch" and "pillow"
@@ -149,14 +152,13 @@ def create_loader(
     table = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train,
                       hash_share=(rank, world_size) if verify_hashes else None)
     source = EpochSource(table, rank=rank, world_size=world_size, batch_size=batch_size, shuffle=train, seed=seed,
-                         full_batches=train)
-    if state and state.get("dali") is None:  # resumed without DALI's checkpoint (another augmentation graph)
-        source.first = state["epoch"] * source.steps + state["step"]
+                         full_batches=train, state=state)
+    fresh = bool(state) and state.get("dali") is None  # resumed without DALI's checkpoint: seeded afresh
     pipe = shard_pipeline(
         source=source, spec=spec, train=train, gpu=gpu, layout="HWC" if channels_last else "CHW",
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT, augment=augment or {},
         batch_size=batch_size, num_threads=num_threads or len(os.sched_getaffinity(0)),
-        device_id=device_id, seed=seed + rank if not source.first else _seed(seed, rank, source.first),
+        device_id=device_id, seed=_seed(seed, rank, source) if fresh else seed + rank,
         enable_checkpointing=True, checkpoint=(state or {}).get("dali"), prefetch_queue_depth=PREFETCH,
         # only automatic augmentation branches; AutoGraph's rewrite of the graph is otherwise wasted
         enable_conditionals=bool((augment or {}).get("auto_augment")),
@@ -167,46 +169,90 @@ def create_loader(
                       spec=spec, resize=resize)
 
 
+def resplit(state: dict, *, world_size: int, batch_size: int) -> dict:
+    """A train loader's `state`, saved by `world_size` ranks reading batches of `batch_size`, as
+    the state to resume from with other ranks or another batch size: what its ranks read of the
+    epoch is noted as taken (each rank a prefix of its part), and the rest of the epoch is split
+    among the new ranks; DALI's per-rank checkpoint does not carry over (augmentation seeded afresh)."""
+    taken = [*state.get("taken", []), [world_size, state["step"] * batch_size]]
+    return {"epoch": state["epoch"], "step": 0, "taken": taken, "dali": None}
+
+
 class EpochSource:
     """DALI's external source: batch number (counted over all epochs) -> this rank's samples.
 
     Stateless by design: DALI passes the batch number (`BatchInfo.iteration`, restored from its
-    checkpoint), so resuming needs nothing of ours; a loader resumed without DALI's checkpoint (its
-    augmentation changed) starts DALI at the batch number `first`. Returns the JPEG bytes, the
-    labels, and the sample ids, where padding (eval, past this rank's part) is `-(id + 1)` of the
-    sample it repeats.
+    checkpoint), and the loader `state` resumed from says where DALI's numbers start (its
+    "iteration" is batch "step" of "epoch"; a loader resumed without DALI's checkpoint starts DALI
+    at 0) and what earlier runs with other ranks took of that epoch ("taken": [world size, samples
+    each of its ranks read] in turn). Returns the JPEG bytes, the labels, and the sample ids, where
+    padding (eval, past this rank's part) is `-(id + 1)` of the sample it repeats.
     """
 
     def __init__(self, table: SampleTable, *, rank: int, world_size: int, batch_size: int, shuffle: bool,
-                 seed: int, full_batches: bool):
+                 seed: int, full_batches: bool, state: dict | None = None):
         self.table, self.rank, self.world_size, self.batch_size = table, rank, world_size, batch_size
-        self.shuffle, self.seed = shuffle, seed
-        n = len(table)
-        if full_batches:  # train: equal on every rank, padding never needed
-            self.steps = (n // world_size) // batch_size
-        else:
-            self.steps = math.ceil(math.ceil(n / world_size) / batch_size)
+        self.shuffle, self.seed, self.full_batches = shuffle, seed, full_batches
+        self.steps = self._batches(len(table))  # of a whole epoch
+        state = state or {}
+        self.epoch, self.step = state.get("epoch", 0), state.get("step", 0)  # where DALI's `iteration` is
+        self.taken = [tuple(t) for t in state.get("taken", [])]  # of self.epoch, by earlier runs' ranks
+        if state.get("dali") is None:  # a fresh pipeline (or none to resume) counts from 0
+            self.iteration = 0
+        else:  # checkpoints from before "iteration" was saved: DALI counted from the run's first batch
+            self.iteration = state.get("iteration", self.epoch * self.steps + self.step)
+        self.taken_samples = sum(world * each for world, each in self.taken)  # each rank took a prefix of its part
         self._parts: dict[int, np.ndarray] = {}
-        self.first = 0  # the batch number of DALI's iteration 0 (nonzero: resumed without DALI's checkpoint)
+
+    def _batches(self, n: int) -> int:
+        """Batches per rank for an epoch of `n` samples: train, full ones, equal on every rank (padding
+        never needed); eval, every sample once, the last batches padded."""
+        if self.full_batches:
+            return (n // self.world_size) // self.batch_size
+        return math.ceil(math.ceil(n / self.world_size) / self.batch_size)
+
+    def left(self, epoch: int) -> np.ndarray:
+        """The samples of `epoch` that the ranks of earlier runs did not take, in the epoch's order."""
+        n = len(self.table)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        for world, each in self.taken if epoch == self.epoch else ():
+            starts = np.arange(world) * len(order) // world
+            keep = np.ones(len(order), dtype=bool)
+            for start in starts:
+                keep[start : start + each] = False
+            order = order[keep]
+        return order
 
     def part(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for `epoch`, in the order they are read."""
         if epoch not in self._parts:
-            n = len(self.table)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            order = self.left(epoch)
+            n = len(order)
             self._parts = {e: p for e, p in self._parts.items() if e >= epoch - 1}  # prefetch crosses epochs
             self._parts[epoch] = order[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
         return self._parts[epoch]
 
+    def steps_in(self, epoch: int) -> int:
+        """This rank's batches in `epoch` (fewer in the epoch a resplit run resumes)."""
+        return self._batches(len(self.table) - self.taken_samples) if epoch == self.epoch else self.steps
+
+    def locate(self, iteration: int) -> tuple[int, int]:
+        """(epoch, batch of the epoch) of DALI's batch number `iteration`."""
+        epoch, step = self.epoch, self.step + iteration - self.iteration
+        if step >= (first := self.steps_in(epoch)):
+            epoch, step = divmod(step - first, self.steps)
+            epoch += self.epoch + 1
+        return epoch, step
+
     def batch_ids(self, iteration: int) -> np.ndarray:
-        epoch, step = divmod(iteration, self.steps)
+        epoch, step = self.locate(iteration)
         part = self.part(epoch)
         ids = part[step * self.batch_size : (step + 1) * self.batch_size]
         fill = part[0] if len(part) else 0
         return np.concatenate([ids, np.full(self.batch_size - len(ids), -(fill + 1), dtype=np.int64)])
 
     def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        ids = self.batch_ids(self.first + info.iteration)
+        ids = self.batch_ids(info.iteration)
         jpegs, labels = [], np.empty(len(ids), dtype=np.int64)
         for j, i in enumerate(ids):
             jpeg, cls = self.table.read(_real(i))
@@ -217,9 +263,11 @@ class EpochSource:
         return jpegs, labels, ids
 
 
-def _seed(seed: int, rank: int, first: int) -> int:
-    """DALI's seed for a pipeline that starts at batch `first`: not the stream batch 0 had."""
-    return int(np.random.SeedSequence([seed, rank, first]).generate_state(1)[0] >> 1)
+def _seed(seed: int, rank: int, source: EpochSource) -> int:
+    """DALI's seed for a pipeline resumed mid-run without DALI's checkpoint: not the stream that the
+    run's first batch had, nor that of another resumed position."""
+    entropy = [seed, rank, source.epoch, source.step, *(x for t in source.taken for x in t)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
 
 
 def _real(i: int) -> int:
@@ -234,22 +282,35 @@ class DaliLoader:
         self.pipe, self.source, self.spec, self.resize = pipe, source, spec, resize
         self.device, self.dtype, self.channels_last = device, dtype, channels_last
         self.steps = source.steps
-        self.epoch = (state or {}).get("epoch", 0)
-        self.step = (state or {}).get("step", 0)  # batches of the current epoch already returned
+        self.epoch, self.step, self.iteration = source.epoch, source.step, source.iteration
+        # self.step: batches of the current epoch already returned; self.iteration: DALI's next batch number
 
     def __len__(self) -> int:
+        """Batches per epoch (the epoch a resplit run resumes has fewer: `steps_in`)."""
         return self.steps
 
     def __iter__(self):
-        while self.step < self.steps:
+        while self.step < self.source.steps_in(self.epoch):
             batch = self._next_batch()
-            self.step += 1
+            self.step, self.iteration = self.step + 1, self.iteration + 1
             yield batch
         self.epoch, self.step = self.epoch + 1, 0
 
+    def progress(self) -> float:
+        """Epochs done: the epoch, plus the share of a whole epoch's reads that every rank (and the
+        ranks of earlier runs, in an epoch resumed with other ranks) did in it."""
+        source = self.source
+        read = self.step * source.batch_size * source.world_size + (source.taken_samples if self.epoch == source.epoch
+                                                                     else 0)
+        whole = self.steps * source.batch_size * source.world_size
+        return self.epoch + (min(1.0, read / whole) if whole else 0.0)
+
     def state_dict(self) -> dict:
-        """Where this loader stands: epoch, step, and DALI's batch number and RNG state."""
-        return {"epoch": self.epoch, "step": self.step, "dali": self.pipe.checkpoint()}
+        """Where this loader stands: epoch, step, DALI's batch number and RNG state, and what earlier
+        runs with other ranks took of this epoch."""
+        taken = self.source.taken if self.epoch == self.source.epoch else []
+        return {"epoch": self.epoch, "step": self.step, "iteration": self.iteration, "taken": [list(t) for t in taken],
+                "dali": self.pipe.checkpoint()}
 
     def _run(self):
         try:
@@ -262,9 +323,9 @@ class DaliLoader:
     def _diagnose(self, error: Exception) -> Exception:
         """DALI's message names an operator, not a sample: check the samples of the batches in
         flight (this one and the prefetched ones: a bounded amount of work) with Pillow."""
-        table, first = self.source.table, self.epoch * self.steps + self.step
+        table = self.source.table
         message = _first_error_line(str(error))
-        for iteration in range(first, first + PREFETCH + 1):
+        for iteration in range(self.iteration, self.iteration + PREFETCH + 1):
             for i in self.source.batch_ids(iteration):
                 if i >= 0 and (problem := jpeg_problem(table.read(int(i))[0])):
                     return DataError(f"{table.where(int(i))}: {problem}; DALI: {message}")

@@ -458,6 +458,51 @@ def test_train_loader_epoch_outputs_and_exact_resume(digit_shards):
         assert torch.equal(got["pixel_values"], want["pixel_values"])  # same augmentation RNG too
 
 
+def test_an_epoch_resumed_on_other_ranks_reads_each_unread_sample_once(digit_shards):
+    """4 ranks of 16 read 5 batches of epoch 2, 3 ranks of 20 resume and read 4 more, 2 ranks of
+    32 read the rest (1,618 samples: no size divides): no sample twice, fewer than a batch per
+    rank left out; the next epoch is whole again, and a resplit epoch resumes exactly too."""
+    from pipelines.loader import resplit
+
+    spec = spec_from_processor(TINY_VIT())
+    make = lambda rank, world, batch, state=None: create_loader(  # noqa: E731
+        data=digit_shards, split="train", spec=spec, batch_size=batch, train=True, rank=rank, world_size=world,
+        device="cpu", num_threads=1, seed=3, state=state)
+
+    def read(world: int, batch: int, state: dict | None, batches: int | None) -> tuple[list[str], dict]:
+        keys, states = [], []
+        for rank in range(world):
+            loader = make(rank, world, batch, state)
+            if state is None:
+                list(loader)  # epoch 1
+            it = iter(loader)
+            keys += [k for _, b in zip(range(batches or 10**6), it) for k in b["keys"]]
+            states.append(loader.state_dict())
+        assert all(s["epoch"] == states[0]["epoch"] and s["step"] == states[0]["step"] for s in states)
+        return keys, states[0]
+
+    first, state = read(4, 16, None, 5)
+    resplit_state = resplit(state, world_size=4, batch_size=16)
+    second, state = read(3, 20, resplit_state, 4)
+    assert (state["epoch"], state["step"], state["taken"]) == (1, 4, [[4, 80]])
+    loader = make(1, 3, 20, resplit_state)  # exact resume inside the resplit epoch
+    it = iter(loader)
+    for _ in range(4):
+        next(it)
+    saved = loader.state_dict()
+    expected = [next(it)["keys"] for _ in range(2)]
+    resumed = iter(make(1, 3, 20, saved))
+    assert expected == [next(resumed)["keys"] for _ in range(2)]
+    third, state = read(2, 32, resplit(state, world_size=3, batch_size=20), None)
+    epoch = first + second + third
+    assert len(epoch) == len(set(epoch)) and 1618 - 2 * 33 < len(epoch) <= 1618
+    assert (len(first), len(second), len(third)) == (320, 240, 32 * 2 * ((1618 - 320 - 240) // 2 // 32))
+    loader = make(0, 2, 32, state)
+    assert loader.progress() == pytest.approx(2.0, abs=0.03)
+    next_epoch = [k for rank in range(2) for b in make(rank, 2, 32, state) for k in b["keys"]]
+    assert len(next_epoch) == len(set(next_epoch)) == 2 * 25 * 32  # whole: 1,618 // 2 // 32 batches a rank
+
+
 def true_labels(data: Path, split: str) -> dict[str, int]:
     """{key: label} read from the tars with tarfile (not with the loader's reader)."""
     import tarfile

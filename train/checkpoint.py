@@ -18,6 +18,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from pipelines.shards import write_atomic  # noqa: F401 (train/ imports it from 
 
 MARKER = "complete.json"
 MODEL_FILES = "model_files"  # OUTPUT/model_files/: the run's model config and image processor
+MODEL_STATES = "*model_states.pt"  # DeepSpeed's (one; ZeRO-3: one per rank): module, scheduler, metadata
 
 
 class CheckpointError(RuntimeError):
@@ -131,8 +134,9 @@ def checkpoint_info(path: Path) -> dict:
     return json.loads((Path(path) / MARKER).read_text())
 
 
-def load_checkpoint(engine, path: Path, *, rank: int) -> dict:
-    """Restores DeepSpeed's state from `path` and returns this rank's trainer state.
+def load_checkpoint(engine, path: Path, *, universal: Path | None = None) -> None:
+    """Restores DeepSpeed's state from `path`, or from its `universal_checkpoint` form (a
+    checkpoint saved by another number of ranks; the engine was made with `load_universal`).
 
     The optimizer's state (moments, step counts) and the schedule's position come from the
     checkpoint; the optimizer's hyperparameters (lr, weight decay, betas, eps) stay this run's, and
@@ -142,14 +146,56 @@ def load_checkpoint(engine, path: Path, *, rank: int) -> dict:
     path = Path(path)
     ours = [{k: v for k, v in group.items() if k not in ("params", "lr", "step")}
             for group in engine.optimizer.param_groups]
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    where = universal or path
+    load_path, _ = engine.load_checkpoint(str(where.parent), tag=where.name)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+    if universal is not None:  # DeepSpeed restores parameters from it, not buffers (BatchNorm statistics)
+        first = sorted(path.glob(MODEL_STATES))[0]  # every one holds the buffers whole
+        saved = torch.load(first, map_location="cpu", weights_only=False)["module"]
+        buffers = dict(engine.module.named_buffers())
+        with torch.no_grad():
+            for name in buffers.keys() & saved.keys():
+                buffers[name].copy_(saved[name])
     groups = engine.optimizer.param_groups
     for group, hyperparameters in zip(groups, ours):
         group.update(hyperparameters)
     _set_scheduled_lr(engine.lr_scheduler, groups)
-    return torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
+
+
+def universal_checkpoint(path: Path, *, into: Path, rank: int) -> Path:
+    """DeepSpeed's universal form of the checkpoint `path` (made by global rank 0 with DeepSpeed's
+    ds_to_universal into `into`/`path.name`; every rank waits for it): its optimizer state as
+    whole tensors per parameter, which any number of ranks partitions anew. Removed by
+    `drop_universal` once loaded."""
+    out = Path(into) / Path(path).name
+    failure = None
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        workers = str(max(1, min(4, len(os.sched_getaffinity(0)))))
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(path), "--output_folder", str(out), "--inject_missing_state",
+                               "--num_extract_workers", workers, "--num_merge_workers", workers],
+                              capture_output=True, text=True)
+        if done.returncode:
+            lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+            failure = ([line for line in lines if "Error" in line] or lines or ["no output"])[-1]
+        for states in Path(path).glob(MODEL_STATES) if not failure else ():
+            if not (out / states.name).exists():  # ZeRO-1/2: not in the conversion, DeepSpeed reads them there
+                shutil.copyfile(states, out / states.name)
+    flag = [failure]
+    dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise CheckpointError(f"{path}: DeepSpeed could not convert it for another number of ranks "
+                              f"(ds_to_universal: {flag[0]})")
+    return out
+
+
+def drop_universal(universal: Path, *, rank: int) -> None:
+    dist.barrier()  # every rank has loaded it
+    if rank == 0:
+        shutil.rmtree(universal.parent, ignore_errors=True)
 
 
 def _set_scheduled_lr(scheduler, groups: list[dict]) -> None:

@@ -51,8 +51,8 @@ from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
 from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
-                              complete_checkpoints, export_model, find_resume, folder_bytes, load_checkpoint,
-                              save_checkpoint, set_aside, write_failure)
+                              complete_checkpoints, drop_universal, export_model, find_resume, folder_bytes,
+                              load_checkpoint, save_checkpoint, set_aside, universal_checkpoint, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
@@ -62,7 +62,8 @@ from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_par
                          model_input_size, model_source, parameter_groups, prepare_precision)
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
                         release_build_locks, train_flops_per_image)
-from train.resume import augmentation_changed, data_order, read_trainer_state, recipe_changes, training_recipe
+from train.resume import (data_order, loader_state, read_trainer_state, recipe_changes, recounted,
+                          training_recipe)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
@@ -314,10 +315,14 @@ def setup(args: TrainArgs) -> Run:
     if not problems:
         train_loader, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
                                                    precision=precision, device=device, eval_samples=eval_samples,
-                                                   state=_loader_state(trainer_state, args), problems=problems)
+                                                   state=loader_state(trainer_state, args, world=world, order=order),
+                                                   problems=problems)
+    recount = recounted(trainer_state, world=world, order=order, accum=ds_config["gradient_accumulation_steps"])
     steps_per_epoch, total_steps, warmup, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
+                                                               recount_from=trainer_state["step"] if recount else None,
                                                                problems=problems)
-    recipe = training_recipe(args, ds_config, precision=precision, total_steps=total_steps, warmup_steps=warmup)
+    recipe = training_recipe(args, ds_config, world_size=world, precision=precision, total_steps=total_steps,
+                             warmup_steps=warmup)
     changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems)
     problems += _flag_problems(args)
     _agree(problems)
@@ -330,8 +335,10 @@ def setup(args: TrainArgs) -> Run:
                                 rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
+    universal = resume is not None and trainer_state["ranks"] != world and recipe["zero_stage"] > 0
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
-                     rank=rank)
+                     rank=rank, universal=universal)
+    seed_streams(args.seed, rank=rank, step=0)
     eval_steps = args.eval_steps or steps_per_epoch
     save_steps = eval_steps if args.save_steps is None else args.save_steps  # 0: never
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
@@ -343,8 +350,7 @@ def setup(args: TrainArgs) -> Run:
     run_config = _record_run(run, model=model, parameters=parameters, head=head,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
     if resume is not None:
-        _restore(run, load_checkpoint(engine, resume, rank=rank))
-        run.last_saved = resume
+        _resume(run, resume, trainer_state, universal=universal)
     if args.record_keys:
         _keys_log(run).parent.mkdir(exist_ok=True)
         truncate_log(_keys_log(run), after=run.step)
@@ -353,13 +359,6 @@ def setup(args: TrainArgs) -> Run:
     if rank == 0:
         print(_banner(run, run_config, resumed=resume, changes=changes, wandb=wandb))
     return run
-
-
-def _loader_state(trainer_state: dict, args: TrainArgs) -> dict | None:
-    """The train loader's state to resume from: without DALI's part when the augmentation changed
-    (the loader then goes on from its epoch and step, the augmentation seeded afresh)."""
-    state = trainer_state.get("train_loader")
-    return {**state, "dali": None} if state and augmentation_changed(trainer_state, args) else state
 
 
 def _record_run(run: Run, *, model, parameters: int, head: str | None, train_samples: int, eval_samples: int) -> dict:
@@ -675,8 +674,11 @@ def decoding_of(args: TrainArgs, *, train: bool) -> Decoding:
     return Decoding(hw_decoder_load=args.hw_decoder_load, fancy_upsampling=args.train_fancy_upsampling if train else None)
 
 
-def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, problems: list[str]):
-    """(steps per epoch, total steps, warmup steps, the learning-rate schedule for deepspeed.initialize)."""
+def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, recount_from: int | None,
+              problems: list[str]):
+    """(steps per epoch, total steps, warmup steps, the learning-rate schedule for deepspeed.initialize).
+    `recount_from`: the step of the checkpoint resumed, when its steps took other samples than
+    this run's (train/resume.py: recounted)."""
     if train_loader is None:
         return 0, 0, 0, None
     accum = ds_config["gradient_accumulation_steps"]
@@ -685,11 +687,23 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, pro
         problems.append(f"one epoch of {data}/train is {len(train_loader)} micro batches per rank, fewer than "
                         f"--grad_accum {accum}; lower the micro batch or the accumulation")
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    if recount_from is not None and not args.max_steps:
+        total_steps = recount_from + _steps_left(args.epochs, train_loader, accum=accum,
+                                                 steps_per_epoch=steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
     schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
     if autos := find_autos(ds_config):
         problems.append(f"{args.ds_config}: nothing fills {', '.join(autos)} (\"auto\"); set values")
     return steps_per_epoch, total_steps, warmup, schedule
+
+
+def _steps_left(epochs: float, loader, *, accum: int, steps_per_epoch: int) -> int:
+    """The steps to `epochs` from where the resumed `loader` stands: the rest of its epoch, then
+    whole epochs at this run's steps per epoch."""
+    rest = (loader.source.steps_in(loader.epoch) - loader.step) // accum
+    if epochs >= loader.epoch + 1:
+        return rest + math.ceil((epochs - loader.epoch - 1) * steps_per_epoch)
+    return min(rest, max(0, math.ceil((epochs - loader.progress()) * steps_per_epoch)))
 
 
 def _perf_figures(args: TrainArgs, model, *, spec, classes: list[str], device: torch.device,
@@ -702,8 +716,12 @@ def _perf_figures(args: TrainArgs, model, *, spec, classes: list[str], device: t
     return flops, peak
 
 
-def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str, device: torch.device, rank: int):
-    """The DeepSpeed engine around the model, in its precision, with gradient checkpointing."""
+def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str, device: torch.device, rank: int,
+            universal: bool):
+    """The DeepSpeed engine around the model, in its precision, with gradient checkpointing;
+    `universal`: to load a universal checkpoint (train/checkpoint.py: universal_checkpoint)."""
+    if universal:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     prepare_precision(model, DTYPES[precision])
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -1127,7 +1145,7 @@ def log_train(run: Run, meter: dict, bar) -> None:
     scalars = {"train/lr": meter["lr"], "train/skipped_steps": run.skipped_steps,
                "train/overflow_steps": run.engine.skipped_steps,  # in DeepSpeed's checkpoints: resumes with it
                "perf/images_per_sec": images_per_sec, "perf/step_time": elapsed / meter["steps"],
-               "perf/data_wait_fraction": meter["wait"] / elapsed, "train/epoch": run.step / run.steps_per_epoch}
+               "perf/data_wait_fraction": meter["wait"] / elapsed, "train/epoch": _epochs_done(run)}
     if run.flops_per_image:
         scalars["perf/tflops"] = run.flops_per_image * images_per_sec / run.world_size / 1e12  # per device
         if run.peak_tflops:
@@ -1146,6 +1164,12 @@ def log_train(run: Run, meter: dict, bar) -> None:
     run.logger.log(run.step, scalars)
     bar.set_postfix(loss=f"{scalars.get('train/loss', float('nan')):.3f}", img_s=f"{images_per_sec:.0f}", refresh=False)
     meter.update(new_meter())
+
+
+def _epochs_done(run: Run) -> float:
+    """From the loader, which knows an epoch resumed with other ranks; stand-ins count steps."""
+    progress = getattr(run.train_loader, "progress", None)
+    return progress() if progress else run.step / run.steps_per_epoch
 
 
 def log_eval(run: Run, result: dict) -> None:
@@ -1234,15 +1258,41 @@ def trainer_state(run: Run) -> dict:
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
 
 
-def _restore(run: Run, state: dict) -> None:
+def _resume(run: Run, path: Path, state: dict, *, universal: bool) -> None:
+    """DeepSpeed's state and this rank's trainer `state` from the checkpoint `path`. One saved by
+    another number of ranks loads through DeepSpeed's universal form, and each rank's random
+    streams start afresh (rank 0's `state` is every rank's)."""
+    where = None
+    if universal:
+        if run.rank == 0:
+            print(f"train: {path.name} was saved by {state['ranks']} rank(s): converting it to DeepSpeed's universal "
+                  f"checkpoint for {run.world_size}", flush=True)
+        where = universal_checkpoint(path, into=run.checkpoints / ".universal", rank=run.rank)
+    load_checkpoint(run.engine, path, universal=where)
+    if where is not None:
+        drop_universal(where, rank=run.rank)
     run.step, run.best, run.last_eval = state["step"], state["best"], state["last_eval"]
     run.skipped_steps, run.bad_steps = state["skipped_steps"], state["bad_steps"]
+    run.last_saved = path
+    if state["ranks"] != run.world_size:
+        seed_streams(run.args.seed, rank=run.rank, step=run.step)
+        run.mix_rng = np.random.default_rng([run.args.seed, run.rank, run.step])
+        return
     run.mix_rng.bit_generator.state = state["mix_rng"]
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def seed_streams(seed: int, *, rank: int, step: int) -> None:
+    """torch's, numpy's and Python's random streams of this rank (dropout, drop path): its own,
+    not a copy of the other ranks' (the weights were initialized alike from --seed)."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    random.seed(int(state[0]) ^ int(state[1]))
 
 
 # --- plumbing -----------------------------------------------------------------------------------

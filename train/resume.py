@@ -1,11 +1,13 @@
 """What a resumed run must keep from its checkpoint, and what it may change.
 
-Kept, else a configuration error that says what to pass: the world size, the micro batch, the seed
-and the train shards (each rank's data order resumes at a batch number), the precision, the ZeRO
-stage (1 and 2 share DeepSpeed's checkpoint format; 3 has its own) and the optimizer (DeepSpeed
-fails deep inside its loader on any of these). Everything else in `training_recipe` may change:
-this run's values apply from its first step and the banner lists them (DeepSpeed alone would
-restore the saved learning rate and weight decay, silently ignoring new ones).
+Kept, else a configuration error that says what to pass: the seed and the train shards (each
+epoch's order), the precision, the ZeRO stage (1 and 2 share DeepSpeed's checkpoint format; 3 has
+its own) and the optimizer (DeepSpeed fails deep inside its loader on any of these). Everything
+else in `training_recipe` may change: this run's values apply from its first step and the banner
+lists them (DeepSpeed alone would restore the saved learning rate and weight decay, silently
+ignoring new ones). Another number of ranks or another micro batch goes on with the samples of the
+epoch that no rank has read yet, split afresh (`pipelines.loader.resplit`), and with DeepSpeed's
+optimizer state partitioned anew (`train.checkpoint.universal_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,28 +18,32 @@ from pathlib import Path
 
 import torch
 
+from pipelines.loader import resplit
 from train.args import TrainArgs
 from train.checkpoint import checkpoint_info
 
 AUGMENTATION = ("crop_scale", "hflip", "color_jitter", "auto_augment")  # the DALI train graph's options
 KEPT = ("precision", "zero_stage", "optimizer")
+GROUPING = ("ranks", "micro_batch_size")  # how an epoch's samples are dealt out
 
 
 def data_order(args: TrainArgs, ds_config: dict, manifest: dict | None) -> dict:
-    """What fixes a rank's data order besides the world size: the micro batch (the loader resumes
-    at a batch number), the seed (the epochs' permutations, the augmentation) and the train shards
-    (a fingerprint of their manifest entries: names, sizes, sample counts, sha256)."""
+    """What fixes each epoch's order: the seed (the permutations, the augmentation) and the train
+    shards (a fingerprint of their manifest entries: names, sizes, sample counts, sha256); and the
+    micro batch, the batch size each rank's loader position counts in."""
     shards = json.dumps((manifest or {}).get("splits", {}).get("train", {}).get("shards"), sort_keys=True)
     return {"micro_batch_size": ds_config.get("train_micro_batch_size_per_gpu"), "seed": args.seed,
             "train_shards": hashlib.sha256(shards.encode()).hexdigest()[:16]}
 
 
-def training_recipe(args: TrainArgs, ds_config: dict, *, precision: str, total_steps: int, warmup_steps: int) -> dict:
+def training_recipe(args: TrainArgs, ds_config: dict, *, world_size: int, precision: str, total_steps: int,
+                    warmup_steps: int) -> dict:
     """The run's optimization and augmentation settings as resolved (the DeepSpeed config's values
     where it sets them), saved with every checkpoint."""
     optimizer, zero = ds_config.get("optimizer", {}), ds_config.get("zero_optimization", {})
     schedule = ds_config["scheduler"]["type"] if "scheduler" in ds_config else args.lr_scheduler
     return {"precision": precision, "zero_stage": zero.get("stage", 0), "optimizer": optimizer.get("type"),
+            "ranks": world_size, "micro_batch_size": ds_config.get("train_micro_batch_size_per_gpu"),
             "grad_accum": ds_config["gradient_accumulation_steps"], "steps": total_steps,
             "warmup_steps": warmup_steps, "lr_scheduler": schedule,
             **{key: optimizer.get("params", {}).get(key) for key in ("lr", "weight_decay", "betas", "eps")},
@@ -51,22 +57,15 @@ def restart_hint(path: Path) -> str:
 
 def read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str], order: dict,
                        problems: list[str]) -> dict:
-    """This rank's trainer state in the checkpoint `path`, after checking that this run can go on
-    with its data order ({} with the problem noted when the world size differs)."""
-    info = checkpoint_info(path)
-    if info["world_size"] != world:
-        problems.append(f"--resume {path}: saved by {info['world_size']} ranks, this run has {world}; resume with "
-                        f"{info['world_size']} ranks (the data order and optimizer partitions are per rank), "
-                        f"{restart_hint(path)}")
-        return {}
-    state = torch.load(path / f"trainer_state_rank{rank}.pt", weights_only=False)
+    """This rank's trainer state in the checkpoint `path` (rank 0's, when another number of ranks
+    saved it), with "ranks": how many did, after checking that this run can go on with its data
+    order."""
+    saved_world = checkpoint_info(path)["world_size"]
+    state = torch.load(path / f"trainer_state_rank{rank if saved_world == world else 0}.pt", weights_only=False)
+    state["ranks"] = saved_world
     if classes and state["classes"] != len(classes):
         problems.append(f"--resume {path}: trained on {state['classes']} classes, --data has {len(classes)}")
-    saved = state.get("order", order)  # checkpoints from before the check carry none
-    if order["micro_batch_size"] is not None and saved["micro_batch_size"] != order["micro_batch_size"]:
-        problems.append(f"--resume {path}: saved with micro batch {saved['micro_batch_size']}, this run has "
-                        f"{order['micro_batch_size']}; resume with --micro_batch_size {saved['micro_batch_size']} "
-                        f"(a rank's data order resumes in batches of it), {restart_hint(path)}")
+    saved = state.setdefault("order", order)  # checkpoints from before the check carry none
     if saved["seed"] != order["seed"]:
         problems.append(f"--resume {path}: saved by a run with --seed {saved['seed']}, this run has --seed "
                         f"{order['seed']}; resume with --seed {saved['seed']} (each epoch's order and the "
@@ -75,6 +74,33 @@ def read_trainer_state(path: Path, *, rank: int, world: int, classes: list[str],
         problems.append(f"--resume {path}: trained on other train shards than --data holds (their manifest "
                         f"entries differ); resume with the --data it was trained on, {restart_hint(path)}")
     return state
+
+
+def loader_state(state: dict, args: TrainArgs, *, world: int, order: dict) -> dict | None:
+    """The train loader's state to resume from the checkpoint whose trainer `state` this is:
+    resplit when it was saved by another number of ranks or with another micro batch; without
+    DALI's part when the augmentation changed (the loader then goes on from its epoch and step,
+    the augmentation seeded afresh)."""
+    saved = state.get("train_loader")
+    if not saved:
+        return saved
+    if regrouped(state, world=world, order=order):
+        return resplit(saved, world_size=state["ranks"], batch_size=state["order"]["micro_batch_size"])
+    return {**saved, "dali": None} if augmentation_changed(state, args) else saved
+
+
+def regrouped(state: dict, *, world: int, order: dict) -> bool:
+    """Whether the checkpoint whose trainer `state` a run resumes dealt its epochs out otherwise:
+    another number of ranks, or another micro batch."""
+    return bool(state) and (state["ranks"], state["order"]["micro_batch_size"]) != (world, order["micro_batch_size"])
+
+
+def recounted(state: dict, *, world: int, order: dict, accum: int) -> bool:
+    """Whether a step of the checkpoint whose trainer `state` a run resumes took other samples than
+    this run's steps do (ranks, micro batch or accumulation changed): the run's length is then
+    counted from where its loader resumes, not as epochs x this run's steps per epoch."""
+    saved_accum = state.get("recipe", {}).get("grad_accum", accum) if state else accum
+    return regrouped(state, world=world, order=order) or saved_accum != accum
 
 
 def augmentation_changed(state: dict, args: TrainArgs) -> bool:
@@ -107,10 +133,11 @@ def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: li
     if saved["optimizer"] != recipe["optimizer"]:
         problems.append(f"--resume {path}: saved with the optimizer {saved['optimizer']}, this run's --ds_config has "
                         f"{recipe['optimizer']}; resume with {saved['optimizer']}, {restart_hint(path)}")
-    changed = [key for key, value in recipe.items() if key not in KEPT and saved.get(key) != value]
-    last_augmentation = ([key for key in changed if key in AUGMENTATION] or [None])[-1]
-    return [f"{key} {_shown(saved.get(key))} -> {_shown(recipe[key])}"
-            + (" (the augmentation's random state starts afresh)" if key == last_augmentation else "")
+    changed = [key for key, value in recipe.items() if key not in KEPT and key in saved and saved[key] != value]
+    notes = {([key for key in changed if key in group] or [None])[-1]: note for group, note in (
+        (AUGMENTATION, "the augmentation's random state starts afresh"),
+        (GROUPING, "the samples of the epoch that no rank has read yet are split afresh"))}
+    return [f"{key} {_shown(saved[key])} -> {_shown(recipe[key])}" + (f" ({notes[key]})" if key in notes else "")
             for key in changed]
 
 
