@@ -268,8 +268,8 @@ def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
     assert again.returncode == 2 and "--resume auto" in again.stderr
 
 
-@pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "unknown_model", "inconsistent_model",
-                                  "processor"])
+@pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "zero_off", "unknown_model",
+                                  "inconsistent_model", "processor"])
 def test_bad_configuration_fails_before_training(files, tmp_path, case):
     out = tmp_path / "run"
     args = {"missing_data": ["--data", str(tmp_path / "nowhere"), "--model_config", str(files["resnet"]),
@@ -279,6 +279,8 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
             "batch_arithmetic": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
                                  "--processor", str(files["processor"]), "--ds_config", str(tmp_path / "ds.json"),
                                  "--micro_batch_size", "8"],
+            "zero_off": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
+                         "--processor", str(files["processor"]), "--ds_config", str(tmp_path / "zero0.json")],
             "unknown_model": ["--data", str(files["photos"]), "--model", str(tmp_path / "no-such-model")],
             "inconsistent_model": ["--data", str(files["photos"]), "--model_config", str(tmp_path / "convnext.json"),
                                    "--processor", str(files["processor"])],
@@ -288,10 +290,14 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
     (tmp_path / "convnext.json").write_text(json.dumps({"model_type": "convnext", "hidden_sizes": [16, 32],
                                                         "depths": [1, 1]}))
     (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 20, "train_micro_batch_size_per_gpu": "auto"}))
+    # without ZeRO, DeepSpeed's bf16 optimizer fails to build on CPU, and its checkpoints do not export
+    zero0 = {**json.loads((ROOT / "ds_configs" / "zero2.json").read_text()), "zero_optimization": {"stage": 0}}
+    (tmp_path / "zero0.json").write_text(json.dumps(zero0))
     done = train([*args, "--output_dir", str(out)], ranks=None, check=False, env={"WANDB_MODE": "disabled"})
     expected = {"missing_data": f"{tmp_path / 'nowhere'}/manifest.json not found",
                 "class_count": "has 5 labels but the shards have 4 classes",
                 "batch_arithmetic": "train_batch_size 20 != micro batch 8 x grad_accum 1 x world size 1 = 8",
+                "zero_off": "ZeRO is off (zero_optimization.stage 0 or absent); use stage 1 (ds_configs/zero1.json",
                 "unknown_model": f"--model {tmp_path / 'no-such-model'}: cannot build an image classifier",
                 "inconsistent_model": f"--model_config {tmp_path / 'convnext.json'}: transformers failed building the "
                                       f"model from its config (IndexError: list index out of range)",

@@ -171,7 +171,7 @@ def universal_checkpoint(path: Path, *, into: Path, rank: int) -> Path:
     out = Path(into) / Path(path).name
     failure = None
     if rank == 0:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(into, ignore_errors=True)  # and what a run that crashed while loading left
         out.mkdir(parents=True)
         workers = str(max(1, min(4, len(os.sched_getaffinity(0)))))
         done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
@@ -193,7 +193,8 @@ def universal_checkpoint(path: Path, *, into: Path, rank: int) -> Path:
 
 
 def drop_universal(universal: Path, *, rank: int) -> None:
-    dist.barrier()  # every rank has loaded it
+    """Removes what `universal_checkpoint` made, once every rank has loaded it."""
+    dist.barrier()
     if rank == 0:
         shutil.rmtree(universal.parent, ignore_errors=True)
 

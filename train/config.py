@@ -47,8 +47,14 @@ def hardware_precision(device_type: str) -> str:
 
 
 def resolve_batch(raw: dict, args: TrainArgs, *, world_size: int, problems: list[str]) -> dict:
-    """A copy of `raw` with the batch sizes, clipping and optimizer filled; checks the arithmetic."""
+    """A copy of `raw` with the batch sizes, clipping and optimizer filled; checks the arithmetic,
+    and that ZeRO is on."""
     config = copy.deepcopy(raw)
+    if raw and not raw.get("zero_optimization", {}).get("stage"):
+        # DeepSpeed's own optimizers then: bf16 fails to build on CPU, and the checkpoints are
+        # not ZeRO's, which the export (zero_to_fp32) and resuming on other ranks read
+        problems.append(f"{args.ds_config}: ZeRO is off (zero_optimization.stage 0 or absent); use stage 1 "
+                        f"(ds_configs/zero1.json: data parallel, each rank holding its part of the optimizer state)")
     fill = _filler(args, problems)
     micro = fill(config, "train_micro_batch_size_per_gpu", "micro_batch_size")
     accum = fill(config, "gradient_accumulation_steps", "grad_accum")
