@@ -335,9 +335,8 @@ def setup(args: TrainArgs) -> Run:
                                 rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
-    universal = resume is not None and trainer_state["ranks"] != world and recipe["zero_stage"] > 0
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
-                     rank=rank, universal=universal)
+                     rank=rank, universal=bool(trainer_state) and trainer_state["ranks"] != world)
     seed_streams(args.seed, rank=rank, step=0)
     eval_steps = args.eval_steps or steps_per_epoch
     save_steps = eval_steps if args.save_steps is None else args.save_steps  # 0: never
@@ -350,7 +349,7 @@ def setup(args: TrainArgs) -> Run:
     run_config = _record_run(run, model=model, parameters=parameters, head=head,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
     if resume is not None:
-        _resume(run, resume, trainer_state, universal=universal)
+        _resume(run, resume, trainer_state)
     if args.record_keys:
         _keys_log(run).parent.mkdir(exist_ok=True)
         truncate_log(_keys_log(run), after=run.step)
@@ -1258,12 +1257,12 @@ def trainer_state(run: Run) -> dict:
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
 
 
-def _resume(run: Run, path: Path, state: dict, *, universal: bool) -> None:
+def _resume(run: Run, path: Path, state: dict) -> None:
     """DeepSpeed's state and this rank's trainer `state` from the checkpoint `path`. One saved by
-    another number of ranks loads through DeepSpeed's universal form, and each rank's random
-    streams start afresh (rank 0's `state` is every rank's)."""
-    where = None
-    if universal:
+    another number of ranks loads through DeepSpeed's universal form (the engine was made for it),
+    and each rank's random streams start afresh (rank 0's `state` is every rank's)."""
+    other_ranks, where = state["ranks"] != run.world_size, None
+    if other_ranks:
         if run.rank == 0:
             print(f"train: {path.name} was saved by {state['ranks']} rank(s): converting it to DeepSpeed's universal "
                   f"checkpoint for {run.world_size}", flush=True)
@@ -1274,7 +1273,7 @@ def _resume(run: Run, path: Path, state: dict, *, universal: bool) -> None:
     run.step, run.best, run.last_eval = state["step"], state["best"], state["last_eval"]
     run.skipped_steps, run.bad_steps = state["skipped_steps"], state["bad_steps"]
     run.last_saved = path
-    if state["ranks"] != run.world_size:
+    if other_ranks:
         seed_streams(run.args.seed, rank=run.rank, step=run.step)
         run.mix_rng = np.random.default_rng([run.args.seed, run.rank, run.step])
         return
