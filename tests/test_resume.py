@@ -140,35 +140,42 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
 def test_a_run_resumed_on_other_ranks_reads_the_rest_of_the_epoch_with_the_optimizer_state(files, tmp_path):
     """A job preempted on 2 ranks goes on on 3 (and another micro batch): every sample of the
     epoch it resumes is read once (the ones no rank read yet, split afresh), the next epochs are
-    whole, and DeepSpeed's state carries over, re-partitioned through its universal checkpoint:
-    with --lr 0 from there, the fp32 weights two steps later are the checkpoint's, Adam's moments
-    and step count go on, and so do the BatchNorm buffers."""
+    whole, --epochs counts from there, and DeepSpeed's state carries over, re-partitioned through
+    its universal checkpoint: with --lr 0 from there, the fp32 weights two steps later are the
+    checkpoint's, Adam's moments and step count go on, and so do the BatchNorm buffers."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from test_pipelines import true_labels
 
     two, three = tmp_path / "two", tmp_path / "three"
     args = lambda out, micro: [*common(files, "photos", "resnet", out), "--ds_config", "ds_configs/zero2.json",
-                               "--max_steps", "8", "--micro_batch_size", str(micro), "--log_steps", "1",
-                               "--save_steps", "2", "--record_keys"]
+                               "--micro_batch_size", str(micro), "--log_steps", "1", "--save_steps", "2",
+                               "--save_total_limit", "10", "--record_keys"]
     train(args(two, 6) + ["--max_steps", "4"])  # 3 steps an epoch: step 4 is one batch into epoch 2
     step4 = two / "checkpoints" / "step-00000004"
-    done = train(args(three, 4) + ["--resume", str(step4), "--lr", "0"], ranks=3)
+    # 3 ranks of 2: 6 steps an epoch; 4 to finish epoch 2 (24 samples left), 6 for epoch 3
+    goes_on_args = args(three, 2) + ["--epochs", "3", "--lr", "0"]
+    done = train(goes_on_args + ["--resume", str(step4)], ranks=3)
     assert "step-00000004 was saved by 2 rank(s): converting it to DeepSpeed's universal checkpoint for 3" in done.stdout
-    assert ("ranks 2 -> 3; micro_batch_size 6 -> 4 (the samples of the epoch that no rank has read yet are split "
+    assert ("ranks 2 -> 3; micro_batch_size 6 -> 2 (the samples of the epoch that no rank has read yet are split "
             "afresh)") in done.stdout, done.stdout
+    assert "train: 14 steps (6 per epoch)" in done.stdout  # not 3 x 6 = 18: 4 steps were done at 12 images
     assert not (three / "checkpoints" / ".universal").exists()
 
     train_keys = set(true_labels(files["photos"], "train"))
     read = {rank: dict(keys_by_step(two, rank)) for rank in (0, 1)}
     goes_on = {rank: dict(keys_by_step(three, rank)) for rank in (0, 1, 2)}
-    assert all(sorted(steps) == [5, 6, 7, 8] for steps in goes_on.values())
-    epoch2 = [k for r in (0, 1) for k in read[r][4]] + [k for r in (0, 1, 2) for s in (5, 6) for k in goes_on[r][s]]
+    assert all(sorted(steps) == list(range(5, 15)) for steps in goes_on.values())
+    epoch2 = [k for r in (0, 1) for k in read[r][4]] + [k for r in (0, 1, 2) for s in range(5, 9) for k in goes_on[r][s]]
     assert len(epoch2) == len(set(epoch2)) and set(epoch2) == train_keys  # 36: 12 before, 24 after
-    epoch3 = [k for r in (0, 1, 2) for s in (7, 8) for k in goes_on[r][s]]
-    assert len(epoch3) == len(set(epoch3)) == 24
+    epoch3 = [k for r in (0, 1, 2) for s in range(9, 15) for k in goes_on[r][s]]
+    assert len(epoch3) == len(set(epoch3)) and set(epoch3) == train_keys
     epochs = {m["step"]: m["train/epoch"] for m in metrics(three) if "train/epoch" in m}
-    assert [epochs[s] for s in (5, 6, 7, 8)] == pytest.approx([1 + 24 / 36, 2, 2 + 12 / 36, 2 + 24 / 36])
+    assert [epochs[s] for s in range(5, 15)] == pytest.approx([1 + (12 + 6 * n) / 36 for n in range(1, 11)])
+    # a later plain resume of this line counts --epochs from its loader too (14 steps, not 18)
+    again = train(goes_on_args + ["--resume", str(three / "checkpoints" / "step-00000010")], ranks=3)
+    assert "train: 14 steps (6 per epoch)" in again.stdout and "steps 14 ->" not in again.stdout, again.stdout
+    assert sorted(losses_by_step(three)) == list(range(5, 15))
 
     def saved(out: Path, step: int) -> tuple[dict, dict, list]:
         folder = out / "checkpoints" / f"step-{step:08d}"

@@ -62,8 +62,7 @@ from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_par
                          model_input_size, model_source, parameter_groups, prepare_precision)
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
                         release_build_locks, train_flops_per_image)
-from train.resume import (data_order, loader_state, read_trainer_state, recipe_changes, recounted,
-                          training_recipe)
+from train.resume import data_order, loader_state, read_trainer_state, recipe_changes, training_recipe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
@@ -317,10 +316,10 @@ def setup(args: TrainArgs) -> Run:
                                                    precision=precision, device=device, eval_samples=eval_samples,
                                                    state=loader_state(trainer_state, args, world=world, order=order),
                                                    problems=problems)
-    recount = recounted(trainer_state, world=world, order=order, accum=ds_config["gradient_accumulation_steps"])
+    # a stand-in loader's checkpoint has no position: its steps count from the start
+    done = trainer_state["step"] if trainer_state.get("train_loader") else 0
     steps_per_epoch, total_steps, warmup, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
-                                                               recount_from=trainer_state["step"] if recount else None,
-                                                               problems=problems)
+                                                               done=done, problems=problems)
     recipe = training_recipe(args, ds_config, world_size=world, precision=precision, total_steps=total_steps,
                              warmup_steps=warmup)
     changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems)
@@ -673,11 +672,11 @@ def decoding_of(args: TrainArgs, *, train: bool) -> Decoding:
     return Decoding(hw_decoder_load=args.hw_decoder_load, fancy_upsampling=args.train_fancy_upsampling if train else None)
 
 
-def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, recount_from: int | None,
-              problems: list[str]):
+def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, done: int, problems: list[str]):
     """(steps per epoch, total steps, warmup steps, the learning-rate schedule for deepspeed.initialize).
-    `recount_from`: the step of the checkpoint resumed, when its steps took other samples than
-    this run's (train/resume.py: recounted)."""
+    `done`: the steps of the checkpoint that `train_loader` resumes from. --epochs counts from the
+    loader's position, not as epochs x this run's steps per epoch: the steps done may have taken
+    other samples (other ranks, micro batch or accumulation, in this run or an earlier one)."""
     if train_loader is None:
         return 0, 0, 0, None
     accum = ds_config["gradient_accumulation_steps"]
@@ -685,10 +684,8 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, rec
     if steps_per_epoch == 0:
         problems.append(f"one epoch of {data}/train is {len(train_loader)} micro batches per rank, fewer than "
                         f"--grad_accum {accum}; lower the micro batch or the accumulation")
-    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    if recount_from is not None and not args.max_steps:
-        total_steps = recount_from + _steps_left(args.epochs, train_loader, accum=accum,
-                                                 steps_per_epoch=steps_per_epoch)
+    total_steps = args.max_steps or done + _steps_left(args.epochs, train_loader, accum=accum,
+                                                       steps_per_epoch=steps_per_epoch)
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
     schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
     if autos := find_autos(ds_config):
@@ -697,12 +694,16 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, rec
 
 
 def _steps_left(epochs: float, loader, *, accum: int, steps_per_epoch: int) -> int:
-    """The steps to `epochs` from where the resumed `loader` stands: the rest of its epoch, then
-    whole epochs at this run's steps per epoch."""
-    rest = (loader.source.steps_in(loader.epoch) - loader.step) // accum
+    """The steps to `epochs` from where `loader` stands: the rest of its epoch, then whole epochs
+    at this run's steps per epoch (a fresh loader: ceil(epochs x steps per epoch))."""
+    source = loader.source
+    rest = (source.steps_in(loader.epoch) - loader.step) // accum
     if epochs >= loader.epoch + 1:
         return rest + math.ceil((epochs - loader.epoch - 1) * steps_per_epoch)
-    return min(rest, max(0, math.ceil((epochs - loader.progress()) * steps_per_epoch)))
+    # within the last epoch: its steps at this run's rate, less those its samples read so far took
+    taken = source.taken_samples / (source.batch_size * source.world_size) if loader.epoch == source.epoch else 0
+    into = (taken + loader.step) / accum
+    return min(rest, max(0, math.ceil((epochs - loader.epoch) * steps_per_epoch - into)))
 
 
 def _perf_figures(args: TrainArgs, model, *, spec, classes: list[str], device: torch.device,

@@ -95,14 +95,6 @@ def regrouped(state: dict, *, world: int, order: dict) -> bool:
     return bool(state) and (state["ranks"], state["order"]["micro_batch_size"]) != (world, order["micro_batch_size"])
 
 
-def recounted(state: dict, *, world: int, order: dict, accum: int) -> bool:
-    """Whether a step of the checkpoint whose trainer `state` a run resumes took other samples than
-    this run's steps do (ranks, micro batch or accumulation changed): the run's length is then
-    counted from where its loader resumes, not as epochs x this run's steps per epoch."""
-    saved_accum = state.get("recipe", {}).get("grad_accum", accum) if state else accum
-    return regrouped(state, world=world, order=order) or saved_accum != accum
-
-
 def augmentation_changed(state: dict, args: TrainArgs) -> bool:
     """Whether this run's train augmentation differs from the checkpoint's: its DALI graph then has
     other operators, and DALI's checkpoint (the augmentation's random state) cannot be restored."""
