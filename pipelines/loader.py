@@ -296,14 +296,16 @@ class DaliLoader:
             yield batch
         self.epoch, self.step = self.epoch + 1, 0
 
-    def progress(self) -> float:
-        """Epochs done: the epoch, plus the share of a whole epoch's reads that every rank (and the
-        ranks of earlier runs, in an epoch resumed with other ranks) did in it."""
+    def batches_read(self) -> float:
+        """The batches per rank this epoch has read so far, counting what the ranks of earlier runs
+        took of it (an epoch resumed with other ranks) at this loader's batches of every rank."""
         source = self.source
-        read = self.step * source.batch_size * source.world_size + (source.taken_samples if self.epoch == source.epoch
-                                                                     else 0)
-        whole = self.steps * source.batch_size * source.world_size
-        return self.epoch + (min(1.0, read / whole) if whole else 0.0)
+        taken = source.taken_samples / (source.batch_size * source.world_size) if self.epoch == source.epoch else 0
+        return taken + self.step
+
+    def progress(self) -> float:
+        """Epochs done: the epoch, plus the share of a whole epoch read so far."""
+        return self.epoch + (min(1.0, self.batches_read() / self.steps) if self.steps else 0.0)
 
     def state_dict(self) -> dict:
         """Where this loader stands: epoch, step, DALI's batch number and RNG state, and what earlier

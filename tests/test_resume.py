@@ -176,6 +176,8 @@ def test_a_run_resumed_on_other_ranks_reads_the_rest_of_the_epoch_with_the_optim
     again = train(goes_on_args + ["--resume", str(three / "checkpoints" / "step-00000010")], ranks=3)
     assert "train: 14 steps (6 per epoch)" in again.stdout and "steps 14 ->" not in again.stdout, again.stdout
     assert sorted(losses_by_step(three)) == list(range(5, 15))
+    # evals where this run's epochs end (steps 8 and 14), not at multiples of its 6 steps an epoch
+    assert [m["step"] for m in metrics(three) if "eval/top1" in m] == [8, 14]
 
     def saved(out: Path, step: int) -> tuple[dict, dict, list]:
         folder = out / "checkpoints" / f"step-{step:08d}"

@@ -97,6 +97,8 @@ class Run:
     ds_config: dict
     order: dict = field(default_factory=dict)  # data_order: checked when a run resumes
     recipe: dict = field(default_factory=dict)  # training_recipe: compared when a run resumes
+    eval_offset: int = 0  # evals fall at steps = eval_offset modulo eval_steps (by default where epochs end)
+    save_offset: int = 0
     step: int = 0  # optimizer steps done
     doing: int = 0  # the step under way (its train step, then its hooks), for messages
     best: dict = field(default_factory=lambda: {"top1": None, "step": None})
@@ -302,14 +304,9 @@ def setup(args: TrainArgs) -> Run:
     model, image_processor, spec, head = _model(args, builtin=builtin, classes=classes, problems=problems)
 
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
-    problems += _claim_output_dir(output_dir, rank=rank) if output_dir.is_dir() else []  # before reading it
-    resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
-    problems += resume_problems
-    trainer_state, order = {}, data_order(args, ds_config, manifest)
-    if resume is not None:
-        trainer_state = read_trainer_state(resume, rank=rank, world=world, classes=classes, order=order,
-                                           problems=problems)
-
+    order = data_order(args, ds_config, manifest)
+    resume, trainer_state = _resume_point(args, output_dir, rank=rank, world=world, classes=classes, order=order,
+                                          problems=problems)
     train_loader = eval_loader = None
     if not problems:
         train_loader, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
@@ -318,8 +315,8 @@ def setup(args: TrainArgs) -> Run:
                                                    problems=problems)
     # a stand-in loader's checkpoint has no position: its steps count from the start
     done = trainer_state["step"] if trainer_state.get("train_loader") else 0
-    steps_per_epoch, total_steps, warmup, schedule = _schedule(args, ds_config, train_loader=train_loader, data=data,
-                                                               done=done, problems=problems)
+    steps_per_epoch, epoch_offset, total_steps, warmup, schedule = _schedule(
+        args, ds_config, train_loader=train_loader, data=data, done=done, problems=problems)
     recipe = training_recipe(args, ds_config, world_size=world, precision=precision, total_steps=total_steps,
                              warmup_steps=warmup)
     changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems)
@@ -334,29 +331,51 @@ def setup(args: TrainArgs) -> Run:
                                 rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
+    other_ranks = bool(trainer_state) and trainer_state["ranks"] != world  # saved by them: a universal load
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
-                     rank=rank, universal=bool(trainer_state) and trainer_state["ranks"] != world)
+                     rank=rank, universal=other_ranks)
     seed_streams(args.seed, rank=rank, step=0)
-    eval_steps = args.eval_steps or steps_per_epoch
-    save_steps = eval_steps if args.save_steps is None else args.save_steps  # 0: never
+    eval_steps, eval_offset = (args.eval_steps, 0) if args.eval_steps else (steps_per_epoch, epoch_offset)
+    save_steps, save_offset = (eval_steps, eval_offset) if args.save_steps is None else (args.save_steps, 0)  # 0: never
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
-              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps,
+              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, eval_offset=eval_offset,
+              save_offset=save_offset,
               ds_config=ds_config, order=order, recipe=recipe, logger=None,
               mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters, head=head,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
+    _begin(run, run_config, resume=resume, state=trainer_state, other_ranks=other_ranks, changes=changes,
+           branched=bool(moved or changes))
+    return run
+
+
+def _begin(run: Run, config: dict, *, resume: Path | None, state: dict, other_ranks: bool, changes: list[str],
+           branched: bool) -> None:
+    """The run at the checkpoint it resumes from (if any), its sample-key log cut there, its W&B
+    run opened (the line it continues, or a new one when `branched`), and the banner printed."""
     if resume is not None:
-        _resume(run, resume, trainer_state)
-    if args.record_keys:
+        _resume(run, resume, state, other_ranks=other_ranks)
+    if run.args.record_keys:
         _keys_log(run).parent.mkdir(exist_ok=True)
         truncate_log(_keys_log(run), after=run.step)
-    wandb = _open_logger(run, run_config, resume_step=run.step if resume else None,
-                         **_wandb_line(run, trainer_state, resume=resume, branched=bool(moved or changes)))
-    if rank == 0:
-        print(_banner(run, run_config, resumed=resume, changes=changes, wandb=wandb))
-    return run
+    wandb = _open_logger(run, config, resume_step=run.step if resume else None,
+                         **_wandb_line(run, state, resume=resume, branched=branched))
+    if run.rank == 0:
+        print(_banner(run, config, resumed=resume, changes=changes, wandb=wandb))
+
+
+def _resume_point(args: TrainArgs, output_dir: Path, *, rank: int, world: int, classes: list[str], order: dict,
+                  problems: list[str]) -> tuple[Path | None, dict]:
+    """The checkpoint this run resumes from, agreed by every rank, and this rank's trainer state in
+    it (None and {} for a fresh run); the output dir is claimed before anything in it is read."""
+    problems += _claim_output_dir(output_dir, rank=rank) if output_dir.is_dir() else []
+    resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
+    problems += resume_problems
+    if resume is None:
+        return None, {}
+    return resume, read_trainer_state(resume, rank=rank, world=world, classes=classes, order=order, problems=problems)
 
 
 def _record_run(run: Run, *, model, parameters: int, head: str | None, train_samples: int, eval_samples: int) -> dict:
@@ -673,12 +692,13 @@ def decoding_of(args: TrainArgs, *, train: bool) -> Decoding:
 
 
 def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, done: int, problems: list[str]):
-    """(steps per epoch, total steps, warmup steps, the learning-rate schedule for deepspeed.initialize).
-    `done`: the steps of the checkpoint that `train_loader` resumes from. --epochs counts from the
-    loader's position, not as epochs x this run's steps per epoch: the steps done may have taken
-    other samples (other ranks, micro batch or accumulation, in this run or an earlier one)."""
+    """(steps per epoch, the epochs' offset, total steps, warmup steps, the learning-rate schedule for
+    deepspeed.initialize). `done`: the steps of the checkpoint that `train_loader` resumes from.
+    --epochs counts from the loader's position, not as epochs x this run's steps per epoch: the steps
+    done may have taken other samples (other ranks, micro batch or accumulation, in this run or an
+    earlier one); then this run's epochs end at steps = the offset modulo steps per epoch, not 0."""
     if train_loader is None:
-        return 0, 0, 0, None
+        return 0, 0, 0, 0, None
     accum = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
@@ -686,23 +706,27 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, don
                         f"--grad_accum {accum}; lower the micro batch or the accumulation")
     total_steps = args.max_steps or done + _steps_left(args.epochs, train_loader, accum=accum,
                                                        steps_per_epoch=steps_per_epoch)
+    epoch_offset = (done + _rest_of_epoch(train_loader, accum=accum)) % steps_per_epoch if steps_per_epoch else 0
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
     schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
     if autos := find_autos(ds_config):
         problems.append(f"{args.ds_config}: nothing fills {', '.join(autos)} (\"auto\"); set values")
-    return steps_per_epoch, total_steps, warmup, schedule
+    return steps_per_epoch, epoch_offset, total_steps, warmup, schedule
+
+
+def _rest_of_epoch(loader, *, accum: int) -> int:
+    """The steps left in the epoch where `loader` stands."""
+    return (loader.source.steps_in(loader.epoch) - loader.step) // accum
 
 
 def _steps_left(epochs: float, loader, *, accum: int, steps_per_epoch: int) -> int:
     """The steps to `epochs` from where `loader` stands: the rest of its epoch, then whole epochs
     at this run's steps per epoch (a fresh loader: ceil(epochs x steps per epoch))."""
-    source = loader.source
-    rest = (source.steps_in(loader.epoch) - loader.step) // accum
+    rest = _rest_of_epoch(loader, accum=accum)
     if epochs >= loader.epoch + 1:
         return rest + math.ceil((epochs - loader.epoch - 1) * steps_per_epoch)
     # within the last epoch: its steps at this run's rate, less those its samples read so far took
-    taken = source.taken_samples / (source.batch_size * source.world_size) if loader.epoch == source.epoch else 0
-    into = (taken + loader.step) / accum
+    into = loader.batches_read() / accum
     return min(rest, max(0, math.ceil((epochs - loader.epoch) * steps_per_epoch - into)))
 
 
@@ -937,8 +961,8 @@ def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float,
 def evaluate_and_save(run: Run, meter: dict) -> None:
     """Eval and checkpoint at their cadence, and both after the last step; with --export best, also
     a checkpoint at each new best eval between saves, so that the best eval is the export."""
-    evaluating = run.eval_loader is not None and _due(run, run.eval_steps)
-    saving = _due(run, run.save_steps)
+    evaluating = run.eval_loader is not None and _due(run, run.eval_steps, offset=run.eval_offset)
+    saving = _due(run, run.save_steps, offset=run.save_offset)
     if evaluating or saving:
         average_buffers(run.engine.module)
     if evaluating:
@@ -949,10 +973,10 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
         run.last_saved = save(run)
 
 
-def _due(run: Run, every: int) -> bool:
-    """Whether a hook that runs every `every` steps, and after the last, runs at this step (never
-    when `every` is 0: --save_steps 0)."""
-    return bool(every) and (run.step % every == 0 or run.step == run.total_steps)
+def _due(run: Run, every: int, *, offset: int = 0) -> bool:
+    """Whether a hook that runs every `every` steps (at steps = `offset` modulo `every`), and after
+    the last, runs at this step (never when `every` is 0: --save_steps 0)."""
+    return bool(every) and ((run.step - offset) % every == 0 or run.step == run.total_steps)
 
 
 def step_batches(loader, *, accum: int):
@@ -1110,7 +1134,8 @@ def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
     if run.args.nan_guard == "stop":
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         run.unchecked = bad if run.unchecked is None else run.unchecked + bad
-        if any(_due(run, every) for every in (run.args.log_steps, run.eval_steps, run.save_steps)):
+        cadences = ((run.args.log_steps, 0), (run.eval_steps, run.eval_offset), (run.save_steps, run.save_offset))
+        if any(_due(run, every, offset=offset) for every, offset in cadences):
             check_losses(run)
         return
     if loss is not None:
@@ -1258,11 +1283,11 @@ def trainer_state(run: Run) -> dict:
                     "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}}
 
 
-def _resume(run: Run, path: Path, state: dict) -> None:
+def _resume(run: Run, path: Path, state: dict, *, other_ranks: bool) -> None:
     """DeepSpeed's state and this rank's trainer `state` from the checkpoint `path`. One saved by
-    another number of ranks loads through DeepSpeed's universal form (the engine was made for it),
-    and each rank's random streams start afresh (rank 0's `state` is every rank's)."""
-    other_ranks, where = state["ranks"] != run.world_size, None
+    `other_ranks` loads through DeepSpeed's universal form (the engine was made for it), and each
+    rank's random streams start afresh (rank 0's `state` is every rank's)."""
+    where = None
     if other_ranks:
         if run.rank == 0:
             print(f"train: {path.name} was saved by {state['ranks']} rank(s): converting it to DeepSpeed's universal "
