@@ -73,6 +73,7 @@ def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, to
     """
     path = checkpoint_path(root, step)
     tag = path.name
+    _poison_for_tests(engine, step)
     if not weights_are_finite(engine):
         raise CheckpointError(f"step {step}: the weights are not finite; not saving {path}")
     if rank == 0 and path.exists():  # left by an interrupted save of this step: start it clean
@@ -254,7 +255,7 @@ def _prune(root: Path, *, keep: int) -> None:
 
 def weights_are_finite(engine) -> bool:
     """Whether every rank's parameters (its ZeRO-3 partitions, or the full copies) and buffers are finite."""
-    tensors = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    tensors = [_own_elements(p) for p in engine.module.parameters()]
     tensors += [b for b in engine.module.buffers() if b.is_floating_point()]
     finite = all(torch.isfinite(t).all() for t in tensors)
     flag = torch.tensor([float(finite)], device=next(engine.module.parameters()).device)
@@ -262,11 +263,34 @@ def weights_are_finite(engine) -> bool:
     return bool(flag.item())
 
 
+def _own_elements(param: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of a parameter: under ZeRO-3 its partition, less the padding that rounds
+    the parameter up to equal partitions (DeepSpeed leaves it uninitialized: any bits, NaN's too)."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    start = part.numel() * dist.get_rank(group=param.ds_process_group)
+    return part.narrow(0, 0, max(0, min(part.numel(), param.ds_numel - start)))
+
+
 def _fail_for_tests(step: int, path: Path) -> None:
     """Fault injection where no small file system can be mounted: TRAIN_ENOSPC_AT_STEP=N makes the
     save of step N fail as a full disk does."""
     if os.environ.get("TRAIN_ENOSPC_AT_STEP") == str(step):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _poison_for_tests(engine, step: int) -> None:
+    """Fault injection before a save: TRAIN_NAN_PADDING=1 sets the padding of ZeRO-3's partitions
+    (uninitialized memory: it may hold any bits) to NaN; TRAIN_NAN_WEIGHT_AT_STEP=N puts a NaN in
+    one of rank 0's weights before the save of step N."""
+    with torch.no_grad():
+        if os.environ.get("TRAIN_NAN_PADDING") == "1":
+            for param in engine.module.parameters():
+                if hasattr(param, "ds_tensor"):
+                    param.ds_tensor[_own_elements(param).numel():] = float("nan")
+        if os.environ.get("TRAIN_NAN_WEIGHT_AT_STEP") == str(step) and dist.get_rank() == 0:
+            _own_elements(next(engine.module.parameters())).view(-1)[0] = float("nan")
 
 
 def _pause_for_tests(step: int) -> None:

@@ -188,7 +188,7 @@ def distributed():
 
 def run_training(args: TrainArgs) -> int:
     """setup and fit (with --eval_only: setup_eval and evaluate_only), and the exit code: 0 done,
-    2 configuration, 3 data, 4 non-finite losses, 5 the input pipeline failed without a bad sample
+    2 configuration, 3 data, 4 non-finite losses or weights, 5 the input pipeline failed without a bad sample
     to blame, 6 a checkpoint, the export, the metrics or the eval results could not be written,
     7 stopped on SIGTERM (preemption) with a checkpoint saved, 1 anything else (main: 143, SIGTERM
     outside the training loop)."""
@@ -210,7 +210,7 @@ def run_training(args: TrainArgs) -> int:
             f"the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)")
     try:
         result = work(run)
-    except NonFiniteLoss as e:  # agreed by every rank
+    except (NonFiniteLoss, CheckpointError) as e:  # agreed by every rank (a save refuses non-finite weights)
         peers.close()
         if rank == 0:
             print(f"train: stopped: {e}\ntrain: {kept}", file=sys.stderr)
