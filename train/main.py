@@ -188,10 +188,10 @@ def distributed():
 
 def run_training(args: TrainArgs) -> int:
     """setup and fit (with --eval_only: setup_eval and evaluate_only), and the exit code: 0 done,
-    2 configuration, 3 data, 4 non-finite losses or weights, 5 the input pipeline failed without a bad sample
-    to blame, 6 a checkpoint, the export, the metrics or the eval results could not be written,
-    7 stopped on SIGTERM (preemption) with a checkpoint saved, 1 anything else (main: 143, SIGTERM
-    outside the training loop)."""
+    2 configuration, 3 data, 4 non-finite losses or weights, 5 the input pipeline failed without a
+    bad sample to blame, 6 a checkpoint, the export, the metrics or the eval results could not be
+    written, 7 stopped on SIGTERM (preemption) with a checkpoint saved, 1 anything else (main: 143,
+    SIGTERM outside the training loop)."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
     peers = PeerWatch(rank)
@@ -340,9 +340,8 @@ def setup(args: TrainArgs) -> Run:
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=engine,
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
-              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, eval_offset=eval_offset,
-              save_offset=save_offset,
-              ds_config=ds_config, order=order, recipe=recipe, logger=None,
+              steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, ds_config=ds_config,
+              order=order, recipe=recipe, logger=None, eval_offset=eval_offset, save_offset=save_offset,
               mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters, head=head,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
