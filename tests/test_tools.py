@@ -99,3 +99,26 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
                                  batch_size=4, num_threads=1, device="cpu"), batches=4)
     assert list(rows) == ["DALI eval loader, torch resize, float32 bytes", "DALI eval loader, pillow resize, float32 bytes"]
     assert all(rate > 0 for rate in rows.values()) and resize.FLOAT64 is None
+
+
+def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
+    """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks go on
+    with RandAugment to 2 epochs of 1,618 digits): every rule holds, and its checks can fail."""
+    from soak import check
+
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "soak.py"), "--trials", "1", "--seed", "13",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "soak: 1 of 1 trials held every rule" in done.stdout
+    [result] = json.loads((tmp_path / "soak.json").read_text())
+    assert result["launches"] == [[3, 13, 1], [2, 13, 1]] and len(result["stops"]) == 1 and result["problems"] == []
+    trial = tmp_path / "trial-13-0"
+    assert check(trial, result, result["stops"], result["steps"]) == []
+    # a sample read twice in epoch 1, and a step logged twice
+    log = trial / "sample_keys" / "rank0.jsonl"
+    first, second, *rest = [json.loads(line) for line in log.read_text().splitlines()]
+    second["keys"][0] = first["keys"][0]
+    log.write_text("".join(json.dumps(record) + "\n" for record in (first, second, *rest)))
+    assert check(trial, result, result["stops"], result["steps"]) == ["epoch 1: 1 samples read twice"]
+    assert check(trial, result, result["stops"], result["steps"] + 1)[0].startswith(
+        f"steps logged: {result['steps']} ")

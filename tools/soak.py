@@ -1,0 +1,175 @@
+"""Randomized training runs at the sizes users have, each checked for what must hold.
+
+    python tools/soak.py [--trials N] [--seed S] [--out DIR] [--precision fp32|bf16] [--json FILE]
+
+Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images:
+they divide by no number of ranks) with random ranks (1-4), micro batch, accumulation, ZeRO
+stage, `--epochs` and augmentation, in one to three launches: each but the last stops at a random
+`--max_steps`, and the next goes on with `--resume auto` on other ranks, micro batch or
+accumulation. Then it checks the run's metrics and sample keys:
+
+- every step from 1 to the planned last was trained once and logged once;
+- no sample was read twice within an epoch (all ranks and launches together), and every whole
+  epoch read all but fewer than a batch per rank and launch;
+- every eval counted each val sample once, and the default evals fell where epochs end (and at
+  each launch's last step);
+- train/epoch ends at --epochs, within a step (or where a --max_steps past it stopped).
+
+Prints one line per trial and exits 1 if any trial broke a rule (the JSON report says which).
+Found with it: ZeRO-3's uninitialized partition padding refused a bf16 ViT's first checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from make_shards import make_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN, VAL = 1618, 179  # digits, as make_shards splits them
+MODELS = {
+    "resnet": {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
+               "layer_type": "basic", "downsample_in_first_stage": False},
+    "vit": {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 64},
+}
+AUGMENTS = ([], ["--hflip", "0.5", "--color_jitter", "0.3"], ["--auto_augment", "rand_augment"],
+            ["--mixup_alpha", "0.2", "--cutmix_alpha", "1.0"])
+
+
+def prepare(out: Path) -> None:
+    """The digits shards, the model configs and a 32x32 processor, made once under `out`."""
+    from transformers import ViTImageProcessorPil
+
+    if not (out / "digits" / "manifest.json").is_file():
+        make_shards(src="sklearn:digits", out=out / "digits", max_count=100, progress=False)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(out / "processor")
+    for name, config in MODELS.items():
+        (out / f"{name}.json").write_text(json.dumps(config))
+
+
+def draw(rng: random.Random, *, precision: str) -> dict:
+    """A trial's settings: the run's own, and (ranks, micro batch, accumulation) per launch."""
+    launches = [(rng.choice([1, 2, 3, 4]), rng.choice([8, 13, 24, 40]), rng.choice([1, 1, 2, 3]))
+                for _ in range(rng.choice([1, 2, 3]))]
+    return {"model": rng.choice(sorted(MODELS)), "zero": rng.choice(["zero1", "zero2", "zero3"]),
+            "epochs": rng.choice([1.5, 2.0, 2.5, 3.0]), "augment": rng.choice(AUGMENTS),
+            "nan_guard": rng.choice(["skip", "stop"]), "precision": precision, "launches": launches}
+
+
+def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) -> dict:
+    """Runs the trial's launches in `trial_dir`; returns the settings with the stops, the planned
+    steps and the rules broken ("problems"), or with "failed" (a launch's exit and output tail)."""
+    shutil.rmtree(trial_dir, ignore_errors=True)
+    common = ["--data", str(data / "digits"), "--model_config", str(data / f"{settings['model']}.json"),
+              "--processor", str(data / "processor"), "--output_dir", str(trial_dir),
+              "--precision", settings["precision"], "--ds_config", f"ds_configs/{settings['zero']}.json",
+              "--epochs", str(settings["epochs"]), "--nan_guard", settings["nan_guard"], "--record_keys",
+              "--log_steps", "1", *settings["augment"]]
+    result, stops, planned = dict(settings), [], 0
+    for n, (ranks, micro, accum) in enumerate(settings["launches"]):
+        args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum)]
+        args += ["--resume", "auto"] if n else []
+        if n < len(settings["launches"]) - 1:  # stop within the next epoch and a half of this launch
+            stops.append((stops[-1] if stops else 0) + rng.randint(1, max(1, (TRAIN // ranks // micro // accum) * 3 // 2)))
+            args += ["--max_steps", str(stops[-1])]
+        launcher = [sys.executable] if ranks == 1 else ["deepspeed", "--num_gpus", str(ranks), "--master_port",
+                                                        str(free_port())]
+        done = subprocess.run([*launcher, str(ROOT / "train" / "main.py"), *args], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=1800)
+        if done.returncode != 0:
+            return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {done.returncode}: "
+                                                        f"{(done.stdout + done.stderr)[-3000:]}"}
+        planned = int(re.search(r"train: (\d+) steps", done.stdout).group(1))
+    return {**result, "stops": stops, "steps": planned, "problems": check(trial_dir, settings, stops, planned)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(out: Path, settings: dict, stops: list[int], planned: int) -> list[str]:
+    """The rules of the module docstring the run in `out` broke."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epoch_at = {r["step"]: r["train/epoch"] for r in rows if "train/epoch" in r}
+    steps = sorted(epoch_at)
+    problems = []
+    if steps != list(range(1, planned + 1)):
+        problems.append(f"steps logged: {len(steps)} ({steps[:2]}..{steps[-2:]}), planned 1..{planned}")
+    if not steps:
+        return problems
+    epoch_of = {s: math.ceil(epoch_at[s] - 1e-9) - 1 for s in steps}  # train/epoch in (e, e + 1]: epoch e
+    ends = [s for s in steps if epoch_of.get(s + 1) != epoch_of[s]]
+    evals = [r for r in rows if "eval/top1" in r]
+    problems += [f"eval at step {r['step']} counted {r['eval/samples_counted']:.0f} of {VAL}" for r in evals
+                 if r["eval/samples_counted"] != VAL]
+    at = [r["step"] for r in evals]
+    if [s for s in ends if s not in at] or [s for s in at if s not in ends and s not in stops]:
+        problems.append(f"evals at steps {at}, epochs end at {ends}")
+    reached = max([settings["epochs"]] + [epoch_at[s] for s in stops if s in epoch_at])
+    ranks, micro, accum = settings["launches"][-1]
+    step = 1 / max(1, TRAIN // ranks // micro // accum)  # of an epoch: the steps to --epochs are rounded up
+    if not settings["epochs"] - step - 1e-6 <= epoch_at[steps[-1]] <= reached + step + 1e-6:
+        problems.append(f"train/epoch at the end {epoch_at[steps[-1]]:.4f}, --epochs {settings['epochs']}")
+    keys: dict[int, list[str]] = {}
+    for log in (out / "sample_keys").glob("rank*.jsonl"):
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            keys.setdefault(record["step"], []).extend(record["keys"])
+    read: dict[int, list[str]] = {}
+    for s in steps:
+        read.setdefault(epoch_of[s], []).extend(keys.get(s, []))
+    dropped = sum(r * (m * a + 1) for r, m, a in settings["launches"])  # at most, per epoch
+    for epoch, samples in sorted(read.items()):
+        if len(samples) != len(set(samples)):
+            problems.append(f"epoch {epoch + 1}: {len(samples) - len(set(samples))} samples read twice")
+        if epoch + 1 <= settings["epochs"] and len(set(samples)) < TRAIN - dropped:
+            problems.append(f"epoch {epoch + 1}: {len(set(samples))} of {TRAIN} samples read")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("outputs") / "soak")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--json", type=Path, default=None, help="the report (default: OUT/soak.json)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    prepare(args.out)
+    rng, report = random.Random(args.seed), []
+    for n in tqdm(range(args.trials), unit="trial", disable=None):
+        settings = draw(rng, precision=args.precision)
+        result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
+        report.append(result)
+        launches = " -> ".join(f"{r}x{m}x{a}" for r, m, a in settings["launches"])
+        verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
+                   "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
+        tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
+                   f"--epochs {settings['epochs']} {' '.join(settings['augment'])} ranks x micro x accum "
+                   f"{launches} (stops at {result['stops']}): {verdict}")
+        (args.json or args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
+    broken = [r for r in report if r.get("problems") or "failed" in r]
+    print(f"soak: {len(report) - len(broken)} of {len(report)} trials held every rule; report in "
+          f"{args.json or args.out / 'soak.json'}")
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
