@@ -391,8 +391,9 @@ def test_too_many_non_finite_steps_stop_the_run_with_checkpoints_intact(files, t
 
 
 PADDING_CHECK = """
-import sys
-sys.path.insert(0, sys.argv[1])
+import os, sys
+root, out = sys.argv[-2:]  # after the launcher's --local_rank
+sys.path.insert(0, root)
 import deepspeed, torch
 from deepspeed import comm as dist
 from train.checkpoint import weights_are_finite
@@ -413,7 +414,11 @@ dist.all_reduce(total)
 with_nan_padding = weights_are_finite(engine)
 if rank == world - 1:
     engine.module.weight.ds_tensor[0] = float("nan")
-print(f"rank {rank}: padding {int(total)}, finite {with_nan_padding}, then {weights_are_finite(engine)}", flush=True)
+said = f"padding {int(total)}, finite {with_nan_padding}, then {weights_are_finite(engine)}"
+with open(f"{out}/rank{rank}.txt", "w") as f:  # the ranks' prints would interleave
+    f.write(said)
+dist.barrier()
+os._exit(0)  # past the interpreter's teardown of DeepSpeed's and gloo's threads
 """
 
 
@@ -424,10 +429,11 @@ def test_zero3_padding_is_no_weight_and_a_non_finite_weight_stops_the_run_cleanl
     a non-finite weight still stops the run, with one message and the checkpoints before it intact."""
     script = tmp_path / "padding_check.py"
     script.write_text(PADDING_CHECK)
-    done = subprocess.run(launcher(ranks=3)[:-1] + [str(script), str(ROOT)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    said = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert said == [f"rank {r}: padding 3, finite True, then False" for r in range(3)], done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run(launcher(ranks=3)[:-1] + [str(script), str(ROOT), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
+    assert said == ["padding 3, finite True, then False"] * 3
 
     out = tmp_path / "run"  # 3 ranks of 6 photos: 2 steps an epoch; NaN padding before every save
     stopped = train(["--ds_config", "ds_configs/zero3.json", *common(files, "photos", "resnet", out),

@@ -3,10 +3,11 @@
     python tools/soak.py [--trials N] [--seed S] [--out DIR] [--precision fp32|bf16] [--json FILE]
 
 Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images:
-they divide by no number of ranks) with random ranks (1-4), micro batch, accumulation, ZeRO
-stage, `--epochs` and augmentation, in one to three launches: each but the last stops at a random
-`--max_steps`, and the next goes on with `--resume auto` on other ranks, micro batch or
-accumulation. Then it checks the run's metrics and sample keys:
+they divide by no number of ranks) with random ranks (1-4 CPU processes; on a GPU machine, up to
+one per GPU), micro batch, accumulation, ZeRO stage, `--epochs` and augmentation, in one to three
+launches: each but the last stops at a random `--max_steps`, and the next goes on with
+`--resume auto` on other ranks, micro batch or accumulation. Then it checks the run's metrics and
+sample keys:
 
 - every step from 1 to the planned last was trained once and logged once;
 - no sample was read twice within an epoch (all ranks and launches together), and every whole
@@ -33,6 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from make_shards import make_shards
@@ -61,9 +63,9 @@ def prepare(out: Path) -> None:
         (out / f"{name}.json").write_text(json.dumps(config))
 
 
-def draw(rng: random.Random, *, precision: str) -> dict:
+def draw(rng: random.Random, *, precision: str, max_ranks: int = 4) -> dict:
     """A trial's settings: the run's own, and (ranks, micro batch, accumulation) per launch."""
-    launches = [(rng.choice([1, 2, 3, 4]), rng.choice([8, 13, 24, 40]), rng.choice([1, 1, 2, 3]))
+    launches = [(rng.choice(range(1, max_ranks + 1)), rng.choice([8, 13, 24, 40]), rng.choice([1, 1, 2, 3]))
                 for _ in range(rng.choice([1, 2, 3]))]
     return {"model": rng.choice(sorted(MODELS)), "zero": rng.choice(["zero1", "zero2", "zero3"]),
             "epochs": rng.choice([1.5, 2.0, 2.5, 3.0]), "augment": rng.choice(AUGMENTS),
@@ -154,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     prepare(args.out)
     rng, report = random.Random(args.seed), []
+    max_ranks = torch.cuda.device_count() or 4  # CPU ranks, or one per GPU
     for n in tqdm(range(args.trials), unit="trial", disable=None):
-        settings = draw(rng, precision=args.precision)
+        settings = draw(rng, precision=args.precision, max_ranks=max_ranks)
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
         launches = " -> ".join(f"{r}x{m}x{a}" for r, m, a in settings["launches"])
