@@ -703,9 +703,10 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, don
     if steps_per_epoch == 0:
         problems.append(f"one epoch of {data}/train is {len(train_loader)} micro batches per rank, fewer than "
                         f"--grad_accum {accum}; lower the micro batch or the accumulation")
-    total_steps = args.max_steps or done + _steps_left(args.epochs, train_loader, accum=accum,
+    rest = (train_loader.source.steps_in(train_loader.epoch) - train_loader.step) // accum  # of the loader's epoch
+    total_steps = args.max_steps or done + _steps_left(args.epochs, train_loader, rest=rest, accum=accum,
                                                        steps_per_epoch=steps_per_epoch)
-    epoch_offset = (done + _rest_of_epoch(train_loader, accum=accum)) % steps_per_epoch if steps_per_epoch else 0
+    epoch_offset = (done + rest) % steps_per_epoch if steps_per_epoch else 0
     warmup = args.warmup_steps if args.warmup_steps is not None else round(0.05 * total_steps)
     schedule = resolve_schedule(ds_config, args, total_steps=total_steps, warmup_steps=warmup)
     if autos := find_autos(ds_config):
@@ -713,15 +714,9 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, don
     return steps_per_epoch, epoch_offset, total_steps, warmup, schedule
 
 
-def _rest_of_epoch(loader, *, accum: int) -> int:
-    """The steps left in the epoch where `loader` stands."""
-    return (loader.source.steps_in(loader.epoch) - loader.step) // accum
-
-
-def _steps_left(epochs: float, loader, *, accum: int, steps_per_epoch: int) -> int:
-    """The steps to `epochs` from where `loader` stands: the rest of its epoch, then whole epochs
+def _steps_left(epochs: float, loader, *, rest: int, accum: int, steps_per_epoch: int) -> int:
+    """The steps to `epochs` from where `loader` stands: the `rest` of its epoch, then whole epochs
     at this run's steps per epoch (a fresh loader: ceil(epochs x steps per epoch))."""
-    rest = _rest_of_epoch(loader, accum=accum)
     if epochs >= loader.epoch + 1:
         return rest + math.ceil((epochs - loader.epoch - 1) * steps_per_epoch)
     # within the last epoch: its steps at this run's rate, less those its samples read so far took
