@@ -516,6 +516,61 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(fil
     assert all((p / "complete.json").is_file() for p in checkpoints.glob("step-*"))
 
 
+LEAVING_RANK = """
+import datetime, os, signal, sys, time
+root, server, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, root)
+import torch.distributed as dist
+from train.main import PeerWatch
+
+store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=2))
+peers = PeerWatch(rank=1, store=store, poll_s=0.01)
+time.sleep(0.3)
+os.kill(server, signal.SIGSTOP)  # rank 0's store stops answering: the watcher's call waits for it
+time.sleep(0.3)
+print("store stopped", flush=True)  # the test lets it answer a second later
+peers.close()
+print(f"watcher alive after close: {peers.thread.is_alive()}", flush=True)
+
+
+class Teardown:  # what a rank tears down at exit (a model, DeepSpeed, DALI) outlasts the store's timeout
+    sleep = time.sleep
+
+    def __del__(self):
+        self.sleep(3)
+
+
+held = Teardown()
+sys.exit(2)
+"""
+
+
+def test_a_rank_leaves_with_its_exit_code_while_its_peer_watch_waits_on_the_store(tmp_path):
+    """A rank that ends (an agreed config error, a failure) closes its PeerWatch and exits. Its
+    watcher may be inside a store call then; a daemon thread that comes back from torch's C++ while
+    the interpreter shuts down aborts the process ("terminate called without an active exception",
+    exit 250 through the launcher: seen in CI for an explicit --resume of an incomplete checkpoint).
+    close() waits for the call in flight, so the rank exits with its own code."""
+    server = subprocess.Popen([sys.executable, "-c", "import sys, time, torch.distributed as d; "
+                               "s = d.TCPStore('127.0.0.1', 0, 2, True, wait_for_workers=False); print(s.port, flush=True); time.sleep(300)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        script = tmp_path / "leaving_rank.py"
+        script.write_text(LEAVING_RANK)
+        rank = subprocess.Popen([sys.executable, str(script), str(ROOT), str(server.pid), str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert rank.stdout.readline() == "store stopped\n"
+        time.sleep(1)  # the rank is closing (or, without the wait, already tearing down)
+        os.kill(server.pid, signal.SIGCONT)
+        out, err = rank.communicate(timeout=120)
+    finally:
+        server.kill()
+        server.wait()
+    assert "watcher alive after close: False" in out, out + err[-3000:]
+    assert rank.returncode == 2 and "terminate called" not in err, err[-3000:]
+
+
 def break_sample(split_dir: Path, key: str) -> Path:
     """Overwrites the JPEG of `key` with zeros in place and records the shard's new sha256 in the
     manifest, as shards written bad from the start would be: only decoding can find it."""

@@ -249,14 +249,17 @@ class PeerWatch:
     rendezvous every rank reaches) and every rank polls it once a second."""
 
     KEY = "dali-deepspeed-vision/stop"
+    LEAVE_S = 10.0  # how long a rank waits for the watcher's store call in flight (rank 0 answers in ms)
 
-    def __init__(self, rank: int):
-        self.rank, self.store, self.done = rank, dist.distributed_c10d._get_default_store(), threading.Event()
-        threading.Thread(target=self._watch, daemon=True, name="peer-watch").start()
+    def __init__(self, rank: int, store=None, poll_s: float = 1.0):
+        self.rank, self.done, self.poll_s = rank, threading.Event(), poll_s
+        self.store = store or dist.distributed_c10d._get_default_store()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
+        self.thread.start()
 
     def stop_all(self, code: int, reason: str) -> bool:
         """Tells every other rank to stop; whether this rank was the first to fail."""
-        self.done.set()
+        self._leave()
         try:
             if self.store.add(f"{self.KEY}/failed", 1) > 1:
                 return False
@@ -267,10 +270,18 @@ class PeerWatch:
 
     def close(self) -> None:
         """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
+        self._leave()
+
+    def _leave(self) -> None:
+        """The watcher ends, its store call in flight done first: a daemon thread that comes back from
+        torch's C++ while the interpreter shuts down aborts the process ("terminate called without an
+        active exception"), and the rank's exit code with it."""
         self.done.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(self.LEAVE_S)
 
     def _watch(self) -> None:
-        while not self.done.wait(1.0):
+        while not self.done.wait(self.poll_s):
             try:
                 if not self.store.check([self.KEY]):
                     continue
