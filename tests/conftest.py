@@ -32,6 +32,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # process the tests start inherits this; torch reads it when it loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import soak  # noqa: E402  (after the environment above: it loads torch)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs the CUDA path (DALI mixed decode, GPU operators); "
@@ -207,11 +209,7 @@ def no_leaked_shared_memory():
             path.unlink(missing_ok=True)
 
 
-TINY_RESNET = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
-               "layer_type": "basic", "downsample_in_first_stage": False}
-TINY_VIT = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 64, "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0}
+TINY_RESNET, TINY_VIT = soak.MODELS["resnet"], soak.MODELS["vit"]  # the tiny models tools/soak.py trains
 
 
 @contextlib.contextmanager

@@ -45,7 +45,8 @@ MODELS = {
     "resnet": {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
                "layer_type": "basic", "downsample_in_first_stage": False},
     "vit": {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 64},
+            "num_attention_heads": 2, "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0},
 }
 AUGMENTS = ([], ["--hflip", "0.5", "--color_jitter", "0.3"], ["--auto_augment", "rand_augment"],
             ["--mixup_alpha", "0.2", "--cutmix_alpha", "1.0"])

@@ -966,8 +966,7 @@ def count_step(run: Run, meter: dict, *, loss: torch.Tensor | None, wait: float,
 def evaluate_and_save(run: Run, meter: dict) -> None:
     """Eval and checkpoint at their cadence, and both after the last step; with --export best, also
     a checkpoint at each new best eval between saves, so that the best eval is the export."""
-    evaluating = run.eval_loader is not None and _due(run, run.eval_steps, offset=run.eval_offset)
-    saving = _due(run, run.save_steps, offset=run.save_offset)
+    evaluating, saving = _eval_due(run), _save_due(run)
     if evaluating or saving:
         average_buffers(run.engine.module)
     if evaluating:
@@ -982,6 +981,14 @@ def _due(run: Run, every: int, *, offset: int = 0) -> bool:
     """Whether a hook that runs every `every` steps (at steps = `offset` modulo `every`), and after
     the last, runs at this step (never when `every` is 0: --save_steps 0)."""
     return bool(every) and ((run.step - offset) % every == 0 or run.step == run.total_steps)
+
+
+def _eval_due(run: Run) -> bool:
+    return run.eval_loader is not None and _due(run, run.eval_steps, offset=run.eval_offset)
+
+
+def _save_due(run: Run) -> bool:
+    return _due(run, run.save_steps, offset=run.save_offset)
 
 
 def step_batches(loader, *, accum: int):
@@ -1139,8 +1146,7 @@ def guard_non_finite(run: Run, loss: torch.Tensor | None) -> None:
     if run.args.nan_guard == "stop":
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)
         run.unchecked = bad if run.unchecked is None else run.unchecked + bad
-        cadences = ((run.args.log_steps, 0), (run.eval_steps, run.eval_offset), (run.save_steps, run.save_offset))
-        if any(_due(run, every, offset=offset) for every, offset in cadences):
+        if _due(run, run.args.log_steps) or _eval_due(run) or _save_due(run):
             check_losses(run)
         return
     if loss is not None:
