@@ -525,6 +525,29 @@ def open_inputs(src: str | Path, out: Path, *, stack: contextlib.ExitStack, clas
     return FolderInputs(folder, classes_file=classes_file, description=str(folder))
 
 
+def check_options(options: dict) -> None:
+    if not 0 <= options["val_fraction"] < 1:
+        raise ShardingError(f"--val-fraction must be in [0, 1), got {options['val_fraction']}")
+    if options["max_count"] < 1 or options["max_size"] < 1024:
+        raise ShardingError("--max-count must be >= 1 and --max-size >= 1 KiB")
+    if not 1 <= options["quality"] <= 100:
+        raise ShardingError(f"--quality must be in 1..100, got {options['quality']}")
+
+
+def unusable(files: dict, classes: list[str], per_class: dict, *, skipped: int, inputs: int, max_bad_fraction: float,
+             manifest: Path) -> list[str]:
+    """Why loaders refuse these shards (the manifest's "errors"): too many inputs skipped, or a class
+    with inputs but no valid train image."""
+    errors = []
+    if inputs and skipped / inputs > max_bad_fraction:
+        errors.append(f"{skipped} of {inputs} inputs skipped ({skipped / inputs:.1%} > --max-bad-fraction "
+                      f"{max_bad_fraction:.1%}); the list is under 'skipped' in {manifest}")
+    present = set(c for in_split in files.values() for c in in_split)
+    errors += [f"class {name!r} has no valid train image (see 'skipped' in {manifest})"
+               for name in classes if name in present and not per_class["train"][classes.index(name)]]
+    return errors
+
+
 def make_shards(
     *,
     src: str | Path,
@@ -556,12 +579,7 @@ def make_shards(
     options = dict(val_fraction=val_fraction, seed=seed, classes=str(classes_file) if classes_file else None,
                    quality=quality, max_side=max_side, min_side=min_side, max_count=max_count,
                    max_size=max_size, max_bad_fraction=max_bad_fraction)
-    if not 0 <= val_fraction < 1:
-        raise ShardingError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if max_count < 1 or max_size < 1024:
-        raise ShardingError("--max-count must be >= 1 and --max-size >= 1 KiB")
-    if not 1 <= quality <= 100:
-        raise ShardingError(f"--quality must be in 1..100, got {quality}")
+    check_options(options)
     out = Path(out).resolve()
     with contextlib.ExitStack() as stack:
         inputs = open_inputs(src, out, stack=stack, classes_file=classes_file, image_column=image_column,
@@ -591,15 +609,7 @@ def make_shards(
             staging.unlink(missing_ok=True)
         elapsed = time.perf_counter() - start
 
-    files = inputs.files
     n_inputs = len(staged) + len(skipped)
-    errors = []
-    if n_inputs and len(skipped) / n_inputs > max_bad_fraction:
-        errors.append(f"{len(skipped)} of {n_inputs} inputs skipped ({len(skipped) / n_inputs:.1%} > --max-bad-fraction "
-                      f"{max_bad_fraction:.1%}); the list is under 'skipped' in {out / MANIFEST_FILE}")
-    present = set(c for per_class in files.values() for c in per_class)
-    errors += [f"class {name!r} has no valid train image (see 'skipped' in {out / MANIFEST_FILE})"
-               for name in classes if name in present and not per_class["train"][classes.index(name)]]
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": inputs.description,
@@ -624,7 +634,8 @@ def make_shards(
         "ignored": sorted(inputs.ignored)[:LISTED],
         "duplicates": duplicates,
         "converted": sorted(converted, key=lambda c: c["path"]),
-        "errors": errors,
+        "errors": unusable(inputs.files, classes, per_class, skipped=len(skipped), inputs=n_inputs,
+                           max_bad_fraction=max_bad_fraction, manifest=out / MANIFEST_FILE),
     }
     (out / CLASSES_FILE).write_text(json.dumps(classes, indent=1) + "\n")
     write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")

@@ -3,11 +3,11 @@
     python tools/soak.py [--trials N] [--seed S] [--out DIR] [--precision fp32|bf16] [--json FILE]
 
 Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images:
-they divide by no number of ranks) with random ranks (1-4 CPU processes; on a GPU machine, up to
-one per GPU), micro batch, accumulation, ZeRO stage, `--epochs` and augmentation, in one to three
-launches: each but the last stops at a random `--max_steps`, and the next goes on with
-`--resume auto` on other ranks, micro batch or accumulation. Then it checks the run's metrics and
-sample keys:
+they divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them
+as one node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
+accumulation, ZeRO stage, `--epochs` and augmentation, in one to three launches: each but the
+last stops at a random `--max_steps`, and the next goes on with `--resume auto` on other ranks,
+nodes, micro batch or accumulation. Then it checks the run's metrics and sample keys:
 
 - every step from 1 to the planned last was trained once and logged once;
 - no sample was read twice within an epoch (all ranks and launches together), and every whole
@@ -64,13 +64,15 @@ def prepare(out: Path) -> None:
         (out / f"{name}.json").write_text(json.dumps(config))
 
 
-def draw(rng: random.Random, *, precision: str, max_ranks: int = 4) -> dict:
+def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool = True) -> dict:
     """A trial's settings: the run's own, and (ranks, micro batch, accumulation) per launch."""
     launches = [(rng.choice(range(1, max_ranks + 1)), rng.choice([8, 13, 24, 40]), rng.choice([1, 1, 2, 3]))
                 for _ in range(rng.choice([1, 2, 3]))]
-    return {"model": rng.choice(sorted(MODELS)), "zero": rng.choice(["zero1", "zero2", "zero3"]),
-            "epochs": rng.choice([1.5, 2.0, 2.5, 3.0]), "augment": rng.choice(AUGMENTS),
-            "nan_guard": rng.choice(["skip", "stop"]), "precision": precision, "launches": launches}
+    settings = {"model": rng.choice(sorted(MODELS)), "zero": rng.choice(["zero1", "zero2", "zero3"]),
+                "epochs": rng.choice([1.5, 2.0, 2.5, 3.0]), "augment": rng.choice(AUGMENTS),
+                "nan_guard": rng.choice(["skip", "stop"]), "precision": precision, "launches": launches}
+    settings["nodes"] = [rng.choice([1, 2]) if split and ranks % 2 == 0 else 1 for ranks, _, _ in launches]
+    return settings
 
 
 def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) -> dict:
@@ -83,21 +85,36 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
               "--epochs", str(settings["epochs"]), "--nan_guard", settings["nan_guard"], "--record_keys",
               "--log_steps", "1", *settings["augment"]]
     result, stops, planned = dict(settings), [], 0
-    for n, (ranks, micro, accum) in enumerate(settings["launches"]):
+    for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum)]
         args += ["--resume", "auto"] if n else []
         if n < len(settings["launches"]) - 1:  # stop within the next epoch and a half of this launch
             stops.append((stops[-1] if stops else 0) + rng.randint(1, max(1, (TRAIN // ranks // micro // accum) * 3 // 2)))
             args += ["--max_steps", str(stops[-1])]
-        launcher = [sys.executable] if ranks == 1 else ["deepspeed", "--num_gpus", str(ranks), "--master_port",
-                                                        str(free_port())]
-        done = subprocess.run([*launcher, str(ROOT / "train" / "main.py"), *args], capture_output=True, text=True,
-                              cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=1800)
-        if done.returncode != 0:
-            return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {done.returncode}: "
-                                                        f"{(done.stdout + done.stderr)[-3000:]}"}
-        planned = int(re.search(r"train: (\d+) steps", done.stdout).group(1))
+        code, output = launch(args, ranks=ranks, nodes=nodes, hostfile=trial_dir.parent / f"{trial_dir.name}.hosts")
+        if code != 0:
+            return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {code}: {output[-3000:]}"}
+        planned = int(re.search(r"train: (\d+) steps", output).group(1))
     return {**result, "stops": stops, "steps": planned, "problems": check(trial_dir, settings, stops, planned)}
+
+
+def launch(args: list[str], *, ranks: int, nodes: int, hostfile: Path) -> tuple[int, str]:
+    """The trainer on `ranks` ranks: one process, one launcher, or `nodes` launchers as nodes of
+    this machine (a hostfile, `--no_ssh --node_rank K`) sharing the output dir; (the worst exit
+    code, node 0's output then the others')."""
+    main, env, port = str(ROOT / "train" / "main.py"), {**os.environ, "WANDB_MODE": "disabled"}, str(free_port())
+    if ranks == 1:
+        commands = [[sys.executable, main]]
+    elif nodes == 1:
+        commands = [["deepspeed", "--num_gpus", str(ranks), "--master_port", port, main]]
+    else:
+        hostfile.write_text("".join(f"{host} slots={ranks // nodes}\n" for host in ("localhost", "127.0.0.1")[:nodes]))
+        commands = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k), "--master_addr",
+                     "127.0.0.1", "--master_port", port, main] for k in range(nodes)]
+    jobs = [subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                             env=env) for command in commands]
+    outputs = [job.communicate(timeout=1800)[0] for job in jobs]
+    return max(job.returncode for job in jobs), "\n".join(outputs)
 
 
 def free_port() -> int:
@@ -157,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     prepare(args.out)
     rng, report = random.Random(args.seed), []
-    max_ranks = torch.cuda.device_count() or 4  # CPU ranks, or one per GPU
+    gpus = torch.cuda.device_count()  # CPU ranks, or one per GPU (nodes of one machine would share them)
     for n in tqdm(range(args.trials), unit="trial", disable=None):
-        settings = draw(rng, precision=args.precision, max_ranks=max_ranks)
+        settings = draw(rng, precision=args.precision, max_ranks=gpus or 4, split=not gpus)
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
-        launches = " -> ".join(f"{r}x{m}x{a}" for r, m, a in settings["launches"])
+        launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}"
+                               for (r, m, a), k in zip(settings["launches"], settings["nodes"]))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
