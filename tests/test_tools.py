@@ -102,8 +102,9 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
 
 
 def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
-    """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks go on
-    with RandAugment to 2 epochs of 1,618 digits): every rule holds, and its checks can fail."""
+    """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks as two
+    nodes of this machine go on with RandAugment to 2 epochs of 1,618 digits): every rule holds, and
+    its checks can fail."""
     from soak import check
 
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "soak.py"), "--trials", "1", "--seed", "13",
@@ -111,7 +112,9 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "soak: 1 of 1 trials held every rule" in done.stdout
     [result] = json.loads((tmp_path / "soak.json").read_text())
-    assert result["launches"] == [[3, 13, 1], [2, 13, 1]] and len(result["stops"]) == 1 and result["problems"] == []
+    assert result["launches"] == [[3, 13, 1], [2, 13, 1]] and result["nodes"] == [1, 2]
+    assert len(result["stops"]) == 1 and result["problems"] == []
+    assert "train: 2 rank(s)" in (tmp_path / "trial-13-0.launch2.node0.log").read_text()
     trial = tmp_path / "trial-13-0"
     assert check(trial, result, result["stops"], result["steps"]) == []
     # a sample read twice in epoch 1, and a step logged twice

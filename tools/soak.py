@@ -1,13 +1,16 @@
 """Randomized training runs at the sizes users have, each checked for what must hold.
 
-    python tools/soak.py [--trials N] [--seed S] [--out DIR] [--precision fp32|bf16] [--json FILE]
+    python tools/soak.py [--trials N] [--seed S] [--out DIR] [--precision fp32|bf16] [--preempt] [--json FILE]
 
 Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images:
 they divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them
 as one node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
 accumulation, ZeRO stage, `--epochs` and augmentation, in one to three launches: each but the
 last stops at a random `--max_steps`, and the next goes on with `--resume auto` on other ranks,
-nodes, micro batch or accumulation. Then it checks the run's metrics and sample keys:
+nodes, micro batch or accumulation (with `--preempt`, some launches are instead stopped by SIGTERM
+to every process of the job once a random step is logged, as a scheduler preempts a job: the stop
+then falls where the ranks agree, so such trials do not repeat exactly). Then it checks the run's
+metrics and sample keys:
 
 - every step from 1 to the planned last was trained once and logged once;
 - no sample was read twice within an epoch (all ranks and launches together), and every whole
@@ -23,15 +26,18 @@ Found with it: ZeRO-3's uninitialized partition padding refused a bf16 ViT's fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,7 +70,7 @@ def prepare(out: Path) -> None:
         (out / f"{name}.json").write_text(json.dumps(config))
 
 
-def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool = True) -> dict:
+def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool = True, preempt: bool = False) -> dict:
     """A trial's settings: the run's own, and (ranks, micro batch, accumulation) per launch."""
     launches = [(rng.choice(range(1, max_ranks + 1)), rng.choice([8, 13, 24, 40]), rng.choice([1, 1, 2, 3]))
                 for _ in range(rng.choice([1, 2, 3]))]
@@ -72,6 +78,7 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
                 "epochs": rng.choice([1.5, 2.0, 2.5, 3.0]), "augment": rng.choice(AUGMENTS),
                 "nan_guard": rng.choice(["skip", "stop"]), "precision": precision, "launches": launches}
     settings["nodes"] = [rng.choice([1, 2]) if split and ranks % 2 == 0 else 1 for ranks, _, _ in launches]
+    settings["preempt"] = [preempt and rng.choice([False, True]) for _ in launches[:-1]]
     return settings
 
 
@@ -88,33 +95,79 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum)]
         args += ["--resume", "auto"] if n else []
+        preempt_at = None
         if n < len(settings["launches"]) - 1:  # stop within the next epoch and a half of this launch
-            stops.append((stops[-1] if stops else 0) + rng.randint(1, max(1, (TRAIN // ranks // micro // accum) * 3 // 2)))
-            args += ["--max_steps", str(stops[-1])]
-        code, output = launch(args, ranks=ranks, nodes=nodes, hostfile=trial_dir.parent / f"{trial_dir.name}.hosts")
-        if code != 0:
+            stop = (stops[-1] if stops else 0) + rng.randint(1, max(1, (TRAIN // ranks // micro // accum) * 3 // 2))
+            if settings.get("preempt", [])[n:n + 1] == [True]:
+                preempt_at = stop
+            else:
+                stops.append(stop)
+                args += ["--max_steps", str(stop)]
+        code, output = launch(args, ranks=ranks, nodes=nodes, logs=trial_dir.parent / f"{trial_dir.name}.launch{n + 1}",
+                              preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl")
+        planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
+        if preempt_at is not None and (stopped := re.search(r"every rank stopped after step (\d+); saved", output)):
+            stops.append(int(stopped.group(1)))
+        elif code != 0:
             return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {code}: {output[-3000:]}"}
-        planned = int(re.search(r"train: (\d+) steps", output).group(1))
+        elif preempt_at is not None:  # the run ended before the signal came
+            break
     return {**result, "stops": stops, "steps": planned, "problems": check(trial_dir, settings, stops, planned)}
 
 
-def launch(args: list[str], *, ranks: int, nodes: int, hostfile: Path) -> tuple[int, str]:
+def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: int | None = None,
+           metrics: Path | None = None) -> tuple[int, str]:
     """The trainer on `ranks` ranks: one process, one launcher, or `nodes` launchers as nodes of
-    this machine (a hostfile, `--no_ssh --node_rank K`) sharing the output dir; (the worst exit
-    code, node 0's output then the others')."""
+    this machine (a hostfile, `--no_ssh --node_rank K`) sharing the output dir. With `preempt_at`,
+    SIGTERM to every process of the job, as a scheduler preempts it, once `metrics` logs that step.
+    Returns the worst exit code and the output (node 0's first), kept in `logs`.node{K}.log."""
     main, env, port = str(ROOT / "train" / "main.py"), {**os.environ, "WANDB_MODE": "disabled"}, str(free_port())
     if ranks == 1:
         commands = [[sys.executable, main]]
     elif nodes == 1:
         commands = [["deepspeed", "--num_gpus", str(ranks), "--master_port", port, main]]
     else:
+        hostfile = logs.with_suffix(".hosts")
         hostfile.write_text("".join(f"{host} slots={ranks // nodes}\n" for host in ("localhost", "127.0.0.1")[:nodes]))
         commands = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k), "--master_addr",
                      "127.0.0.1", "--master_port", port, main] for k in range(nodes)]
-    jobs = [subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                             env=env) for command in commands]
-    outputs = [job.communicate(timeout=1800)[0] for job in jobs]
-    return max(job.returncode for job in jobs), "\n".join(outputs)
+    files = [logs.with_name(f"{logs.name}.node{k}.log") for k in range(len(commands))]
+    jobs = []
+    for command, path in zip(commands, files):
+        with open(path, "w") as log:
+            jobs.append(subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                         start_new_session=True))
+    deadline = time.monotonic() + 1800
+    while preempt_at is not None and last_step(metrics) < preempt_at and any(job.poll() is None for job in jobs):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for job in jobs:
+        if job.poll() is None and preempt_at is not None:
+            os.killpg(job.pid, signal.SIGTERM)
+    for job in jobs:  # and its ranks: a deepspeed runner dies on SIGTERM while its ranks save
+        try:
+            job.wait(timeout=max(1, deadline - time.monotonic()))
+            while time.monotonic() < deadline and not os.killpg(job.pid, 0):
+                time.sleep(0.1)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    return max(job.returncode for job in jobs), "\n".join(path.read_text() for path in files)
+
+
+def last_step(metrics: Path) -> int:
+    """The last step `metrics` (metrics.jsonl) logged, 0 before the first."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError):
+            return json.loads(line)["step"]
+    return 0
 
 
 def free_port() -> int:
@@ -170,17 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs") / "soak")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--json", type=Path, default=None, help="the report (default: OUT/soak.json)")
+    parser.add_argument("--preempt", action="store_true",
+                        help="stop some launches with SIGTERM to the whole job at a random step (as a scheduler "
+                             "preempts it) instead of --max_steps; where the stop falls depends on timing")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     prepare(args.out)
     rng, report = random.Random(args.seed), []
     gpus = torch.cuda.device_count()  # CPU ranks, or one per GPU (nodes of one machine would share them)
     for n in tqdm(range(args.trials), unit="trial", disable=None):
-        settings = draw(rng, precision=args.precision, max_ranks=gpus or 4, split=not gpus)
+        settings = draw(rng, precision=args.precision, max_ranks=gpus or 4, split=not gpus, preempt=args.preempt)
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
-        launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}"
-                               for (r, m, a), k in zip(settings["launches"], settings["nodes"]))
+        launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + " (SIGTERM)" * p for (r, m, a), k, p
+                               in zip(settings["launches"], settings["nodes"], settings["preempt"] + [False]))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
