@@ -5,18 +5,20 @@
 Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images:
 they divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them
 as one node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
-accumulation, ZeRO stage, `--epochs` and augmentation, in one to three launches: each but the
-last stops at a random `--max_steps`, and the next goes on with `--resume auto` on other ranks,
-nodes, micro batch or accumulation (with `--preempt`, some launches are instead stopped by SIGTERM
-to every process of the job once a random step is logged, as a scheduler preempts a job: the stop
-then falls where the ranks agree, so such trials do not repeat exactly). Then it checks the run's
-metrics and sample keys:
+accumulation, ZeRO stage (3 with or without CPU offload), `--epochs`, augmentation, the eval
+cadence (every epoch or `--eval_steps`) and `--gradient_checkpointing` (ViT), in one to three
+launches: each but the last stops at a random `--max_steps`, and the next goes on with `--resume
+auto` on other ranks, nodes, micro batch or accumulation (with `--preempt`, some launches are
+instead stopped by SIGTERM to every process of the job once a random step is logged, as a
+scheduler preempts a job: the stop then falls where the ranks agree, so such trials do not repeat
+exactly). Then it checks the run's metrics and sample keys:
 
 - every step from 1 to the planned last was trained once and logged once;
 - no sample was read twice within an epoch (all ranks and launches together), and every whole
   epoch read all but fewer than a batch per rank and launch;
-- every eval counted each val sample once, and the default evals fell where epochs end (and at
-  each launch's last step);
+- every eval counted each val sample once, and the evals fell where epochs end (or at the
+  multiples of `--eval_steps`), at the run's last step, and at no other step but where a launch
+  stopped;
 - train/epoch ends at --epochs, within a step (or where a --max_steps past it stopped).
 
 Prints one line per trial and exits 1 if any trial broke a rule (the JSON report says which).
@@ -79,6 +81,10 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
                 "nan_guard": rng.choice(["skip", "stop"]), "precision": precision, "launches": launches}
     settings["nodes"] = [rng.choice([1, 2]) if split and ranks % 2 == 0 else 1 for ranks, _, _ in launches]
     settings["preempt"] = [preempt and rng.choice([False, True]) for _ in launches[:-1]]
+    every, offload, checkpointing = rng.randint(5, 40), rng.random() < 0.5, rng.random() < 0.3
+    settings["eval_steps"] = every if rng.random() < 0.3 else None  # else every epoch
+    settings["zero"] += "_offload" if settings["zero"] == "zero3" and offload else ""
+    settings["gradient_checkpointing"] = checkpointing and settings["model"] == "vit"
     return settings
 
 
@@ -91,6 +97,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
               "--precision", settings["precision"], "--ds_config", f"ds_configs/{settings['zero']}.json",
               "--epochs", str(settings["epochs"]), "--nan_guard", settings["nan_guard"], "--record_keys",
               "--log_steps", "1", *settings["augment"]]
+    common += ["--eval_steps", str(settings["eval_steps"])] if settings.get("eval_steps") else []
+    common += ["--gradient_checkpointing"] if settings.get("gradient_checkpointing") else []
     result, stops, planned = dict(settings), [], 0
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum)]
@@ -191,9 +199,10 @@ def check(out: Path, settings: dict, stops: list[int], planned: int) -> list[str
     evals = [r for r in rows if "eval/top1" in r]
     problems += [f"eval at step {r['step']} counted {r['eval/samples_counted']:.0f} of {VAL}" for r in evals
                  if r["eval/samples_counted"] != VAL]
-    at = [r["step"] for r in evals]
-    if [s for s in ends if s not in at] or [s for s in at if s not in ends and s not in stops]:
-        problems.append(f"evals at steps {at}, epochs end at {ends}")
+    at, every = [r["step"] for r in evals], settings.get("eval_steps")
+    due = [s for s in steps if s % every == 0 or s == steps[-1]] if every else ends
+    if [s for s in due if s not in at] or [s for s in at if s not in due and s not in stops]:
+        problems.append(f"evals at steps {at}, due at {due}" if every else f"evals at steps {at}, epochs end at {ends}")
     reached = max([settings["epochs"]] + [epoch_at[s] for s in stops if s in epoch_at])
     ranks, micro, accum = settings["launches"][-1]
     step = 1 / max(1, TRAIN // ranks // micro // accum)  # of an epoch: the steps to --epochs are rounded up
@@ -239,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                                in zip(settings["launches"], settings["nodes"], settings["preempt"] + [False]))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
+        flags = settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"] + (
+            ["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
-                   f"--epochs {settings['epochs']} {' '.join(settings['augment'])} ranks x micro x accum "
+                   f"--epochs {settings['epochs']} {' '.join(flags)} ranks x micro x accum "
                    f"{launches} (stops at {result['stops']}): {verdict}")
         (args.json or args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     broken = [r for r in report if r.get("problems") or "failed" in r]
