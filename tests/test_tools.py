@@ -114,9 +114,11 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     [result] = json.loads((tmp_path / "soak.json").read_text())
     assert result["launches"] == [[3, 13, 1], [2, 13, 1]] and result["nodes"] == [1, 2]
     assert len(result["stops"]) == 1 and result["problems"] == []
-    assert "train: 2 rank(s)" in (tmp_path / "trial-13-0.launch2.node0.log").read_text()
+    output = (tmp_path / "trial-13-0.launch2.node0.log").read_text()
+    assert "train: 2 rank(s)" in output
     trial = tmp_path / "trial-13-0"
-    assert check(trial, result, result["stops"], result["steps"]) == []
+    assert check(trial, result, result["stops"], result["steps"], output=output) == []
+    assert check(trial, result, result["stops"], result["steps"], output="")[0].startswith("exported nothing, the best")
     # a sample read twice in epoch 1, and a step logged twice
     log = trial / "sample_keys" / "rank0.jsonl"
     first, second, *rest = [json.loads(line) for line in log.read_text().splitlines()]

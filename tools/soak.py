@@ -19,7 +19,9 @@ exactly). Then it checks the run's metrics and sample keys:
 - every eval counted each val sample once, and the evals fell where epochs end (or at the
   multiples of `--eval_steps`), at the run's last step, and at no other step but where a launch
   stopped;
-- train/epoch ends at --epochs, within a step (or where a --max_steps past it stopped).
+- train/epoch ends at --epochs, within a step (or where a --max_steps past it stopped);
+- the export is the checkpoint of the best eval (the newest among equals), across launches, and
+  eval_results.json is the last step's eval of every val sample.
 
 Prints one line per trial and exits 1 if any trial broke a rule (the JSON report says which).
 Found with it: ZeRO-3's uninitialized partition padding refused a bf16 ViT's first checkpoint.
@@ -120,7 +122,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {code}: {output[-3000:]}"}
         elif preempt_at is not None:  # the run ended before the signal came
             break
-    return {**result, "stops": stops, "steps": planned, "problems": check(trial_dir, settings, stops, planned)}
+    return {**result, "stops": stops, "steps": planned,
+            "problems": check(trial_dir, settings, stops, planned, output=output)}
 
 
 def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: int | None = None,
@@ -184,8 +187,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check(out: Path, settings: dict, stops: list[int], planned: int) -> list[str]:
-    """The rules of the module docstring the run in `out` broke."""
+def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: str | None = None) -> list[str]:
+    """The rules of the module docstring the run in `out` broke (those about the export given the
+    last launch's `output`)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epoch_at = {r["step"]: r["train/epoch"] for r in rows if "train/epoch" in r}
     steps = sorted(epoch_at)
@@ -203,6 +207,15 @@ def check(out: Path, settings: dict, stops: list[int], planned: int) -> list[str
     due = [s for s in steps if s % every == 0 or s == steps[-1]] if every else ends
     if [s for s in due if s not in at] or [s for s in at if s not in due and s not in stops]:
         problems.append(f"evals at steps {at}, due at {due}" if every else f"evals at steps {at}, epochs end at {ends}")
+    if output is not None and evals:
+        best = max((r["eval/top1"], r["step"]) for r in evals)[1]
+        exported = re.search(r"\(from step-(\d+), the best by eval top-1\)", output)
+        if not exported or int(exported.group(1)) != best:
+            problems.append(f"exported {exported.group(0) if exported else 'nothing'}, the best eval is step {best}")
+    final = json.loads((out / "eval_results.json").read_text()) if (out / "eval_results.json").is_file() else {}
+    if evals and (final.get("step"), final.get("samples")) != (steps[-1], VAL):
+        problems.append(f"eval_results.json: step {final.get('step')}, {final.get('samples')} samples; the run "
+                        f"ended at step {steps[-1]}")
     reached = max([settings["epochs"]] + [epoch_at[s] for s in stops if s in epoch_at])
     ranks, micro, accum = settings["launches"][-1]
     step = 1 / max(1, TRAIN // ranks // micro // accum)  # of an epoch: the steps to --epochs are rounded up
