@@ -118,12 +118,13 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
         planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
         if preempt_at is not None and (stopped := re.search(r"every rank stopped after step (\d+); saved", output)):
             stops.append(int(stopped.group(1)))
+        elif preempt_at is not None and "\ntrain: done, " in output:  # the run ended before the signal came (its
+            result["launches"] = settings["launches"][:n + 1]  # runner may have caught it on the way out): the
+            break  # launches after it have nothing to train
         elif code != 0:
             return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {code}: {output[-3000:]}"}
-        elif preempt_at is not None:  # the run ended before the signal came
-            break
     return {**result, "stops": stops, "steps": planned,
-            "problems": check(trial_dir, settings, stops, planned, output=output)}
+            "problems": check(trial_dir, result, stops, planned, output=output)}
 
 
 def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: int | None = None,
@@ -154,19 +155,24 @@ def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: i
             break
         time.sleep(0.1)
     for job in jobs:
-        if job.poll() is None and preempt_at is not None:
+        if preempt_at is not None and alive(job.pid):
             os.killpg(job.pid, signal.SIGTERM)
     for job in jobs:  # and its ranks: a deepspeed runner dies on SIGTERM while its ranks save
-        try:
-            job.wait(timeout=max(1, deadline - time.monotonic()))
-            while time.monotonic() < deadline and not os.killpg(job.pid, 0):
-                time.sleep(0.1)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-        with contextlib.suppress(ProcessLookupError):
+        while (job.poll() is None or alive(job.pid)) and time.monotonic() < deadline:  # poll() reaps the runner
+            time.sleep(0.1)
+        if alive(job.pid):
             os.killpg(job.pid, signal.SIGKILL)
         job.wait()
     return max(job.returncode for job in jobs), "\n".join(path.read_text() for path in files)
+
+
+def alive(group: int) -> bool:
+    """Whether a process of the process group `group` (a launcher's session) runs, or is a zombie."""
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def last_step(metrics: Path) -> int:
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
         launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + " (SIGTERM)" * p for (r, m, a), k, p
-                               in zip(settings["launches"], settings["nodes"], settings["preempt"] + [False]))
+                               in zip(result["launches"], settings["nodes"], settings["preempt"] + [False]))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         flags = settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"] + (
