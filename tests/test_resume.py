@@ -533,7 +533,7 @@ peers.close()
 print(f"watcher alive after close: {peers.thread.is_alive()}", flush=True)
 
 
-class Teardown:  # what a rank tears down at exit (a model, DeepSpeed, DALI) outlasts the store's timeout
+class Teardown:  # what a rank tears down at exit (a model, DeepSpeed, DALI) outlasts the store's silence
     sleep = time.sleep
 
     def __del__(self):

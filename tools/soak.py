@@ -90,6 +90,12 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     return settings
 
 
+def flags(settings: dict) -> list[str]:
+    """The trainer flags a trial draws besides the model, ZeRO config, epochs and batch sizes."""
+    return (settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"]
+            + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else []))
+
+
 def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) -> dict:
     """Runs the trial's launches in `trial_dir`; returns the settings with the stops, the planned
     steps and the rules broken ("problems"), or with "failed" (a launch's exit and output tail)."""
@@ -98,9 +104,7 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
               "--processor", str(data / "processor"), "--output_dir", str(trial_dir),
               "--precision", settings["precision"], "--ds_config", f"ds_configs/{settings['zero']}.json",
               "--epochs", str(settings["epochs"]), "--nan_guard", settings["nan_guard"], "--record_keys",
-              "--log_steps", "1", *settings["augment"]]
-    common += ["--eval_steps", str(settings["eval_steps"])] if settings.get("eval_steps") else []
-    common += ["--gradient_checkpointing"] if settings.get("gradient_checkpointing") else []
+              "--log_steps", "1", *flags(settings)]
     result, stops, planned = dict(settings), [], 0
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum)]
@@ -108,7 +112,7 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
         preempt_at = None
         if n < len(settings["launches"]) - 1:  # stop within the next epoch and a half of this launch
             stop = (stops[-1] if stops else 0) + rng.randint(1, max(1, (TRAIN // ranks // micro // accum) * 3 // 2))
-            if settings.get("preempt", [])[n:n + 1] == [True]:
+            if settings["preempt"][n]:
                 preempt_at = stop
             else:
                 stops.append(stop)
@@ -267,10 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                                in zip(result["launches"], settings["nodes"], settings["preempt"] + [False]))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
-        flags = settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"] + (
-            ["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
-                   f"--epochs {settings['epochs']} {' '.join(flags)} ranks x micro x accum "
+                   f"--epochs {settings['epochs']} {' '.join(flags(settings))} ranks x micro x accum "
                    f"{launches} (stops at {result['stops']}): {verdict}")
         (args.json or args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     broken = [r for r in report if r.get("problems") or "failed" in r]
