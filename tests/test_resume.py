@@ -521,7 +521,7 @@ import datetime, os, signal, sys, time
 root, server, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path.insert(0, root)
 import torch.distributed as dist
-from train.main import PeerWatch
+from train.distributed import PeerWatch
 
 store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=2))
 peers = PeerWatch(rank=1, store=store, poll_s=0.01)

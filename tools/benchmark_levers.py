@@ -38,7 +38,8 @@ from tqdm import tqdm  # noqa: E402
 from pipelines.loader import PREFETCH  # noqa: E402
 from train.args import ConfigError, parse_args  # noqa: E402
 from train.data import SyntheticLoader  # noqa: E402
-from train.main import advance, compute_stream, create_loaders, distributed, new_meter, setup, step_batches  # noqa: E402
+from train.distributed import distributed  # noqa: E402
+from train.main import advance, compute_stream, create_loaders, new_meter, setup, step_batches  # noqa: E402
 
 
 def variants(run) -> dict[str, tuple[str, dict]]:

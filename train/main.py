@@ -16,10 +16,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repo's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import contextlib
 import dataclasses
 import faulthandler
-import fcntl
 import json
 import logging
 import math
@@ -29,9 +27,7 @@ import re
 import shutil
 import signal
 import socket
-import threading
 import time
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -51,23 +47,25 @@ from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
 from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
-                              complete_checkpoints, drop_universal, export_model, find_resume, folder_bytes,
-                              load_checkpoint, save_checkpoint, set_aside, universal_checkpoint, write_failure)
+                              complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
+                              save_checkpoint, universal_checkpoint, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
+from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
+                               watch_sigterm)
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_parameters, load_trained,
                          model_input_size, model_source, parameter_groups, prepare_precision)
+from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
-                        release_build_locks, train_flops_per_image)
+                        train_flops_per_image)
 from train.resume import data_order, loader_state, read_trainer_state, recipe_changes, training_recipe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
 # not mirror-symmetric
-MODEL_EXPORT = "model"  # OUTPUT/model: the run's save_pretrained folder
 BUILTIN_RECIPE = {"epochs": 4.0, "hflip": 0.0, "crop_scale": (0.6, 1.0), "lr": 2e-3}
 
 
@@ -137,55 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the way out is done: exit's own cleanup is not interrupted
 
 
-class Terminated(BaseException):
-    """SIGTERM outside the training loop (which saves on it: Preemption), raised in the main thread."""
-
-
-LOOP_SAVES = threading.Event()  # set while Preemption handles SIGTERM: saving takes as long as it takes
-SIGTERM_GRACE_S = 5.0
-
-
-def watch_sigterm() -> None:
-    """SIGTERM outside the training loop raises Terminated in the main thread, which unwinds: what
-    the rank holds is released on the way out (a rank killed by the signal's default action while
-    DeepSpeed builds or loads an op leaves torch's build lock, and every later run waits for it).
-    A main thread blocked in C++ (a store, a collective) runs no Python handler, so a thread woken
-    by the signal (the wakeup fd) ends the rank SIGTERM_GRACE_S later, as the default action would."""
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, _terminated)
-
-    def watch():
-        while signal.SIGTERM not in os.read(read, 64) or LOOP_SAVES.is_set():
-            pass
-        time.sleep(SIGTERM_GRACE_S)
-        release_build_locks()
-        print(f"train: rank {os.environ.get('RANK', 0)}: SIGTERM while blocked outside Python; exiting", file=sys.stderr,
-              flush=True)
-        os._exit(128 + signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True, name="sigterm-watch").start()
-
-
-def _terminated(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher relays a second one: the way out is not cut short
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def distributed():
-    """This process's group (the deepspeed launcher's ranks, or a world of one), torn down on every
-    exit: C++ communication threads left running abort the process at shutdown."""
-    _init_distributed()
-    shm_buffer = _shm_buffer()
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        shm_buffer.unlink(missing_ok=True)
-
-
 def run_training(args: TrainArgs) -> int:
     """setup and fit (with --eval_only: setup_eval and evaluate_only), and the exit code: 0 done,
     2 configuration, 3 data, 4 non-finite losses or weights, 5 the input pipeline failed without a
@@ -242,59 +191,6 @@ def run_training(args: TrainArgs) -> int:
     return 0
 
 
-class PeerWatch:
-    """Stops this rank promptly when another rank failed. A rank that fails alone (a bad sample,
-    an exception) leaves its peers waiting in a collective until the backend's timeout, and a
-    launcher on another node never hears of it; so it posts the reason in the job's store (the
-    rendezvous every rank reaches) and every rank polls it once a second."""
-
-    KEY = "dali-deepspeed-vision/stop"
-    LEAVE_S = 10.0  # how long a rank waits for the watcher's store call in flight (rank 0 answers in ms)
-
-    def __init__(self, rank: int, store=None, poll_s: float = 1.0):
-        self.rank, self.done, self.poll_s = rank, threading.Event(), poll_s
-        self.store = store or dist.distributed_c10d._get_default_store()
-        self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
-        self.thread.start()
-
-    def stop_all(self, code: int, reason: str) -> bool:
-        """Tells every other rank to stop; whether this rank was the first to fail."""
-        self._leave()
-        try:
-            if self.store.add(f"{self.KEY}/failed", 1) > 1:
-                return False
-            self.store.set(self.KEY, json.dumps({"code": code, "reason": reason}))
-        except Exception:  # the store is gone (rank 0 exited): the peers see that too
-            pass
-        return True
-
-    def close(self) -> None:
-        """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
-        self._leave()
-
-    def _leave(self) -> None:
-        """The watcher ends, its store call in flight done first: a daemon thread that comes back from
-        torch's C++ while the interpreter shuts down aborts the process ("terminate called without an
-        active exception"), and the rank's exit code with it."""
-        self.done.set()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(self.LEAVE_S)
-
-    def _watch(self) -> None:
-        while not self.done.wait(self.poll_s):
-            try:
-                if not self.store.check([self.KEY]):
-                    continue
-                stop = json.loads(self.store.get(self.KEY))
-            except Exception:  # the store lives in rank 0's process
-                if self.done.is_set():
-                    return
-                stop = {"code": 1, "reason": "lost contact with rank 0 (it exited or its node went down)"}
-            print(f"train: rank {self.rank}: stopping: {stop['reason']}", file=sys.stderr, flush=True)
-            release_build_locks()  # os._exit skips every finally
-            os._exit(stop["code"])
-
-
 # --- setup: everything checked before any work ------------------------------------------------
 
 def setup(args: TrainArgs) -> Run:
@@ -332,13 +228,13 @@ def setup(args: TrainArgs) -> Run:
                              warmup_steps=warmup)
     changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems)
     problems += _flag_problems(args)
-    _agree(problems)
+    agree(problems)
     if problems:
         raise ConfigError(problems)
 
     train_loader = _stand_in(args, train_loader, data=data, processor=image_processor, classes=classes,
                              ds_config=ds_config, precision=precision, device=device, rank=rank)
-    moved = _prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, resume=resume,
+    moved = prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, resume=resume,
                                 rank=rank)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
@@ -380,8 +276,8 @@ def _resume_point(args: TrainArgs, output_dir: Path, *, rank: int, world: int, c
                   problems: list[str]) -> tuple[Path | None, dict]:
     """The checkpoint this run resumes from, agreed by every rank, and this rank's trainer state in
     it (None and {} for a fresh run); the output dir is claimed before anything in it is read."""
-    problems += _claim_output_dir(output_dir, rank=rank) if output_dir.is_dir() else []
-    resume, resume_problems = _agreed_resume(args, output_dir, rank=rank)
+    problems += claim_output_dir(output_dir, rank=rank) if output_dir.is_dir() else []
+    resume, resume_problems = agreed_resume(args, output_dir, rank=rank)
     problems += resume_problems
     if resume is None:
         return None, {}
@@ -428,75 +324,10 @@ def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: 
         return SyntheticLoader(train_loader, num_classes=len(classes), seed=args.seed + rank)
     if args.baseline_loader:
         return BaselineLoader(train_loader, data=data, processor=processor,
-                              batch_size=ds_config["train_micro_batch_size_per_gpu"], workers=_cpu_share(),
+                              batch_size=ds_config["train_micro_batch_size_per_gpu"], workers=cpu_share(),
                               seed=args.seed + rank, device=device, dtype=DTYPES[precision],
                               channels_last=args.channels_last)
     return train_loader
-
-
-def _prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, rank: int) -> list[Path]:
-    """The output dir, claimed by this run, its old checkpoints removed when `clear`, checked to be
-    shared by every rank. The checkpoints a resumed run does not continue are set aside in
-    OUTPUT/abandoned/TIME/ with the metrics logged past its step (which metrics.jsonl drops), the
-    export and the final eval's files, and returned (on rank 0)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    problems = _claim_output_dir(output_dir, rank=rank)
-    _agree(problems)
-    if problems:
-        raise ConfigError(problems)
-    if clear and rank == 0:
-        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-    moved = _set_aside_the_line_left(output_dir, resume=resume) if resume is not None and rank == 0 else []
-    dist.barrier()
-    _check_shared(output_dir, rank=rank)
-    return moved
-
-
-def _set_aside_the_line_left(output_dir: Path, *, resume: Path) -> list[Path]:
-    """Moves the checkpoints that a run resuming from `resume` does not continue (set_aside), the
-    metrics logged past its step, the export and the final eval's files to OUTPUT/abandoned/TIME/;
-    returns the checkpoints moved."""
-    into = output_dir / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
-    if moved := set_aside(output_dir / "checkpoints", resume=resume, into=into):
-        past = split_log(output_dir / "metrics.jsonl", at=checkpoint_info(resume)["step"])[1]
-        (into / "metrics.jsonl").write_text("".join(line + "\n" for line in past))
-        for name in (MODEL_EXPORT, RESULTS_FILE, PREDICTIONS_FILE, CONFUSION_FILE):
-            if (output_dir / name).exists():
-                (output_dir / name).rename(into / name)
-        print(f"train: moved {len(moved)} checkpoint(s) this run does not continue ({', '.join(p.name for p in moved)}"
-              f"; it goes on from {resume}), their metrics and export to {into}", flush=True)
-    return moved
-
-
-CLAIMS: dict[Path, int] = {}  # output dir -> the file descriptor of its lock, held until the process ends
-
-
-def _claim_output_dir(output_dir: Path, *, rank: int) -> list[str]:
-    """Rank 0 takes the output dir's lock (flock on OUTPUT/.run.lock, released when the process ends,
-    however it ends); a problem naming the run that holds it. Two runs in one output dir (the same
-    command started twice) would write each other's checkpoints and metrics, and --overwrite_output_dir
-    would delete the other's. A file system without locks is not checked."""
-    if rank != 0 or output_dir.resolve() in CLAIMS:
-        return []
-    try:
-        fd = os.open(output_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        return [f"--output_dir {output_dir}: cannot write in it ({e.strerror})"]
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
-        os.close(fd)
-        return [f"--output_dir {output_dir} is in use by another run ({holder}): wait for it to end, or pick "
-                f"another --output_dir"]
-    except OSError:  # no locks on this file system
-        os.close(fd)
-        return []
-    os.ftruncate(fd, 0)
-    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-    os.pwrite(fd, holder.encode(), 0)
-    CLAIMS[output_dir.resolve()] = fd
-    return []
 
 
 def _wandb_line(run: Run, trainer_state: dict, *, resume: Path | None, branched: bool) -> dict:
@@ -549,12 +380,12 @@ def setup_eval(args: TrainArgs) -> Run:
         _, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
                                         precision=precision, device=device, eval_samples=eval_samples, state=None,
                                         problems=problems, train=False)
-    _agree(problems)
+    agree(problems)
     if problems:
         raise ConfigError(problems)
 
     output_dir = Path(args.output_dir or Path("outputs") / f"eval-{data.name}-{_model_name(args, model)}-{args.eval_split}")
-    _prepare_output_dir(output_dir, clear=False, resume=None, rank=rank)
+    prepare_output_dir(output_dir, clear=False, resume=None, rank=rank)
     prepare_precision(model, DTYPES[precision])
     cast_parameters(model, DTYPES[precision])  # as DeepSpeed's engine would: the same logits as training's evals
     model.to(device).eval()
@@ -588,7 +419,7 @@ def _device(local_rank: int) -> torch.device:
     """This rank's device (DeepSpeed's accelerator); CPU ranks on one machine share its cores."""
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
-        torch.set_num_threads(_cpu_share())
+        torch.set_num_threads(cpu_share())
         return torch.device("cpu")
     device = torch.device(accelerator.device_name(local_rank))
     if device.type == "cuda":
@@ -1333,47 +1164,6 @@ def seed_streams(seed: int, *, rank: int, step: int) -> None:
 
 # --- plumbing -----------------------------------------------------------------------------------
 
-def _agreed_resume(args: TrainArgs, output_dir: Path, *, rank: int) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from, chosen by rank 0 and sent to every rank: on a shared file
-    system another node may see a stale listing (NFS attribute caching), and ranks that resumed
-    from different steps would train on silently."""
-    choice: list = [None]
-    if rank == 0:
-        resume, problems = None, []
-        try:
-            resume, partial = find_resume(args.resume, output_dir / "checkpoints")
-            if partial:
-                print(f"train: ignoring {len(partial)} incomplete checkpoint(s) (interrupted saves): "
-                      f"{', '.join(p.name for p in partial)}")
-        except CheckpointError as e:
-            problems.append(str(e))
-        if args.resume is None and not args.overwrite_output_dir and complete_checkpoints(output_dir / "checkpoints")[0]:
-            problems.append(f"{output_dir} holds checkpoints of an earlier run: --resume auto continues it, "
-                            f"--overwrite_output_dir starts over, or pick another --output_dir")
-        choice = [(resume, problems)]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
-
-
-def _check_shared(output_dir: Path, *, rank: int) -> None:
-    """Every rank sees what rank 0 writes in the output dir (checkpoints need a file system that
-    every node shares), else a ConfigError naming the ranks that do not."""
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    probe = output_dir / f".shared-{token[0]}"
-    if rank == 0:
-        probe.touch()
-    dist.barrier()
-    blind = [] if probe.exists() else [f"rank {rank} ({socket.gethostname()})"]
-    _agree(blind)
-    dist.barrier()
-    if rank == 0:
-        probe.unlink()
-    if blind:
-        raise ConfigError([f"--output_dir {output_dir}: {', '.join(blind)} do not see the files rank 0 writes there; "
-                           f"checkpoints need a folder every node shares (NFS, Lustre, ...)"])
-
-
 def _inject_nan(run: Run, pixels: torch.Tensor, micro: int) -> torch.Tensor:
     """Fault injection for tests: TRAIN_NAN_AT="RANK:STEP,STEP.MICRO" feeds NaN pixels on that rank
     to every micro batch of STEP, and to micro batch MICRO (from 1) of another."""
@@ -1385,60 +1175,11 @@ def _inject_nan(run: Run, pixels: torch.Tensor, micro: int) -> torch.Tensor:
     return pixels
 
 
-def deepspeed_runner() -> tuple[psutil.Process, int] | None:
-    """This rank's launcher (deepspeed's launch.py) and the pid of the `deepspeed` runner that
-    started it, when this node's job was started so; None otherwise (torchrun, pdsh: they relay
-    SIGTERM themselves)."""
-    with contextlib.suppress(psutil.Error):
-        launcher = psutil.Process(os.getppid())
-        runner = launcher.parent()
-        if runner and "deepspeed.launcher.launch" in launcher.cmdline() and any(
-                Path(part).name == "deepspeed" or part == "deepspeed.launcher.runner" for part in runner.cmdline()[:3]):
-            return launcher, runner.pid
-    return None
-
-
-def _init_distributed() -> None:
-    """Under the deepspeed launcher the env holds rank and world; run directly, a world of one."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
-        os.environ.setdefault(key, value)
-    try:
-        deepspeed.init_distributed(verbose=False)
-    except dist.DistNetworkError as e:
-        if "EADDRINUSE" not in str(e):
-            raise
-        print(f"train: rank {os.environ['RANK']}: the rendezvous port {os.environ['MASTER_PORT']} is taken on "
-              f"{os.environ['MASTER_ADDR']} (another job?): give this job one of its own, `deepspeed --master_port N "
-              f"...` (torchrun: --master_port N)", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def _shm_buffer() -> Path:
-    """The shared-memory file of this rank's CPU all-reduce. DeepSpeed creates one of 66 MB per
-    rank when all ranks share a machine (ops/csrc/cpu/comm/shm.cpp) and never unlinks it: left
-    alone, every run leaks it into /dev/shm (RAM) until the machine runs out of memory."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-                               f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
-
-
-def _agree(problems: list[str]) -> None:
-    """Every rank gets every rank's problems, so that all stop together and rank 0 prints them all."""
-    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, problems)
-    problems[:] = list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems))
-
-
-def _cpu_share() -> int:
-    local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return max(1, len(os.sched_getaffinity(0)) // local_world)
-
-
 def _data_threads(device: torch.device) -> int:
     """DALI threads per rank: the rank's share of the cores, half of it on a CPU device, where the
     model computes on the same cores (measured: 2 threads for 1 rank on 2 cores cost ~5% more
     training throughput than 1 thread, with data wait under 2% either way)."""
-    return _cpu_share() if device.type == "cuda" else max(1, _cpu_share() // 2)
+    return cpu_share() if device.type == "cuda" else max(1, cpu_share() // 2)
 
 
 def _with_recipe(args: TrainArgs, recipe: dict) -> TrainArgs:

@@ -1,0 +1,177 @@
+"""The job's processes: the process group, agreement between ranks, SIGTERM, and a rank's peers.
+
+A rank never leaves its peers waiting: problems are agreed by every rank before anyone stops
+(`agree`), a rank that fails alone tells the others through the job's store (`PeerWatch`), and
+SIGTERM outside the training loop unwinds the rank (`watch_sigterm`) instead of killing it with
+locks held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import deepspeed
+import psutil
+import torch.distributed as dist
+
+from train.perf import release_build_locks
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves on it: Preemption), raised in the main thread."""
+
+
+LOOP_SAVES = threading.Event()  # set while Preemption handles SIGTERM: saving takes as long as it takes
+
+
+SIGTERM_GRACE_S = 5.0
+
+
+def watch_sigterm() -> None:
+    """SIGTERM outside the training loop raises Terminated in the main thread, which unwinds: what
+    the rank holds is released on the way out (a rank killed by the signal's default action while
+    DeepSpeed builds or loads an op leaves torch's build lock, and every later run waits for it).
+    A main thread blocked in C++ (a store, a collective) runs no Python handler, so a thread woken
+    by the signal (the wakeup fd) ends the rank SIGTERM_GRACE_S later, as the default action would."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, _terminated)
+
+    def watch():
+        while signal.SIGTERM not in os.read(read, 64) or LOOP_SAVES.is_set():
+            pass
+        time.sleep(SIGTERM_GRACE_S)
+        release_build_locks()
+        print(f"train: rank {os.environ.get('RANK', 0)}: SIGTERM while blocked outside Python; exiting", file=sys.stderr,
+              flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="sigterm-watch").start()
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher relays a second one: the way out is not cut short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def distributed():
+    """This process's group (the deepspeed launcher's ranks, or a world of one), torn down on every
+    exit: C++ communication threads left running abort the process at shutdown."""
+    _init_distributed()
+    shm_buffer = _shm_buffer()
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        shm_buffer.unlink(missing_ok=True)
+
+
+class PeerWatch:
+    """Stops this rank promptly when another rank failed. A rank that fails alone (a bad sample,
+    an exception) leaves its peers waiting in a collective until the backend's timeout, and a
+    launcher on another node never hears of it; so it posts the reason in the job's store (the
+    rendezvous every rank reaches) and every rank polls it once a second."""
+
+    KEY = "dali-deepspeed-vision/stop"
+    LEAVE_S = 10.0  # how long a rank waits for the watcher's store call in flight (rank 0 answers in ms)
+
+    def __init__(self, rank: int, store=None, poll_s: float = 1.0):
+        self.rank, self.done, self.poll_s = rank, threading.Event(), poll_s
+        self.store = store or dist.distributed_c10d._get_default_store()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
+        self.thread.start()
+
+    def stop_all(self, code: int, reason: str) -> bool:
+        """Tells every other rank to stop; whether this rank was the first to fail."""
+        self._leave()
+        try:
+            if self.store.add(f"{self.KEY}/failed", 1) > 1:
+                return False
+            self.store.set(self.KEY, json.dumps({"code": code, "reason": reason}))
+        except Exception:  # the store is gone (rank 0 exited): the peers see that too
+            pass
+        return True
+
+    def close(self) -> None:
+        """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
+        self._leave()
+
+    def _leave(self) -> None:
+        """The watcher ends, its store call in flight done first: a daemon thread that comes back from
+        torch's C++ while the interpreter shuts down aborts the process ("terminate called without an
+        active exception"), and the rank's exit code with it."""
+        self.done.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(self.LEAVE_S)
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.poll_s):
+            try:
+                if not self.store.check([self.KEY]):
+                    continue
+                stop = json.loads(self.store.get(self.KEY))
+            except Exception:  # the store lives in rank 0's process
+                if self.done.is_set():
+                    return
+                stop = {"code": 1, "reason": "lost contact with rank 0 (it exited or its node went down)"}
+            print(f"train: rank {self.rank}: stopping: {stop['reason']}", file=sys.stderr, flush=True)
+            release_build_locks()  # os._exit skips every finally
+            os._exit(stop["code"])
+
+
+def deepspeed_runner() -> tuple[psutil.Process, int] | None:
+    """This rank's launcher (deepspeed's launch.py) and the pid of the `deepspeed` runner that
+    started it, when this node's job was started so; None otherwise (torchrun, pdsh: they relay
+    SIGTERM themselves)."""
+    with contextlib.suppress(psutil.Error):
+        launcher = psutil.Process(os.getppid())
+        runner = launcher.parent()
+        if runner and "deepspeed.launcher.launch" in launcher.cmdline() and any(
+                Path(part).name == "deepspeed" or part == "deepspeed.launcher.runner" for part in runner.cmdline()[:3]):
+            return launcher, runner.pid
+    return None
+
+
+def _init_distributed() -> None:
+    """Under the deepspeed launcher the env holds rank and world; run directly, a world of one."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        os.environ.setdefault(key, value)
+    try:
+        deepspeed.init_distributed(verbose=False)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        print(f"train: rank {os.environ['RANK']}: the rendezvous port {os.environ['MASTER_PORT']} is taken on "
+              f"{os.environ['MASTER_ADDR']} (another job?): give this job one of its own, `deepspeed --master_port N "
+              f"...` (torchrun: --master_port N)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _shm_buffer() -> Path:
+    """The shared-memory file of this rank's CPU all-reduce. DeepSpeed creates one of 66 MB per
+    rank when all ranks share a machine (ops/csrc/cpu/comm/shm.cpp) and never unlinks it: left
+    alone, every run leaks it into /dev/shm (RAM) until the machine runs out of memory."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                               f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+
+
+def agree(problems: list[str]) -> None:
+    """Every rank gets every rank's problems, so that all stop together and rank 0 prints them all."""
+    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, problems)
+    problems[:] = list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems))
+
+
+def cpu_share() -> int:
+    local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, len(os.sched_getaffinity(0)) // local_world)
