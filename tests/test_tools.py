@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -103,9 +104,11 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
 
 def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks as two
-    nodes of this machine go on with RandAugment to 2 epochs of 1,618 digits): every rule holds, and
-    its checks can fail."""
+    nodes of this machine go on with RandAugment to 2 epochs of 1,618 digits, evaluating every 13
+    steps and saving every 7): every rule holds, and its checks can fail."""
     from soak import check
+
+    from train.checkpoint import complete_checkpoints
 
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "soak.py"), "--trials", "1", "--seed", "13",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -113,12 +116,13 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     assert "soak: 1 of 1 trials held every rule" in done.stdout
     [result] = json.loads((tmp_path / "soak.json").read_text())
     assert result["launches"] == [[3, 13, 1], [2, 13, 1]] and result["nodes"] == [1, 2]
+    assert (result["eval_steps"], result["save_steps"], result["keep"], result["export"]) == (13, 7, 2, "best")
     assert len(result["stops"]) == 1 and result["problems"] == []
     output = (tmp_path / "trial-13-0.launch2.node0.log").read_text()
     assert "train: 2 rank(s)" in output
     trial = tmp_path / "trial-13-0"
     assert check(trial, result, result["stops"], result["steps"], output=output) == []
-    assert check(trial, result, result["stops"], result["steps"], output="")[0].startswith("exported nothing, the best")
+    assert check(trial, result, result["stops"], result["steps"], output="")[0].startswith("exported nothing, expected step")
     # a sample read twice in epoch 1, and a step logged twice
     log = trial / "sample_keys" / "rank0.jsonl"
     first, second, *rest = [json.loads(line) for line in log.read_text().splitlines()]
@@ -127,3 +131,8 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     assert check(trial, result, result["stops"], result["steps"]) == ["epoch 1: 1 samples read twice"]
     assert check(trial, result, result["stops"], result["steps"] + 1)[0].startswith(
         f"steps logged: {result['steps']} ")
+    # the newest checkpoint removed: what is left breaks the pruning rule
+    kept = complete_checkpoints(trial / "checkpoints")[0]
+    assert len(kept) >= 2
+    shutil.rmtree(kept[-1])
+    assert any(p.startswith("checkpoints left at steps") for p in check(trial, result, result["stops"], result["steps"]))

@@ -6,7 +6,8 @@ Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 1
 they divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them
 as one node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
 accumulation, ZeRO stage (3 with or without CPU offload), `--epochs`, augmentation, the eval
-cadence (every epoch or `--eval_steps`) and `--gradient_checkpointing` (ViT), in one to three
+cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the checkpoint cadence
+(every eval or `--save_steps`), `--save_total_limit` and `--export`, in one to three
 launches: each but the last stops at a random `--max_steps`, and the next goes on with `--resume
 auto` on other ranks, nodes, micro batch or accumulation (with `--preempt`, some launches are
 instead stopped by SIGTERM to every process of the job once a random step is logged, as a
@@ -20,8 +21,10 @@ exactly). Then it checks the run's metrics and sample keys:
   multiples of `--eval_steps`), at the run's last step, and at no other step but where a launch
   stopped;
 - train/epoch ends at --epochs, within a step (or where a --max_steps past it stopped);
-- the export is the checkpoint of the best eval (the newest among equals), across launches, and
-  eval_results.json is the last step's eval of every val sample.
+- the checkpoints left are the newest `--save_total_limit` of those saved (at the save cadence,
+  at each launch's stop and at the last step) and the best by eval top-1 among them, all complete;
+- the export is the checkpoint of the best eval (the newest among equals), across launches, or with
+  `--export last` the last step's, and eval_results.json is the last step's eval of every val sample.
 
 Prints one line per trial and exits 1 if any trial broke a rule (the JSON report says which).
 Found with it: ZeRO-3's uninitialized partition padding refused a bf16 ViT's first checkpoint.
@@ -48,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 from make_shards import make_shards
+from train.checkpoint import checkpoint_info, complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, VAL = 1618, 179  # digits, as make_shards splits them
@@ -87,13 +91,21 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["eval_steps"] = every if rng.random() < 0.3 else None  # else every epoch
     settings["zero"] += "_offload" if settings["zero"] == "zero3" and offload else ""
     settings["gradient_checkpointing"] = checkpointing and settings["model"] == "vit"
+    # the checkpoint settings come from their own stream (seeded by the draws above), so that a seed
+    # draws the same trials as before they were added
+    own = random.Random(json.dumps(settings, sort_keys=True))
+    settings["save_steps"] = own.randint(4, 30) if own.random() < 0.4 else None  # else at every eval
+    settings["keep"], settings["export"] = own.choice([1, 2, 3]), own.choice(["best", "best", "last"])
     return settings
 
 
 def flags(settings: dict) -> list[str]:
     """The trainer flags a trial draws besides the model, ZeRO config, epochs and batch sizes."""
     return (settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"]
-            + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else []))
+            + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
+            + (["--save_steps", str(settings["save_steps"])] if settings.get("save_steps") else [])
+            + (["--save_total_limit", str(settings["keep"])] if settings.get("keep", 2) != 2 else [])
+            + (["--export", "last"] if settings.get("export") == "last" else []))
 
 
 def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) -> dict:
@@ -124,7 +136,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             stops.append(int(stopped.group(1)))
         elif preempt_at is not None and "\ntrain: done, " in output:  # the run ended before the signal came (its
             result["launches"] = settings["launches"][:n + 1]  # runner may have caught it on the way out): the
-            break  # launches after it have nothing to train
+            result["preempt"] = settings["preempt"][:n]  # launches after it have nothing to train
+            break
         elif code != 0:
             return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {code}: {output[-3000:]}"}
     return {**result, "stops": stops, "steps": planned,
@@ -217,11 +230,7 @@ def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: 
     due = [s for s in steps if s % every == 0 or s == steps[-1]] if every else ends
     if [s for s in due if s not in at] or [s for s in at if s not in due and s not in stops]:
         problems.append(f"evals at steps {at}, due at {due}" if every else f"evals at steps {at}, epochs end at {ends}")
-    if output is not None and evals:
-        best = max((r["eval/top1"], r["step"]) for r in evals)[1]
-        exported = re.search(r"\(from step-(\d+), the best by eval top-1\)", output)
-        if not exported or int(exported.group(1)) != best:
-            problems.append(f"exported {exported.group(0) if exported else 'nothing'}, the best eval is step {best}")
+    problems += checkpoint_problems(out, settings, steps=steps, stops=stops, evals=evals, due=due, output=output)
     final = json.loads((out / "eval_results.json").read_text()) if (out / "eval_results.json").is_file() else {}
     if evals and (final.get("step"), final.get("samples")) != (steps[-1], VAL):
         problems.append(f"eval_results.json: step {final.get('step')}, {final.get('samples')} samples; the run "
@@ -248,6 +257,43 @@ def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: 
     return problems
 
 
+def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: list[int], evals: list[dict],
+                        due: list[int], output: str | None) -> list[str]:
+    """The rules about checkpoints the run in `out` broke: the checkpoints left are the newest
+    `--save_total_limit` of those saved (at the save cadence, at each launch's stop, at the last
+    step, and with --save_steps and --export best at each new best eval) plus the best by eval
+    top-1 among them, all complete; the export (from the last launch's `output`) is the best
+    eval's checkpoint (the newest among equals), or with --export last the last step's."""
+    top1 = {r["step"]: r["eval/top1"] for r in evals}
+    if every := settings.get("save_steps"):
+        saved, best = {s for s in steps if s % every == 0}, None
+        for s in sorted(top1) if settings.get("export", "best") == "best" else []:
+            if best is None or top1[s] >= best:
+                saved, best = saved | {s}, top1[s]
+    else:
+        saved = set(due)  # the eval cadence
+    saved = sorted(saved | set(stops) | {steps[-1]})
+    scored = [(top1[s], s) for s in saved if s in top1]
+    kept = set(saved[-settings.get("keep", 2):]) | ({max(scored)[1]} if scored else set())
+    complete, partial = complete_checkpoints(out / "checkpoints")
+    left = [checkpoint_info(p)["step"] for p in complete]
+    problems = [f"incomplete checkpoints left: {', '.join(p.name for p in partial)}"] if partial else []
+    if left != sorted(kept):
+        problems.append(f"checkpoints left at steps {left}, expected {sorted(kept)} (saved at {saved})")
+    if output is None:
+        return problems
+    if settings.get("export", "best") == "last":
+        want, why = steps[-1], "the last"
+    elif evals:
+        want, why = max((r["eval/top1"], r["step"]) for r in evals)[1], "the best by eval top-1"
+    else:
+        return problems
+    exported = re.search(r"\(from step-(\d+), ([^)]+)\)", output)
+    if not exported or (int(exported.group(1)), exported.group(2)) != (want, why):
+        problems.append(f"exported {exported.group(0) if exported else 'nothing'}, expected step {want} ({why})")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
@@ -268,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
         launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + " (SIGTERM)" * p for (r, m, a), k, p
-                               in zip(result["launches"], settings["nodes"], settings["preempt"] + [False]))
+                               in zip(result["launches"], settings["nodes"], result["preempt"] + [False]))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "

@@ -135,6 +135,12 @@ def checkpoint_info(path: Path) -> dict:
     return json.loads((Path(path) / MARKER).read_text())
 
 
+def record_top1(path: Path, top1: float) -> None:
+    """Records the eval top-1 of a complete checkpoint evaluated after it was saved (the pruning and
+    --export best read it from its marker)."""
+    write_atomic(Path(path) / MARKER, json.dumps({**checkpoint_info(path), "top1": top1}))
+
+
 def load_checkpoint(engine, path: Path, *, universal: Path | None = None) -> None:
     """Restores DeepSpeed's state from `path`, or from its `universal_checkpoint` form (a
     checkpoint saved by another number of ranks; the engine was made with `load_universal`).

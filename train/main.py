@@ -48,7 +48,7 @@ from pipelines.spec import ProcessorError, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
 from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
                               complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
-                              save_checkpoint, universal_checkpoint, write_failure)
+                              record_top1, save_checkpoint, universal_checkpoint, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
@@ -606,6 +606,7 @@ def fit(run: Run) -> str:
     batches = step_batches(run.train_loader, accum=run.ds_config["gradient_accumulation_steps"])
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, unit="step", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+    evaluate_missed(run)
     meter = new_meter()
     first_step, started = run.step, time.perf_counter()
     profiler, preemption = StepProfiler(run), Preemption(run)
@@ -806,6 +807,28 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
         saving = saving or bool(run.save_steps) and run.args.export == "best" and run.best["step"] == run.step
     if saving:
         run.last_saved = save(run)
+
+
+def evaluate_missed(run: Run) -> None:
+    """The eval due at the step resumed from, when the run that saved it did not make it: one
+    resumed on other ranks or batch sizes can find the rest of its epoch too short for a step, so
+    that the epoch ended at the checkpoint, which a SIGTERM stop or --save_steps saved without an
+    eval. The checkpoint (when it is this run's) records the eval's top-1, as a checkpoint saved at
+    an eval does, for the pruning and --export best."""
+    if not run.step or not _eval_due(run) or run.last_eval.get("step") == run.step:
+        return
+    mine = run.last_saved is not None and run.last_saved == checkpoint_path(run.checkpoints, run.step)
+    if mine and (recorded := checkpoint_info(run.last_saved).get("top1")) is not None:
+        if run.best["top1"] is None or recorded >= run.best["top1"]:  # an earlier resume from it evaluated
+            run.best = {"top1": recorded, "step": run.step}  # and logged it
+        return
+    run.doing = run.step  # its hooks
+    average_buffers(run.engine.module)
+    log_eval(run, evaluate(run, details=run.step == run.total_steps))
+    if run.rank == 0 and mine:
+        record_top1(run.last_saved, run.last_eval["eval/top1"])
+    dist.barrier()
+    run.doing = run.step + 1
 
 
 def _due(run: Run, every: int, *, offset: int = 0) -> bool:
