@@ -206,30 +206,33 @@ def test_a_run_resumed_on_other_ranks_reads_the_rest_of_the_epoch_with_the_optim
 
 
 def test_an_epoch_that_ends_at_the_checkpoint_resumed_from_is_evaluated_there(files, tmp_path):
-    """The eval of an epoch whose end the run never reached before it stopped: resumed with a
-    larger batch, what is left of the epoch fills no step, so the epoch ended at the checkpoint
-    (saved by --save_steps, without an eval). The resumed run evaluates there first, the checkpoint
-    records that eval's top-1, and a resume at a step already evaluated does not evaluate again."""
+    """The eval of an epoch whose end the run never reached before it stopped: resumed on fewer
+    ranks with a larger batch, what is left of the epoch fills no step, so the epoch ended at the
+    checkpoint (saved by --save_steps, without an eval). The resumed run evaluates there first, the
+    checkpoint records that eval's top-1, and a resume at a step already evaluated does not evaluate
+    again. The sample-key logs of the ranks the resumed run does not have are cut at its step too."""
     out = tmp_path / "run"
     args = lambda micro: [*common(files, "photos", "resnet", out), "--ds_config", "ds_configs/zero2.json",
                           "--micro_batch_size", str(micro), "--log_steps", "1", "--save_steps", "3",
-                          "--save_total_limit", "10", "--epochs", "2"]
-    train(args(4) + ["--max_steps", "4"])  # 2 ranks x 4: 4 steps an epoch (36 images), evals at 4
+                          "--save_total_limit", "10", "--epochs", "2", "--record_keys"]
+    train(args(2) + ["--max_steps", "4"], ranks=3)  # 3 ranks x 2: 6 steps an epoch (36 images)
     step3 = out / "checkpoints" / "step-00000003"
     assert json.loads((step3 / "complete.json").read_text())["top1"] is None
     assert [m["step"] for m in evals(out)] == [4]
-    # 2 ranks x 8 from step 3: 12 images of epoch 1 are left, fewer than a step: it ended at step 3
-    done = train(args(8) + ["--resume", str(step3)])
-    assert "train: 5 steps (2 per epoch)" in done.stdout, done.stdout
+    # 2 ranks x 10 from step 3: 18 images of epoch 1 are left, fewer than a step: it ended at step 3
+    done = train(args(10) + ["--resume", str(step3)])
+    assert "train: 4 steps (1 per epoch)" in done.stdout, done.stdout
     at = {m["step"]: m for m in evals(out)}
-    assert sorted(at) == [3, 5] and all(m["eval/samples_counted"] == 12 for m in at.values())
+    assert sorted(at) == [3, 4] and all(m["eval/samples_counted"] == 12 for m in at.values())
     assert json.loads((step3 / "complete.json").read_text())["top1"] == pytest.approx(at[3]["eval/top1"])
+    assert [step for step, _ in keys_by_step(out, 2)] == [1, 2, 3]  # rank 2 trained step 4 of the line left
+    assert [step for step, _ in keys_by_step(out, 0)] == [1, 2, 3, 4]
     # stopped again before its next save: resumed from step 3 once more, the eval is not made twice
-    train(args(8) + ["--resume", str(step3)])
-    assert [(m["step"], m["eval/top1"]) for m in evals(out)] == [(s, at[s]["eval/top1"]) for s in (3, 5)]
+    train(args(10) + ["--resume", str(step3)])
+    assert [(m["step"], m["eval/top1"]) for m in evals(out)] == [(s, at[s]["eval/top1"]) for s in (3, 4)]
     # resumed where an eval was made and saved: none again
-    train(args(8) + ["--resume", "auto", "--epochs", "3"])
-    assert [m["step"] for m in evals(out)] == [3, 5, 7]
+    train(args(10) + ["--resume", "auto", "--epochs", "3"])
+    assert [m["step"] for m in evals(out)] == [3, 4, 5]
 
 
 def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_aside(files, tmp_path):

@@ -259,13 +259,17 @@ def setup(args: TrainArgs) -> Run:
 
 def _begin(run: Run, config: dict, *, resume: Path | None, state: dict, other_ranks: bool, changes: list[str],
            branched: bool) -> None:
-    """The run at the checkpoint it resumes from (if any), its sample-key log cut there, its W&B
+    """The run at the checkpoint it resumes from (if any), its sample-key logs cut there, its W&B
     run opened (the line it continues, or a new one when `branched`), and the banner printed."""
     if resume is not None:
         _resume(run, resume, state, other_ranks=other_ranks)
     if run.args.record_keys:
-        _keys_log(run).parent.mkdir(exist_ok=True)
-        truncate_log(_keys_log(run), after=run.step)
+        folder = _keys_log(run).parent
+        folder.mkdir(exist_ok=True)
+        # rank 0 also cuts the logs of ranks this run does not have (an earlier line ran on more)
+        others = [p for p in folder.glob("rank*.jsonl") if int(p.stem[4:]) >= dist.get_world_size()]
+        for log in [_keys_log(run), *(others if run.rank == 0 else [])]:
+            truncate_log(log, after=run.step)
     wandb = _open_logger(run, config, resume_step=run.step if resume else None,
                          **_wandb_line(run, state, resume=resume, branched=branched))
     if run.rank == 0:
