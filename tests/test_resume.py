@@ -210,7 +210,8 @@ def test_an_epoch_that_ends_at_the_checkpoint_resumed_from_is_evaluated_there(fi
     ranks with a larger batch, what is left of the epoch fills no step, so the epoch ended at the
     checkpoint (saved by --save_steps, without an eval). The resumed run evaluates there first, the
     checkpoint records that eval's top-1, and a resume at a step already evaluated does not evaluate
-    again. The sample-key logs of the ranks the resumed run does not have are cut at its step too."""
+    again (from another run's checkpoint, the run saves its own copy with it). The sample-key logs
+    of the ranks the resumed run does not have are cut at its step too."""
     out = tmp_path / "run"
     args = lambda micro: [*common(files, "photos", "resnet", out), "--ds_config", "ds_configs/zero2.json",
                           "--micro_batch_size", str(micro), "--log_steps", "1", "--save_steps", "3",
@@ -233,6 +234,14 @@ def test_an_epoch_that_ends_at_the_checkpoint_resumed_from_is_evaluated_there(fi
     # resumed where an eval was made and saved: none again
     train(args(10) + ["--resume", "auto", "--epochs", "3"])
     assert [m["step"] for m in evals(out)] == [3, 4, 5]
+    # from another run's checkpoint: this run saves its own copy of step 3, with the eval's top-1
+    elsewhere = tmp_path / "elsewhere"
+    branch = args(10) + ["--resume", str(step3)]
+    branch[branch.index("--output_dir") + 1] = str(elsewhere)
+    train(branch)
+    assert [(m["step"], m["eval/top1"]) for m in evals(elsewhere)] == [(s, at[s]["eval/top1"]) for s in (3, 4)]
+    copy = json.loads((elsewhere / "checkpoints" / "step-00000003" / "complete.json").read_text())
+    assert copy["top1"] == pytest.approx(at[3]["eval/top1"])
 
 
 def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_aside(files, tmp_path):

@@ -817,8 +817,8 @@ def evaluate_missed(run: Run) -> None:
     """The eval due at the step resumed from, when the run that saved it did not make it: one
     resumed on other ranks or batch sizes can find the rest of its epoch too short for a step, so
     that the epoch ended at the checkpoint, which a SIGTERM stop or --save_steps saved without an
-    eval. The checkpoint (when it is this run's) records the eval's top-1, as a checkpoint saved at
-    an eval does, for the pruning and --export best."""
+    eval. The checkpoint records the eval's top-1, as a checkpoint saved at an eval does, for the
+    pruning and --export best (another run's checkpoint is saved in this run's output dir first)."""
     if not run.step or not _eval_due(run) or run.last_eval.get("step") == run.step:
         return
     mine = run.last_saved is not None and run.last_saved == checkpoint_path(run.checkpoints, run.step)
@@ -829,9 +829,12 @@ def evaluate_missed(run: Run) -> None:
     run.doing = run.step  # its hooks
     average_buffers(run.engine.module)
     log_eval(run, evaluate(run, details=run.step == run.total_steps))
-    if run.rank == 0 and mine:
-        record_top1(run.last_saved, run.last_eval["eval/top1"])
-    dist.barrier()
+    if mine:
+        if run.rank == 0:
+            record_top1(run.last_saved, run.last_eval["eval/top1"])
+        dist.barrier()
+    elif run.save_steps:  # another run's checkpoint: this run's own copy holds the eval for --export best
+        run.last_saved = save(run)
     run.doing = run.step + 1
 
 
