@@ -7,9 +7,11 @@ they divide by no number of ranks) with random ranks (1-4 CPU processes, an even
 as one node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
 accumulation, ZeRO stage (3 with or without CPU offload), `--epochs`, augmentation, the eval
 cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the checkpoint cadence
-(every eval or `--save_steps`), `--save_total_limit` and `--export`, in one to three
+(every eval or `--save_steps`), `--save_total_limit`, `--export`, and the rest of the recipe (label
+smoothing, schedule, warmup, clipping, the eval resize, channels-last), in one to three
 launches: each but the last stops at a random `--max_steps`, and the next goes on with `--resume
-auto` on other ranks, nodes, micro batch or accumulation (with `--preempt`, some launches are
+auto` on other ranks, nodes, micro batch or accumulation, some with a new `--lr` or augmentation
+(as a user changes them after a loss spike; with `--preempt`, some launches are
 instead stopped by SIGTERM to every process of the job once a random step is logged, as a
 scheduler preempts a job: the stop then falls where the ranks agree, so such trials do not repeat
 exactly). Then it checks the run's metrics and sample keys:
@@ -64,6 +66,8 @@ MODELS = {
 }
 AUGMENTS = ([], ["--hflip", "0.5", "--color_jitter", "0.3"], ["--auto_augment", "rand_augment"],
             ["--mixup_alpha", "0.2", "--cutmix_alpha", "1.0"])
+# what a resumed launch may change (a user lowering the lr after a spike, or changing the augmentation)
+CHANGES = (["--lr", "3e-4"], ["--color_jitter", "0.2"], ["--auto_augment", "trivial_augment"])
 
 
 def prepare(out: Path) -> None:
@@ -91,11 +95,18 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["eval_steps"] = every if rng.random() < 0.3 else None  # else every epoch
     settings["zero"] += "_offload" if settings["zero"] == "zero3" and offload else ""
     settings["gradient_checkpointing"] = checkpointing and settings["model"] == "vit"
-    # the checkpoint settings come from their own stream (seeded by the draws above), so that a seed
-    # draws the same trials as before they were added
+    # the draws below come from their own stream (seeded by the draws above), so that a seed draws
+    # the same trials as before they were added
     own = random.Random(json.dumps(settings, sort_keys=True))
     settings["save_steps"] = own.randint(4, 30) if own.random() < 0.4 else None  # else at every eval
     settings["keep"], settings["export"] = own.choice([1, 2, 3]), own.choice(["best", "best", "last"])
+    settings["recipe"] = (["--label_smoothing", "0.1"] * (own.random() < 0.3)
+                          + ["--lr_scheduler", own.choice(["cosine", "linear", "constant"])]
+                          + ["--warmup_steps", str(own.randint(0, 20))] * (own.random() < 0.3)
+                          + ["--max_grad_norm", "0"] * (own.random() < 0.2)
+                          + ["--eval_resize", own.choice(["dali", "torch", "pillow"])]
+                          + ["--channels_last"] * (settings["model"] == "resnet" and own.random() < 0.3))
+    settings["changes"] = [[]] + [own.choice(CHANGES) if own.random() < 0.35 else [] for _ in launches[1:]]
     return settings
 
 
@@ -105,7 +116,7 @@ def flags(settings: dict) -> list[str]:
             + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
             + (["--save_steps", str(settings["save_steps"])] if settings.get("save_steps") else [])
             + (["--save_total_limit", str(settings["keep"])] if settings.get("keep", 2) != 2 else [])
-            + (["--export", "last"] if settings.get("export") == "last" else []))
+            + (["--export", "last"] if settings.get("export") == "last" else []) + settings.get("recipe", []))
 
 
 def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) -> dict:
@@ -119,7 +130,7 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
               "--log_steps", "1", *flags(settings)]
     result, stops, planned = dict(settings), [], 0
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
-        args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum)]
+        args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum), *settings["changes"][n]]
         args += ["--resume", "auto"] if n else []
         preempt_at = None
         if n < len(settings["launches"]) - 1:  # stop within the next epoch and a half of this launch
@@ -313,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = draw(rng, precision=args.precision, max_ranks=gpus or 4, split=not gpus, preempt=args.preempt)
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
-        launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + " (SIGTERM)" * p for (r, m, a), k, p
-                               in zip(result["launches"], settings["nodes"], result["preempt"] + [False]))
+        launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + f" [{' '.join(c)}]" * bool(c) + " (SIGTERM)" * p
+                               for (r, m, a), k, p, c in zip(result["launches"], settings["nodes"],
+                                                             result["preempt"] + [False], settings["changes"]))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "

@@ -5,7 +5,8 @@
 `setup` resolves and checks everything (data, model, processor, DeepSpeed config, batch
 arithmetic, output dir, checkpoint to resume) and raises one ConfigError listing every problem
 before any work starts. `fit` is the loop: `train_step`, with logging, eval and checkpointing as
-hooks around it. Everything a run writes goes under --output_dir.
+hooks around it. Everything a run writes goes under --output_dir (claimed and checked in
+train/output_dir.py); the ranks' process group, agreement and signals are train/distributed.py's.
 """
 
 from __future__ import annotations
