@@ -106,7 +106,7 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks as two
     nodes of this machine go on with RandAugment to 2 epochs of 1,618 digits, evaluating every 13
     steps and saving every 7): every rule holds, and its checks can fail."""
-    from soak import check
+    from soak import check, final_epochs
 
     from train.checkpoint import complete_checkpoints
 
@@ -117,6 +117,7 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     [result] = json.loads((tmp_path / "soak.json").read_text())
     assert result["launches"] == [[3, 13, 1], [2, 13, 1]] and result["nodes"] == [1, 2]
     assert (result["eval_steps"], result["save_steps"], result["keep"], result["export"]) == (13, 7, 2, "best")
+    assert final_epochs(result) == 2.0 and final_epochs({**result, "changes": [[], ["--epochs", "2.5"]]}) == 2.5
     assert len(result["stops"]) == 1 and result["problems"] == []
     output = (tmp_path / "trial-13-0.launch2.node0.log").read_text()
     assert "train: 2 rank(s)" in output

@@ -11,7 +11,7 @@ cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the c
 smoothing, schedule, warmup, clipping, the eval resize, channels-last), in one to three
 launches: each but the last stops at a random `--max_steps`, and the next goes on with `--resume
 auto` on other ranks, nodes, micro batch or accumulation, some with a new `--lr` or augmentation
-(as a user changes them after a loss spike; with `--preempt`, some launches are
+(as a user changes them after a loss spike) or more `--epochs` (with `--preempt`, some launches are
 instead stopped by SIGTERM to every process of the job once a random step is logged, as a
 scheduler preempts a job: the stop then falls where the ranks agree, so such trials do not repeat
 exactly). Then it checks the run's metrics and sample keys:
@@ -107,7 +107,16 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
                           + ["--eval_resize", own.choice(["dali", "torch", "pillow"])]
                           + ["--channels_last"] * (settings["model"] == "resnet" and own.random() < 0.3))
     settings["changes"] = [[]] + [own.choice(CHANGES) if own.random() < 0.35 else [] for _ in launches[1:]]
+    more = random.Random(json.dumps(settings, sort_keys=True))  # added later still: more epochs (a user
+    for change in settings["changes"][1:]:  # extending a run), where a launch changes nothing else
+        change += ["--epochs", str(settings["epochs"] + 0.5)] if not change and more.random() < 0.3 else []
     return settings
+
+
+def final_epochs(settings: dict) -> float:
+    """The --epochs of the trial's last launch (a resumed launch may train more)."""
+    change = settings.get("changes", [[]])[len(settings["launches"]) - 1]
+    return float(change[change.index("--epochs") + 1]) if "--epochs" in change else settings["epochs"]
 
 
 def flags(settings: dict) -> list[str]:
@@ -246,11 +255,12 @@ def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: 
     if evals and (final.get("step"), final.get("samples")) != (steps[-1], VAL):
         problems.append(f"eval_results.json: step {final.get('step')}, {final.get('samples')} samples; the run "
                         f"ended at step {steps[-1]}")
-    reached = max([settings["epochs"]] + [epoch_at[s] for s in stops if s in epoch_at])
+    epochs = final_epochs(settings)
+    reached = max([epochs] + [epoch_at[s] for s in stops if s in epoch_at])
     ranks, micro, accum = settings["launches"][-1]
     step = 1 / max(1, TRAIN // ranks // micro // accum)  # of an epoch: the steps to --epochs are rounded up
-    if not settings["epochs"] - step - 1e-6 <= epoch_at[steps[-1]] <= reached + step + 1e-6:
-        problems.append(f"train/epoch at the end {epoch_at[steps[-1]]:.4f}, --epochs {settings['epochs']}")
+    if not epochs - step - 1e-6 <= epoch_at[steps[-1]] <= reached + step + 1e-6:
+        problems.append(f"train/epoch at the end {epoch_at[steps[-1]]:.4f}, --epochs {epochs}")
     keys: dict[int, list[str]] = {}
     for log in (out / "sample_keys").glob("rank*.jsonl"):
         for line in log.read_text().splitlines():
@@ -263,7 +273,7 @@ def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: 
     for epoch, samples in sorted(read.items()):
         if len(samples) != len(set(samples)):
             problems.append(f"epoch {epoch + 1}: {len(samples) - len(set(samples))} samples read twice")
-        if epoch + 1 <= settings["epochs"] and len(set(samples)) < TRAIN - dropped:
+        if epoch + 1 <= epochs and len(set(samples)) < TRAIN - dropped:
             problems.append(f"epoch {epoch + 1}: {len(set(samples))} of {TRAIN} samples read")
     return problems
 
