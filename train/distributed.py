@@ -29,8 +29,6 @@ class Terminated(BaseException):
 
 
 LOOP_SAVES = threading.Event()  # set while Preemption handles SIGTERM: saving takes as long as it takes
-
-
 SIGTERM_GRACE_S = 5.0
 
 

@@ -268,8 +268,9 @@ def _begin(run: Run, config: dict, *, resume: Path | None, state: dict, other_ra
         folder = _keys_log(run).parent
         folder.mkdir(exist_ok=True)
         # rank 0 also cuts the logs of ranks this run does not have (an earlier line ran on more)
-        others = [p for p in folder.glob("rank*.jsonl") if int(p.stem[4:]) >= dist.get_world_size()]
-        for log in [_keys_log(run), *(others if run.rank == 0 else [])]:
+        others = ([p for p in folder.glob("rank*.jsonl") if int(p.stem[4:]) >= dist.get_world_size()]
+                  if run.rank == 0 else [])
+        for log in [_keys_log(run), *others]:
             truncate_log(log, after=run.step)
     wandb = _open_logger(run, config, resume_step=run.step if resume else None,
                          **_wandb_line(run, state, resume=resume, branched=branched))
@@ -819,13 +820,12 @@ def evaluate_missed(run: Run) -> None:
     resumed on other ranks or batch sizes can find the rest of its epoch too short for a step, so
     that the epoch ended at the checkpoint, which a SIGTERM stop or --save_steps saved without an
     eval. The checkpoint records the eval's top-1, as a checkpoint saved at an eval does, for the
-    pruning and --export best (another run's checkpoint is saved in this run's output dir first)."""
+    pruning and --export best (another run's checkpoint is then saved in this run's output dir)."""
     if not run.step or not _eval_due(run) or run.last_eval.get("step") == run.step:
         return
     mine = run.last_saved is not None and run.last_saved == checkpoint_path(run.checkpoints, run.step)
     if mine and (recorded := checkpoint_info(run.last_saved).get("top1")) is not None:
-        if run.best["top1"] is None or recorded >= run.best["top1"]:  # an earlier resume from it evaluated
-            run.best = {"top1": recorded, "step": run.step}  # and logged it
+        _note_best(run, recorded)  # an earlier resume from it evaluated and logged it
         return
     run.doing = run.step  # its hooks
     average_buffers(run.engine.module)
@@ -1073,8 +1073,7 @@ def _epochs_done(run: Run) -> float:
 def log_eval(run: Run, result: dict) -> None:
     samples, report = result.pop("_samples"), result.pop("_report")
     run.last_eval = {"step": run.step, **result}
-    if run.best["top1"] is None or result["eval/top1"] >= run.best["top1"]:  # the newest among equals, as exported
-        run.best = {"top1": result["eval/top1"], "step": run.step}
+    _note_best(run, result["eval/top1"])
     run.logger.log(run.step, result)
     if samples is not None:
         pixels, true, predicted = samples
@@ -1087,6 +1086,13 @@ def log_eval(run: Run, result: dict) -> None:
     if run.rank == 0 and not run.args.eval_only:
         tqdm.write(f"step {run.step}: eval loss {result['eval/loss']:.4f}, top-1 {result['eval/top1']:.2%}, "
                    f"top-5 {result['eval/top5']:.2%} ({int(result['eval/samples_counted'])} images)")
+
+
+def _note_best(run: Run, top1: float) -> None:
+    """This step's eval `top1` becomes run.best when it is at least as good (the newest among equals,
+    as exported)."""
+    if run.best["top1"] is None or top1 >= run.best["top1"]:
+        run.best = {"top1": top1, "step": run.step}
 
 
 def record_keys(run: Run, micro_batches: list[dict]) -> None:
