@@ -424,6 +424,7 @@ def test_too_many_non_finite_steps_stop_the_run_with_checkpoints_intact(files, t
     assert done.returncode != 0
     assert "3 consecutive steps (to step 6) had a non-finite loss" in done.stderr
     checkpoints = out / "checkpoints"
+    assert f"the newest complete checkpoint, {checkpoints / 'step-00000004'}, is intact" in done.stderr
     # saves every 2 steps and at the step-3 eval (a new best); the newest two kept, none past step 4
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000004"]
     assert all((checkpoints / name / "complete.json").is_file() for name in ("step-00000003", "step-00000004"))
@@ -500,6 +501,13 @@ def test_nan_guard_stop_trains_the_same_without_syncs_and_stops_at_the_next_chec
     assert sorted(p.name for p in (stop / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
     assert [m["step"] for m in metrics(stop) if "train/loss" in m] == [3]
     assert losses_by_step(stop)[3] == pytest.approx(losses_by_step(skip)[3], rel=1e-6)
+    # a NaN before the first save, in a step that logs: the message names the step and that
+    # nothing is left to go on from
+    done = train(args(tmp_path / "first") + ["--max_steps", "3", "--nan_guard", "stop", "--log_steps", "1"],
+                 ranks=None, env={"TRAIN_NAN_AT": "0:1"}, check=False)
+    assert done.returncode == 4, done.stderr
+    assert "not finite on some rank at step 1 (--nan_guard stop)" in done.stderr
+    assert f"no checkpoint was saved in {tmp_path / 'first' / 'checkpoints'} (--resume auto starts over)" in done.stderr
 
 
 def copy_shards(files, tmp_path: Path) -> Path:
@@ -553,6 +561,7 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(fil
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000001", "step-00000002"]
     assert all((p / "complete.json").is_file() for p in checkpoints.glob("step-*"))
+    assert f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact" in logs[1]
 
 
 LEAVING_RANK = """

@@ -105,7 +105,8 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
 def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks as two
     nodes of this machine go on with RandAugment to 2 epochs of 1,618 digits, evaluating every 13
-    steps and saving every 7): every rule holds, and its checks can fail."""
+    steps and saving every 7, and a NaN on rank 0 at step 100 skips that step): every rule holds,
+    and its checks can fail."""
     from soak import check, final_epochs
 
     from train.checkpoint import complete_checkpoints
@@ -119,11 +120,20 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     assert (result["eval_steps"], result["save_steps"], result["keep"], result["export"]) == (13, 7, 2, "best")
     assert final_epochs(result) == 2.0 and final_epochs({**result, "changes": [[], ["--epochs", "2.5"]]}) == 2.5
     assert len(result["stops"]) == 1 and result["problems"] == []
+    assert result["nans"] == [{"step": 100, "launch": 2, "skipped": True}]
     output = (tmp_path / "trial-13-0.launch2.node0.log").read_text()
     assert "train: 2 rank(s)" in output
     trial = tmp_path / "trial-13-0"
     assert check(trial, result, result["stops"], result["steps"], output=output) == []
     assert check(trial, result, result["stops"], result["steps"], output="")[0].startswith("exported nothing, expected step")
+    # had the last launch branched from the step before the last, finding no checkpoint there, only
+    # the last step's would be left
+    branched = {**result, "branches": [{"launch": 2, "from": result["steps"] - 1, "present": []}]}
+    assert check(trial, branched, result["stops"], result["steps"])[0].startswith("checkpoints left at steps")
+    assert f"expected [{result['steps']}]" in check(trial, branched, result["stops"], result["steps"])[0]
+    # a step skipped for a NaN that the run did not inject
+    assert check(trial, {**result, "nans": []}, result["stops"], result["steps"], output=output) == [
+        "steps logged without a train/loss [100], NaN-skipped steps []", "train/skipped_steps 1.0 at the end, 0 skipped"]
     # a sample read twice in epoch 1, and a step logged twice
     log = trial / "sample_keys" / "rank0.jsonl"
     first, second, *rest = [json.loads(line) for line in log.read_text().splitlines()]

@@ -14,7 +14,13 @@ auto` on other ranks, nodes, micro batch or accumulation, some with a new `--lr`
 (as a user changes them after a loss spike) or more `--epochs` (with `--preempt`, some launches are
 instead stopped by SIGTERM to every process of the job once a random step is logged, as a
 scheduler preempts a job: the stop then falls where the ranks agree, so such trials do not repeat
-exactly). Then it checks the run's metrics and sample keys:
+exactly). Some launches get NaN pixels on one rank (TRAIN_NAN_AT) for a whole step or one micro
+batch of it: with `--nan_guard skip` the step is skipped or trains on its other micro batches; with
+`--nan_guard stop` the launch stops there instead of at its `--max_steps` (exit 4, as after a
+crash) and the next goes on from the newest checkpoint. Some resumed launches branch: they go on
+from an older checkpoint than the newest (`--resume OUT/checkpoints/step-N`, as a user goes back
+before a loss spike), and the line past it is set aside. Then it checks the run's metrics and sample
+keys (the line the last launch continued):
 
 - every step from 1 to the planned last was trained once and logged once;
 - no sample was read twice within an epoch (all ranks and launches together), and every whole
@@ -24,9 +30,14 @@ exactly). Then it checks the run's metrics and sample keys:
   stopped;
 - train/epoch ends at --epochs, within a step (or where a --max_steps past it stopped);
 - the checkpoints left are the newest `--save_total_limit` of those saved (at the save cadence,
-  at each launch's stop and at the last step) and the best by eval top-1 among them, all complete;
-- the export is the checkpoint of the best eval (the newest among equals), across launches, or with
-  `--export last` the last step's, and eval_results.json is the last step's eval of every val sample.
+  at each launch's stop and at the last step; after a branch, those the branch found and those
+  saved past it) and the best by eval top-1 among them, all complete;
+- the export is the checkpoint of the best eval among them (the newest among equals), across
+  launches, or with `--export last` the last step's, and eval_results.json is the last step's eval
+  of every val sample;
+- every logged value is finite; the steps logged without a train/loss are the NaN-skipped ones, and
+  train/skipped_steps counts them; a NaN stop left no checkpoint at or after its step and named
+  the one to go on from.
 
 Prints one line per trial and exits 1 if any trial broke a rule (the JSON report says which).
 Found with it: ZeRO-3's uninitialized partition padding refused a bf16 ViT's first checkpoint.
@@ -110,7 +121,35 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     more = random.Random(json.dumps(settings, sort_keys=True))  # added later still: more epochs (a user
     for change in settings["changes"][1:]:  # extending a run), where a launch changes nothing else
         change += ["--epochs", str(settings["epochs"] + 0.5)] if not change and more.random() < 0.3 else []
+    faults = random.Random(json.dumps(settings, sort_keys=True))  # later still: non-finite losses
+    settings["nan"] = [nan_fault(faults, ranks=ranks, accum=accum, guard=settings["nan_guard"], last=n == len(launches) - 1)
+                       for n, (ranks, _, accum) in enumerate(launches)]
+    branches = random.Random(json.dumps(settings, sort_keys=True))  # and branches: where a resumed launch
+    settings["branch"] = [None] + [branches.random() if branches.random() < 0.25 else None  # goes back to
+                                   for _ in launches[1:]]  # (a fraction of the older checkpoints)
     return settings
+
+
+def nan_fault(rng: random.Random, *, ranks: int, accum: int, guard: str, last: bool) -> dict | None:
+    """A launch's injected non-finite loss (TRAIN_NAN_AT), or None: NaN pixels on one rank for a
+    whole step or one micro batch of it, at a fraction `at` of the launch's steps. With --nan_guard
+    skip the step is skipped (a whole step) or trains on the other micro batches; with stop the
+    launch ends there (exit 4, nothing saved) and the next goes on from the newest checkpoint, so
+    only a launch that has a next one crashes."""
+    if rng.random() >= 0.3 or (guard == "stop" and last):
+        return None
+    return {"rank": rng.randrange(ranks), "micro": rng.randint(1, accum) if rng.random() < 0.5 else None,
+            "at": rng.random()}
+
+
+def nan_spec(fault: dict, step: int) -> str:
+    """TRAIN_NAN_AT for `fault` at `step`: "RANK:STEP" (every micro batch) or "RANK:STEP.MICRO"."""
+    return f"{fault['rank']}:{step}" + (f".{fault['micro']}" if fault["micro"] else "")
+
+
+def skips_step(fault: dict, accum: int) -> bool:
+    """Whether `fault` leaves no finite micro batch in its step (--nan_guard skip skips it)."""
+    return fault["micro"] is None or accum == 1
 
 
 def final_epochs(settings: dict) -> float:
@@ -130,47 +169,82 @@ def flags(settings: dict) -> list[str]:
 
 def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) -> dict:
     """Runs the trial's launches in `trial_dir`; returns the settings with the stops, the planned
-    steps and the rules broken ("problems"), or with "failed" (a launch's exit and output tail)."""
+    steps, the steps a NaN skipped or crashed, and the rules broken ("problems"), or with "failed"
+    (a launch's exit and output tail)."""
     shutil.rmtree(trial_dir, ignore_errors=True)
     common = ["--data", str(data / "digits"), "--model_config", str(data / f"{settings['model']}.json"),
               "--processor", str(data / "processor"), "--output_dir", str(trial_dir),
               "--precision", settings["precision"], "--ds_config", f"ds_configs/{settings['zero']}.json",
               "--epochs", str(settings["epochs"]), "--nan_guard", settings["nan_guard"], "--record_keys",
               "--log_steps", "1", *flags(settings)]
-    result, stops, planned = dict(settings), [], 0
+    result, stops, planned, start, nans, branches = dict(settings), [], 0, 0, [], []
+    last = len(settings["launches"]) - 1
+    crashes = [fault is not None and settings["nan_guard"] == "stop" for fault in settings.get("nan", [None] * (last + 1))]
+    result["preempt"] = [p and not crash for p, crash in zip(settings["preempt"], crashes)]  # a NaN stops it first
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum), *settings["changes"][n]]
-        args += ["--resume", "auto"] if n else []
-        preempt_at = None
-        if n < len(settings["launches"]) - 1:  # stop within the next epoch and a half of this launch
-            stop = (stops[-1] if stops else 0) + rng.randint(1, max(1, (TRAIN // ranks // micro // accum) * 3 // 2))
-            if settings["preempt"][n]:
+        complete = complete_checkpoints(trial_dir / "checkpoints")[0]
+        if n and (pick := settings.get("branch", [None] * (last + 1))[n]) is not None and len(complete) > 1:
+            back = complete[int(pick * (len(complete) - 1))]  # an older checkpoint than the newest: a branch
+            start = checkpoint_info(back)["step"]
+            stops = [s for s in stops if s <= start]  # the line past it is set aside, with its NaNs
+            nans = [nan for nan in nans if nan["step"] <= start or nan.get("crash")]
+            branches.append({"launch": n + 1, "from": start, "present": [checkpoint_info(p)["step"] for p in complete
+                                                                         if checkpoint_info(p)["step"] <= start]})
+            args += ["--resume", str(back)]
+        else:
+            args += ["--resume", "auto"] if n else []
+        fault, crash = settings.get("nan", [None] * (last + 1))[n], crashes[n]
+        per_epoch = max(1, TRAIN // ranks // micro // accum)
+        preempt_at = stop = None
+        if n < last:  # stop within the next epoch and a half of this launch
+            stop = start + rng.randint(1, max(1, per_epoch * 3 // 2))
+            if result["preempt"][n]:
                 preempt_at = stop
-            else:
+            elif not crash:  # (a crash stops it at a NaN there instead)
                 stops.append(stop)
                 args += ["--max_steps", str(stop)]
+        env = {}
+        if fault is not None:  # at `stop` for a crash, else at a fraction of the launch's steps
+            nan_at = stop if crash else start + 1 + int(fault["at"] * ((stop or start + per_epoch * 3 // 2) - start))
+            env["TRAIN_NAN_AT"] = nan_spec(fault, nan_at)
         code, output = launch(args, ranks=ranks, nodes=nodes, logs=trial_dir.parent / f"{trial_dir.name}.launch{n + 1}",
-                              preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl")
+                              preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl", env=env)
         planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
+        ended = "\ntrain: done, " in output  # (exit -15 when its runner caught a SIGTERM on the way out)
+        if crash and not ended:
+            if code != 4 or not re.search(rf"not finite on some rank (at step|between steps \d+ and) {nan_at}\b", output):
+                return {**result, "stops": stops, "failed": f"launch {n + 1}: a NaN loss at step {nan_at} with "
+                        f"--nan_guard stop should stop it there (exit 4); exit {code}: {output[-3000:]}"}
+            complete = complete_checkpoints(trial_dir / "checkpoints")[0]
+            start = checkpoint_info(complete[-1])["step"] if complete else 0  # where --resume auto goes on
+            told = f"the newest complete checkpoint, {complete[-1]}, is intact" if complete else "no checkpoint was saved"
+            nans.append({"step": nan_at, "launch": n + 1, "crash": True, "resumed": start, "told": told in output})
+            continue
+        if fault is not None and nan_at <= last_step(trial_dir / "metrics.jsonl"):  # the launch reached it
+            nans.append({"step": nan_at, "launch": n + 1, "skipped": skips_step(fault, accum)})
         if preempt_at is not None and (stopped := re.search(r"every rank stopped after step (\d+); saved", output)):
             stops.append(int(stopped.group(1)))
-        elif preempt_at is not None and "\ntrain: done, " in output:  # the run ended before the signal came (its
+        elif (preempt_at is not None or crash) and ended:  # the run ended before the signal or the NaN came (its
             result["launches"] = settings["launches"][:n + 1]  # runner may have caught it on the way out): the
-            result["preempt"] = settings["preempt"][:n]  # launches after it have nothing to train
+            result["preempt"] = result["preempt"][:n]  # launches after it have nothing to train
             break
         elif code != 0:
             return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {code}: {output[-3000:]}"}
+        start = stops[-1] if n < last else start
+    result["nans"], result["branches"] = nans, branches
     return {**result, "stops": stops, "steps": planned,
             "problems": check(trial_dir, result, stops, planned, output=output)}
 
 
 def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: int | None = None,
-           metrics: Path | None = None) -> tuple[int, str]:
+           metrics: Path | None = None, env: dict | None = None) -> tuple[int, str]:
     """The trainer on `ranks` ranks: one process, one launcher, or `nodes` launchers as nodes of
     this machine (a hostfile, `--no_ssh --node_rank K`) sharing the output dir. With `preempt_at`,
     SIGTERM to every process of the job, as a scheduler preempts it, once `metrics` logs that step.
-    Returns the worst exit code and the output (node 0's first), kept in `logs`.node{K}.log."""
-    main, env, port = str(ROOT / "train" / "main.py"), {**os.environ, "WANDB_MODE": "disabled"}, str(free_port())
+    `env` adds to the environment. Returns the worst exit code and the output (node 0's first), kept
+    in `logs`.node{K}.log."""
+    main, env, port = str(ROOT / "train" / "main.py"), {**os.environ, "WANDB_MODE": "disabled", **(env or {})}, str(free_port())
     if ranks == 1:
         commands = [[sys.executable, main]]
     elif nodes == 1:
@@ -251,6 +325,7 @@ def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: 
     if [s for s in due if s not in at] or [s for s in at if s not in due and s not in stops]:
         problems.append(f"evals at steps {at}, due at {due}" if every else f"evals at steps {at}, epochs end at {ends}")
     problems += checkpoint_problems(out, settings, steps=steps, stops=stops, evals=evals, due=due, output=output)
+    problems += nan_problems(rows, settings.get("nans", []))
     final = json.loads((out / "eval_results.json").read_text()) if (out / "eval_results.json").is_file() else {}
     if evals and (final.get("step"), final.get("samples")) != (steps[-1], VAL):
         problems.append(f"eval_results.json: step {final.get('step')}, {final.get('samples')} samples; the run "
@@ -278,13 +353,37 @@ def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: 
     return problems
 
 
+def nan_problems(rows: list[dict], nans: list[dict]) -> list[str]:
+    """The rules about injected NaN losses the metrics `rows` broke: every logged value is finite;
+    the steps logged without a train/loss are those --nan_guard skip skipped (a NaN in each of
+    their micro batches), and train/skipped_steps counts them; a launch that a NaN stopped
+    (--nan_guard stop) had saved no checkpoint at or after it, and named the one to go on from."""
+    problems = [f"{key} = {value} at step {row['step']}" for row in rows for key, value in row.items()
+                if not math.isfinite(value)]
+    train = [row for row in rows if "train/epoch" in row]
+    lossless = [row["step"] for row in train if "train/loss" not in row]
+    skipped = sorted(nan["step"] for nan in nans if nan.get("skipped"))
+    if lossless != skipped:
+        problems.append(f"steps logged without a train/loss {lossless}, NaN-skipped steps {skipped}")
+    if train and train[-1].get("train/skipped_steps") != len(skipped):
+        problems.append(f"train/skipped_steps {train[-1].get('train/skipped_steps')} at the end, {len(skipped)} skipped")
+    for nan in (nan for nan in nans if nan.get("crash")):
+        if nan["resumed"] >= nan["step"]:
+            problems.append(f"the NaN at step {nan['step']} stopped the run, yet a checkpoint at step {nan['resumed']} "
+                            f"was left")
+        if not nan["told"]:
+            problems.append(f"the NaN stop at step {nan['step']} did not name the checkpoint to go on from")
+    return problems
+
+
 def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: list[int], evals: list[dict],
                         due: list[int], output: str | None) -> list[str]:
     """The rules about checkpoints the run in `out` broke: the checkpoints left are the newest
     `--save_total_limit` of those saved (at the save cadence, at each launch's stop, at the last
-    step, and with --save_steps and --export best at each new best eval) plus the best by eval
-    top-1 among them, all complete; the export (from the last launch's `output`) is the best
-    eval's checkpoint (the newest among equals), or with --export last the last step's."""
+    step, and with --save_steps and --export best at each new best eval; after a branch, those it
+    found at or before its step and those saved past it) plus the best by eval top-1 among them,
+    all complete; the export (from the last launch's `output`) is the best eval's checkpoint among
+    them (the newest among equals), or with --export last the last step's."""
     top1 = {r["step"]: r["eval/top1"] for r in evals}
     if every := settings.get("save_steps"):
         saved, best = {s for s in steps if s % every == 0}, None
@@ -294,6 +393,8 @@ def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: l
     else:
         saved = set(due)  # the eval cadence
     saved = sorted(saved | set(stops) | {steps[-1]})
+    if branch := (settings.get("branches") or [None])[-1]:  # what the last branch found at or before its
+        saved = [s for s in saved if s > branch["from"] or s in branch["present"]]  # step (the rest was pruned)
     scored = [(top1[s], s) for s in saved if s in top1]
     kept = set(saved[-settings.get("keep", 2):]) | ({max(scored)[1]} if scored else set())
     complete, partial = complete_checkpoints(out / "checkpoints")
@@ -305,14 +406,21 @@ def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: l
         return problems
     if settings.get("export", "best") == "last":
         want, why = steps[-1], "the last"
-    elif evals:
-        want, why = max((r["eval/top1"], r["step"]) for r in evals)[1], "the best by eval top-1"
+    elif scored:  # (the best eval, unless a branch found its checkpoint pruned)
+        want, why = max(scored)[1], "the best by eval top-1"
     else:
         return problems
     exported = re.search(r"\(from step-(\d+), ([^)]+)\)", output)
     if not exported or (int(exported.group(1)), exported.group(2)) != (want, why):
         problems.append(f"exported {exported.group(0) if exported else 'nothing'}, expected step {want} ({why})")
     return problems
+
+
+def nan_shown(result: dict) -> str:
+    """The trial's NaN faults for its report line: where each came and what it did."""
+    what = [f"{nan['step']} " + ("stopped it" if nan.get("crash") else "skipped" if nan["skipped"] else "one micro batch")
+            for nan in result.get("nans", [])]
+    return f"; NaN at {', '.join(what)}" if what else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,14 +442,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = draw(rng, precision=args.precision, max_ranks=gpus or 4, split=not gpus, preempt=args.preempt)
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
-        launches = " -> ".join(f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + f" [{' '.join(c)}]" * bool(c) + " (SIGTERM)" * p
-                               for (r, m, a), k, p, c in zip(result["launches"], settings["nodes"],
-                                                             result["preempt"] + [False], settings["changes"]))
+        back = {b["launch"]: f"(from step {b['from']}) " for b in result.get("branches", [])}
+        launches = " -> ".join(back.get(n, "") + f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + f" [{' '.join(c)}]" * bool(c)
+                               + " (SIGTERM)" * p for n, ((r, m, a), k, p, c)
+                               in enumerate(zip(result["launches"], settings["nodes"], result["preempt"] + [False],
+                                                settings["changes"]), start=1))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
                    f"--epochs {settings['epochs']} {' '.join(flags(settings))} ranks x micro x accum "
-                   f"{launches} (stops at {result['stops']}): {verdict}")
+                   f"{launches} (stops at {result['stops']}{nan_shown(result)}): {verdict}")
         (args.json or args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     broken = [r for r in report if r.get("problems") or "failed" in r]
     print(f"soak: {len(report) - len(broken)} of {len(report)} trials held every rule; report in "

@@ -156,14 +156,12 @@ def run_training(args: TrainArgs) -> int:
     except BaseException as e:
         peers.stop_all(1, f"rank {rank} failed in setup: {type(e).__name__}: {e}")
         raise
-    kept = ("nothing was trained" if args.eval_only else "nothing was saved (--save_steps 0)" if not run.save_steps else
-            f"the complete checkpoints in {run.checkpoints} are intact (--resume auto goes on from the newest)")
     try:
         result = work(run)
     except (NonFiniteLoss, CheckpointError) as e:  # agreed by every rank (a save refuses non-finite weights)
         peers.close()
         if rank == 0:
-            print(f"train: stopped: {e}\ntrain: {kept}", file=sys.stderr)
+            print(f"train: stopped: {e}\ntrain: {_kept(run)}", file=sys.stderr)
         return 4
     except Preempted as e:  # agreed by every rank
         peers.close()
@@ -177,7 +175,7 @@ def run_training(args: TrainArgs) -> int:
     except (DataError, PipelineError) as e:  # only the rank that read the batch knows: it stops the others
         code, what = (3, "data error") if isinstance(e, DataError) else (5, "input pipeline error")
         when = "during the eval" if args.eval_only else f"at step {run.doing}"
-        print(f"train: rank {rank}: {what} {when}: {e}\ntrain: {kept}", file=sys.stderr, flush=True)
+        print(f"train: rank {rank}: {what} {when}: {e}\ntrain: {_kept(run)}", file=sys.stderr, flush=True)
         peers.stop_all(code, f"rank {rank} had a {what} {when} (its message says which)")
         return code
     except BaseException as e:
@@ -190,6 +188,18 @@ def run_training(args: TrainArgs) -> int:
         print(result)
     dist.barrier()
     return 0
+
+
+def _kept(run: Run) -> str:
+    """What a run that failed leaves to go on from."""
+    if run.args.eval_only:
+        return "nothing was trained"
+    if not run.save_steps:
+        return "nothing was saved (--save_steps 0)"
+    complete, _ = complete_checkpoints(run.checkpoints)
+    if not complete:
+        return f"no checkpoint was saved in {run.checkpoints} (--resume auto starts over)"
+    return f"the newest complete checkpoint, {complete[-1]}, is intact (--resume auto goes on from it)"
 
 
 # --- setup: everything checked before any work ------------------------------------------------
@@ -1028,9 +1038,10 @@ def check_losses(run: Run) -> None:
         return
     dist.all_reduce(run.unchecked)
     if run.unchecked.item():
-        raise NonFiniteLoss(f"the train loss was not finite on some rank between steps {run.checked_step + 1} "
-                            f"and {run.step} (--nan_guard stop); lower --lr or check the data; --nan_guard "
-                            f"skip steps over such batches")
+        when = (f"at step {run.step}" if run.checked_step + 1 == run.step else
+                f"between steps {run.checked_step + 1} and {run.step}")
+        raise NonFiniteLoss(f"the train loss was not finite on some rank {when} (--nan_guard stop); lower --lr or "
+                            f"check the data; --nan_guard skip steps over such batches")
     run.unchecked, run.checked_step = None, run.step
 
 
