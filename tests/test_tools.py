@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -105,9 +106,9 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
 def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks as two
     nodes of this machine go on with RandAugment to 2 epochs of 1,618 digits, evaluating every 13
-    steps and saving every 7, and a NaN on rank 0 at step 100 skips that step): every rule holds,
-    and its checks can fail."""
-    from soak import check, final_epochs
+    steps and saving every 7, and a NaN on rank 1 at step 100 skips that step; its export evaluated
+    on 3 ranks in batches of 7): every rule holds, and its checks can fail."""
+    from soak import check, export_eval_problems, final_epochs
 
     from train.checkpoint import complete_checkpoints
 
@@ -120,7 +121,7 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     assert (result["eval_steps"], result["save_steps"], result["keep"], result["export"]) == (13, 7, 2, "best")
     assert final_epochs(result) == 2.0 and final_epochs({**result, "changes": [[], ["--epochs", "2.5"]]}) == 2.5
     assert len(result["stops"]) == 1 and result["problems"] == []
-    assert result["nans"] == [{"step": 100, "launch": 2, "skipped": True}]
+    assert result["nans"] == [{"step": 100, "launch": 2, "skipped": True}] and result["eval_only"] == [3, 7]
     output = (tmp_path / "trial-13-0.launch2.node0.log").read_text()
     assert "train: 2 rank(s)" in output
     trial = tmp_path / "trial-13-0"
@@ -147,3 +148,15 @@ def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     assert len(kept) >= 2
     shutil.rmtree(kept[-1])
     assert any(p.startswith("checkpoints left at steps") for p in check(trial, result, result["stops"], result["steps"]))
+    # --eval_only of the export: a prediction lost, and another top-1 than the run's eval of its step
+    step = int(re.search(r"\(from step-(\d+), ", output).group(1))
+    assert export_eval_problems(trial, step=step, ranks=3) == []
+    predictions = trial / "eval_only" / "predictions.jsonl"
+    predictions.write_text("".join(predictions.read_text().splitlines(keepends=True)[1:]))
+    rows = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update({"eval/top1": row["eval/top1"] / 2} if row["step"] == step and "eval/top1" in row else {})
+    (trial / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    problems = export_eval_problems(trial, step=step, ranks=3)
+    assert problems[0] == "--eval_only on 3 rank(s): 179 samples, 178 predictions, 178 keys, of 179"
+    assert problems[1].startswith(f"--eval_only of the export (step {step}) on 3 rank(s): top-1 ")

@@ -35,6 +35,8 @@ keys (the line the last launch continued):
 - the export is the checkpoint of the best eval among them (the newest among equals), across
   launches, or with `--export last` the last step's, and eval_results.json is the last step's eval
   of every val sample;
+- `--eval_only` of the export, on 1-4 ranks and another eval batch size, counts every val sample
+  once and finds the top-1 that the run's eval of that step found;
 - every logged value is finite; the steps logged without a train/loss are the NaN-skipped ones, and
   train/skipped_steps counts them; a NaN stop left no checkpoint at or after its step and named
   the one to go on from.
@@ -127,6 +129,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     branches = random.Random(json.dumps(settings, sort_keys=True))  # and branches: where a resumed launch
     settings["branch"] = [None] + [branches.random() if branches.random() < 0.25 else None  # goes back to
                                    for _ in launches[1:]]  # (a fraction of the older checkpoints)
+    last = random.Random(json.dumps(settings, sort_keys=True))  # and --eval_only of the export at the end
+    settings["eval_only"] = [last.randint(1, max_ranks), last.choice([None, 7, 16])]  # ranks, --eval_batch_size
     return settings
 
 
@@ -233,8 +237,42 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             return {**result, "stops": stops, "failed": f"launch {n + 1}: exit {code}: {output[-3000:]}"}
         start = stops[-1] if n < last else start
     result["nans"], result["branches"] = nans, branches
-    return {**result, "stops": stops, "steps": planned,
-            "problems": check(trial_dir, result, stops, planned, output=output)}
+    problems = check(trial_dir, result, stops, planned, output=output)
+    if (exported := re.search(r"\(from step-(\d+), ", output)) and settings.get("eval_only"):
+        problems += eval_only_problems(trial_dir, settings, step=int(exported.group(1)), data=data)
+    return {**result, "stops": stops, "steps": planned, "problems": problems}
+
+
+def eval_only_problems(out: Path, settings: dict, *, step: int, data: Path) -> list[str]:
+    """--eval_only of the run's export (from checkpoint `step`) on the trial's eval ranks and batch
+    size: it must count every val sample once and find the top-1 the run's eval at `step` found
+    (the same weights, BatchNorm statistics and pixels, whatever the ranks or the batch)."""
+    ranks, batch = settings["eval_only"]
+    recipe = settings.get("recipe", [])
+    args = ["--eval_only", "--model", str(out / "model"), "--data", str(data / "digits"), "--output_dir",
+            str(out / "eval_only"), "--precision", settings["precision"]] + ["--channels_last"] * ("--channels_last" in recipe)
+    args += ["--eval_resize", recipe[recipe.index("--eval_resize") + 1]] if "--eval_resize" in recipe else []
+    args += ["--eval_batch_size", str(batch)] if batch else []
+    code, output = launch(args, ranks=ranks, nodes=1, logs=out.parent / f"{out.name}.eval_only")
+    if code != 0:
+        return [f"--eval_only of the export on {ranks} rank(s): exit {code}: {output[-1500:]}"]
+    return export_eval_problems(out, step=step, ranks=ranks)
+
+
+def export_eval_problems(out: Path, *, step: int, ranks: int) -> list[str]:
+    """eval_only_problems' rules, on the files its --eval_only wrote in OUT/eval_only."""
+    results = json.loads((out / "eval_only" / "eval_results.json").read_text())
+    keys = [json.loads(line)["key"] for line in (out / "eval_only" / "predictions.jsonl").read_text().splitlines()]
+    trained = {r["step"]: r["eval/top1"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "eval/top1" in r}
+    problems = []
+    if (results["samples"], len(keys), len(set(keys))) != (VAL, VAL, VAL):
+        problems.append(f"--eval_only on {ranks} rank(s): {results['samples']} samples, {len(keys)} predictions, "
+                        f"{len(set(keys))} keys, of {VAL}")
+    if step in trained and results["top1"] != trained[step]:
+        problems.append(f"--eval_only of the export (step {step}) on {ranks} rank(s): top-1 {results['top1']:.4f}, "
+                        f"the run's eval at step {step}: {trained[step]:.4f}")
+    return problems
 
 
 def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: int | None = None,
