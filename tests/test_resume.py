@@ -260,9 +260,11 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
     branch = resume_args(files, out) + ["--resume", str(step4), "--lr", "3e-3", "--weight_decay", "0.1",
                                         "--color_jitter", "0.3", "--save_steps", "5", "--eval_steps", "5"]
     branch[branch.index("--max_steps") + 1] = "10"
+    branch[branch.index("--ds_config") + 1] = "ds_configs/zero1.json"  # ZeRO-1 reads ZeRO-2's checkpoint
     done = train(branch)
-    assert ("this run's settings apply from step 5: steps 8 -> 10; lr 0.001 -> 0.003; weight_decay 0.05 -> 0.1; "
-            "color_jitter 0.0 -> 0.3 (the augmentation's random state starts afresh)") in done.stdout
+    assert ("this run's settings apply from step 5: zero_stage 2 -> 1; steps 8 -> 10; lr 0.001 -> 0.003; "
+            "weight_decay 0.05 -> 0.1; color_jitter 0.0 -> 0.3 (the augmentation's random state starts afresh)"
+            ) in done.stdout
     abandoned = next((out / "abandoned").iterdir())
     assert (f"moved 2 checkpoint(s) this run does not continue (step-00000006, step-00000008; it goes on from "
             f"{step4}), their metrics and export to {abandoned}") in done.stdout
@@ -312,7 +314,7 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
     refused = train(other, check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
     for expected in ("saved by a fp32 run, this one is bf16; resume with --precision fp32",
-                     "saved under ZeRO-2, this run's --ds_config has ZeRO-3; resume with a ZeRO-2 config",
+                     "saved under ZeRO-1, this run's --ds_config has ZeRO-3; resume with a ZeRO-1 config",
                      "saved with the optimizer AdamW, this run's --ds_config has Adam; resume with AdamW",
                      "saved at step 10, past this run's last step 8; the steps count from the start of the run "
                      "(--max_steps 18 trains 8 more)"):

@@ -336,6 +336,36 @@ def test_mixup_and_cutmix_targets_follow_the_mixed_pixels():
     assert mix_batch(pixels, labels, num_classes=5, mixup_alpha=0, cutmix_alpha=0, rng=rng)[1] is labels
 
 
+def test_a_resume_lists_a_zero_config_change_its_checkpoint_can_follow_and_refuses_the_others():
+    """ZeRO-1 <-> 2 (one checkpoint format) and CPU offload on or off are changes the banner lists;
+    another stage than the checkpoint's (3 has its own format) is refused."""
+    from train.args import TrainArgs
+    from train.config import resolve_batch
+    from train.resume import recipe_changes, training_recipe
+
+    def recipe(name: str) -> dict:
+        raw = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+        config = resolve_batch(raw, TrainArgs(micro_batch_size=8), world_size=2, problems=[])
+        return training_recipe(TrainArgs(), config, world_size=2, precision="fp32", total_steps=10, warmup_steps=0)
+
+    def changes(saved: str, now: str) -> tuple[list[str], list[str]]:
+        problems: list[str] = []
+        return recipe_changes({"step": 4, "recipe": recipe(saved)}, recipe(now), path=Path("ckpt"),
+                              problems=problems), problems
+
+    assert recipe("zero3_offload")["offload"] == "optimizer to cpu, param to cpu" and recipe("zero3")["offload"] == "none"
+    assert changes("zero2", "zero2") == ([], [])
+    assert changes("zero2", "zero1") == (["zero_stage 2 -> 1"], [])
+    assert changes("zero3", "zero3_offload") == (["offload none -> optimizer to cpu, param to cpu"], [])
+    assert changes("zero3_offload", "zero3") == (["offload optimizer to cpu, param to cpu -> none"], [])
+    listed, problems = changes("zero2", "zero3")
+    assert len(problems) == 1 and problems[0].startswith("--resume ckpt: saved under ZeRO-2, this run's --ds_config "
+                                                         "has ZeRO-3; resume with a ZeRO-2 config")
+    # a checkpoint from before the offload was recorded compares what it has
+    old = {key: value for key, value in recipe("zero3").items() if key != "offload"}
+    assert recipe_changes({"step": 4, "recipe": old}, recipe("zero3_offload"), path=Path("ckpt"), problems=[]) == []
+
+
 def test_deepspeed_config_auto_values_and_conflicts():
     import torch
     from train.args import TrainArgs

@@ -11,7 +11,8 @@ cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the c
 smoothing, schedule, warmup, clipping, the eval resize, channels-last), in one to three
 launches: each but the last stops at a random `--max_steps`, and the next goes on with `--resume
 auto` on other ranks, nodes, micro batch or accumulation, some with a new `--lr` or augmentation
-(as a user changes them after a loss spike) or more `--epochs` (with `--preempt`, some launches are
+(as a user changes them after a loss spike), more `--epochs`, or the ZeRO config that reads the same
+checkpoint (ZeRO-1 <-> 2, ZeRO-3 with CPU offload on or off) (with `--preempt`, some launches are
 instead stopped by SIGTERM to every process of the job once a random step is logged, as a
 scheduler preempts a job: the stop then falls where the ranks agree, so such trials do not repeat
 exactly). Some launches get NaN pixels on one rank (TRAIN_NAN_AT) for a whole step or one micro
@@ -131,7 +132,21 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
                                    for _ in launches[1:]]  # (a fraction of the older checkpoints)
     last = random.Random(json.dumps(settings, sort_keys=True))  # and --eval_only of the export at the end
     settings["eval_only"] = [last.randint(1, max_ranks), last.choice([None, 7, 16])]  # ranks, --eval_batch_size
-    return settings
+    switch = random.Random(json.dumps(settings, sort_keys=True))  # and a resumed launch (and those after it)
+    settings["zero_switch"] = [False] + [switch.random() < 0.2 for _ in launches[1:]]  # on the config that
+    return settings  # shares the checkpoint format: ZeRO-1 <-> 2, ZeRO-3 <-> 3 with CPU offload
+
+
+SIBLING = {"zero1": "zero2", "zero2": "zero1", "zero3": "zero3_offload", "zero3_offload": "zero3"}
+
+
+def zero_configs(settings: dict) -> list[str]:
+    """The ZeRO config of each launch: the trial's, switched to its sibling (SIBLING) where drawn."""
+    configs, zero = [], settings["zero"]
+    for switch in settings.get("zero_switch", [False] * len(settings["launches"])):
+        zero = SIBLING[zero] if switch else zero
+        configs.append(zero)
+    return configs
 
 
 def nan_fault(rng: random.Random, *, ranks: int, accum: int, guard: str, last: bool) -> dict | None:
@@ -178,7 +193,7 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
     shutil.rmtree(trial_dir, ignore_errors=True)
     common = ["--data", str(data / "digits"), "--model_config", str(data / f"{settings['model']}.json"),
               "--processor", str(data / "processor"), "--output_dir", str(trial_dir),
-              "--precision", settings["precision"], "--ds_config", f"ds_configs/{settings['zero']}.json",
+              "--precision", settings["precision"],
               "--epochs", str(settings["epochs"]), "--nan_guard", settings["nan_guard"], "--record_keys",
               "--log_steps", "1", *flags(settings)]
     result, stops, planned, start, nans, branches = dict(settings), [], 0, 0, [], []
@@ -186,7 +201,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
     crashes = [fault is not None and settings["nan_guard"] == "stop" for fault in settings.get("nan", [None] * (last + 1))]
     result["preempt"] = [p and not crash for p, crash in zip(settings["preempt"], crashes)]  # a NaN stops it first
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
-        args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum), *settings["changes"][n]]
+        args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum), *settings["changes"][n],
+                "--ds_config", f"ds_configs/{zero_configs(settings)[n]}.json"]
         complete = complete_checkpoints(trial_dir / "checkpoints")[0]
         if n and (pick := settings.get("branch", [None] * (last + 1))[n]) is not None and len(complete) > 1:
             back = complete[int(pick * (len(complete) - 1))]  # an older checkpoint than the newest: a branch
@@ -481,10 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
         back = {b["launch"]: f"(from step {b['from']}) " for b in result.get("branches", [])}
+        changes = [c + [z] * bool(switch) for c, z, switch
+                   in zip(settings["changes"], zero_configs(settings), settings["zero_switch"])]
         launches = " -> ".join(back.get(n, "") + f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + f" [{' '.join(c)}]" * bool(c)
                                + " (SIGTERM)" * p for n, ((r, m, a), k, p, c)
                                in enumerate(zip(result["launches"], settings["nodes"], result["preempt"] + [False],
-                                                settings["changes"]), start=1))
+                                                changes), start=1))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "

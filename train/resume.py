@@ -3,8 +3,8 @@
 Kept, else a configuration error that says what to pass: the seed and the train shards (each
 epoch's order), the precision, the ZeRO stage (1 and 2 share DeepSpeed's checkpoint format; 3 has
 its own) and the optimizer (DeepSpeed fails deep inside its loader on any of these). Everything
-else in `training_recipe` may change: this run's values apply from its first step and the banner
-lists them (DeepSpeed alone would restore the saved learning rate and weight decay, silently
+else in `training_recipe` may change (ZeRO-1 <-> 2, CPU offload on or off included): this run's
+values apply from its first step and the banner lists them (DeepSpeed alone would restore the saved learning rate and weight decay, silently
 ignoring new ones). Another number of ranks or another micro batch goes on with the samples of the
 epoch that no rank has read yet, split afresh (`pipelines.loader.resplit`), and with DeepSpeed's
 optimizer state partitioned anew (`train.checkpoint.universal_checkpoint`).
@@ -42,7 +42,10 @@ def training_recipe(args: TrainArgs, ds_config: dict, *, world_size: int, precis
     where it sets them), saved with every checkpoint."""
     optimizer, zero = ds_config.get("optimizer", {}), ds_config.get("zero_optimization", {})
     schedule = ds_config["scheduler"]["type"] if "scheduler" in ds_config else args.lr_scheduler
-    return {"precision": precision, "zero_stage": zero.get("stage", 0), "optimizer": optimizer.get("type"),
+    offload = [f"{part} to {device}" for part in ("optimizer", "param")
+               if (device := zero.get(f"offload_{part}", {}).get("device", "none")) != "none"]
+    return {"precision": precision, "zero_stage": zero.get("stage", 0), "offload": ", ".join(offload) or "none",
+            "optimizer": optimizer.get("type"),
             "ranks": world_size, "micro_batch_size": ds_config.get("train_micro_batch_size_per_gpu"),
             "grad_accum": ds_config["gradient_accumulation_steps"], "steps": total_steps,
             "warmup_steps": warmup_steps, "lr_scheduler": schedule,
@@ -125,7 +128,8 @@ def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: li
     if saved["optimizer"] != recipe["optimizer"]:
         problems.append(f"--resume {path}: saved with the optimizer {saved['optimizer']}, this run's --ds_config has "
                         f"{recipe['optimizer']}; resume with {saved['optimizer']}, {restart_hint(path)}")
-    changed = [key for key, value in recipe.items() if key not in KEPT and key in saved and saved[key] != value]
+    changed = [key for key, value in recipe.items()  # (a ZeRO stage that changed and is not a problem: 1 <-> 2)
+               if (key not in KEPT or key == "zero_stage") and key in saved and saved[key] != value]
     notes = {([key for key in changed if key in group] or [None])[-1]: note for group, note in (
         (AUGMENTATION, "the augmentation's random state starts afresh"),
         (GROUPING, "the samples of the epoch that no rank has read yet are split afresh"))}
