@@ -207,7 +207,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
         if n and (pick := settings.get("branch", [None] * (last + 1))[n]) is not None and len(complete) > 1:
             back = complete[int(pick * (len(complete) - 1))]  # an older checkpoint than the newest: a branch
             start = checkpoint_info(back)["step"]
-            stops = [s for s in stops if s <= start]  # the line past it is set aside, with its NaNs
+            stops = [s for s in stops if s < start] + [start]  # the line goes on from there (a stop of
+            # the line: a --max_steps stop past --epochs may have trained it); past it, set aside with its NaNs
             nans = [nan for nan in nans if nan["step"] <= start or nan.get("crash")]
             branches.append({"launch": n + 1, "from": start, "present": [checkpoint_info(p)["step"] for p in complete
                                                                          if checkpoint_info(p)["step"] <= start]})
