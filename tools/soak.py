@@ -198,7 +198,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
               "--log_steps", "1", *flags(settings)]
     result, stops, planned, start, nans, branches = dict(settings), [], 0, 0, [], []
     last = len(settings["launches"]) - 1
-    crashes = [fault is not None and settings["nan_guard"] == "stop" for fault in settings.get("nan", [None] * (last + 1))]
+    faults = settings.get("nan", [None] * (last + 1))
+    crashes = [fault is not None and settings["nan_guard"] == "stop" for fault in faults]
     result["preempt"] = [p and not crash for p, crash in zip(settings["preempt"], crashes)]  # a NaN stops it first
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum), *settings["changes"][n],
@@ -210,12 +211,12 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             stops = [s for s in stops if s < start] + [start]  # the line goes on from there (a stop of
             # the line: a --max_steps stop past --epochs may have trained it); past it, set aside with its NaNs
             nans = [nan for nan in nans if nan["step"] <= start or nan.get("crash")]
-            branches.append({"launch": n + 1, "from": start, "present": [checkpoint_info(p)["step"] for p in complete
-                                                                         if checkpoint_info(p)["step"] <= start]})
+            found = [checkpoint_info(p)["step"] for p in complete]
+            branches.append({"launch": n + 1, "from": start, "present": [s for s in found if s <= start]})
             args += ["--resume", str(back)]
         else:
             args += ["--resume", "auto"] if n else []
-        fault, crash = settings.get("nan", [None] * (last + 1))[n], crashes[n]
+        fault, crash = faults[n], crashes[n]
         per_epoch = max(1, TRAIN // ranks // micro // accum)
         preempt_at = stop = None
         if n < last:  # stop within the next epoch and a half of this launch

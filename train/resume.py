@@ -23,7 +23,7 @@ from train.args import TrainArgs
 from train.checkpoint import checkpoint_info
 
 AUGMENTATION = ("crop_scale", "hflip", "color_jitter", "auto_augment")  # the DALI train graph's options
-KEPT = ("precision", "zero_stage", "optimizer")
+KEPT = ("precision", "optimizer")  # never change; the ZeRO stage only between 1 and 2 (recipe_changes)
 GROUPING = ("ranks", "micro_batch_size")  # how an epoch's samples are dealt out
 
 
@@ -128,8 +128,7 @@ def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: li
     if saved["optimizer"] != recipe["optimizer"]:
         problems.append(f"--resume {path}: saved with the optimizer {saved['optimizer']}, this run's --ds_config has "
                         f"{recipe['optimizer']}; resume with {saved['optimizer']}, {restart_hint(path)}")
-    changed = [key for key, value in recipe.items()  # (a ZeRO stage that changed and is not a problem: 1 <-> 2)
-               if (key not in KEPT or key == "zero_stage") and key in saved and saved[key] != value]
+    changed = [key for key, value in recipe.items() if key not in KEPT and key in saved and saved[key] != value]
     notes = {([key for key in changed if key in group] or [None])[-1]: note for group, note in (
         (AUGMENTATION, "the augmentation's random state starts afresh"),
         (GROUPING, "the samples of the epoch that no rank has read yet are split afresh"))}
