@@ -554,8 +554,8 @@ def _schedule(args: TrainArgs, ds_config: dict, *, train_loader, data: Path, don
     --epochs counts from the loader's position, not as epochs x this run's steps per epoch: the steps
     done may have taken other samples (other ranks, micro batch or accumulation, in this run or an
     earlier one); then this run's epochs end at steps = the offset modulo steps per epoch, not 0."""
-    if train_loader is None:
-        return 0, 0, 0, 0, None
+    if train_loader is None:  # another problem came first: the steps are known only when --max_steps says
+        return 0, 0, args.max_steps or None, 0, None
     accum = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:

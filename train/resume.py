@@ -108,9 +108,9 @@ def augmentation_changed(state: dict, args: TrainArgs) -> bool:
 def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: list[str]) -> list[str]:
     """`name old -> new` for each setting this run changes from those of the checkpoint whose trainer
     `state` it resumes; the ones DeepSpeed's checkpoint cannot follow are noted as problems instead,
-    and so is a checkpoint past this run's last step. Nothing to compare for a fresh run or a
-    checkpoint from before the recipe was saved."""
-    if state and state["step"] > recipe["steps"]:
+    and so is a checkpoint past this run's last step (when known: None, no loader to count an epoch).
+    Nothing to compare for a fresh run or a checkpoint from before the recipe was saved."""
+    if state and recipe["steps"] is not None and state["step"] > recipe["steps"]:
         problems.append(f"--resume {path}: saved at step {state['step']}, past this run's last step "
                         f"{recipe['steps']}; the steps count from the start of the run (--max_steps "
                         f"{state['step'] + recipe['steps']} trains {recipe['steps']} more)")
