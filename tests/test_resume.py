@@ -623,6 +623,57 @@ def test_a_rank_leaves_with_its_exit_code_while_its_peer_watch_waits_on_the_stor
     assert rank.returncode == 2 and "terminate called" not in err, err[-3000:]
 
 
+ENDING_RANK = """
+import atexit, datetime, sys, threading, time
+root, how = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+import torch.distributed as dist
+from train.distributed import exit_rank
+
+store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=1))
+# a library's daemon thread inside torch's C++ as the rank ends: its call comes back a second later
+threading.Thread(target=store.wait, args=(["never set"],), daemon=True).start()
+time.sleep(0.1)
+atexit.register(print, "atexit ran", flush=True)
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(1)  # its idle worker is not a daemon: exit tells it to stop, then joins it
+pool.submit(print, "pool ran", flush=True).result()
+
+
+class Teardown:  # what a rank tears down at exit (a model, DeepSpeed, DALI) outlasts that second
+    sleep = time.sleep
+
+    def __del__(self):
+        self.sleep(3)
+
+
+held = Teardown()
+print("the last line, not flushed yet", end="")
+(sys.exit if how == "sys.exit" else exit_rank)(2)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit_rank", "sys.exit"])
+def test_a_rank_ends_with_its_exit_code_whatever_its_daemon_threads_do(tmp_path, how):
+    """Any library's daemon thread that comes back from torch's C++ while the interpreter tears
+    down aborts the process (sys.exit: the control, exit 250 through the launcher; seen in CI for
+    an agreed config error with PeerWatch closed, twice). train/main.py ends its rank with
+    exit_rank: threads joined, atexit handlers run and output flushed as in a normal exit, then the
+    process ends with its own code, the interpreter not torn down."""
+    script = tmp_path / "ending_rank.py"
+    script.write_text(ENDING_RANK)
+    import resource
+
+    no_core = lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # noqa: E731 (the control aborts)
+    done = subprocess.run([sys.executable, str(script), str(ROOT), how], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, preexec_fn=no_core)
+    if how == "sys.exit":
+        assert done.returncode == -signal.SIGABRT and "terminate called" in done.stderr, done.stderr[-3000:]
+        return
+    assert done.returncode == 2 and "terminate called" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout == "pool ran\nthe last line, not flushed yetatexit ran\n"
+
+
 def break_sample(split_dir: Path, key: str) -> Path:
     """Overwrites the JPEG of `key` with zeros in place and records the shard's new sha256 in the
     manifest, as shards written bad from the start would be: only decoding can find it."""

@@ -8,6 +8,7 @@ locks held.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import deepspeed
 import psutil
@@ -53,6 +55,23 @@ def watch_sigterm() -> None:
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="sigterm-watch").start()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """Ends this rank with `code`, which nothing in the interpreter's teardown can change. A daemon
+    thread of any library (a store call, a DALI or W&B thread) that comes back from torch's C++
+    while the interpreter shuts down aborts the process ("terminate called without an active
+    exception": pybind11's GIL guard unwinds through pthread_exit, pytorch/pytorch#38228), and so
+    does a C++ static destroyed with its thread still running; through the launcher, a config
+    error (2) then reads 250. What a normal exit does first is done here too: other threads joined,
+    atexit handlers run (W&B, logging, temp dirs, compile workers), output flushed; then the
+    process ends without tearing the interpreter down."""
+    threading._shutdown()  # what exit runs first: thread pools told to stop, other threads joined
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _terminated(signum, frame):
@@ -104,9 +123,9 @@ class PeerWatch:
         self._leave()
 
     def _leave(self) -> None:
-        """The watcher ends, its store call in flight done first: a daemon thread that comes back from
-        torch's C++ while the interpreter shuts down aborts the process ("terminate called without an
-        active exception"), and the rank's exit code with it."""
+        """The watcher ends, its store call in flight done first (a daemon thread that comes back from
+        torch's C++ while the interpreter shuts down aborts the process; exit_rank ends a rank of
+        train/main.py without that teardown, whatever other threads are in flight)."""
         self.done.set()
         if threading.current_thread() is not self.thread:
             self.thread.join(self.LEAVE_S)

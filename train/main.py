@@ -53,7 +53,7 @@ from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoi
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
-                               watch_sigterm)
+                               exit_rank, watch_sigterm)
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
@@ -1260,4 +1260,4 @@ def _quiet_libraries(rank: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())
