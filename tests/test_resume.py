@@ -568,6 +568,31 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(fil
     assert f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact" in logs[1]
 
 
+def test_a_rank_that_fails_unexpectedly_stops_its_peers_and_the_job_exits_1(files, tmp_path):
+    """An unexpected error on one rank of 3 (a bug, a device fault; TRAIN_FAIL_AT) in step 3: the
+    rank posts it in the store, its peers stop within seconds saying why (one traceback, rank 2's)
+    instead of waiting in a collective until the backend's timeout, the job exits 1 (the rank's own code, whatever its
+    threads do at exit), and the checkpoint of step 2 is complete."""
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+            "--micro_batch_size", "4", "--save_steps", "2", "--eval_steps", "100"]
+    start = time.monotonic()
+    done = train(args, ranks=3, env={"TRAIN_FAIL_AT": "2:3"}, check=False)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "rank 2: failed at step 3 (the traceback follows)" in done.stderr, done.stderr[-3000:]
+    assert "RuntimeError: injected failure (TRAIN_FAIL_AT=2:3)" in done.stderr
+    # each peer says why it stops, whether its watcher saw the post first or its collective lost rank 2
+    for rank in (0, 1):
+        assert f"rank {rank}: stopping: rank 2 failed at step 3: RuntimeError: injected failure" in done.stderr, \
+            done.stderr[-5000:]
+    assert done.stderr.count("Traceback (most recent call last)") == 1, done.stderr[-5000:]
+    assert "terminate called" not in done.stderr
+    assert time.monotonic() - start < 120
+    checkpoints = out / "checkpoints"
+    assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
+    assert f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact" in done.stderr
+
+
 LEAVING_RANK = """
 import datetime, os, signal, sys, time
 root, server, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -96,27 +97,46 @@ class PeerWatch:
     """Stops this rank promptly when another rank failed. A rank that fails alone (a bad sample,
     an exception) leaves its peers waiting in a collective until the backend's timeout, and a
     launcher on another node never hears of it; so it posts the reason in the job's store (the
-    rendezvous every rank reaches) and every rank polls it once a second."""
+    rendezvous every rank reaches) and every rank polls it once a second. A rank that stops counts
+    itself out and waits for the others (LINGER_S at most) before it exits: every rank reads the
+    reason (rank 0 hosts the store) and cleans up before the launcher ends them all."""
 
     KEY = "dali-deepspeed-vision/stop"
+    LOST = "lost contact with rank 0 (it exited or its node went down)"
     LEAVE_S = 10.0  # how long a rank waits for the watcher's store call in flight (rank 0 answers in ms)
+    LINGER_S = 5.0  # how long a stopping rank waits for the others (each polls once a second)
 
-    def __init__(self, rank: int, store=None, poll_s: float = 1.0):
+    def __init__(self, rank: int, store=None, poll_s: float = 1.0, world: int | None = None):
         self.rank, self.done, self.poll_s = rank, threading.Event(), poll_s
+        self.world = world or (dist.get_world_size() if dist.is_initialized() else 1)
         self.store = store or dist.distributed_c10d._get_default_store()
+        self.first: dict | None = None  # the stop the first rank to fail posted, once this one reads it
+        self.stopping = False
         self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
         self.thread.start()
 
     def stop_all(self, code: int, reason: str) -> bool:
-        """Tells every other rank to stop; whether this rank was the first to fail."""
+        """Tells every other rank to stop; whether this rank was the first to fail (or cannot know).
+        When not, `first` holds the stop the first posted; when the store is gone, that contact
+        with rank 0 was lost. The rank then cleans up and `leave`s."""
         self._leave()
+        self.stopping = True
         try:
             if self.store.add(f"{self.KEY}/failed", 1) > 1:
+                self.store.wait([self.KEY], datetime.timedelta(seconds=self.LINGER_S))  # posted right after
+                self.first = json.loads(self.store.get(self.KEY))
                 return False
             self.store.set(self.KEY, json.dumps({"code": code, "reason": reason}))
         except Exception:  # the store is gone (rank 0 exited): the peers see that too
-            pass
+            self.first = {"code": 1, "reason": self.LOST}
         return True
+
+    def leave(self) -> None:
+        """After stop_all and this rank's cleanup (W&B): it counts itself out and waits until every
+        rank has (LINGER_S at most). The launcher ends every rank, and their W&B processes, as soon
+        as one exits with an error; so none exits before the others are done and have read why."""
+        if self.stopping:
+            self._count_out(wait=True)
 
     def close(self) -> None:
         """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
@@ -130,6 +150,13 @@ class PeerWatch:
         if threading.current_thread() is not self.thread:
             self.thread.join(self.LEAVE_S)
 
+    def _count_out(self, *, wait: bool) -> None:
+        with contextlib.suppress(Exception):
+            left, deadline = self.store.add(f"{self.KEY}/left", 1), time.monotonic() + self.LINGER_S
+            while wait and left < self.world and time.monotonic() < deadline:
+                time.sleep(0.05)
+                left = self.store.add(f"{self.KEY}/left", 0)
+
     def _watch(self) -> None:
         while not self.done.wait(self.poll_s):
             try:
@@ -139,8 +166,9 @@ class PeerWatch:
             except Exception:  # the store lives in rank 0's process
                 if self.done.is_set():
                     return
-                stop = {"code": 1, "reason": "lost contact with rank 0 (it exited or its node went down)"}
+                stop = {"code": 1, "reason": self.LOST}
             print(f"train: rank {self.rank}: stopping: {stop['reason']}", file=sys.stderr, flush=True)
+            self._count_out(wait=True)  # the launcher ends the others once this rank exits
             release_build_locks()  # os._exit skips every finally
             os._exit(stop["code"])
 

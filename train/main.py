@@ -154,8 +154,11 @@ def run_training(args: TrainArgs) -> int:
             print(f"train: configuration error, nothing was trained:\n{e}", file=sys.stderr)
         return 2
     except BaseException as e:
-        peers.stop_all(1, f"rank {rank} failed in setup: {type(e).__name__}: {e}")
-        raise
+        code = _failed(peers, e, rank=rank, where="in setup")
+        peers.leave()
+        if code is None:
+            raise
+        return code
     try:
         result = work(run)
     except (NonFiniteLoss, CheckpointError) as e:  # agreed by every rank (a save refuses non-finite weights)
@@ -179,15 +182,36 @@ def run_training(args: TrainArgs) -> int:
         peers.stop_all(code, f"rank {rank} had a {what} {when} (its message says which)")
         return code
     except BaseException as e:
-        peers.stop_all(1, f"rank {rank} failed at step {run.doing}: {type(e).__name__}: {e}")
-        raise
+        if (code := _failed(peers, e, rank=rank, where=f"at step {run.doing}", kept=lambda: _kept(run))) is None:
+            raise
+        return code
     finally:
         run.logger.finish()
+        peers.leave()  # after a failure: once every rank is done
     peers.close()
     if rank == 0:
         print(result)
     dist.barrier()
     return 0
+
+
+def _failed(peers: PeerWatch, error: BaseException, *, rank: int, where: str, kept=None) -> int | None:
+    """An unexpected error on this rank; None: the caller raises it (its traceback, exit 1). The
+    first rank to fail tells the others (PeerWatch) and says what is left to go on from; a rank
+    whose error came after another's failure (its collective lost that rank) stops with that
+    rank's reason and code instead of a second traceback. SIGTERM outside the training loop
+    (Terminated) and Ctrl-C go on as they are."""
+    first = peers.stop_all(1, f"rank {rank} failed {where}: {type(error).__name__}: {error}")
+    if not isinstance(error, Exception):
+        return None
+    if first and peers.first is None:
+        print(f"train: rank {rank}: failed {where} (the traceback follows)" + (f"\ntrain: {kept()}" if kept else ""),
+              file=sys.stderr, flush=True)
+        return None
+    message = (str(error).splitlines() or [""])[0][:200]
+    print(f"train: rank {rank}: stopping: {peers.first['reason']} (here then: {type(error).__name__}: {message})",
+          file=sys.stderr, flush=True)
+    return peers.first["code"]
 
 
 def _kept(run: Run) -> str:
@@ -895,6 +919,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor | None:
         pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], num_classes=len(run.classes),
                                     mixup_alpha=run.args.mixup_alpha, cutmix_alpha=run.args.cutmix_alpha,
                                     rng=run.mix_rng)
+        _inject_failure(run)
         logits = run.engine(pixel_values=_inject_nan(run, pixels, micro)).logits
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=run.args.label_smoothing)
         if not skipping or all_ranks_finite(loss):
@@ -1212,6 +1237,14 @@ def seed_streams(seed: int, *, rank: int, step: int) -> None:
 
 # --- plumbing -----------------------------------------------------------------------------------
 
+def _inject_failure(run: Run) -> None:
+    """Fault injection for tests: TRAIN_FAIL_AT="RANK:STEP" raises an unexpected error on that rank
+    in STEP (a bug, a device fault): the rank fails alone and its peers wait in a collective."""
+    spec = os.environ.get("TRAIN_FAIL_AT")
+    if spec and [int(part) for part in spec.split(":")] == [run.rank, run.step + 1]:
+        raise RuntimeError(f"injected failure (TRAIN_FAIL_AT={spec})")
+
+
 def _inject_nan(run: Run, pixels: torch.Tensor, micro: int) -> torch.Tensor:
     """Fault injection for tests: TRAIN_NAN_AT="RANK:STEP,STEP.MICRO" feeds NaN pixels on that rank
     to every micro batch of STEP, and to micro batch MICRO (from 1) of another."""
@@ -1260,4 +1293,9 @@ def _quiet_libraries(rank: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_rank(main())
+    try:
+        code = main()
+    except Exception:  # its traceback as Python prints it, then the same way out
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    exit_rank(code)
