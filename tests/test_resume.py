@@ -571,8 +571,8 @@ def test_undecodable_sample_mid_run_names_shard_and_key_and_stops_every_node(fil
 def test_a_rank_that_fails_unexpectedly_stops_its_peers_and_the_job_exits_1(files, tmp_path):
     """An unexpected error on one rank of 3 (a bug, a device fault; TRAIN_FAIL_AT) in step 3: the
     rank posts it in the store, its peers stop within seconds saying why (one traceback, rank 2's)
-    instead of waiting in a collective until the backend's timeout, the job exits 1 (the rank's own code, whatever its
-    threads do at exit), and the checkpoint of step 2 is complete."""
+    instead of waiting in a collective until the backend's timeout, the job exits 1 (the rank's own
+    code, whatever its threads do at exit), and the checkpoint of step 2 is complete."""
     out = tmp_path / "run"
     args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
             "--micro_batch_size", "4", "--save_steps", "2", "--eval_steps", "100"]
@@ -586,7 +586,8 @@ def test_a_rank_that_fails_unexpectedly_stops_its_peers_and_the_job_exits_1(file
         assert f"rank {rank}: stopping: rank 2 failed at step 3: RuntimeError: injected failure" in done.stderr, \
             done.stderr[-5000:]
     assert done.stderr.count("Traceback (most recent call last)") == 1, done.stderr[-5000:]
-    assert "terminate called" not in done.stderr
+    # no abort, and no store call met rank 0 gone (it leaves last)
+    assert "terminate called" not in done.stderr and "failed on SocketImpl" not in done.stderr
     assert time.monotonic() - start < 120
     checkpoints = out / "checkpoints"
     assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]

@@ -18,7 +18,9 @@ scheduler preempts a job: the stop then falls where the ranks agree, so such tri
 exactly). Some launches get NaN pixels on one rank (TRAIN_NAN_AT) for a whole step or one micro
 batch of it: with `--nan_guard skip` the step is skipped or trains on its other micro batches; with
 `--nan_guard stop` the launch stops there instead of at its `--max_steps` (exit 4, as after a
-crash) and the next goes on from the newest checkpoint. Some resumed launches branch: they go on
+crash) and the next goes on from the newest checkpoint. Some launches instead fail there: an
+unexpected error on one rank (TRAIN_FAIL_AT, as a bug or a device fault), exit 1, that rank's
+traceback and every other rank's "stopping" line saying why, one traceback in all. Some resumed launches branch: they go on
 from an older checkpoint than the newest (`--resume OUT/checkpoints/step-N`, as a user goes back
 before a loss spike), and the line past it is set aside. Then it checks the run's metrics and sample
 keys (the line the last launch continued):
@@ -39,8 +41,8 @@ keys (the line the last launch continued):
 - `--eval_only` of the export, on 1-4 ranks and another eval batch size, counts every val sample
   once and finds the top-1 that the run's eval of that step found;
 - every logged value is finite; the steps logged without a train/loss are the NaN-skipped ones, and
-  train/skipped_steps counts them; a NaN stop left no checkpoint at or after its step and named
-  the one to go on from.
+  train/skipped_steps counts them; a NaN stop or a failure left no checkpoint at or after its step
+  and named the one to go on from.
 
 Prints one line per trial and exits 1 if any trial broke a rule (the JSON report says which).
 Found with it: ZeRO-3's uninitialized partition padding refused a bf16 ViT's first checkpoint.
@@ -134,7 +136,11 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["eval_only"] = [last.randint(1, max_ranks), last.choice([None, 7, 16])]  # ranks, --eval_batch_size
     switch = random.Random(json.dumps(settings, sort_keys=True))  # and a resumed launch (and those after it)
     settings["zero_switch"] = [False] + [switch.random() < 0.2 for _ in launches[1:]]  # on the config that
-    return settings  # shares the checkpoint format: ZeRO-1 <-> 2, ZeRO-3 <-> 3 with CPU offload
+    # shares the checkpoint format: ZeRO-1 <-> 2, ZeRO-3 <-> 3 with CPU offload; and an unexpected
+    fail = random.Random(json.dumps(settings, sort_keys=True))  # error on one rank where a launch stops
+    settings["fail"] = [fail.randrange(ranks) if fail.random() < 0.15 and n < len(launches) - 1 else None
+                        for n, (ranks, _, _) in enumerate(launches)]
+    return settings
 
 
 SIBLING = {"zero1": "zero2", "zero2": "zero1", "zero3": "zero3_offload", "zero3_offload": "zero3"}
@@ -199,7 +205,10 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
     result, stops, planned, start, nans, branches = dict(settings), [], 0, 0, [], []
     last = len(settings["launches"]) - 1
     faults = settings.get("nan", [None] * (last + 1))
-    crashes = [fault is not None and settings["nan_guard"] == "stop" for fault in faults]
+    nan_stops = [fault is not None and settings["nan_guard"] == "stop" for fault in faults]
+    fails = [None if nan_stop else fail for nan_stop, fail in zip(nan_stops, settings.get("fail", [None] * (last + 1)))]
+    faults = [fault if fail is None else None for fault, fail in zip(faults, fails)]  # one fault a launch
+    crashes = [nan_stop or fail is not None for nan_stop, fail in zip(nan_stops, fails)]
     result["preempt"] = [p and not crash for p, crash in zip(settings["preempt"], crashes)]  # a NaN stops it first
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum), *settings["changes"][n],
@@ -226,22 +235,27 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             elif not crash:  # (a crash stops it at a NaN there instead)
                 stops.append(stop)
                 args += ["--max_steps", str(stop)]
-        env = {}
+        env = {"TRAIN_FAIL_AT": f"{fails[n]}:{stop}"} if fails[n] is not None else {}
         if fault is not None:  # at `stop` for a crash, else at a fraction of the launch's steps
-            nan_at = stop if crash else start + 1 + int(fault["at"] * ((stop or start + per_epoch * 3 // 2) - start))
+            nan_at = stop if nan_stops[n] else start + 1 + int(fault["at"] * ((stop or start + per_epoch * 3 // 2) - start))
             env["TRAIN_NAN_AT"] = nan_spec(fault, nan_at)
         code, output = launch(args, ranks=ranks, nodes=nodes, logs=trial_dir.parent / f"{trial_dir.name}.launch{n + 1}",
                               preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl", env=env)
         planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
         ended = "\ntrain: done, " in output  # (exit -15 when its runner caught a SIGTERM on the way out)
         if crash and not ended:
-            if code != 4 or not re.search(rf"not finite on some rank (at step|between steps \d+ and) {nan_at}\b", output):
+            if fails[n] is not None and (problem := fail_problem(code, output, rank=fails[n], step=stop, ranks=ranks)):
+                return {**result, "stops": stops, "failed": f"launch {n + 1}: {problem}: {output[-3000:]}"}
+            nan_at = stop if fails[n] is not None else nan_at
+            if fails[n] is None and (code != 4 or not re.search(
+                    rf"not finite on some rank (at step|between steps \d+ and) {nan_at}\b", output)):
                 return {**result, "stops": stops, "failed": f"launch {n + 1}: a NaN loss at step {nan_at} with "
                         f"--nan_guard stop should stop it there (exit 4); exit {code}: {output[-3000:]}"}
             complete = complete_checkpoints(trial_dir / "checkpoints")[0]
             start = checkpoint_info(complete[-1])["step"] if complete else 0  # where --resume auto goes on
             told = f"the newest complete checkpoint, {complete[-1]}, is intact" if complete else "no checkpoint was saved"
-            nans.append({"step": nan_at, "launch": n + 1, "crash": True, "resumed": start, "told": told in output})
+            nans.append({"step": nan_at, "launch": n + 1, "crash": True, "resumed": start, "told": told in output,
+                         **({"fail": fails[n]} if fails[n] is not None else {})})
             continue
         if fault is not None and nan_at <= last_step(trial_dir / "metrics.jsonl"):  # the launch reached it
             nans.append({"step": nan_at, "launch": n + 1, "skipped": skips_step(fault, accum)})
@@ -259,6 +273,20 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
     if (exported := re.search(r"\(from step-(\d+), ", output)) and settings.get("eval_only"):
         problems += eval_only_problems(trial_dir, settings, step=int(exported.group(1)), data=data)
     return {**result, "stops": stops, "steps": planned, "problems": problems}
+
+
+def fail_problem(code: int, output: str, *, rank: int, step: int, ranks: int) -> str | None:
+    """What a launch that an unexpected error on `rank` in `step` ended (TRAIN_FAIL_AT) got wrong:
+    it exits 1; that rank says it failed there, its traceback the only one; every other rank stops
+    saying why."""
+    expected = [f"train: rank {rank}: failed at step {step} (the traceback follows)"] + [
+        f"train: rank {k}: stopping: rank {rank} failed at step {step}: RuntimeError" for k in range(ranks) if k != rank]
+    missing, tracebacks = [line for line in expected if line not in output], output.count("Traceback (most recent call")
+    noise = [text for text in ("terminate called", "failed on SocketImpl") if text in output]  # an abort, a store gone
+    if code != 1 or missing or tracebacks != 1 or noise:
+        return (f"rank {rank} failing at step {step}: exit {code} (expected 1), {tracebacks} tracebacks (expected 1)"
+                + (f", missing {missing}" if missing else "") + (f", {noise}" if noise else ""))
+    return None
 
 
 def eval_only_problems(out: Path, settings: dict, *, step: int, data: Path) -> list[str]:
@@ -324,7 +352,9 @@ def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: i
             jobs.append(subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                          start_new_session=True))
     deadline = time.monotonic() + 1800
-    while preempt_at is not None and last_step(metrics) < preempt_at and any(job.poll() is None for job in jobs):
+    # the rows of this launch: once its banner is out, the rows an earlier one left past its checkpoint are cut
+    while preempt_at is not None and (not re.search(r"train: \d+ steps", files[0].read_text())
+                                      or last_step(metrics) < preempt_at) and any(job.poll() is None for job in jobs):
         if time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -431,11 +461,12 @@ def nan_problems(rows: list[dict], nans: list[dict]) -> list[str]:
     if train and train[-1].get("train/skipped_steps") != len(skipped):
         problems.append(f"train/skipped_steps {train[-1].get('train/skipped_steps')} at the end, {len(skipped)} skipped")
     for nan in (nan for nan in nans if nan.get("crash")):
+        what = f"the failure of rank {nan['fail']}" if "fail" in nan else "the NaN"
         if nan["resumed"] >= nan["step"]:
-            problems.append(f"the NaN at step {nan['step']} stopped the run, yet a checkpoint at step {nan['resumed']} "
+            problems.append(f"{what} at step {nan['step']} stopped the run, yet a checkpoint at step {nan['resumed']} "
                             f"was left")
         if not nan["told"]:
-            problems.append(f"the NaN stop at step {nan['step']} did not name the checkpoint to go on from")
+            problems.append(f"{what} at step {nan['step']} did not name the checkpoint to go on from")
     return problems
 
 
@@ -480,10 +511,11 @@ def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: l
 
 
 def nan_shown(result: dict) -> str:
-    """The trial's NaN faults for its report line: where each came and what it did."""
-    what = [f"{nan['step']} " + ("stopped it" if nan.get("crash") else "skipped" if nan["skipped"] else "one micro batch")
-            for nan in result.get("nans", [])]
-    return f"; NaN at {', '.join(what)}" if what else ""
+    """The trial's NaN faults and failures for its report line: where each came and what it did."""
+    what = [f"rank {nan['fail']} failed at {nan['step']}" if "fail" in nan else f"NaN at {nan['step']} " + (
+        "stopped it" if nan.get("crash") else "skipped" if nan["skipped"] else "one micro batch")
+        for nan in result.get("nans", [])]
+    return f"; {', '.join(what)}" if what else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,7 @@ class PeerWatch:
         rank has (LINGER_S at most). The launcher ends every rank, and their W&B processes, as soon
         as one exits with an error; so none exits before the others are done and have read why."""
         if self.stopping:
-            self._count_out(wait=True)
+            self._count_out()
 
     def close(self) -> None:
         """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
@@ -150,12 +150,22 @@ class PeerWatch:
         if threading.current_thread() is not self.thread:
             self.thread.join(self.LEAVE_S)
 
-    def _count_out(self, *, wait: bool) -> None:
+    def _count_out(self) -> None:
+        """This rank stops: it counts itself out and waits until all have (LINGER_S at most); rank 0,
+        which hosts the store, then until every other rank has made its last store call."""
         with contextlib.suppress(Exception):
-            left, deadline = self.store.add(f"{self.KEY}/left", 1), time.monotonic() + self.LINGER_S
-            while wait and left < self.world and time.monotonic() < deadline:
-                time.sleep(0.05)
-                left = self.store.add(f"{self.KEY}/left", 0)
+            deadline = time.monotonic() + self.LINGER_S
+            self._wait_for("left", 1, self.world, deadline)
+            if self.rank == 0:
+                self._wait_for("gone", 0, self.world - 1, deadline)
+            else:
+                self.store.add(f"{self.KEY}/gone", 1)
+
+    def _wait_for(self, key: str, add: int, count: int, deadline: float) -> None:
+        done = self.store.add(f"{self.KEY}/{key}", add)
+        while done < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+            done = self.store.add(f"{self.KEY}/{key}", 0)
 
     def _watch(self) -> None:
         while not self.done.wait(self.poll_s):
@@ -168,7 +178,7 @@ class PeerWatch:
                     return
                 stop = {"code": 1, "reason": self.LOST}
             print(f"train: rank {self.rank}: stopping: {stop['reason']}", file=sys.stderr, flush=True)
-            self._count_out(wait=True)  # the launcher ends the others once this rank exits
+            self._count_out()  # the launcher ends the others once this rank exits
             release_build_locks()  # os._exit skips every finally
             os._exit(stop["code"])
 
