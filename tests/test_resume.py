@@ -594,6 +594,36 @@ def test_a_rank_that_fails_unexpectedly_stops_its_peers_and_the_job_exits_1(file
     assert f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact" in done.stderr
 
 
+WAITING_RANK = """
+import os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from train.distributed import PeerWatch, watch_sigterm
+
+watch_sigterm()
+store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+peers = PeerWatch(rank=0, store=store, world=2)  # rank 1 died (an OOM kill): it never counts out
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # the launcher, seeing its exit
+start = time.monotonic()
+peers.stop_all(1, "rank 0 failed at step 3: RuntimeError: a peer's connection closed")
+peers.leave()
+print(f"left after {time.monotonic() - start:.1f} s", flush=True)
+sys.exit(1)
+"""
+
+
+def test_a_stopping_rank_waits_for_its_peers_until_the_launcher_ends_the_job(tmp_path):
+    """A rank that stops on a failure waits for the others to count out (PeerWatch.LINGER_S) so
+    that none exits before all have read why; when one never does (killed outright) the launcher's
+    SIGTERM, sent once it sees that rank's exit, ends the wait and the rank exits with its own code
+    (not "stopped by SIGTERM outside the training loop")."""
+    script = tmp_path / "waiting_rank.py"
+    script.write_text(WAITING_RANK)
+    done = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert float(re.search(r"left after ([\d.]+) s", done.stdout).group(1)) < 3  # LINGER_S is 5
+
+
 LEAVING_RANK = """
 import datetime, os, signal, sys, time
 root, server, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -136,7 +136,8 @@ class PeerWatch:
         rank has (LINGER_S at most). The launcher ends every rank, and their W&B processes, as soon
         as one exits with an error; so none exits before the others are done and have read why."""
         if self.stopping:
-            self._count_out()
+            with contextlib.suppress(Terminated):  # the launcher ends the job (a rank exited): stop waiting
+                self._count_out()
 
     def close(self) -> None:
         """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
