@@ -20,9 +20,10 @@ batch of it: with `--nan_guard skip` the step is skipped or trains on its other 
 `--nan_guard stop` the launch stops there instead of at its `--max_steps` (exit 4, as after a
 crash) and the next goes on from the newest checkpoint. Some launches instead fail there: an
 unexpected error on one rank (TRAIN_FAIL_AT, as a bug or a device fault), exit 1, that rank's
-traceback and every other rank's "stopping" line saying why, one traceback in all. Some resumed launches branch: they go on
-from an older checkpoint than the newest (`--resume OUT/checkpoints/step-N`, as a user goes back
-before a loss spike), and the line past it is set aside. Then it checks the run's metrics and sample
+traceback and every other rank's "stopping" line saying why, one traceback in all. Some resumed
+launches branch: they go on from an older checkpoint than the newest (`--resume
+OUT/checkpoints/step-N`, as a user goes back before a loss spike), and the line past it is set
+aside. Then it checks the run's metrics and sample
 keys (the line the last launch continued):
 
 - every step from 1 to the planned last was trained once and logged once;
@@ -209,7 +210,7 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
     fails = [None if nan_stop else fail for nan_stop, fail in zip(nan_stops, settings.get("fail", [None] * (last + 1)))]
     faults = [fault if fail is None else None for fault, fail in zip(faults, fails)]  # one fault a launch
     crashes = [nan_stop or fail is not None for nan_stop, fail in zip(nan_stops, fails)]
-    result["preempt"] = [p and not crash for p, crash in zip(settings["preempt"], crashes)]  # a NaN stops it first
+    result["preempt"] = [p and not crash for p, crash in zip(settings["preempt"], crashes)]  # a crash stops it first
     for n, ((ranks, micro, accum), nodes) in enumerate(zip(settings["launches"], settings["nodes"])):
         args = [*common, "--micro_batch_size", str(micro), "--grad_accum", str(accum), *settings["changes"][n],
                 "--ds_config", f"ds_configs/{zero_configs(settings)[n]}.json"]
@@ -243,18 +244,19 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
                               preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl", env=env)
         planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
         ended = "\ntrain: done, " in output  # (exit -15 when its runner caught a SIGTERM on the way out)
-        if crash and not ended:
-            if fails[n] is not None and (problem := fail_problem(code, output, rank=fails[n], step=stop, ranks=ranks)):
+        if crash and not ended:  # at `stop`, a failure or a NaN stop
+            if fails[n] is not None:
+                problem = fail_problem(code, output, rank=fails[n], step=stop, ranks=ranks)
+            elif code == 4 and re.search(rf"not finite on some rank (at step|between steps \d+ and) {stop}\b", output):
+                problem = None
+            else:
+                problem = f"a NaN loss at step {stop} with --nan_guard stop should stop it there (exit 4); exit {code}"
+            if problem:
                 return {**result, "stops": stops, "failed": f"launch {n + 1}: {problem}: {output[-3000:]}"}
-            nan_at = stop if fails[n] is not None else nan_at
-            if fails[n] is None and (code != 4 or not re.search(
-                    rf"not finite on some rank (at step|between steps \d+ and) {nan_at}\b", output)):
-                return {**result, "stops": stops, "failed": f"launch {n + 1}: a NaN loss at step {nan_at} with "
-                        f"--nan_guard stop should stop it there (exit 4); exit {code}: {output[-3000:]}"}
             complete = complete_checkpoints(trial_dir / "checkpoints")[0]
             start = checkpoint_info(complete[-1])["step"] if complete else 0  # where --resume auto goes on
             told = f"the newest complete checkpoint, {complete[-1]}, is intact" if complete else "no checkpoint was saved"
-            nans.append({"step": nan_at, "launch": n + 1, "crash": True, "resumed": start, "told": told in output,
+            nans.append({"step": stop, "launch": n + 1, "crash": True, "resumed": start, "told": told in output,
                          **({"fail": fails[n]} if fails[n] is not None else {})})
             continue
         if fault is not None and nan_at <= last_step(trial_dir / "metrics.jsonl"):  # the launch reached it
@@ -351,11 +353,11 @@ def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: i
         with open(path, "w") as log:
             jobs.append(subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                          start_new_session=True))
-    deadline = time.monotonic() + 1800
+    deadline, started = time.monotonic() + 1800, False
     # the rows of this launch: once its banner is out, the rows an earlier one left past its checkpoint are cut
-    while preempt_at is not None and (not re.search(r"train: \d+ steps", files[0].read_text())
-                                      or last_step(metrics) < preempt_at) and any(job.poll() is None for job in jobs):
-        if time.monotonic() > deadline:
+    while preempt_at is not None and any(job.poll() is None for job in jobs) and time.monotonic() < deadline:
+        started = started or bool(re.search(r"train: \d+ steps", files[0].read_text()))
+        if started and last_step(metrics) >= preempt_at:
             break
         time.sleep(0.1)
     for job in jobs:

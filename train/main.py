@@ -201,10 +201,10 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int, where: str, ke
     whose error came after another's failure (its collective lost that rank) stops with that
     rank's reason and code instead of a second traceback. SIGTERM outside the training loop
     (Terminated) and Ctrl-C go on as they are."""
-    first = peers.stop_all(1, f"rank {rank} failed {where}: {type(error).__name__}: {error}")
+    peers.stop_all(1, f"rank {rank} failed {where}: {type(error).__name__}: {error}")
     if not isinstance(error, Exception):
         return None
-    if first and peers.first is None:
+    if peers.first is None:  # this rank was the first to fail
         print(f"train: rank {rank}: failed {where} (the traceback follows)" + (f"\ntrain: {kept()}" if kept else ""),
               file=sys.stderr, flush=True)
         return None
