@@ -303,15 +303,26 @@ class DaliLoader:
         taken = source.taken_samples / (source.batch_size * source.world_size) if self.epoch == source.epoch else 0
         return taken + self.step
 
-    def progress(self) -> float:
-        """Epochs done: the epoch, plus the share of a whole epoch read so far."""
+    def progress(self, *, accum: int = 1) -> float:
+        """Epochs done: the epoch, plus the share of a whole epoch read so far (all of it once it has
+        ended: fewer than `accum` batches left, which a trainer's step of `accum` drops)."""
+        if self.ended(accum=accum):
+            return self.epoch + 1.0
         return self.epoch + (min(1.0, self.batches_read() / self.steps) if self.steps else 0.0)
 
-    def state_dict(self) -> dict:
+    def ended(self, *, accum: int = 1) -> bool:
+        """Whether this loader's epoch has no step of `accum` batches left."""
+        return self.source.steps_in(self.epoch) - self.step < accum
+
+    def state_dict(self, *, accum: int = 1) -> dict:
         """Where this loader stands: epoch, step, DALI's batch number and RNG state, and what earlier
-        runs with other ranks took of this epoch."""
-        taken = self.source.taken if self.epoch == self.source.epoch else []
-        return {"epoch": self.epoch, "step": self.step, "iteration": self.iteration, "taken": [list(t) for t in taken],
+        runs with other ranks took of this epoch. At the end of an epoch (fewer than `accum` batches
+        left: a trainer's step of `accum` drops them), the start of the next: a run resumed with a
+        smaller batch would otherwise read the epoch's rest as one more step of an epoch already
+        ended and evaluated."""
+        epoch, step = (self.epoch + 1, 0) if self.ended(accum=accum) else (self.epoch, self.step)
+        taken = self.source.taken if epoch == self.source.epoch else []
+        return {"epoch": epoch, "step": step, "iteration": self.iteration, "taken": [list(t) for t in taken],
                 "dali": self.pipe.checkpoint()}
 
     def _run(self):

@@ -103,6 +103,35 @@ def test_benchmark_loader_times_the_other_batched_arithmetic_and_puts_the_defaul
     assert all(rate > 0 for rate in rows.values()) and resize.FLOAT64 is None
 
 
+def test_soak_kill_rule_wants_every_rank_to_say_why_and_the_killed_ranks_node_to_name_it():
+    """tools/soak.py's rule for a launch whose rank was killed outright (TRAIN_FAIL_AT=R:S:kill),
+    on the lines train/main.py prints (tests/test_resume.py checks those): it holds for the output
+    of one node and of two, and each of its checks can fail."""
+    from soak import kill_problem
+
+    def named(k: int, dead: int) -> str:
+        return (f"train: rank {k}: stopping: rank {dead}'s process (pid 42) was killed by SIGKILL at step 5 "
+                f"(out of memory? the kernel's OOM killer sends SIGKILL: `dmesg` on this node)")
+
+    one = f"{named(0, 1)}\n{named(2, 1)}"
+    assert kill_problem(247, one, rank=1, step=5, ranks=3, nodes=1) is None
+    assert kill_problem(1, one, rank=1, step=5, ranks=3, nodes=1) is None
+    # two nodes: rank 0 (node 0) lost rank 2 (node 1) first, with its collective's traceback
+    two = ("train: rank 0: failed at step 5 (the traceback follows)\nTraceback (most recent call last):\n"
+           "train: rank 1: stopping: rank 0 failed at step 5: RuntimeError: closed\n"
+           "train: rank 3: stopping: rank 0 failed at step 5: RuntimeError: closed (here then: rank 2's process "
+           "(pid 42) was killed by SIGKILL)")
+    assert kill_problem(247, two, rank=2, step=5, ranks=4, nodes=2) is None
+    assert "exit 0" in kill_problem(0, one, rank=1, step=5, ranks=3, nodes=1)
+    assert "silent ranks [2]" in kill_problem(247, named(0, 1), rank=1, step=5, ranks=3, nodes=1)
+    assert "not naming it [3]" in kill_problem(247, two.split(" (here then")[0], rank=2, step=5, ranks=4, nodes=2)
+    assert "failed [0]" in kill_problem(247, two, rank=1, step=5, ranks=4, nodes=2)  # rank 0 shares rank 1's node
+    assert "2 tracebacks" in kill_problem(247, one + "\nTraceback (most recent call last):" * 2, rank=1, step=5,
+                                          ranks=3, nodes=1)
+    assert kill_problem(-9, "", rank=0, step=5, ranks=1, nodes=1) is None
+    assert kill_problem(1, "", rank=0, step=5, ranks=1, nodes=1) is not None
+
+
 def test_soak_trial_resumed_on_other_ranks_holds_every_rule(tmp_path):
     """tools/soak.py, one trial (seed 13: a ResNet on 3 ranks stops at a random step, 2 ranks as two
     nodes of this machine go on with RandAugment to 2 epochs of 1,618 digits, evaluating every 13

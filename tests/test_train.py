@@ -11,6 +11,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -610,6 +611,38 @@ def test_metrics_that_cannot_be_written_are_a_write_error_naming_the_file(tmp_pa
     (tmp_path / "metrics.jsonl").mkdir()  # what a vanished or unwritable file looks like to open()
     with pytest.raises(WriteError, match=rf"writing {tmp_path / 'metrics.jsonl'} failed: Is a directory"):
         logger.log(2, {"train/loss": 1.0})
+
+
+ENDED_SERVICE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import psutil
+from train.distributed import exit_rank
+from train.metrics import RunLogger
+
+logger = RunLogger(output_dir=sys.argv[2], enabled=True, mode="offline", project="p", name="n", config={},
+                   run_id=None, resume_step=None)
+logger.log(1, {"train/loss": 1.0})
+for child in psutil.Process().children(recursive=True):  # the launcher ends the job's every process
+    child.terminate()
+psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+logger.finish()
+exit_rank(0)
+"""
+
+
+def test_a_wandb_service_ended_by_the_launcher_leaves_a_line_not_a_traceback(tmp_path):
+    """The deepspeed launcher SIGTERMs every process of a job once a rank has failed, rank 0's W&B
+    service too, often before rank 0 has closed its run: one line says where what was logged is,
+    instead of W&B's ConnectionResetError tracebacks (at finish and from its exit hook)."""
+    script = tmp_path / "ended_service.py"
+    script.write_text(ENDED_SERVICE)
+    done = subprocess.run([sys.executable, str(script), str(ROOT), str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    folder = re.search(r"W&B's process ended before the run was closed; what it logged until then is in (\S+)",
+                       done.stderr)
+    assert folder and Path(folder.group(1)).is_dir() and Path(folder.group(1)).name.startswith("offline-run-")
 
 
 def test_eval_split_test_evaluates_on_the_test_shards(files, tmp_path):

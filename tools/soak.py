@@ -20,7 +20,9 @@ batch of it: with `--nan_guard skip` the step is skipped or trains on its other 
 `--nan_guard stop` the launch stops there instead of at its `--max_steps` (exit 4, as after a
 crash) and the next goes on from the newest checkpoint. Some launches instead fail there: an
 unexpected error on one rank (TRAIN_FAIL_AT, as a bug or a device fault), exit 1, that rank's
-traceback and every other rank's "stopping" line saying why, one traceback in all. Some resumed
+traceback and every other rank's "stopping" line saying why, one traceback in all; or, half of
+them, the rank killed outright (SIGKILL, as the OOM killer does): every other rank says why it
+stops, those of its node naming it and how it died. Some resumed
 launches branch: they go on from an older checkpoint than the newest (`--resume
 OUT/checkpoints/step-N`, as a user goes back before a loss spike), and the line past it is set
 aside. Then it checks the run's metrics and sample
@@ -141,6 +143,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     fail = random.Random(json.dumps(settings, sort_keys=True))  # error on one rank where a launch stops
     settings["fail"] = [fail.randrange(ranks) if fail.random() < 0.15 and n < len(launches) - 1 else None
                         for n, (ranks, _, _) in enumerate(launches)]
+    kill = random.Random(json.dumps(settings, sort_keys=True))  # and half of those: the rank killed outright
+    settings["kill"] = [rank is not None and kill.random() < 0.5 for rank in settings["fail"]]  # (SIGKILL)
     return settings
 
 
@@ -236,7 +240,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             elif not crash:  # (a crash stops it at a NaN there instead)
                 stops.append(stop)
                 args += ["--max_steps", str(stop)]
-        env = {"TRAIN_FAIL_AT": f"{fails[n]}:{stop}"} if fails[n] is not None else {}
+        killed = fails[n] is not None and settings.get("kill", [False] * (last + 1))[n]
+        env = {"TRAIN_FAIL_AT": f"{fails[n]}:{stop}" + (":kill" if killed else "")} if fails[n] is not None else {}
         if fault is not None:  # at `stop` for a crash, else at a fraction of the launch's steps
             nan_at = stop if nan_stops[n] else start + 1 + int(fault["at"] * ((stop or start + per_epoch * 3 // 2) - start))
             env["TRAIN_NAN_AT"] = nan_spec(fault, nan_at)
@@ -245,7 +250,9 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
         planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
         ended = "\ntrain: done, " in output  # (exit -15 when its runner caught a SIGTERM on the way out)
         if crash and not ended:  # at `stop`, a failure or a NaN stop
-            if fails[n] is not None:
+            if killed:
+                problem = kill_problem(code, output, rank=fails[n], step=stop, ranks=ranks, nodes=nodes)
+            elif fails[n] is not None:
                 problem = fail_problem(code, output, rank=fails[n], step=stop, ranks=ranks)
             elif code == 4 and re.search(rf"not finite on some rank (at step|between steps \d+ and) {stop}\b", output):
                 problem = None
@@ -256,8 +263,10 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             complete = complete_checkpoints(trial_dir / "checkpoints")[0]
             start = checkpoint_info(complete[-1])["step"] if complete else 0  # where --resume auto goes on
             told = f"the newest complete checkpoint, {complete[-1]}, is intact" if complete else "no checkpoint was saved"
-            nans.append({"step": stop, "launch": n + 1, "crash": True, "resumed": start, "told": told in output,
-                         **({"fail": fails[n]} if fails[n] is not None else {})})
+            # (none can tell when rank 0, which hosts the store, or the only rank was killed)
+            told = told in output or (killed and (fails[n] == 0 or ranks == 1))
+            nans.append({"step": stop, "launch": n + 1, "crash": True, "resumed": start, "told": told,
+                         **({"fail": fails[n]} if fails[n] is not None else {}), **({"killed": True} if killed else {})})
             continue
         if fault is not None and nan_at <= last_step(trial_dir / "metrics.jsonl"):  # the launch reached it
             nans.append({"step": nan_at, "launch": n + 1, "skipped": skips_step(fault, accum)})
@@ -288,6 +297,28 @@ def fail_problem(code: int, output: str, *, rank: int, step: int, ranks: int) ->
     if code != 1 or missing or tracebacks != 1 or noise:
         return (f"rank {rank} failing at step {step}: exit {code} (expected 1), {tracebacks} tracebacks (expected 1)"
                 + (f", missing {missing}" if missing else "") + (f", {noise}" if noise else ""))
+    return None
+
+
+def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, nodes: int) -> str | None:
+    """What a launch whose `rank` was killed outright in `step` (TRAIN_FAIL_AT=R:S:kill, as the OOM
+    killer does) got wrong: it fails (the killed rank's -9 alone, or through a launcher 247 or a
+    survivor's 1); every other rank says why it stops, each on the killed rank's node naming it and
+    how it died; a traceback only from the first to notice on another node (its collective's)."""
+    if ranks == 1:
+        return None if code == -signal.SIGKILL else f"the only rank killed at step {step}: exit {code} (expected -9)"
+    node = ranks // nodes
+    said = {k: re.findall(rf"train: rank {k}: (stopping: .*|failed at step {step} \(the traceback follows\))", output)
+            for k in range(ranks) if k != rank}
+    silent = [k for k, lines in said.items() if not lines]
+    unnamed = [k for k, lines in said.items() if k // node == rank // node and not any(
+        f"rank {rank}'s process (pid " in line for line in lines)]
+    failed = [k for k, lines in said.items() if any(line.startswith("failed") for line in lines)]
+    tracebacks = output.count("Traceback (most recent call")
+    if (code not in (256 - signal.SIGKILL, 1) or silent or unnamed or tracebacks != len(failed)
+            or any(k // node == rank // node for k in failed) or len(failed) > 1 or "terminate called" in output):
+        return (f"rank {rank} killed at step {step}: exit {code} (expected 247 or 1), silent ranks {silent}, ranks "
+                f"of its node not naming it {unnamed}, failed {failed} with {tracebacks} tracebacks")
     return None
 
 
@@ -514,9 +545,9 @@ def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: l
 
 def nan_shown(result: dict) -> str:
     """The trial's NaN faults and failures for its report line: where each came and what it did."""
-    what = [f"rank {nan['fail']} failed at {nan['step']}" if "fail" in nan else f"NaN at {nan['step']} " + (
-        "stopped it" if nan.get("crash") else "skipped" if nan["skipped"] else "one micro batch")
-        for nan in result.get("nans", [])]
+    what = [f"rank {nan['fail']} {'killed' if nan.get('killed') else 'failed'} at {nan['step']}" if "fail" in nan
+            else f"NaN at {nan['step']} " + ("stopped it" if nan.get("crash") else "skipped" if nan["skipped"] else
+                                             "one micro batch") for nan in result.get("nans", [])]
     return f"; {', '.join(what)}" if what else ""
 
 

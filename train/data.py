@@ -63,7 +63,7 @@ class SyntheticLoader:
         for _ in range(self.steps):
             yield self.batch
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, accum: int = 1) -> dict:
         return {}
 
 
@@ -108,7 +108,7 @@ class BaselineLoader:
             yield {"pixel_values": pixels, "labels": labels, "keys": list(keys),
                    "mask": torch.ones(len(labels), dtype=torch.bool, device=self.device)}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, accum: int = 1) -> dict:
         return {}
 
 

@@ -99,7 +99,8 @@ class PeerWatch:
     launcher on another node never hears of it; so it posts the reason in the job's store (the
     rendezvous every rank reaches) and every rank polls it once a second. A rank that stops counts
     itself out and waits for the others (LINGER_S at most) before it exits: every rank reads the
-    reason (rank 0 hosts the store) and cleans up before the launcher ends them all."""
+    reason (rank 0 hosts the store) and cleans up before the launcher ends them all. A rank killed
+    outright posts nothing: the ranks of its node find it among their launcher's children."""
 
     KEY = "dali-deepspeed-vision/stop"
     LOST = "lost contact with rank 0 (it exited or its node went down)"
@@ -112,32 +113,63 @@ class PeerWatch:
         self.store = store or dist.distributed_c10d._get_default_store()
         self.first: dict | None = None  # the stop the first rank to fail posted, once this one reads it
         self.stopping = False
+        self.local = _local_peers() if self.world > 1 else {}
+        self.dead: list[int] = []  # this node's ranks found ended (`ended`), counted out by the first to fail
         self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
         self.thread.start()
 
     def stop_all(self, code: int, reason: str) -> bool:
         """Tells every other rank to stop; whether this rank was the first to fail (or cannot know).
         When not, `first` holds the stop the first posted; when the store is gone, that contact
-        with rank 0 was lost. The rank then cleans up and `leave`s."""
+        with rank 0 was lost. The rank then cleans up and `leave`s: from here on the launcher's
+        SIGTERM (to every rank once one has exited; SIGKILL 30 s later) cuts neither short."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self._leave()
         self.stopping = True
+        if 0 in self.dead:  # found dead on this node, with the store: each survivor here says so alike
+            self.store = None
+            return True
         try:
             if self.store.add(f"{self.KEY}/failed", 1) > 1:
                 self.store.wait([self.KEY], datetime.timedelta(seconds=self.LINGER_S))  # posted right after
                 self.first = json.loads(self.store.get(self.KEY))
                 return False
             self.store.set(self.KEY, json.dumps({"code": code, "reason": reason}))
+            for rank in self.dead:  # the first to fail found them ended (no other rank had stopped yet)
+                self.store.add(f"{self.KEY}/left", 1)
+                self.store.add(f"{self.KEY}/gone", int(rank != 0))
         except Exception:  # the store is gone (rank 0 exited): the peers see that too
-            self.first = {"code": 1, "reason": self.LOST}
+            self.first, self.store = {"code": 1, "reason": self._lost()}, None
         return True
+
+    def ended(self, where: str = "") -> str | None:
+        """Which of this node's other ranks have ended, how and `where` this rank noticed (a rank
+        killed outright, by the OOM killer, says nothing itself: its peers' collectives just lose
+        it); None while all run."""
+        how = {rank: how for rank, process in sorted(self.local.items()) if (how := _how_ended(process))}
+        self.dead = list(how)
+        return self._describe(how, where) if how else None
+
+    def speaks_for_node(self) -> bool:
+        """Whether this rank is the lowest of its node's ranks still running (after `ended`)."""
+        return self.rank < min(set(self.local) - set(self.dead), default=self.world)
+
+    def _lost(self) -> str:
+        how = _how_ended(self.local[0]) if 0 in self.local else None
+        return f"lost contact with rank 0: {self._describe({0: how})}" if how else self.LOST
+
+    def _describe(self, how: dict[int, str], where: str = "") -> str:
+        ended = "; ".join(f"rank {rank}'s process (pid {self.local[rank].pid}) {what}" for rank, what in how.items())
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL: `dmesg` on this node)"
+        return ended + (f" {where}" if where else "") + (hint if "SIGKILL" in ended else "")
 
     def leave(self) -> None:
         """After stop_all and this rank's cleanup (W&B): it counts itself out and waits until every
         rank has (LINGER_S at most). The launcher ends every rank, and their W&B processes, as soon
         as one exits with an error; so none exits before the others are done and have read why."""
         if self.stopping:
-            with contextlib.suppress(Terminated):  # the launcher ends the job (a rank exited): stop waiting
-                self._count_out()
+            self._count_out()
 
     def close(self) -> None:
         """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
@@ -154,6 +186,8 @@ class PeerWatch:
     def _count_out(self) -> None:
         """This rank stops: it counts itself out and waits until all have (LINGER_S at most); rank 0,
         which hosts the store, then until every other rank has made its last store call."""
+        if self.store is None:  # gone with rank 0: nothing to wait for
+            return
         with contextlib.suppress(Exception):
             deadline = time.monotonic() + self.LINGER_S
             self._wait_for("left", 1, self.world, deadline)
@@ -174,14 +208,59 @@ class PeerWatch:
                 if not self.store.check([self.KEY]):
                     continue
                 stop = json.loads(self.store.get(self.KEY))
+                here = self.ended()  # a rank of this node that died, when another rank posted first
             except Exception:  # the store lives in rank 0's process
                 if self.done.is_set():
                     return
-                stop = {"code": 1, "reason": self.LOST}
-            print(f"train: rank {self.rank}: stopping: {stop['reason']}", file=sys.stderr, flush=True)
+                stop, here = {"code": 1, "reason": self._lost()}, None
+            print(f"train: rank {self.rank}: stopping: {stop['reason']}" + (f" (here then: {here})" if here else ""),
+                  file=sys.stderr, flush=True)
             self._count_out()  # the launcher ends the others once this rank exits
             release_build_locks()  # os._exit skips every finally
             os._exit(stop["code"])
+
+
+def _local_peers() -> dict[int, psutil.Process]:
+    """This node's other ranks of this job by rank: the launcher's other children (deepspeed's
+    launch.py, torchrun), told apart by the RANK and rendezvous their environment holds."""
+    job = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    peers = {}
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(os.getppid()).children():
+            with contextlib.suppress(psutil.Error, ValueError):
+                env = child.environ()
+                if child.pid != os.getpid() and "RANK" in env and all(env.get(k) == v for k, v in job.items()):
+                    peers[int(env["RANK"])] = child
+    return peers
+
+
+PF_EXITING = 0x4  # a task's flag from the start of its exit (linux/sched.h), before its sockets close
+
+
+def _how_ended(process: psutil.Process) -> str | None:
+    """How a process ended ("was killed by SIGKILL", "exited with 3"); None while it runs. A peer's
+    collective loses it as its exit closes its sockets, a moment before it is a zombie that keeps
+    its wait status (/proc/PID/stat, field 52) until its launcher reaps it: an exiting process is
+    waited for (2 s at most)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            if not process.is_running():  # its pid is another process's by now
+                return "has ended"
+            stat = Path(f"/proc/{process.pid}/stat").read_text()
+            state, _, _, _, _, _, flags, *rest = stat[stat.rindex(")") + 2:].split()
+        except (psutil.Error, OSError, ValueError):
+            return "has ended"  # reaped already: how is the launcher's to say
+        if state == "Z" and len(rest) > 42:
+            status = int(rest[42])
+            if os.WIFSIGNALED(status):
+                return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            return f"exited with {os.WEXITSTATUS(status)}"
+        if not int(flags) & PF_EXITING:
+            return None
+        if time.monotonic() > deadline:
+            return "is exiting"
+        time.sleep(0.02)
 
 
 def deepspeed_runner() -> tuple[psutil.Process, int] | None:

@@ -199,18 +199,23 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int, where: str, ke
     """An unexpected error on this rank; None: the caller raises it (its traceback, exit 1). The
     first rank to fail tells the others (PeerWatch) and says what is left to go on from; a rank
     whose error came after another's failure (its collective lost that rank) stops with that
-    rank's reason and code instead of a second traceback. SIGTERM outside the training loop
-    (Terminated) and Ctrl-C go on as they are."""
-    peers.stop_all(1, f"rank {rank} failed {where}: {type(error).__name__}: {error}")
+    rank's reason and code instead of a second traceback (and names a rank of its node found
+    dead); so does the first when a rank of its node has died (killed outright: the error is the
+    lost peer's). SIGTERM outside the training loop (Terminated) and Ctrl-C go on as they are."""
+    ended = peers.ended(where) if isinstance(error, Exception) else None
+    peers.stop_all(1, ended or f"rank {rank} failed {where}: {type(error).__name__}: {error}")
     if not isinstance(error, Exception):
         return None
+    if peers.first is None and ended:  # when rank 0 died, every survivor on its node is "first"
+        print(f"train: rank {rank}: stopping: {ended}" + (f"\ntrain: {kept()}" if kept and (
+            0 not in peers.dead or peers.speaks_for_node()) else ""), file=sys.stderr, flush=True)
+        return 1
     if peers.first is None:  # this rank was the first to fail
         print(f"train: rank {rank}: failed {where} (the traceback follows)" + (f"\ntrain: {kept()}" if kept else ""),
               file=sys.stderr, flush=True)
         return None
-    message = (str(error).splitlines() or [""])[0][:200]
-    print(f"train: rank {rank}: stopping: {peers.first['reason']} (here then: {type(error).__name__}: {message})",
-          file=sys.stderr, flush=True)
+    here = ended or f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    print(f"train: rank {rank}: stopping: {peers.first['reason']} (here then: {here})", file=sys.stderr, flush=True)
     return peers.first["code"]
 
 
@@ -1103,7 +1108,7 @@ def log_train(run: Run, meter: dict, bar) -> None:
 def _epochs_done(run: Run) -> float:
     """From the loader, which knows an epoch resumed with other ranks; stand-ins count steps."""
     progress = getattr(run.train_loader, "progress", None)
-    return progress() if progress else run.step / run.steps_per_epoch
+    return progress(accum=run.ds_config["gradient_accumulation_steps"]) if progress else run.step / run.steps_per_epoch
 
 
 def log_eval(run: Run, result: dict) -> None:
@@ -1189,7 +1194,8 @@ def save(run: Run) -> Path:
 
 def trainer_state(run: Run) -> dict:
     """Everything this rank needs to resume besides DeepSpeed's own state."""
-    return {"step": run.step, "train_loader": run.train_loader.state_dict(), "best": run.best,
+    accum = run.ds_config["gradient_accumulation_steps"]
+    return {"step": run.step, "train_loader": run.train_loader.state_dict(accum=accum), "best": run.best,
             "skipped_steps": run.skipped_steps, "bad_steps": run.bad_steps,
             "last_eval": run.last_eval, "classes": len(run.classes), "order": run.order, "recipe": run.recipe,
             "wandb_run_id": run.logger.run_id, "wandb_run_name": run.logger.run_name,
@@ -1239,9 +1245,15 @@ def seed_streams(seed: int, *, rank: int, step: int) -> None:
 
 def _inject_failure(run: Run) -> None:
     """Fault injection for tests: TRAIN_FAIL_AT="RANK:STEP" raises an unexpected error on that rank
-    in STEP (a bug, a device fault): the rank fails alone and its peers wait in a collective."""
+    in STEP (a bug, a device fault): the rank fails alone and its peers wait in a collective.
+    "RANK:STEP:kill" kills the rank outright instead (SIGKILL, as the OOM killer does)."""
     spec = os.environ.get("TRAIN_FAIL_AT")
-    if spec and [int(part) for part in spec.split(":")] == [run.rank, run.step + 1]:
+    if not spec:
+        return
+    rank, step, *how = spec.split(":")
+    if [int(rank), int(step)] == [run.rank, run.step + 1]:
+        if how == ["kill"]:
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure (TRAIN_FAIL_AT={spec})")
 
 

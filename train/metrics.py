@@ -8,10 +8,12 @@ dashboard where its checkpoint was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
 import socket
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -142,8 +144,18 @@ class RunLogger:
         self.run.log(logged)
 
     def finish(self) -> None:
+        """Closes the run and W&B's service process (now, not at exit, where a failure would be a
+        traceback). The launcher ends every process of a job that failed, W&B's too: what was
+        logged until then stays in the run's folder."""
         if self.run:
-            self.run.finish()
+            import wandb
+            try:
+                self.run.finish()
+            except ConnectionError:
+                print(f"train: W&B's process ended before the run was closed; what it logged until then is in "
+                      f"{Path(self.run.dir).parent}", file=sys.stderr, flush=True)
+            with contextlib.suppress(ConnectionError):
+                wandb.teardown()
 
 
 def truncate_log(path: Path, *, after: int) -> None:
