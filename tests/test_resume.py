@@ -651,6 +651,24 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
         assert named <= 1
 
 
+def test_a_rank_killed_alone_on_its_node_is_named_by_the_roll_call(files, tmp_path):
+    """Two nodes of one rank each; rank 1 (node 1) is killed outright in step 3 and no rank of its
+    node is left to find it. Rank 0's collective fails; it is the first to fail, and before it
+    blames itself it waits for every other rank to answer its post (PeerWatch.silent): rank 1's
+    silence is named next to the traceback, and node 1's launcher exits with its SIGKILL."""
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+            "--micro_batch_size", "6", "--save_steps", "2", "--eval_steps", "100"]
+    nodes = two_nodes(args, tmp_path=tmp_path, env={"TRAIN_FAIL_AT": "1:3:kill"})
+    logs = [finish(node, timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [1, 256 - signal.SIGKILL], logs
+    assert re.search(r"rank 0: failed at step 3 \(the traceback follows\); rank 1 did not answer within 2.5 s: its "
+                     r"process ended or hangs, on another node \(killed by the OOM killer\?", logs[0]), logs[0][-3000:]
+    assert logs[0].count("Traceback (most recent call last)") == 1 and "Traceback" not in logs[1]
+    checkpoints = out / "checkpoints"
+    assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
+
+
 WAITING_RANK = """
 import os, signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])

@@ -117,7 +117,8 @@ def test_soak_kill_rule_wants_every_rank_to_say_why_and_the_killed_ranks_node_to
     assert kill_problem(247, one, rank=1, step=5, ranks=3, nodes=1) is None
     assert kill_problem(1, one, rank=1, step=5, ranks=3, nodes=1) is None
     # two nodes: rank 0 (node 0) lost rank 2 (node 1) first, with its collective's traceback
-    two = ("train: rank 0: failed at step 5 (the traceback follows)\nTraceback (most recent call last):\n"
+    two = ("train: rank 0: failed at step 5 (the traceback follows); rank 2 did not answer within 2.5 s: its "
+           "process ended or hangs, on another node\nTraceback (most recent call last):\n"
            "train: rank 1: stopping: rank 0 failed at step 5: RuntimeError: closed\n"
            "train: rank 3: stopping: rank 0 failed at step 5: RuntimeError: closed (here then: rank 2's process "
            "(pid 42) was killed by SIGKILL)")
@@ -126,6 +127,8 @@ def test_soak_kill_rule_wants_every_rank_to_say_why_and_the_killed_ranks_node_to
     assert "silent ranks [2]" in kill_problem(247, named(0, 1), rank=1, step=5, ranks=3, nodes=1)
     assert "not naming it [3]" in kill_problem(247, two.split(" (here then")[0], rank=2, step=5, ranks=4, nodes=2)
     assert "failed [0]" in kill_problem(247, two, rank=1, step=5, ranks=4, nodes=2)  # rank 0 shares rank 1's node
+    assert "not naming it [0]" in kill_problem(247, two.replace("; rank 2 did not answer", ""), rank=2, step=5,
+                                               ranks=4, nodes=2)
     assert "2 tracebacks" in kill_problem(247, one + "\nTraceback (most recent call last):" * 2, rank=1, step=5,
                                           ranks=3, nodes=1)
     assert kill_problem(-9, "", rank=0, step=5, ranks=1, nodes=1) is None

@@ -106,6 +106,7 @@ class PeerWatch:
     LOST = "lost contact with rank 0 (it exited or its node went down)"
     LEAVE_S = 10.0  # how long a rank waits for the watcher's store call in flight (rank 0 answers in ms)
     LINGER_S = 5.0  # how long a stopping rank waits for the others (each polls once a second)
+    ROLL_S = 2.5  # how long the first to fail waits for every other rank to answer its stop
 
     def __init__(self, rank: int, store=None, poll_s: float = 1.0, world: int | None = None):
         self.rank, self.done, self.poll_s = rank, threading.Event(), poll_s
@@ -132,6 +133,7 @@ class PeerWatch:
             return True
         try:
             if self.store.add(f"{self.KEY}/failed", 1) > 1:
+                self._answer()
                 self.store.wait([self.KEY], datetime.timedelta(seconds=self.LINGER_S))  # posted right after
                 self.first = json.loads(self.store.get(self.KEY))
                 return False
@@ -148,12 +150,31 @@ class PeerWatch:
         killed outright, by the OOM killer, says nothing itself: its peers' collectives just lose
         it); None while all run."""
         how = {rank: how for rank, process in sorted(self.local.items()) if (how := _how_ended(process))}
+        # a rank that exited with a code said why itself (one that stopped after the death); a signal's is the cause
+        how = {r: h for r, h in how.items() if "killed" in h} or {r: h for r, h in how.items() if "exited" not in h}
         self.dead = list(how)
         return self._describe(how, where) if how else None
 
+    def silent(self) -> list[int]:
+        """For the first rank to fail, after its post: the ranks that did not answer it within
+        ROLL_S, but for those found dead here (each answers as it reads the post, within a poll):
+        ended or hung, on another node (a rank killed there posts nothing)."""
+        others = [f"{self.KEY}/here/{rank}" for rank in range(self.world) if rank not in {self.rank, *self.dead}]
+        if self.store is None or not others:
+            return []
+        with contextlib.suppress(Exception):
+            deadline = time.monotonic() + self.ROLL_S
+            while not self.store.check(others) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return [int(key.rsplit("/", 1)[1]) for key in others if not self.store.check([key])]
+        return []
+
     def speaks_for_node(self) -> bool:
-        """Whether this rank is the lowest of its node's ranks still running (after `ended`)."""
-        return self.rank < min(set(self.local) - set(self.dead), default=self.world)
+        """Whether this rank is the lowest of its node's ranks but rank 0 (which is gone: `ended`)."""
+        return self.rank == min((set(self.local) - {0}) | {self.rank})
+
+    def _answer(self) -> None:
+        self.store.set(f"{self.KEY}/here/{self.rank}", "")
 
     def _lost(self) -> str:
         how = _how_ended(self.local[0]) if 0 in self.local else None
@@ -208,6 +229,7 @@ class PeerWatch:
                 if not self.store.check([self.KEY]):
                     continue
                 stop = json.loads(self.store.get(self.KEY))
+                self._answer()
                 here = self.ended()  # a rank of this node that died, when another rank posted first
             except Exception:  # the store lives in rank 0's process
                 if self.done.is_set():

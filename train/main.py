@@ -211,8 +211,12 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int, where: str, ke
             0 not in peers.dead or peers.speaks_for_node()) else ""), file=sys.stderr, flush=True)
         return 1
     if peers.first is None:  # this rank was the first to fail
-        print(f"train: rank {rank}: failed {where} (the traceback follows)" + (f"\ntrain: {kept()}" if kept else ""),
-              file=sys.stderr, flush=True)
+        silent = ", ".join(f"rank {k}" for k in peers.silent())
+        lost = (f"; {silent} did not answer within {peers.ROLL_S:g} s: its process ended or hangs, on another node "
+                f"(killed by the OOM killer? that node's log and `dmesg` say), and a lost peer fails a collective"
+                if silent else "")
+        print(f"train: rank {rank}: failed {where} (the traceback follows){lost}" + (f"\ntrain: {kept()}" if kept
+              else ""), file=sys.stderr, flush=True)
         return None
     here = ended or f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
     print(f"train: rank {rank}: stopping: {peers.first['reason']} (here then: {here})", file=sys.stderr, flush=True)
