@@ -55,6 +55,12 @@ def losses_by_step(out: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in rows}
 
 
+def shm_left(done: subprocess.CompletedProcess) -> list[str]:
+    """DeepSpeed's all-reduce buffers in /dev/shm (66 MB a rank) that the job `done` left behind."""
+    port = done.args[done.args.index("--master_port") + 1]
+    return [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")]
+
+
 def keys_by_step(out: Path, rank: int) -> list[tuple[int, list[str]]]:
     lines = (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines()
     return [(row["step"], row["keys"]) for row in map(json.loads, lines)]
@@ -613,6 +619,7 @@ def test_a_rank_that_fails_unexpectedly_stops_its_peers_and_the_job_exits_1(file
     # no abort, and no store call met rank 0 gone (it leaves last)
     assert "terminate called" not in done.stderr and "failed on SocketImpl" not in done.stderr
     assert time.monotonic() - start < 120
+    assert shm_left(done) == []  # the ranks their watcher stopped (os._exit) removed theirs too
     checkpoints = out / "checkpoints"
     assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
     assert f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact" in done.stderr
@@ -642,6 +649,7 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
     # the launcher's SIGTERM to every process left (rank 0's W&B service too) cut no one's way out short
     assert "failed at step" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-5000:]
     assert "terminate called" not in done.stderr
+    assert shm_left(done) == []  # the killed rank's too: its node's ranks removed it
     checkpoints = out / "checkpoints"
     assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
     named = done.stderr.count(f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact")

@@ -50,7 +50,7 @@ def watch_sigterm() -> None:
         while signal.SIGTERM not in os.read(read, 64) or LOOP_SAVES.is_set():
             pass
         time.sleep(SIGTERM_GRACE_S)
-        release_build_locks()
+        release_rank_files()
         print(f"train: rank {os.environ.get('RANK', 0)}: SIGTERM while blocked outside Python; exiting", file=sys.stderr,
               flush=True)
         os._exit(128 + signal.SIGTERM)
@@ -85,12 +85,20 @@ def distributed():
     """This process's group (the deepspeed launcher's ranks, or a world of one), torn down on every
     exit: C++ communication threads left running abort the process at shutdown."""
     _init_distributed()
-    shm_buffer = _shm_buffer()
     try:
         yield
     finally:
-        dist.destroy_process_group()
-        shm_buffer.unlink(missing_ok=True)
+        try:
+            dist.destroy_process_group()
+        finally:
+            _shm_buffer().unlink(missing_ok=True)
+
+
+def release_rank_files() -> None:
+    """What a rank that ends by os._exit (every finally skipped) must still remove: the build locks
+    it holds and its all-reduce buffer in /dev/shm."""
+    release_build_locks()
+    _shm_buffer().unlink(missing_ok=True)
 
 
 class PeerWatch:
@@ -206,7 +214,10 @@ class PeerWatch:
 
     def _count_out(self) -> None:
         """This rank stops: it counts itself out and waits until all have (LINGER_S at most); rank 0,
-        which hosts the store, then until every other rank has made its last store call."""
+        which hosts the store, then until every other rank has made its last store call. It removes
+        the all-reduce buffers of its node's ranks found dead (a killed rank leaves its own)."""
+        for rank in self.dead:
+            _shm_buffer(rank).unlink(missing_ok=True)
         if self.store is None:  # gone with rank 0: nothing to wait for
             return
         with contextlib.suppress(Exception):
@@ -238,7 +249,7 @@ class PeerWatch:
             print(f"train: rank {self.rank}: stopping: {stop['reason']}" + (f" (here then: {here})" if here else ""),
                   file=sys.stderr, flush=True)
             self._count_out()  # the launcher ends the others once this rank exits
-            release_build_locks()  # os._exit skips every finally
+            release_rank_files()  # os._exit skips every finally
             os._exit(stop["code"])
 
 
@@ -314,12 +325,13 @@ def _init_distributed() -> None:
         sys.exit(2)
 
 
-def _shm_buffer() -> Path:
-    """The shared-memory file of this rank's CPU all-reduce. DeepSpeed creates one of 66 MB per
-    rank when all ranks share a machine (ops/csrc/cpu/comm/shm.cpp) and never unlinks it: left
-    alone, every run leaks it into /dev/shm (RAM) until the machine runs out of memory."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-                               f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+def _shm_buffer(rank: int | None = None) -> Path:
+    """The shared-memory file of this rank's (or `rank`'s) CPU all-reduce. DeepSpeed creates one of
+    66 MB per rank when all ranks share a machine (ops/csrc/cpu/comm/shm.cpp) and never unlinks it:
+    left alone, every run leaks it into /dev/shm (RAM) until the machine runs out of memory."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{rank}")
 
 
 def agree(problems: list[str]) -> None:
