@@ -312,10 +312,10 @@ def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, no
     said = {k: re.findall(rf"train: rank {k}: (stopping: .*|failed at step {step} \(the traceback follows\).*)",
                           output) for k in range(ranks) if k != rank}
     silent = [k for k, lines in said.items() if not lines]
+    failed = [k for k, lines in said.items() if any(line.startswith("failed") for line in lines)]
     unnamed = [k for k, lines in said.items() if not any(  # its node's ranks find it; the first elsewhere, its silence
         f"rank {rank}'s process (pid " in line or line.startswith("failed") and f"rank {rank} did not answer" in line
-        for line in lines) and (k // node == rank // node or any(line.startswith("failed") for line in lines))]
-    failed = [k for k, lines in said.items() if any(line.startswith("failed") for line in lines)]
+        for line in lines) and (k // node == rank // node or k in failed)]
     tracebacks = output.count("Traceback (most recent call")
     if (code not in (256 - signal.SIGKILL, 1) or silent or unnamed or tracebacks != len(failed)
             or any(k // node == rank // node for k in failed) or len(failed) > 1 or "terminate called" in output):

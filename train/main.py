@@ -206,21 +206,24 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int, where: str, ke
     peers.stop_all(1, ended or f"rank {rank} failed {where}: {type(error).__name__}: {error}")
     if not isinstance(error, Exception):
         return None
-    if peers.first is None and ended:  # when rank 0 died, every survivor on its node is "first"
-        print(f"train: rank {rank}: stopping: {ended}" + (f"\ntrain: {kept()}" if kept and (
-            0 not in peers.dead or peers.speaks_for_node()) else ""), file=sys.stderr, flush=True)
-        return 1
-    if peers.first is None:  # this rank was the first to fail
+    if peers.first is not None:
+        here = ended or f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+        print(f"train: rank {rank}: stopping: {peers.first['reason']} (here then: {here})", file=sys.stderr, flush=True)
+        return peers.first["code"]
+    # this rank was the first to fail (when rank 0 died, so is every survivor on its node: the lowest names the
+    # checkpoint to go on from)
+    if ended:
+        line = f"stopping: {ended}"
+    else:
         silent = ", ".join(f"rank {k}" for k in peers.silent())
-        lost = (f"; {silent} did not answer within {peers.ROLL_S:g} s: its process ended or hangs, on another node "
-                f"(killed by the OOM killer? that node's log and `dmesg` say), and a lost peer fails a collective"
-                if silent else "")
-        print(f"train: rank {rank}: failed {where} (the traceback follows){lost}" + (f"\ntrain: {kept()}" if kept
-              else ""), file=sys.stderr, flush=True)
-        return None
-    here = ended or f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-    print(f"train: rank {rank}: stopping: {peers.first['reason']} (here then: {here})", file=sys.stderr, flush=True)
-    return peers.first["code"]
+        line = f"failed {where} (the traceback follows)" + (
+            f"; {silent} did not answer within {peers.ROLL_S:g} s: its process ended or hangs, on another node "
+            f"(killed by the OOM killer? that node's log and `dmesg` say), and a lost peer fails a collective"
+            if silent else "")
+    if kept and (0 not in peers.dead or peers.speaks_for_node()):
+        line += f"\ntrain: {kept()}"
+    print(f"train: rank {rank}: {line}", file=sys.stderr, flush=True)
+    return 1 if ended else None
 
 
 def _kept(run: Run) -> str:
