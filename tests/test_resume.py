@@ -659,6 +659,81 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
         assert named <= 1
 
 
+def test_a_rank_killed_while_its_peers_wait_without_an_error_is_named_by_their_watchers(files, tmp_path):
+    """Rank 1 is killed outright in step 3 while ranks 0 and 2 wait in that step without an error
+    coming (TRAIN_FAIL_AT=R:3:hang): as collectives wait under NCCL for a peer that died, GPUs of a
+    node talking through memory, until the backend's timeout (10 to 30 minutes). Their watchers
+    find rank 1 ended (not closed: `PeerWatch.close`) among their node's ranks, and the first posts
+    it as a failure: both say which rank died and stop, the job ends within seconds, and the
+    checkpoint of step 2 is named once."""
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+            "--micro_batch_size", "4", "--save_steps", "2", "--eval_steps", "100"]
+    start = time.monotonic()
+    done = train(args, ranks=3, env={"TRAIN_FAIL_AT": "1:3:kill,0:3:hang,2:3:hang"}, check=False)
+    assert done.returncode in (256 - signal.SIGKILL, 1), done.stderr[-3000:]
+    # (the launcher reaps the killed rank within a second: its wait status may be gone by then)
+    died = re.compile(r"rank (\d): stopping: rank 1's process \(pid \d+\) (was killed by SIGKILL|has ended) at step 3")
+    assert sorted(m.group(1) for m in died.finditer(done.stderr)) == ["0", "2"], done.stderr[-5000:]
+    assert "(here then" not in done.stderr  # the second says nothing new: no echo of the first's line
+    assert "injected timeout" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-5000:]
+    assert time.monotonic() - start < 150  # far from the 10-minute wait
+    assert shm_left(done) == []
+    checkpoints = out / "checkpoints"
+    assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
+    assert done.stderr.count(f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact") == 1
+
+
+NODE = """
+import os, socket, subprocess, sys
+RANK = '''
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from train.distributed import PeerWatch
+
+rank, how = int(os.environ["RANK"]), sys.argv[2]
+store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), 2, rank == 0)
+peers = PeerWatch(rank=rank, store=store, world=2)
+peers.where = lambda: "at step 7"
+store.set(f"watching {rank}", "")
+store.wait(["watching 0", "watching 1"])  # each knows the other
+if rank == 1:  # done, with every rank (closed), or killed outright
+    peers.close() if how == "closed" else os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(0)
+time.sleep(4)  # rank 0 meanwhile waits in a collective that no error ends
+print("rank 0 went on", flush=True)
+peers.close()
+'''
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+ranks = [subprocess.Popen([sys.executable, "-c", RANK, *sys.argv[1:]], env={**env, "RANK": str(r)}) for r in (0, 1)]
+ranks[1].wait()  # reaped at once, as a launcher that polls its ranks may: no wait status is left to read
+print(f"rank 0 exited with {ranks[0].wait()}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["closed", "killed"])
+def test_a_rank_of_the_node_that_ends_without_closing_stops_the_others(tmp_path, how):
+    """The watcher of a rank waiting in a collective that no error ends (NCCL) finds a rank of its
+    node (a child of its launcher) that ended without closing its PeerWatch, killed outright, and
+    stops the job for it within its poll; a rank that closed (finished with every rank, or stopped
+    together on an agreed error) is no death, however soon its launcher reaps it."""
+    script = tmp_path / "node.py"
+    script.write_text(NODE)
+    done = subprocess.run([sys.executable, str(script), str(ROOT), how], capture_output=True, text=True, timeout=60)
+    if how == "closed":
+        assert done.stdout.splitlines() == ["rank 0 went on", "rank 0 exited with 0"], done.stdout + done.stderr
+        assert "stopping" not in done.stderr, done.stderr[-3000:]
+    else:
+        assert done.stdout.splitlines() == ["rank 0 exited with 1"], done.stdout + done.stderr
+        said = [line for line in done.stderr.splitlines() if line.startswith("train:")]
+        assert len(said) == 1 and re.fullmatch(r"train: rank 0: stopping: rank 1's process \(pid \d+\) has ended "
+                                               r"at step 7", said[0]), done.stderr[-3000:]
+
+
 def test_a_rank_killed_alone_on_its_node_is_named_by_the_roll_call(files, tmp_path):
     """Two nodes of one rank each; rank 1 (node 1) is killed outright in step 3 and no rank of its
     node is left to find it. Rank 0's collective fails; it is the first to fail, and before it

@@ -1,32 +1,34 @@
 """Randomized training runs at the sizes users have, each checked for what must hold.
 
-    python tools/soak.py [--trials N] [--seed S] [--out DIR] [--precision fp32|bf16] [--preempt] [--json FILE]
+    python tools/soak.py [--trials N] [--seed S] [--out DIR] [--precision fp32|bf16] [--preempt] [--compile]
+                         [--json FILE]
 
-Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images:
-they divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them
-as one node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
+Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images: they
+divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them as one
+node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
 accumulation, ZeRO stage (3 with or without CPU offload), `--epochs`, augmentation, the eval
 cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the checkpoint cadence
 (every eval or `--save_steps`), `--save_total_limit`, `--export`, and the rest of the recipe (label
-smoothing, schedule, warmup, clipping, the eval resize, channels-last), in one to three
-launches: each but the last stops at a random `--max_steps`, and the next goes on with `--resume
-auto` on other ranks, nodes, micro batch or accumulation, some with a new `--lr` or augmentation
-(as a user changes them after a loss spike), more `--epochs`, or the ZeRO config that reads the same
-checkpoint (ZeRO-1 <-> 2, ZeRO-3 with CPU offload on or off) (with `--preempt`, some launches are
-instead stopped by SIGTERM to every process of the job once a random step is logged, as a
-scheduler preempts a job: the stop then falls where the ranks agree, so such trials do not repeat
-exactly). Some launches get NaN pixels on one rank (TRAIN_NAN_AT) for a whole step or one micro
-batch of it: with `--nan_guard skip` the step is skipped or trains on its other micro batches; with
-`--nan_guard stop` the launch stops there instead of at its `--max_steps` (exit 4, as after a
-crash) and the next goes on from the newest checkpoint. Some launches instead fail there: an
-unexpected error on one rank (TRAIN_FAIL_AT, as a bug or a device fault), exit 1, that rank's
-traceback and every other rank's "stopping" line saying why, one traceback in all; or, half of
-them, the rank killed outright (SIGKILL, as the OOM killer does): every other rank says why it
-stops, those of its node naming it and how it died. Some resumed
-launches branch: they go on from an older checkpoint than the newest (`--resume
-OUT/checkpoints/step-N`, as a user goes back before a loss spike), and the line past it is set
-aside. Then it checks the run's metrics and sample
-keys (the line the last launch continued):
+smoothing, schedule, warmup, clipping, the eval resize, channels-last; with `--compile`, every
+launch compiled), in one to three launches: each but the last stops at a random `--max_steps`, and
+the next goes on with `--resume auto` on other ranks, nodes, micro batch or accumulation, some with
+a new `--lr` or augmentation (as a user changes them after a loss spike), more `--epochs`, or the
+ZeRO config that reads the same checkpoint (ZeRO-1 <-> 2, ZeRO-3 with CPU offload on or off) (with
+`--preempt`, some launches are instead stopped by SIGTERM to every process of the job once a random
+step is logged, as a scheduler preempts a job: the stop then falls where the ranks agree, so such
+trials do not repeat exactly). Some launches get NaN pixels on one rank (TRAIN_NAN_AT) for a whole
+step or one micro batch of it: with `--nan_guard skip` the step is skipped or trains on its other
+micro batches; with `--nan_guard stop` the launch stops there instead of at its `--max_steps` (exit
+4, as after a crash) and the next goes on from the newest checkpoint. Some launches instead fail
+there: an unexpected error on one rank (TRAIN_FAIL_AT, as a bug or a device fault), exit 1, that
+rank's traceback and every other rank's "stopping" line saying why, one traceback in all; or, half
+of them, the rank killed outright (SIGKILL, as the OOM killer does): every other rank says why it
+stops, those of its node naming it and how it died (half of those with every other rank waiting in
+that step without an error, as collectives wait for a dead peer under NCCL, where the killed rank
+has another rank on its node to find it). Some resumed launches branch: they go on from an older
+checkpoint than the newest (`--resume OUT/checkpoints/step-N`, as a user goes back before a loss
+spike), and the line past it is set aside. Then it checks the run's metrics and sample keys (the
+line the last launch continued):
 
 - every step from 1 to the planned last was trained once and logged once;
 - no sample was read twice within an epoch (all ranks and launches together), and every whole
@@ -101,7 +103,8 @@ def prepare(out: Path) -> None:
         (out / f"{name}.json").write_text(json.dumps(config))
 
 
-def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool = True, preempt: bool = False) -> dict:
+def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool = True, preempt: bool = False,
+         compile: bool = False) -> dict:
     """A trial's settings: the run's own, and (ranks, micro batch, accumulation) per launch."""
     launches = [(rng.choice(range(1, max_ranks + 1)), rng.choice([8, 13, 24, 40]), rng.choice([1, 1, 2, 3]))
                 for _ in range(rng.choice([1, 2, 3]))]
@@ -145,6 +148,9 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
                         for n, (ranks, _, _) in enumerate(launches)]
     kill = random.Random(json.dumps(settings, sort_keys=True))  # and half of those: the rank killed outright
     settings["kill"] = [rank is not None and kill.random() < 0.5 for rank in settings["fail"]]  # (SIGKILL)
+    hang = random.Random(json.dumps(settings, sort_keys=True))  # and half of those: the other ranks wait in
+    settings["hang"] = [killed and hang.random() < 0.5 for killed in settings["kill"]]  # their step (NCCL)
+    settings["compile"] = compile  # the same trials compiled
     return settings
 
 
@@ -191,6 +197,7 @@ def final_epochs(settings: dict) -> float:
 def flags(settings: dict) -> list[str]:
     """The trainer flags a trial draws besides the model, ZeRO config, epochs and batch sizes."""
     return (settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"]
+            + ["--compile"] * settings.get("compile", False)
             + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
             + (["--save_steps", str(settings["save_steps"])] if settings.get("save_steps") else [])
             + (["--save_total_limit", str(settings["keep"])] if settings.get("keep", 2) != 2 else [])
@@ -242,6 +249,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
                 args += ["--max_steps", str(stop)]
         killed = fails[n] is not None and settings.get("kill", [False] * (last + 1))[n]
         env = {"TRAIN_FAIL_AT": f"{fails[n]}:{stop}" + (":kill" if killed else "")} if fails[n] is not None else {}
+        if killed and hangs(settings, n):  # no collective fails: only the killed rank's node can find it
+            env["TRAIN_FAIL_AT"] += "".join(f",{k}:{stop}:hang" for k in range(ranks) if k != fails[n])
         if fault is not None:  # at `stop` for a crash, else at a fraction of the launch's steps
             nan_at = stop if nan_stops[n] else start + 1 + int(fault["at"] * ((stop or start + per_epoch * 3 // 2) - start))
             env["TRAIN_NAN_AT"] = nan_spec(fault, nan_at)
@@ -266,7 +275,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             # (none can tell when rank 0, which hosts the store, or the only rank was killed)
             told = told in output or (killed and (fails[n] == 0 or ranks == 1))
             nans.append({"step": stop, "launch": n + 1, "crash": True, "resumed": start, "told": told,
-                         **({"fail": fails[n]} if fails[n] is not None else {}), **({"killed": True} if killed else {})})
+                         **({"fail": fails[n]} if fails[n] is not None else {}), **({"killed": True} if killed else {}),
+                         **({"hang": True} if killed and hangs(settings, n) else {})})
             continue
         if fault is not None and nan_at <= last_step(trial_dir / "metrics.jsonl"):  # the launch reached it
             nans.append({"step": nan_at, "launch": n + 1, "skipped": skips_step(fault, accum)})
@@ -284,6 +294,15 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
     if (exported := re.search(r"\(from step-(\d+), ", output)) and settings.get("eval_only"):
         problems += eval_only_problems(trial_dir, settings, step=int(exported.group(1)), data=data)
     return {**result, "stops": stops, "steps": planned, "problems": problems}
+
+
+def hangs(settings: dict, n: int) -> bool:
+    """Whether the other ranks of launch `n`, whose rank `settings["fail"][n]` is killed, wait in its
+    step without an error (TRAIN_FAIL_AT=R:S:hang), as collectives wait for a dead peer under NCCL:
+    where the killed rank has another rank on its node to find it (none else can: they would wait
+    the backend's timeout)."""
+    ranks, nodes = settings["launches"][n][0], settings["nodes"][n]
+    return settings.get("hang", [False] * (n + 1))[n] and ranks // nodes > 1
 
 
 def fail_problem(code: int, output: str, *, rank: int, step: int, ranks: int) -> str | None:
@@ -547,7 +566,8 @@ def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: l
 
 def nan_shown(result: dict) -> str:
     """The trial's NaN faults and failures for its report line: where each came and what it did."""
-    what = [f"rank {nan['fail']} {'killed' if nan.get('killed') else 'failed'} at {nan['step']}" if "fail" in nan
+    what = [f"rank {nan['fail']} {'killed' if nan.get('killed') else 'failed'} at {nan['step']}"
+            + " (the others waiting)" * nan.get("hang", False) if "fail" in nan
             else f"NaN at {nan['step']} " + ("stopped it" if nan.get("crash") else "skipped" if nan["skipped"] else
                                              "one micro batch") for nan in result.get("nans", [])]
     return f"; {', '.join(what)}" if what else ""
@@ -563,13 +583,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preempt", action="store_true",
                         help="stop some launches with SIGTERM to the whole job at a random step (as a scheduler "
                              "preempts it) instead of --max_steps; where the stop falls depends on timing")
+    parser.add_argument("--compile", action="store_true", help="every launch with --compile (torch.compile)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     prepare(args.out)
     rng, report = random.Random(args.seed), []
     gpus = torch.cuda.device_count()  # CPU ranks, or one per GPU (nodes of one machine would share them)
     for n in tqdm(range(args.trials), unit="trial", disable=None):
-        settings = draw(rng, precision=args.precision, max_ranks=gpus or 4, split=not gpus, preempt=args.preempt)
+        settings = draw(rng, precision=args.precision, max_ranks=gpus or 4, split=not gpus, preempt=args.preempt,
+                         compile=args.compile)
         result = trial(args.out / f"trial-{args.seed}-{n}", settings, data=args.out, rng=rng)
         report.append(result)
         back = {b["launch"]: f"(from step {b['from']}) " for b in result.get("branches", [])}

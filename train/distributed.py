@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import deepspeed
 import psutil
@@ -124,6 +124,8 @@ class PeerWatch:
         self.stopping = False
         self.local = _local_peers() if self.world > 1 else {}
         self.dead: list[int] = []  # this node's ranks found ended (`ended`), counted out by the first to fail
+        self.where: Callable[[], str] = lambda: ""  # where the run is ("at step 3"), set by the trainer
+        self.kept: Callable[[], str] | None = None  # what the run leaves to go on from, said by the first to stop
         self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
         self.thread.start()
 
@@ -157,11 +159,32 @@ class PeerWatch:
         """Which of this node's other ranks have ended, how and `where` this rank noticed (a rank
         killed outright, by the OOM killer, says nothing itself: its peers' collectives just lose
         it); None while all run."""
-        how = {rank: how for rank, process in sorted(self.local.items()) if (how := _how_ended(process))}
-        # a rank that exited with a code said why itself (one that stopped after the death); a signal's is the cause
-        how = {r: h for r, h in how.items() if "killed" in h} or {r: h for r, h in how.items() if "exited" not in h}
+        how = self._ended_here()
         self.dead = list(how)
         return self._describe(how, where) if how else None
+
+    def _ended_here(self) -> dict[int, str]:
+        how = {rank: how for rank, process in sorted(self.local.items()) if (how := _how_ended(process))}
+        # a rank that exited with a code said why itself (one that stopped after the death); a signal's is the cause
+        return {r: h for r, h in how.items() if "killed" in h} or {r: h for r, h in how.items() if "exited" not in h}
+
+    def say_stopping(self, here: str | None) -> int:
+        """After stop_all: prints why this rank stops and returns its exit code. The first rank's
+        reason, with what this rank found `here` (its error, or a rank of its node found dead) unless
+        that reason names it already; when this rank was the first, `here` is a rank of its node found
+        dead, said with what the run leaves to go on from (when rank 0 died, every survivor of its node
+        is a first: the lowest of them says that)."""
+        if self.first is not None:
+            named = self.dead and all(f"rank {rank}'s process" in self.first["reason"] for rank in self.dead)
+            self.say(f"stopping: {self.first['reason']}" + ("" if named or not here else f" (here then: {here})"))
+            return self.first["code"]
+        self.say(f"stopping: {here}", kept=0 not in self.dead or self.speaks_for_node())
+        return 1
+
+    def say(self, line: str, *, kept: bool = False) -> None:
+        if kept and self.kept:
+            line += f"\ntrain: {self.kept()}"
+        print(f"train: rank {self.rank}: {line}", file=sys.stderr, flush=True)
 
     def silent(self) -> list[int]:
         """For the first rank to fail, after its post: the ranks that did not answer it within
@@ -201,7 +224,10 @@ class PeerWatch:
             self._count_out()
 
     def close(self) -> None:
-        """Every rank finished together: rank 0 (which hosts the store) may now exit first."""
+        """Every rank finished together: rank 0 (which hosts the store) may now exit first. It says so
+        in the store first: the ranks of its node that find it ended then know it was not killed."""
+        with contextlib.suppress(Exception):
+            self.store.set(f"{self.KEY}/closed/{self.rank}", "")
         self._leave()
 
     def _leave(self) -> None:
@@ -237,20 +263,40 @@ class PeerWatch:
     def _watch(self) -> None:
         while not self.done.wait(self.poll_s):
             try:
-                if not self.store.check([self.KEY]):
-                    continue
-                stop = json.loads(self.store.get(self.KEY))
-                self._answer()
-                here = self.ended()  # a rank of this node that died, when another rank posted first
+                posted = self.store.check([self.KEY])
+                dead = {} if posted else self._killed_here()
+                if posted:
+                    self.first = json.loads(self.store.get(self.KEY))
+                    self._answer()
+                    here = self.ended()  # a rank of this node that died, when another rank posted first
             except Exception:  # the store lives in rank 0's process
                 if self.done.is_set():
                     return
-                stop, here = {"code": 1, "reason": self._lost()}, None
-            print(f"train: rank {self.rank}: stopping: {stop['reason']}" + (f" (here then: {here})" if here else ""),
-                  file=sys.stderr, flush=True)
-            self._count_out()  # the launcher ends the others once this rank exits
-            release_rank_files()  # os._exit skips every finally
-            os._exit(stop["code"])
+                posted, self.first, here = True, {"code": 1, "reason": self._lost()}, None
+            if posted:
+                self._exit(self.say_stopping(here))
+            if dead and not self.done.is_set():
+                self._stop_for_dead(dead)
+
+    def _killed_here(self) -> dict[int, str]:
+        """This node's ranks that ended without closing (`close`), how."""
+        how = self._ended_here() if self.local else {}
+        return {rank: what for rank, what in how.items() if not self.store.check([f"{self.KEY}/closed/{rank}"])}
+
+    def _stop_for_dead(self, how: dict[int, str]) -> NoReturn:
+        """A rank of this node ended, not closed, while no rank had failed: killed outright. Under
+        NCCL the others' collectives may wait for it until their timeout instead of failing (GPUs of
+        one node talk through memory, not sockets), and the launcher of another node never hears of
+        it; so this rank stops every rank as the first to fail would, whatever its main thread waits
+        in."""
+        self.dead, ended = list(how), self._describe(how, self.where())
+        self.stop_all(1, ended)
+        self._exit(self.say_stopping(ended))
+
+    def _exit(self, code: int) -> NoReturn:
+        self._count_out()  # the launcher ends the others once this rank exits
+        release_rank_files()  # os._exit skips every finally
+        os._exit(code)
 
 
 def _local_peers() -> dict[int, psutil.Process]:

@@ -145,6 +145,7 @@ def run_training(args: TrainArgs) -> int:
     rank = dist.get_rank()
     _quiet_libraries(rank)
     peers = PeerWatch(rank)
+    peers.where = lambda: "in setup"
     prepare, work = (setup_eval, evaluate_only) if args.eval_only else (setup, fit)
     try:
         run = prepare(args)
@@ -154,11 +155,12 @@ def run_training(args: TrainArgs) -> int:
             print(f"train: configuration error, nothing was trained:\n{e}", file=sys.stderr)
         return 2
     except BaseException as e:
-        code = _failed(peers, e, rank=rank, where="in setup")
+        code = _failed(peers, e, rank=rank)
         peers.leave()
         if code is None:
             raise
         return code
+    peers.where, peers.kept = (lambda: f"at step {run.doing}"), (lambda: _kept(run))
     try:
         result = work(run)
     except (NonFiniteLoss, CheckpointError) as e:  # agreed by every rank (a save refuses non-finite weights)
@@ -182,7 +184,7 @@ def run_training(args: TrainArgs) -> int:
         peers.stop_all(code, f"rank {rank} had a {what} {when} (its message says which)")
         return code
     except BaseException as e:
-        if (code := _failed(peers, e, rank=rank, where=f"at step {run.doing}", kept=lambda: _kept(run))) is None:
+        if (code := _failed(peers, e, rank=rank)) is None:
             raise
         return code
     finally:
@@ -195,35 +197,26 @@ def run_training(args: TrainArgs) -> int:
     return 0
 
 
-def _failed(peers: PeerWatch, error: BaseException, *, rank: int, where: str, kept=None) -> int | None:
+def _failed(peers: PeerWatch, error: BaseException, *, rank: int) -> int | None:
     """An unexpected error on this rank; None: the caller raises it (its traceback, exit 1). The
     first rank to fail tells the others (PeerWatch) and says what is left to go on from; a rank
     whose error came after another's failure (its collective lost that rank) stops with that
     rank's reason and code instead of a second traceback (and names a rank of its node found
     dead); so does the first when a rank of its node has died (killed outright: the error is the
     lost peer's). SIGTERM outside the training loop (Terminated) and Ctrl-C go on as they are."""
+    where = peers.where()
     ended = peers.ended(where) if isinstance(error, Exception) else None
     peers.stop_all(1, ended or f"rank {rank} failed {where}: {type(error).__name__}: {error}")
     if not isinstance(error, Exception):
         return None
-    if peers.first is not None:
-        here = ended or f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-        print(f"train: rank {rank}: stopping: {peers.first['reason']} (here then: {here})", file=sys.stderr, flush=True)
-        return peers.first["code"]
-    # this rank was the first to fail (when rank 0 died, so is every survivor on its node: the lowest names the
-    # checkpoint to go on from)
-    if ended:
-        line = f"stopping: {ended}"
-    else:
-        silent = ", ".join(f"rank {k}" for k in peers.silent())
-        line = f"failed {where} (the traceback follows)" + (
-            f"; {silent} did not answer within {peers.ROLL_S:g} s: its process ended or hangs, on another node "
-            f"(killed by the OOM killer? that node's log and `dmesg` say), and a lost peer fails a collective"
-            if silent else "")
-    if kept and (0 not in peers.dead or peers.speaks_for_node()):
-        line += f"\ntrain: {kept()}"
-    print(f"train: rank {rank}: {line}", file=sys.stderr, flush=True)
-    return 1 if ended else None
+    if peers.first is not None or ended:
+        return peers.say_stopping(ended or f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
+    silent = ", ".join(f"rank {k}" for k in peers.silent())
+    peers.say(f"failed {where} (the traceback follows)" + (
+        f"; {silent} did not answer within {peers.ROLL_S:g} s: its process ended or hangs, on another node (killed by "
+        f"the OOM killer? that node's log and `dmesg` say), and a lost peer fails a collective" if silent else ""),
+        kept=True)
+    return None
 
 
 def _kept(run: Run) -> str:
@@ -1253,15 +1246,19 @@ def seed_streams(seed: int, *, rank: int, step: int) -> None:
 def _inject_failure(run: Run) -> None:
     """Fault injection for tests: TRAIN_FAIL_AT="RANK:STEP" raises an unexpected error on that rank
     in STEP (a bug, a device fault): the rank fails alone and its peers wait in a collective.
-    "RANK:STEP:kill" kills the rank outright instead (SIGKILL, as the OOM killer does)."""
-    spec = os.environ.get("TRAIN_FAIL_AT")
-    if not spec:
-        return
-    rank, step, *how = spec.split(":")
-    if [int(rank), int(step)] == [run.rank, run.step + 1]:
+    "RANK:STEP:kill" kills the rank outright instead (SIGKILL, as the OOM killer does);
+    "RANK:STEP:hang" makes it wait as a collective waits for a peer that died under NCCL (no error
+    comes: GPUs of one node talk through memory) until the backend's timeout (here 10 minutes).
+    Several, comma-separated."""
+    for spec in filter(None, os.environ.get("TRAIN_FAIL_AT", "").split(",")):
+        rank, step, *how = spec.split(":")
+        if [int(rank), int(step)] != [run.rank, run.step + 1]:
+            continue
         if how == ["kill"]:
             os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected failure (TRAIN_FAIL_AT={spec})")
+        if how == ["hang"]:
+            time.sleep(600)
+        raise RuntimeError(f"injected {'timeout' if how else 'failure'} (TRAIN_FAIL_AT={spec})")
 
 
 def _inject_nan(run: Run, pixels: torch.Tensor, micro: int) -> torch.Tensor:
