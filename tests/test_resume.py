@@ -631,8 +631,8 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
     says nothing itself: its peers' collectives lose it. The first of them to notice finds it
     among its node's ranks and says which died and how, for every rank to repeat, instead of
     blaming itself with the collective's traceback; when the rank killed is 0, which hosts the
-    store, each survivor on its node finds it so (the lowest names the checkpoint, unless its
-    watcher found the store gone first). The job fails (the launcher exits with the first failed exit
+    store, each survivor on its node finds it so (the lowest names the checkpoint, whether its
+    collective or its watcher lost the store first). The job fails (the launcher exits with the first failed exit
     it polls: the killed rank's, 256 - 9, or a survivor's 1) and the checkpoint of step 2 is
     complete."""
     out = tmp_path / "run"
@@ -652,11 +652,10 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
     assert shm_left(done) == []  # the killed rank's too: its node's ranks removed it
     checkpoints = out / "checkpoints"
     assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
-    named = done.stderr.count(f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact")
+    # once: by the first to fail, or, rank 0 killed, by the lowest survivor of its node
+    assert done.stderr.count(f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact") == 1
     if killed:  # the store's host outlives the others
-        assert named == 1 and "failed on SocketImpl" not in done.stderr
-    else:
-        assert named <= 1
+        assert "failed on SocketImpl" not in done.stderr
 
 
 def test_a_rank_killed_while_its_peers_wait_without_an_error_is_named_by_their_watchers(files, tmp_path):
@@ -694,12 +693,13 @@ from train.distributed import PeerWatch
 
 rank, how = int(os.environ["RANK"]), sys.argv[2]
 store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), 2, rank == 0)
-peers = PeerWatch(rank=rank, store=store, world=2)
+peers = PeerWatch(rank=rank, store=store, world=2, silent_s=2)
 peers.where = lambda: "at step 7"
 store.set(f"watching {rank}", "")
 store.wait(["watching 0", "watching 1"])  # each knows the other
-if rank == 1:  # done, with every rank (closed), or killed outright
-    peers.close() if how == "closed" else os.kill(os.getpid(), signal.SIGKILL)
+if rank == 1:  # done, with every rank (closed), killed outright, or frozen
+    {"closed": peers.close, "killed": lambda: os.kill(os.getpid(), signal.SIGKILL),
+     "frozen": lambda: os.kill(os.getpid(), signal.SIGSTOP)}[how]()
     sys.exit(0)
 time.sleep(4)  # rank 0 meanwhile waits in a collective that no error ends
 print("rank 0 went on", flush=True)
@@ -710,17 +710,24 @@ with socket.socket() as s:
     port = s.getsockname()[1]
 env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 ranks = [subprocess.Popen([sys.executable, "-c", RANK, *sys.argv[1:]], env={**env, "RANK": str(r)}) for r in (0, 1)]
-ranks[1].wait()  # reaped at once, as a launcher that polls its ranks may: no wait status is left to read
-print(f"rank 0 exited with {ranks[0].wait()}", flush=True)
+if sys.argv[2] == "frozen":
+    code = ranks[0].wait()
+    ranks[1].kill()
+else:
+    ranks[1].wait()  # reaped at once, as a launcher that polls its ranks may: no wait status is left to read
+    code = ranks[0].wait()
+print(f"rank 0 exited with {code}", flush=True)
 """
 
 
-@pytest.mark.parametrize("how", ["closed", "killed"])
+@pytest.mark.parametrize("how", ["closed", "killed", "frozen"])
 def test_a_rank_of_the_node_that_ends_without_closing_stops_the_others(tmp_path, how):
     """The watcher of a rank waiting in a collective that no error ends (NCCL) finds a rank of its
     node (a child of its launcher) that ended without closing its PeerWatch, killed outright, and
-    stops the job for it within its poll; a rank that closed (finished with every rank, or stopped
-    together on an agreed error) is no death, however soon its launcher reaps it."""
+    stops the job for it within its poll; rank 0 stops it for a rank it has not heard from for
+    `silent_s` (2 s here), frozen (or on a node that went down). A rank that closed (finished with
+    every rank, or stopped together on an agreed error) is neither dead nor unheard, however soon
+    its launcher reaps it."""
     script = tmp_path / "node.py"
     script.write_text(NODE)
     done = subprocess.run([sys.executable, str(script), str(ROOT), how], capture_output=True, text=True, timeout=60)
@@ -730,8 +737,10 @@ def test_a_rank_of_the_node_that_ends_without_closing_stops_the_others(tmp_path,
     else:
         assert done.stdout.splitlines() == ["rank 0 exited with 1"], done.stdout + done.stderr
         said = [line for line in done.stderr.splitlines() if line.startswith("train:")]
-        assert len(said) == 1 and re.fullmatch(r"train: rank 0: stopping: rank 1's process \(pid \d+\) has ended "
-                                               r"at step 7", said[0]), done.stderr[-3000:]
+        expected = {"killed": r"rank 1's process \(pid \d+\) has ended at step 7",
+                    "frozen": r"rank 1 \(on [^)]+\) not heard from for 2 s at step 7: ended, frozen, or its node is "
+                              r"down \(killed by the OOM killer\? that node's log and `dmesg` say\)"}[how]
+        assert len(said) == 1 and re.fullmatch(f"train: rank 0: stopping: {expected}", said[0]), done.stderr[-3000:]
 
 
 def test_a_rank_killed_alone_on_its_node_is_named_by_the_roll_call(files, tmp_path):
@@ -750,6 +759,28 @@ def test_a_rank_killed_alone_on_its_node_is_named_by_the_roll_call(files, tmp_pa
     assert logs[0].count("Traceback (most recent call last)") == 1 and "Traceback" not in logs[1]
     checkpoints = out / "checkpoints"
     assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
+
+
+def test_a_rank_killed_alone_on_its_node_while_the_others_wait_is_named_once_unheard(files, tmp_path):
+    """Two nodes of one rank each; rank 1 (node 1) is killed outright in step 3 while rank 0 waits
+    in that step without an error (TRAIN_FAIL_AT=0:3:hang, as under NCCL): no rank of node 1 is
+    left to find it, no collective fails, and node 1's launcher tells no other node. Each watcher
+    beats in the store once a second; rank 0 hears no more of rank 1 and, --peer_timeout later,
+    stops the job naming it and its node, with the checkpoint to go on from."""
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+            "--micro_batch_size", "6", "--save_steps", "2", "--eval_steps", "100", "--peer_timeout", "10"]
+    start = time.monotonic()
+    nodes = two_nodes(args, tmp_path=tmp_path, env={"TRAIN_FAIL_AT": "1:3:kill,0:3:hang"})
+    logs = [finish(node, timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [1, 256 - signal.SIGKILL], logs
+    assert re.search(r"train: rank 0: stopping: rank 1 \(on [^)]+\) not heard from for 10 s at step 3: ended, frozen, "
+                     r"or its node is down \(killed by the OOM killer\?", logs[0]), logs[0][-3000:]
+    assert "Traceback" not in logs[0] + logs[1] and "injected timeout" not in logs[0], logs[0][-3000:]
+    assert time.monotonic() - start < 200  # far from the 10-minute wait
+    checkpoints = out / "checkpoints"
+    assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
+    assert f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact" in logs[0]
 
 
 WAITING_RANK = """

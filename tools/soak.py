@@ -24,11 +24,11 @@ there: an unexpected error on one rank (TRAIN_FAIL_AT, as a bug or a device faul
 rank's traceback and every other rank's "stopping" line saying why, one traceback in all; or, half
 of them, the rank killed outright (SIGKILL, as the OOM killer does): every other rank says why it
 stops, those of its node naming it and how it died (half of those with every other rank waiting in
-that step without an error, as collectives wait for a dead peer under NCCL, where the killed rank
-has another rank on its node to find it). Some resumed launches branch: they go on from an older
-checkpoint than the newest (`--resume OUT/checkpoints/step-N`, as a user goes back before a loss
-spike), and the line past it is set aside. Then it checks the run's metrics and sample keys (the
-line the last launch continued):
+that step without an error, as collectives wait for a dead peer under NCCL: the ranks of its node
+find it, or rank 0 once it has not heard from it for `--peer_timeout`, 10 s in every launch). Some
+resumed launches branch: they go on from an older checkpoint than the newest (`--resume
+OUT/checkpoints/step-N`, as a user goes back before a loss spike), and the line past it is set
+aside. Then it checks the run's metrics and sample keys (the line the last launch continued):
 
 - every step from 1 to the planned last was trained once and logged once;
 - no sample was read twice within an epoch (all ranks and launches together), and every whole
@@ -77,6 +77,7 @@ from make_shards import make_shards
 from train.checkpoint import checkpoint_info, complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
+PEER_TIMEOUT_S = 10  # the least --peer_timeout: no rank of a soak's loaded machine may seem silent that long
 TRAIN, VAL = 1618, 179  # digits, as make_shards splits them
 MODELS = {
     "resnet": {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1],
@@ -213,7 +214,7 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
               "--processor", str(data / "processor"), "--output_dir", str(trial_dir),
               "--precision", settings["precision"],
               "--epochs", str(settings["epochs"]), "--nan_guard", settings["nan_guard"], "--record_keys",
-              "--log_steps", "1", *flags(settings)]
+              "--log_steps", "1", "--peer_timeout", str(PEER_TIMEOUT_S), *flags(settings)]
     result, stops, planned, start, nans, branches = dict(settings), [], 0, 0, [], []
     last = len(settings["launches"]) - 1
     faults = settings.get("nan", [None] * (last + 1))
@@ -272,8 +273,8 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             complete = complete_checkpoints(trial_dir / "checkpoints")[0]
             start = checkpoint_info(complete[-1])["step"] if complete else 0  # where --resume auto goes on
             told = f"the newest complete checkpoint, {complete[-1]}, is intact" if complete else "no checkpoint was saved"
-            # (none can tell when rank 0, which hosts the store, or the only rank was killed)
-            told = told in output or (killed and (fails[n] == 0 or ranks == 1))
+            # (none can tell when the only rank, or rank 0 alone on its node, was killed: the store went with it)
+            told = told in output or (killed and (ranks == 1 or fails[n] == 0 and ranks // nodes == 1))
             nans.append({"step": stop, "launch": n + 1, "crash": True, "resumed": start, "told": told,
                          **({"fail": fails[n]} if fails[n] is not None else {}), **({"killed": True} if killed else {}),
                          **({"hang": True} if killed and hangs(settings, n) else {})})
@@ -299,10 +300,9 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
 def hangs(settings: dict, n: int) -> bool:
     """Whether the other ranks of launch `n`, whose rank `settings["fail"][n]` is killed, wait in its
     step without an error (TRAIN_FAIL_AT=R:S:hang), as collectives wait for a dead peer under NCCL:
-    where the killed rank has another rank on its node to find it (none else can: they would wait
-    the backend's timeout)."""
-    ranks, nodes = settings["launches"][n][0], settings["nodes"][n]
-    return settings.get("hang", [False] * (n + 1))[n] and ranks // nodes > 1
+    the ranks of its node find it, or, where it was alone on its node, rank 0 once it has not heard
+    from it for PEER_TIMEOUT_S."""
+    return settings.get("hang", [False] * (n + 1))[n] and settings["launches"][n][0] > 1
 
 
 def fail_problem(code: int, output: str, *, rank: int, step: int, ranks: int) -> str | None:

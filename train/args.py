@@ -99,6 +99,9 @@ class TrainArgs:
                          "losses are checked at every log, eval and checkpoint and the run stops at a non-finite one, "
                          "the checkpoints before it intact", choices=["skip", "stop"])
     max_bad_steps: int = arg(5, "--nan_guard skip: stop after this many consecutive skipped steps")
+    peer_timeout: float = arg(60.0, "seconds a rank may go unheard (each is heard from once a second) before rank 0 "
+                              "stops every rank, naming it: its process ended or froze, or its node is down, where no "
+                              "collective fails (NCCL waits for a dead peer until its own timeout, 10-30 minutes)")
     record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")
     given: tuple[str, ...] = arg((), "the arguments given on the command line (not a flag: parse_args fills it)", cli=False)
 

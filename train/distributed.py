@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -108,16 +109,19 @@ class PeerWatch:
     rendezvous every rank reaches) and every rank polls it once a second. A rank that stops counts
     itself out and waits for the others (LINGER_S at most) before it exits: every rank reads the
     reason (rank 0 hosts the store) and cleans up before the launcher ends them all. A rank killed
-    outright posts nothing: the ranks of its node find it among their launcher's children."""
+    outright posts nothing: the ranks of its node find it among their launcher's children; and each
+    watcher beats in the store once a poll, so rank 0 finds a rank that nobody has heard from for
+    `silent_s` (its node down, or the rank killed alone there)."""
 
     KEY = "dali-deepspeed-vision/stop"
     LOST = "lost contact with rank 0 (it exited or its node went down)"
     LEAVE_S = 10.0  # how long a rank waits for the watcher's store call in flight (rank 0 answers in ms)
     LINGER_S = 5.0  # how long a stopping rank waits for the others (each polls once a second)
     ROLL_S = 2.5  # how long the first to fail waits for every other rank to answer its stop
+    LEAST_SILENT_S = 10.0  # the shortest silence taken for a rank's end (a busy machine pauses processes)
 
-    def __init__(self, rank: int, store=None, poll_s: float = 1.0, world: int | None = None):
-        self.rank, self.done, self.poll_s = rank, threading.Event(), poll_s
+    def __init__(self, rank: int, store=None, poll_s: float = 1.0, world: int | None = None, silent_s: float = 60.0):
+        self.rank, self.done, self.poll_s, self.silent_s = rank, threading.Event(), poll_s, silent_s
         self.world = world or (dist.get_world_size() if dist.is_initialized() else 1)
         self.store = store or dist.distributed_c10d._get_default_store()
         self.first: dict | None = None  # the stop the first rank to fail posted, once this one reads it
@@ -126,6 +130,10 @@ class PeerWatch:
         self.dead: list[int] = []  # this node's ranks found ended (`ended`), counted out by the first to fail
         self.where: Callable[[], str] = lambda: ""  # where the run is ("at step 3"), set by the trainer
         self.kept: Callable[[], str] | None = None  # what the run leaves to go on from, said by the first to stop
+        self.heard: dict[int, tuple[int, float]] = {}  # rank 0: each rank's last beat, and since when
+        self.next_roll = time.monotonic()
+        if self.world > 1:  # where this rank runs, for rank 0 to name it
+            self.store.set(f"{self.KEY}/host/{rank}", socket.gethostname())
         self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
         self.thread.start()
 
@@ -172,11 +180,12 @@ class PeerWatch:
         """After stop_all: prints why this rank stops and returns its exit code. The first rank's
         reason, with what this rank found `here` (its error, or a rank of its node found dead) unless
         that reason names it already; when this rank was the first, `here` is a rank of its node found
-        dead, said with what the run leaves to go on from (when rank 0 died, every survivor of its node
-        is a first: the lowest of them says that)."""
+        dead, said with what the run leaves to go on from. When rank 0 died, with the store, every
+        survivor of its node is a first, or finds the store gone: the lowest of them says that."""
         if self.first is not None:
             named = self.dead and all(f"rank {rank}'s process" in self.first["reason"] for rank in self.dead)
-            self.say(f"stopping: {self.first['reason']}" + ("" if named or not here else f" (here then: {here})"))
+            self.say(f"stopping: {self.first['reason']}" + ("" if named or not here else f" (here then: {here})"),
+                     kept=0 in self.dead and self.speaks_for_node())
             return self.first["code"]
         self.say(f"stopping: {here}", kept=0 not in self.dead or self.speaks_for_node())
         return 1
@@ -208,7 +217,10 @@ class PeerWatch:
         self.store.set(f"{self.KEY}/here/{self.rank}", "")
 
     def _lost(self) -> str:
+        """Why the store is gone: rank 0 (which hosts it) found ended on this node, or not here."""
         how = _how_ended(self.local[0]) if 0 in self.local else None
+        if how:
+            self.dead = sorted({*self.dead, 0})
         return f"lost contact with rank 0: {self._describe({0: how})}" if how else self.LOST
 
     def _describe(self, how: dict[int, str], where: str = "") -> str:
@@ -264,7 +276,10 @@ class PeerWatch:
         while not self.done.wait(self.poll_s):
             try:
                 posted = self.store.check([self.KEY])
+                if not posted and self.world > 1:
+                    self.store.add(f"{self.KEY}/beat/{self.rank}", 1)
                 dead = {} if posted else self._killed_here()
+                unheard = [] if posted or dead else self._unheard()
                 if posted:
                     self.first = json.loads(self.store.get(self.KEY))
                     self._answer()
@@ -277,11 +292,40 @@ class PeerWatch:
                 self._exit(self.say_stopping(here))
             if dead and not self.done.is_set():
                 self._stop_for_dead(dead)
+            if unheard and not self.done.is_set():
+                self._stop_for_unheard(unheard)
 
     def _killed_here(self) -> dict[int, str]:
         """This node's ranks that ended without closing (`close`), how."""
         how = self._ended_here() if self.local else {}
         return {rank: what for rank, what in how.items() if not self.store.check([f"{self.KEY}/closed/{rank}"])}
+
+    def _unheard(self) -> list[int]:
+        """Rank 0, every tenth of `silent_s`: the ranks whose watcher has not beaten for `silent_s`
+        but those that closed: their process ended or is frozen, or their node is down (a rank
+        killed alone on its node: no collective fails under NCCL, and its launcher tells no other
+        node)."""
+        now = time.monotonic()
+        if self.rank != 0 or now < self.next_roll:
+            return []
+        self.next_roll = now + max(self.poll_s, self.silent_s / 10)
+        for rank in range(1, self.world):
+            beat = self.store.add(f"{self.KEY}/beat/{rank}", 0)
+            if self.heard.get(rank, (None,))[0] != beat:
+                self.heard[rank] = (beat, now)
+        late = [rank for rank, (_, since) in self.heard.items() if now - since > self.silent_s]
+        return [rank for rank in late if not self.store.check([f"{self.KEY}/closed/{rank}"])]
+
+    def _stop_for_unheard(self, ranks: list[int]) -> NoReturn:
+        hosts = {rank: self.store.get(f"{self.KEY}/host/{rank}").decode() if self.store.check(
+            [f"{self.KEY}/host/{rank}"]) else "?" for rank in ranks}
+        unheard = (", ".join(f"rank {rank} (on {host})" for rank, host in hosts.items())
+                   + f" not heard from for {self.silent_s:g} s" + (f" {where}" if (where := self.where()) else "")
+                   + ": ended, frozen, or its node is down (killed by the OOM killer? that node's log and `dmesg` "
+                     "say)")
+        self.dead = ranks  # counted out: the others need not wait for them
+        self.stop_all(1, unheard)
+        self._exit(self.say_stopping(unheard))
 
     def _stop_for_dead(self, how: dict[int, str]) -> NoReturn:
         """A rank of this node ended, not closed, while no rank had failed: killed outright. Under

@@ -144,7 +144,7 @@ def run_training(args: TrainArgs) -> int:
     SIGTERM outside the training loop)."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
-    peers = PeerWatch(rank)
+    peers = PeerWatch(rank, silent_s=max(args.peer_timeout, PeerWatch.LEAST_SILENT_S))  # (a smaller one: refused)
     peers.where = lambda: "in setup"
     prepare, work = (setup_eval, evaluate_only) if args.eval_only else (setup, fit)
     try:
@@ -507,6 +507,9 @@ def _flag_problems(args: TrainArgs) -> list[str]:
         if value is not None and value < least:
             problems.append(f"--{name} {value}: a step count of {least} or more"
                             + (" (0: no checkpoint and no export, e.g. for benchmarks)" if name == "save_steps" else ""))
+    if args.peer_timeout < PeerWatch.LEAST_SILENT_S:
+        problems.append(f"--peer_timeout {args.peer_timeout:g}: {PeerWatch.LEAST_SILENT_S:g} s or more (a busy machine "
+                        f"may pause a process for seconds)")
     if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
         problems.append(f"--hw_decoder_load {args.hw_decoder_load}: a share of the JPEGs, from 0 to 1")
     return problems
