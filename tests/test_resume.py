@@ -353,6 +353,26 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
         assert expected in refused.stderr, refused.stderr[-3000:]
 
 
+def test_a_run_that_goes_back_to_end_at_an_earlier_checkpoint_writes_that_steps_final_eval(files, tmp_path):
+    """Going back to an earlier checkpoint with --max_steps at its step (the run kept as it was there,
+    before a loss spike) trains nothing. The final eval's files of the line it leaves are moved aside
+    with that line; the run writes those of its own last step (once: its eval there is logged
+    already), which the output dir would otherwise lack. Found by the soak (seed 4100, trial 3)."""
+    out = tmp_path / "run"
+    train(resume_args(files, out) + ["--save_total_limit", "10"])
+    step4 = out / "checkpoints" / "step-00000004"
+    back = resume_args(files, out) + ["--resume", str(step4)]
+    back[back.index("--max_steps") + 1] = "4"
+    done = train(back)
+    abandoned = next((out / "abandoned").iterdir())
+    assert json.loads((abandoned / "eval_results.json").read_text())["step"] == 8
+    results = json.loads((out / "eval_results.json").read_text())
+    assert (results["step"], results["samples"]) == (4, 12), results
+    logged = [e for e in evals(out) if e["step"] == 4]
+    assert len(logged) == 1 and logged[0]["eval/top1"] == pytest.approx(results["top1"]), evals(out)
+    assert f"final eval:  {out / 'eval_results.json'}" in done.stdout and "done, 0 steps" in done.stdout
+
+
 def schedule_lrs(name: str, *, warmup: int, steps: int, lr: float = 1e-3) -> list[float]:
     """The learning rate of each of `steps` steps under transformers' schedule `name`."""
     import torch

@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repo's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import contextlib
 import dataclasses
 import faulthandler
 import json
@@ -863,7 +864,14 @@ def evaluate_missed(run: Run) -> None:
     that the epoch ended at the checkpoint, which a SIGTERM stop or --save_steps saved without an
     eval. The checkpoint records the eval's top-1, as a checkpoint saved at an eval does, for the
     pruning and --export best (another run's checkpoint is then saved in this run's output dir)."""
-    if not run.step or not _eval_due(run) or run.last_eval.get("step") == run.step:
+    if not run.step or not _eval_due(run):
+        return
+    if run.last_eval.get("step") == run.step:
+        if run.step == run.total_steps and not _final_eval_written(run):
+            run.doing = run.step  # (logged already: its files alone)
+            average_buffers(run.engine.module)
+            evaluate(run, details=True)
+            run.doing = run.step + 1
         return
     mine = run.last_saved is not None and run.last_saved == checkpoint_path(run.checkpoints, run.step)
     if mine and (recorded := checkpoint_info(run.last_saved).get("top1")) is not None:
@@ -879,6 +887,18 @@ def evaluate_missed(run: Run) -> None:
     elif run.save_steps:  # another run's checkpoint: this run's own copy holds the eval for --export best
         run.last_saved = save(run)
     run.doing = run.step + 1
+
+
+def _final_eval_written(run: Run) -> bool:
+    """Whether the output dir holds the final eval's files of this step (decided by rank 0 for all).
+    A run that ends at the step it resumed from trains nothing and so evaluates nothing; when it
+    went back to an earlier checkpoint, the files of the line it left were moved aside with it."""
+    written = [None]
+    if run.rank == 0:
+        with contextlib.suppress(OSError, ValueError):
+            written[0] = json.loads((run.output_dir / RESULTS_FILE).read_text()).get("step") == run.step
+    dist.broadcast_object_list(written, src=0)
+    return bool(written[0])
 
 
 def _due(run: Run, every: int, *, offset: int = 0) -> bool:
