@@ -317,6 +317,7 @@ class PeerWatch:
         return [rank for rank in late if not self.store.check([f"{self.KEY}/closed/{rank}"])]
 
     def _stop_for_unheard(self, ranks: list[int]) -> NoReturn:
+        """Rank 0 stops every rank for `ranks` (`_unheard`), naming them and the hosts they ran on."""
         hosts = {rank: self.store.get(f"{self.KEY}/host/{rank}").decode() if self.store.check(
             [f"{self.KEY}/host/{rank}"]) else "?" for rank in ranks}
         unheard = (", ".join(f"rank {rank} (on {host})" for rank, host in hosts.items())

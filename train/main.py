@@ -863,7 +863,9 @@ def evaluate_missed(run: Run) -> None:
     resumed on other ranks or batch sizes can find the rest of its epoch too short for a step, so
     that the epoch ended at the checkpoint, which a SIGTERM stop or --save_steps saved without an
     eval. The checkpoint records the eval's top-1, as a checkpoint saved at an eval does, for the
-    pruning and --export best (another run's checkpoint is then saved in this run's output dir)."""
+    pruning and --export best (another run's checkpoint is then saved in this run's output dir).
+    A run that ends at that step, evaluated already, gets its final eval's files if the output dir
+    lacks them (_final_eval_written)."""
     if not run.step or not _eval_due(run):
         return
     if run.last_eval.get("step") == run.step:
