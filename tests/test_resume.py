@@ -763,6 +763,49 @@ def test_a_rank_of_the_node_that_ends_without_closing_stops_the_others(tmp_path,
         assert len(said) == 1 and re.fullmatch(f"train: rank 0: stopping: {expected}", said[0]), done.stderr[-3000:]
 
 
+FROZEN_STORE = """
+import os, signal, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from train.distributed import PeerWatch
+
+server = subprocess.Popen([sys.executable, "-c", "import sys, time, torch.distributed as d; "
+                           "s = d.TCPStore('127.0.0.1', 0, 2, True, wait_for_workers=False); print(s.port, flush=True); "
+                           "time.sleep(300)"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+port = int(server.stdout.readline())
+print(f"store {server.pid}", flush=True)  # (the test ends it: it holds none of this process's output)
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="1")
+peers = PeerWatch(rank=1, store=dist.TCPStore("127.0.0.1", port, is_master=False), world=2, silent_s=2)
+peers.where = lambda: "at step 7"
+time.sleep(1.5)
+os.kill(server.pid, signal.SIGSTOP)  # rank 0, which hosts the store, froze (or its node went down)
+time.sleep(30)  # this rank waits in a collective meanwhile, no error coming
+print("rank 1 went on", flush=True)
+"""
+
+
+def test_a_rank_whose_store_stops_answering_stops_with_a_line(tmp_path):
+    """Rank 0 (the store's host) frozen, or its node down: its sockets do not close, so no store call
+    fails, and a TCPStore client's timeout does not bound them. A rank waiting in a collective then
+    ends once a call of its PeerWatch has not come back for `silent_s` (--peer_timeout), saying why,
+    instead of waiting for ever."""
+    script = tmp_path / "frozen_store.py"
+    script.write_text(FROZEN_STORE)
+    start = time.monotonic()
+    rank = subprocess.Popen([sys.executable, str(script), str(ROOT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    server = int(rank.stdout.readline().split()[1])
+    try:
+        out, err = rank.communicate(timeout=60)
+    finally:
+        os.kill(server, signal.SIGKILL)
+    assert rank.returncode == 1 and "went on" not in out, out + err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("train:")]
+    assert said == ["train: rank 1: stopping: lost contact with rank 0: the job's store (on 127.0.0.1) has not "
+                    "answered for 2 s at step 7: rank 0 froze, or its node is down"], err[-3000:]
+    assert time.monotonic() - start < 25
+
+
 def test_a_rank_killed_alone_on_its_node_is_named_by_the_roll_call(files, tmp_path):
     """Two nodes of one rank each; rank 1 (node 1) is killed outright in step 3 and no rank of its
     node is left to find it. Rank 0's collective fails; it is the first to fail, and before it

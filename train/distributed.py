@@ -111,7 +111,8 @@ class PeerWatch:
     reason (rank 0 hosts the store) and cleans up before the launcher ends them all. A rank killed
     outright posts nothing: the ranks of its node find it among their launcher's children; and each
     watcher beats in the store once a poll, so rank 0 finds a rank that nobody has heard from for
-    `silent_s` (its node down, or the rank killed alone there)."""
+    `silent_s` (its node down, or the rank killed alone there); and a rank whose store calls do not
+    come back for `silent_s` ends (rank 0 froze, or its node is down)."""
 
     KEY = "dali-deepspeed-vision/stop"
     LOST = "lost contact with rank 0 (it exited or its node went down)"
@@ -123,7 +124,7 @@ class PeerWatch:
     def __init__(self, rank: int, store=None, poll_s: float = 1.0, world: int | None = None, silent_s: float = 60.0):
         self.rank, self.done, self.poll_s, self.silent_s = rank, threading.Event(), poll_s, silent_s
         self.world = world or (dist.get_world_size() if dist.is_initialized() else 1)
-        self.store = store or dist.distributed_c10d._get_default_store()
+        self.store = _TimedStore(store or dist.distributed_c10d._get_default_store())
         self.first: dict | None = None  # the stop the first rank to fail posted, once this one reads it
         self.stopping = False
         self.local = _local_peers() if self.world > 1 else {}
@@ -136,6 +137,8 @@ class PeerWatch:
             self.store.set(f"{self.KEY}/host/{rank}", socket.gethostname())
         self.thread = threading.Thread(target=self._watch, daemon=True, name="peer-watch")
         self.thread.start()
+        if self.world > 1 and rank != 0:
+            threading.Thread(target=self._guard, daemon=True, name="store-guard").start()
 
     def stop_all(self, code: int, reason: str) -> bool:
         """Tells every other rank to stop; whether this rank was the first to fail (or cannot know).
@@ -338,10 +341,47 @@ class PeerWatch:
         self.stop_all(1, ended)
         self._exit(self.say_stopping(ended))
 
+    def _guard(self) -> None:
+        """Ends this rank when a store call has not come back for `silent_s`: rank 0, which hosts the
+        store, froze or its node went down (its sockets do not close, so no call fails; a TCPStore
+        client's timeout does not bound them). Each rank ends so alone: the store is out of reach."""
+        while True:
+            time.sleep(self.poll_s)
+            since = getattr(self.store, "since", lambda: None)()
+            if since is not None and time.monotonic() - since > self.silent_s:
+                where = f" {where}" if (where := self.where()) else ""
+                print(f"train: rank {self.rank}: stopping: lost contact with rank 0: the job's store (on "
+                      f"{os.environ.get('MASTER_ADDR')}) has not answered for {self.silent_s:g} s{where}: rank 0 "
+                      f"froze, or its node is down", file=sys.stderr, flush=True)
+                release_rank_files()
+                os._exit(1)
+
     def _exit(self, code: int) -> NoReturn:
         self._count_out()  # the launcher ends the others once this rank exits
         release_rank_files()  # os._exit skips every finally
         os._exit(code)
+
+
+class _TimedStore:
+    """A store whose calls in flight are known with when they began (PeerWatch._guard)."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, {}
+
+    def since(self) -> float | None:
+        """When the oldest call in flight began; None when none is."""
+        return min(tuple(self.calls.values()), default=None)  # (a copy: other threads add and remove)
+
+    def __getattr__(self, name: str):
+        method = getattr(self.store, name)
+
+        def timed(*args, **kwargs):
+            self.calls[threading.get_ident()] = time.monotonic()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.calls.pop(threading.get_ident(), None)
+        return timed
 
 
 def _local_peers() -> dict[int, psutil.Process]:
