@@ -301,7 +301,13 @@ class PeerWatch:
     def _killed_here(self) -> dict[int, str]:
         """This node's ranks that ended without closing (`close`), how."""
         how = self._ended_here() if self.local else {}
-        return {rank: what for rank, what in how.items() if not self.store.check([f"{self.KEY}/closed/{rank}"])}
+        return {rank: what for rank, what in how.items() if not self._closed(rank)}
+
+    def _closed(self, rank: int) -> bool:
+        return self.store.check([f"{self.KEY}/closed/{rank}"])
+
+    def _at(self) -> str:
+        return f" {where}" if (where := self.where()) else ""
 
     def _unheard(self) -> list[int]:
         """Rank 0, every tenth of `silent_s`: the ranks whose watcher has not beaten for `silent_s`
@@ -317,19 +323,15 @@ class PeerWatch:
             if self.heard.get(rank, (None,))[0] != beat:
                 self.heard[rank] = (beat, now)
         late = [rank for rank, (_, since) in self.heard.items() if now - since > self.silent_s]
-        return [rank for rank in late if not self.store.check([f"{self.KEY}/closed/{rank}"])]
+        return [rank for rank in late if not self._closed(rank)]
 
     def _stop_for_unheard(self, ranks: list[int]) -> NoReturn:
         """Rank 0 stops every rank for `ranks` (`_unheard`), naming them and the hosts they ran on."""
         hosts = {rank: self.store.get(f"{self.KEY}/host/{rank}").decode() if self.store.check(
             [f"{self.KEY}/host/{rank}"]) else "?" for rank in ranks}
-        unheard = (", ".join(f"rank {rank} (on {host})" for rank, host in hosts.items())
-                   + f" not heard from for {self.silent_s:g} s" + (f" {where}" if (where := self.where()) else "")
-                   + ": ended, frozen, or its node is down (killed by the OOM killer? that node's log and `dmesg` "
-                     "say)")
-        self.dead = ranks  # counted out: the others need not wait for them
-        self.stop_all(1, unheard)
-        self._exit(self.say_stopping(unheard))
+        self._stop_first(ranks, ", ".join(f"rank {rank} (on {host})" for rank, host in hosts.items())
+                         + f" not heard from for {self.silent_s:g} s{self._at()}: ended, frozen, or its node is down "
+                           "(killed by the OOM killer? that node's log and `dmesg` say)")
 
     def _stop_for_dead(self, how: dict[int, str]) -> NoReturn:
         """A rank of this node ended, not closed, while no rank had failed: killed outright. Under
@@ -337,9 +339,13 @@ class PeerWatch:
         one node talk through memory, not sockets), and the launcher of another node never hears of
         it; so this rank stops every rank as the first to fail would, whatever its main thread waits
         in."""
-        self.dead, ended = list(how), self._describe(how, self.where())
-        self.stop_all(1, ended)
-        self._exit(self.say_stopping(ended))
+        self._stop_first(list(how), self._describe(how, self.where()))
+
+    def _stop_first(self, dead: list[int], reason: str) -> NoReturn:
+        """Stops every rank for the `dead` ranks (counted out: the others need not wait for them)."""
+        self.dead = dead
+        self.stop_all(1, reason)
+        self._exit(self.say_stopping(reason))
 
     def _guard(self) -> None:
         """Ends this rank when a store call has not come back for `silent_s`: rank 0, which hosts the
@@ -349,10 +355,8 @@ class PeerWatch:
             time.sleep(self.poll_s)
             since = getattr(self.store, "since", lambda: None)()
             if since is not None and time.monotonic() - since > self.silent_s:
-                where = f" {where}" if (where := self.where()) else ""
-                print(f"train: rank {self.rank}: stopping: lost contact with rank 0: the job's store (on "
-                      f"{os.environ.get('MASTER_ADDR')}) has not answered for {self.silent_s:g} s{where}: rank 0 "
-                      f"froze, or its node is down", file=sys.stderr, flush=True)
+                self.say(f"stopping: lost contact with rank 0: the job's store (on {os.environ.get('MASTER_ADDR')}) "
+                         f"has not answered for {self.silent_s:g} s{self._at()}: rank 0 froze, or its node is down")
                 release_rank_files()
                 os._exit(1)
 
