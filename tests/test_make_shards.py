@@ -149,6 +149,12 @@ def test_train_val_layout_kept_as_given_and_bad_inputs_counted(tmp_path):
     write(src / "val" / "bee" / "ok", encode(photo(3), "JPEG"))  # a JPEG without extension: an input
     write(src / "train" / "ant" / "Thumbs.db", b"\xd0\xcf\x11\xe0 Windows' thumbnail cache")
     valid[("val", "bee")] += 1
+    # what a Mac's zip and a Synology NAS leave beside the data: a split-like top level stays a split
+    # layout, and the NAS's JPEG thumbnails of the class's images are no samples
+    write(src / "__MACOSX" / "train" / "ant" / "._a.jpg", b"\x00\x05\x16\x07 AppleDouble")
+    write(src / "train" / "ant" / "@eaDir" / "a.jpg" / "SYNOFILE_THUMB_M.jpg", encode(photo(1), "JPEG"))
+    write(src / "val" / "ant" / "@eaDir" / "SYNOFILE_THUMB_S.jpg", encode(photo(2), "JPEG"))
+    write(src / "train" / "@eaDir" / "ant" / "SYNOFILE_THUMB_S.jpg", encode(photo(3), "JPEG"))  # not a class
 
     result = run_tool(src, tmp_path / "out", "--min-side", "8", "--max-bad-fraction", "0.5", "--workers", "1")
     assert result.returncode == 0, result.stderr
@@ -165,6 +171,10 @@ def test_train_val_layout_kept_as_given_and_bad_inputs_counted(tmp_path):
         s for s in manifest["skipped"] if s["path"] == "val/bee/IMG_0001.HEIC").items()
     assert "skipped 10: empty 2, too_small 2, truncated 2, undecodable 2, unsupported_format 2" in result.stdout
     assert manifest["ignored"] == ["train/ant/Thumbs.db", "train/bee/notes.txt", "val/bee/notes.txt"]
+    assert manifest["system_folders"] == ["__MACOSX", "train/@eaDir", "train/ant/@eaDir", "val/ant/@eaDir"]
+    assert manifest["system_folders_counts"] == {"@eaDir (Synology thumbnails)": 3, "__MACOSX (macOS archive metadata)": 1}
+    assert ("left out 4 system folders (no data): @eaDir (Synology thumbnails) 3, __MACOSX (macOS archive "
+            "metadata) 1") in result.stdout
     assert verify_shards(tmp_path / "out", workers=1) == []
 
 

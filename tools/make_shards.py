@@ -66,6 +66,12 @@ IMAGE_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8
                     b"\x00\x00\x00\x0cjP  ": "JPEG 2000", b"\xff\x4f\xff\x51": "JPEG 2000"}
 IMAGE_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
                 b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+# Folders that tools, archives and storage systems put beside the data: never a class, never inputs
+# (a Synology NAS's @eaDir holds JPEG thumbnails of every image, which would be trained as copies)
+SYSTEM_FOLDERS = {"__macosx": "macOS archive metadata", "@eadir": "Synology thumbnails",
+                  "#recycle": "Synology recycle bin", "#snapshot": "Synology snapshots",
+                  "$recycle.bin": "Windows recycle bin", "system volume information": "Windows volume data",
+                  "lost+found": "fsck's recovered files"}
 LISTED = 1000  # the manifest names this many of the ignored files and of each kind of duplicate (all counted)
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 BUILTIN_SOURCES = ("sklearn:digits",)
@@ -176,9 +182,14 @@ SPLIT_LIKE = re.compile(r"^(train|training|val|valid|validation|dev|test|testing
                         r"([-_.]?[a-z0-9]*)$", re.IGNORECASE)
 
 
+def left_out(name: str) -> str | None:
+    """Why a folder or file of this name is no data: hidden, or a SYSTEM_FOLDERS name; else None."""
+    return "hidden" if name.startswith(".") else SYSTEM_FOLDERS.get(name.lower())
+
+
 def split_folders(src: Path) -> dict[str, Path] | None:
     """{split: folder} when SRC's top level is split folders, None when it is class folders."""
-    dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = sorted(p for p in src.iterdir() if p.is_dir() and not left_out(p.name))
     if not any(SPLIT_LIKE.match(d.name) for d in dirs):
         return None
     splits: dict[str, Path] = {}
@@ -222,12 +233,20 @@ def is_image(path: Path) -> bool:
 
 def find_sources(src: Path, *, classes_file: Path | None):
     """Class names, {split or None (to be split here): {class: [relpath]}}, the inputs already
-    skipped (images outside any class folder), the files that are no images, and the layout name."""
+    skipped (images outside any class folder), the files that are no images, the system folders
+    left out (their paths), and the layout name."""
     roots = split_folders(src)
     layout = "train_val" if roots else "class_folders"
     roots = roots or {None: src}
     files: dict[str | None, dict[str, list[str]]] = {}
-    skipped, ignored = [], []
+    skipped, ignored, system = [], [], []
+
+    def data(folder: Path, name: str) -> bool:
+        """Whether `name` in `folder` may hold data; a system folder is recorded, hidden ones not."""
+        why = left_out(name)
+        if why and why != "hidden" and (folder / name).is_dir():
+            system.append((folder / name).relative_to(src).as_posix())
+        return why is None
 
     def outside_class(entry: Path):
         rel = entry.relative_to(src).as_posix()
@@ -237,12 +256,12 @@ def find_sources(src: Path, *, classes_file: Path | None):
             ignored.append(rel)
 
     for entry in sorted(src.iterdir()) if layout == "train_val" else ():
-        if not entry.is_dir() and not entry.name.startswith("."):
+        if data(src, entry.name) and not entry.is_dir():
             outside_class(entry)
     for split, root in roots.items():
         files[split] = {}
         for entry in sorted(root.iterdir()):
-            if entry.name.startswith("."):
+            if not data(root, entry.name):
                 continue
             if not entry.is_dir():
                 outside_class(entry)
@@ -257,7 +276,7 @@ def find_sources(src: Path, *, classes_file: Path | None):
                     dirnames.clear()
                     continue
                 walked.add(real)
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                dirnames[:] = sorted(d for d in dirnames if data(Path(dirpath), d))
                 prefix = Path(dirpath).relative_to(src).as_posix()
                 for name in sorted(filenames):
                     if not name.startswith("."):
@@ -280,7 +299,7 @@ def find_sources(src: Path, *, classes_file: Path | None):
         for split in ("val", "test"):
             if missing := sorted(files.get(split, {}).keys() - files["train"].keys()):
                 raise ShardingError(f"classes {missing[:5]} have a {roots[split].name} folder but no train folder in {src}")
-    return classes, files, skipped, ignored, layout
+    return classes, files, skipped, ignored, system, layout
 
 
 def split_valid(files: dict[str | None, dict[str, list[str]]], digests: dict[str, int], *, label: dict[str, int],
@@ -448,7 +467,7 @@ class FolderInputs:
 
     def __init__(self, folder: Path, *, classes_file: Path | None, description: str):
         self.folder, self.description, self.details = folder, description, {}
-        self.classes, self.files, self.skipped, self.ignored, self.layout = find_sources(
+        self.classes, self.files, self.skipped, self.ignored, self.system, self.layout = find_sources(
             folder, classes_file=classes_file)
         self.paths = sorted(p for per_class in self.files.values() for ps in per_class.values() for p in ps)
         self.total = len(self.paths)
@@ -472,6 +491,7 @@ class DatasetInputs:
         self.files: dict[str | None, dict[str, list[str]]] = {split: {} for split in source.splits}
         self.skipped: list[dict] = []
         self.ignored: list[str] = []
+        self.system: list[str] = []
         self.total = source.total
 
     def items(self):
@@ -632,6 +652,9 @@ def make_shards(
         "ignored_counts": dict(sorted(Counter(os.path.splitext(p)[1].lower() or "(none)"
                                               for p in inputs.ignored).items())),
         "ignored": sorted(inputs.ignored)[:LISTED],
+        "system_folders_counts": dict(sorted(Counter(f"{Path(p).name} ({left_out(Path(p).name)})"
+                                                     for p in inputs.system).items())),
+        "system_folders": sorted(inputs.system)[:LISTED],
         "duplicates": duplicates,
         "converted": sorted(converted, key=lambda c: c["path"]),
         "errors": unusable(inputs.files, classes, per_class, skipped=len(skipped), inputs=n_inputs,
@@ -665,6 +688,9 @@ def summary(manifest: dict, out: Path) -> str:
     if ignored := manifest["ignored_counts"]:
         lines.append(f"ignored {sum(ignored.values())} files that are no images: "
                      + ", ".join(f"{k} {v}" for k, v in ignored.items()))
+    if system := manifest["system_folders_counts"]:
+        lines.append(f"left out {sum(system.values())} system folders (no data): "
+                     + ", ".join(f"{k} {v}" for k, v in system.items()))
     conv = manifest["converted_counts"]
     lines.append(f"re-encoded {len(manifest['converted'])}" + (": " + ", ".join(f"{k} {v}" for k, v in conv.items()) if conv else ""))
     done = sum(i["samples"] for i in manifest["splits"].values()) + sum(skipped.values())
