@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -68,7 +69,7 @@ class HFSource:
             return None
         if self.classes is not None:
             return self.classes[value]
-        return str(value)
+        return unicodedata.normalize("NFC", str(value))
 
     def manifest(self) -> dict:
         return {"kind": self.kind, "image_column": self.image_column, "label_column": self.label_column,
@@ -107,7 +108,8 @@ def open_source(src: str, *, image_column: str | None = None, label_column: str 
     else:
         image = _image_column(src, features, image_column)
         label = _label_column(src, features, label_column)
-        classes = list(features[label].names) if isinstance(features[label], datasets.ClassLabel) else None
+        classes = ([unicodedata.normalize("NFC", name) for name in features[label].names]  # NFC, as class folders
+                   if isinstance(features[label], datasets.ClassLabel) else None)
         if classes is None and not _is_value(features[label], ("int", "uint", "string", "large_string")):
             raise HFSourceError(f"{src}: label column {label!r} is {features[label]}; it must be a ClassLabel, an "
                                 f"integer or a string")

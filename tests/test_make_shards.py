@@ -385,6 +385,29 @@ def test_unknown_split_folders_are_refused_by_name(tmp_path, folders, message):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_a_class_name_is_one_class_in_either_unicode_form(tmp_path):
+    """A Mac writes file names decomposed (NFD): a val folder copied from one, or a label list typed
+    elsewhere, spells the class in other code points. Each is the one class, named composed (NFC);
+    two folders of one split that differ only so are refused by name, not made two classes."""
+    composed, decomposed = "Caf\u00e9 cr\u00e8me", "Cafe\u0301 cre\u0300me"
+    src = tmp_path / "src"
+    for split, name, first in [("train", composed, 0), ("train", "tea", 10), ("val", decomposed, 20), ("val", "tea", 30)]:
+        for i in range(2):
+            write(src / split / name / f"{i}.jpg", encode(photo(first + i, (40, 30)), "JPEG", quality=90))
+    (tmp_path / "classes.txt").write_text(f"tea\n{decomposed}\n")
+    result = run_tool(src, tmp_path / "out", "--classes", tmp_path / "classes.txt")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["tea", composed]
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["splits"]["val"]["per_class"] == {"tea": 2, composed: 2}
+    assert manifest["splits"]["train"]["per_class"] == {"tea": 2, composed: 2}
+
+    write(src / "train" / decomposed / "9.jpg", encode(photo(9, (40, 30)), "JPEG", quality=90))
+    result = run_tool(src, tmp_path / "again")
+    assert result.returncode == 2 and f"are the class {composed!r} in two Unicode forms" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "again").exists()
+
+
 def test_val_split_is_drawn_from_the_valid_images_whatever_the_workers(tmp_path):
     """12 valid images per class, and 5 bad ones in `bee` and one in `ant`: --val-fraction 0.25 gives
     3 val images in each class, the same ones for 1 and 2 workers."""

@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -258,6 +259,7 @@ def find_sources(src: Path, *, classes_file: Path | None):
     for entry in sorted(src.iterdir()) if layout == "train_val" else ():
         if data(src, entry.name) and not entry.is_dir():
             outside_class(entry)
+    folders: dict[tuple[str | None, str], Path] = {}  # (split, class) -> its folder
     for split, root in roots.items():
         files[split] = {}
         for entry in sorted(root.iterdir()):
@@ -266,7 +268,13 @@ def find_sources(src: Path, *, classes_file: Path | None):
             if not entry.is_dir():
                 outside_class(entry)
                 continue
-            names = files[split].setdefault(entry.name, [])
+            name = class_name(entry.name)
+            if (split, name) in folders:
+                raise ShardingError(f"{folders[split, name]} and {entry} are the class {name!r} in two Unicode forms "
+                                    f"(composed and decomposed, as a Mac writes names); move one's images into the "
+                                    f"other")
+            folders[split, name] = entry
+            names = files[split].setdefault(name, [])
             # links are followed, but a folder is walked once, and never one holding the class folder: a
             # link back up the tree would be walked to the kernel's link limit, or reach other classes
             top, walked = entry.resolve(), set()
@@ -294,7 +302,7 @@ def find_sources(src: Path, *, classes_file: Path | None):
     for split, per_class in files.items():
         for name, paths in per_class.items():
             if not paths:
-                raise ShardingError(f"class folder {roots[split] / name} has no image files")
+                raise ShardingError(f"class folder {folders[split, name]} has no image files")
     if layout == "train_val":
         for split in ("val", "test"):
             if missing := sorted(files.get(split, {}).keys() - files["train"].keys()):
@@ -361,13 +369,21 @@ def duplicates_found(splits: dict[str, list[Source]], digests: dict[str, int], c
             "across_splits": {"count": len(leaks), "inputs": leaks[:LISTED]}}
 
 
+def class_name(name: str) -> str:
+    """A class's name as classes.json holds it: Unicode NFC. A Mac writes file names decomposed
+    (NFD), so the same letters in a folder copied from it, in another split's folder or in a label
+    list are other strings unless normalized."""
+    return unicodedata.normalize("NFC", name)
+
+
 def load_class_list(path: Path) -> list[str]:
-    """Class names from a JSON list or a text file with one name per line."""
+    """Class names from a JSON list or a text file with one name per line (NFC: `class_name`)."""
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ShardingError(f"--classes {path}: {e.strerror}") from None
     names = json.loads(text) if text.lstrip().startswith("[") else [l.strip() for l in text.splitlines() if l.strip()]
+    names = [class_name(n) if isinstance(n, str) else n for n in names]
     if len(set(names)) != len(names):
         raise ShardingError(f"--classes {path} lists a class twice")
     return names
