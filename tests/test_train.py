@@ -581,6 +581,143 @@ def test_weight_decay_skips_parameters_by_kind():
         n for n, p in AutoModelForImageClassification.from_config(AutoConfig.for_model(**TINY_VIT)).named_parameters()}
 
 
+SMALL_TRANSFORMER = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 3,
+                     "num_attention_heads": 2, "intermediate_size": 64}
+
+
+@pytest.mark.parametrize("family", ["vit", "deit", "beit", "dinov2", "clip", "siglip", "swin", "convnext", "resnet"])
+def test_layer_decay_groups_count_depth_as_beit_does(family):
+    """--layer_decay's parameter groups: the embeddings at depth 0, layer i at i + 1, the rest (final
+    norm, pooler, head, BEiT's shared relative position bias) at L + 1; each group's rate lr x
+    decay^(L + 1 - depth), the head's group first; every parameter once, decayed or not as without
+    it. Convolutional stages and Swin's stages of blocks have no such stack: refused by name."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from train.args import parse_args
+    from train.main import _layer_decay_problems
+    from train.model import layer_depths, parameter_groups, transformer_stack
+
+    values = {"vit": SMALL_TRANSFORMER, "deit": SMALL_TRANSFORMER, "dinov2": SMALL_TRANSFORMER,
+              "beit": {**SMALL_TRANSFORMER, "use_shared_relative_position_bias": True, "use_mean_pooling": True},
+              "clip": {"vision_config": SMALL_TRANSFORMER}, "siglip": {"vision_config": SMALL_TRANSFORMER},
+              "swin": {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2],
+                       "window_size": 2},
+              "convnext": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
+              "resnet": TINY_RESNET}[family]
+    values = {k: v for k, v in values.items() if k != "model_type"}
+    model = AutoModelForImageClassification.from_config(AutoConfig.for_model(family, num_labels=5, architectures=[],
+                                                                             **values))
+    args = parse_args(["--layer_decay", "0.5"])
+    stack = transformer_stack(model)
+    if family in ("swin", "convnext", "resnet"):
+        assert stack is None
+        assert any(f"--layer_decay: {type(model).__name__} has no single stack of transformer layers" in problem
+                   for problem in _layer_decay_problems(args, model, {}))
+        return
+    assert _layer_decay_problems(args, model, {}) == []
+    depths, names = layer_depths(model, stack), {id(p): n for n, p in model.named_parameters()}
+    assert sorted(set(depths.values())) == [0, 1, 2, 3, 4]
+    for name, depth in depths.items():
+        if ".embeddings." in f".{name}":
+            assert depth == 0, name
+        elif name.startswith(f"{stack}."):
+            assert depth == int(name[len(stack) + 1:].split(".")[0]) + 1, name
+        else:
+            assert depth == 4, name
+    assert {n for n, d in depths.items() if d == 0} & {n for n in depths if "patch_embed" in n}
+    assert any(depths[n] == 4 for n in depths if n.startswith("classifier"))
+    if family == "beit":
+        assert depths["beit.shared_position_bias.relative_position_bias_table"] == 4
+
+    groups = parameter_groups(model, lr=1e-3, layer_decay=0.5)
+    plain = {names[id(p)]: "weight_decay" in g for g in parameter_groups(model) for p in g["params"]}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter once
+    for group in groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            assert group["lr"] == pytest.approx(1e-3 * 0.5 ** (4 - depths[name])), name
+            assert ("weight_decay" in group) == plain[name], name  # exempt from decay as without it
+    assert groups[0]["lr"] == 1e-3 and any(names[id(p)] == "classifier.weight" for p in groups[0]["params"])
+    assert torch.is_tensor(groups[0]["params"][0])
+    assert any("scheduler section" in problem for problem in _layer_decay_problems(args, model, {"scheduler": {}}))
+    assert any("a factor above 0 and at most 1" in problem
+               for problem in _layer_decay_problems(parse_args(["--layer_decay", "1.5"]), model, {}))
+
+
+def test_layer_decay_on_or_off_is_kept_at_a_resume_and_its_value_may_change():
+    from train.resume import recipe_changes
+
+    saved = {"step": 3, "recipe": {"precision": "fp32", "zero_stage": 2, "optimizer": "AdamW", "layer_decay": 0.5}}
+    recipe = {**saved["recipe"], "steps": 10}
+    problems = []
+    assert recipe_changes(saved, {**recipe, "layer_decay": 0.7}, path=Path("ck"), problems=problems) == [
+        "layer_decay 0.5 -> 0.7"] and problems == []
+    for before, after in ((0.5, 1.0), (1.0, 0.5)):
+        problems = []
+        recipe_changes({**saved, "recipe": {**saved["recipe"], "layer_decay": before}},
+                       {**recipe, "layer_decay": after}, path=Path("ck"), problems=problems)
+        assert len(problems) == 1 and f"saved by a run with --layer_decay {before:g}, this one has {after:g}" in problems[0]
+    problems = []  # a checkpoint from before the flag: saved without it
+    recipe_changes({**saved, "recipe": {k: v for k, v in saved["recipe"].items() if k != "layer_decay"}},
+                   {**recipe, "layer_decay": 0.5}, path=Path("ck"), problems=problems)
+    assert len(problems) == 1 and "--layer_decay 1, this one has 0.5" in problems[0]
+
+
+def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_at_another(files, tmp_path):
+    """A DeiT from its config (transformers maps the type to two classifiers and fails on a config
+    naming neither; the plain one is built) with --layer_decay 0.5: Adam's first step moves each
+    weight by its group's rate (m / sqrt(v) = +-1), so every parameter's median move is lr x
+    0.5^(L + 1 - depth). The step after, from that checkpoint on 3 ranks (a universal checkpoint),
+    with decay 0.8 and with 0.5: the same gradients and moments, so every weight moves in the
+    ratio of the two rates, exactly as the new decay says."""
+    import torch
+    from transformers import AutoModelForImageClassification
+    from train.model import build_model, layer_depths, transformer_stack
+
+    def exported(out: Path) -> dict:  # by the module's names (transformers saves some under older ones)
+        return dict(AutoModelForImageClassification.from_pretrained(out / "model").named_parameters())
+
+    deit = tmp_path / "deit.json"
+    deit.write_text(json.dumps({**SMALL_TRANSFORMER, "model_type": "deit", "hidden_dropout_prob": 0.0,
+                                "attention_probs_dropout_prob": 0.0}))
+    classes = json.loads((files["digits"] / "classes.json").read_text())
+    torch.manual_seed(0)  # as the trainer builds it (--seed 0)
+    model, *_ = build_model(model=None, model_config=str(deit), processor=str(files["processor"]), classes=classes,
+                            problems=[])
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    depths = layer_depths(model, transformer_stack(model))
+    flags = ["--data", str(files["digits"]), "--model_config", str(deit), "--processor", str(files["processor"]),
+             "--precision", "fp32", "--micro_batch_size", "16", "--lr", "1e-3", "--lr_scheduler", "constant",
+             "--warmup_steps", "0", "--weight_decay", "0", "--max_grad_norm", "0", "--export", "last",
+             "--eval_steps", "1", "--log_steps", "1", "--wandb_mode", "disabled"]
+    first = tmp_path / "first"
+    done = train([*flags, "--output_dir", str(first), "--max_steps", "1", "--layer_decay", "0.5"])
+    assert "train: layer decay 0.5: the head at the learning rate, layers 1 to 3 at x 0.125 to x 0.5 of it, the " \
+           "embeddings at x 0.0625" in done.stdout
+    assert json.loads((first / "model" / "config.json").read_text())["architectures"] == ["DeiTForImageClassification"]
+    step1 = exported(first)
+    for name, before in initial.items():
+        if name.endswith("k_proj.bias"):  # softmax ignores a shift of every key: no gradient, Adam's eps decides
+            continue
+        moved = (step1[name].detach() - before).abs().flatten()
+        assert moved.median().item() == pytest.approx(1e-3 * 0.5 ** (4 - depths[name]), rel=0.02), name
+
+    later = {}
+    for decay in ("0.8", "0.5"):
+        out = tmp_path / f"decay{decay}"
+        done = train([*flags, "--output_dir", str(out), "--max_steps", "2", "--layer_decay", decay,
+                      "--resume", str(first / "checkpoints" / "step-00000001")], ranks=3)
+        assert ("layer_decay 0.5 -> 0.8" in done.stdout) == (decay == "0.8")
+        later[decay] = exported(out)
+    with torch.no_grad():
+        moves = {decay: {name: p - step1[name] for name, p in weights.items()} for decay, weights in later.items()}
+    for name in step1:
+        fast, slow = moves["0.8"][name], moves["0.5"][name]
+        ratio = (fast[slow.abs() > 1e-7] / slow[slow.abs() > 1e-7]).median().item()
+        assert ratio == pytest.approx((0.8 / 0.5) ** (4 - depths[name]), rel=1e-3), name
+
+
 def test_compile_trains_the_same_under_zero3_with_gradient_checkpointing_and_resumes(files, tmp_path):
     """--compile (DeepSpeed's engine.compile: torch.compile inside the engine): the same losses as
     eager under ZeRO-3 with gradient checkpointing, the same state dict (the export loads), and an

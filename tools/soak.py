@@ -152,6 +152,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     hang = random.Random(json.dumps(settings, sort_keys=True))  # and half of those: the other ranks wait in
     settings["hang"] = [killed and hang.random() < 0.5 for killed in settings["kill"]]  # their step (NCCL)
     settings["compile"] = compile  # the same trials compiled
+    layers = random.Random(json.dumps(settings, sort_keys=True))  # and layer-wise lr decay (a ViT has the stack)
+    settings["layer_decay"] = layers.choice([None, None, 0.65, 0.8]) if settings["model"] == "vit" else None
     return settings
 
 
@@ -199,6 +201,7 @@ def flags(settings: dict) -> list[str]:
     """The trainer flags a trial draws besides the model, ZeRO config, epochs and batch sizes."""
     return (settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"]
             + ["--compile"] * settings.get("compile", False)
+            + (["--layer_decay", str(settings["layer_decay"])] if settings.get("layer_decay") else [])
             + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
             + (["--save_steps", str(settings["save_steps"])] if settings.get("save_steps") else [])
             + (["--save_total_limit", str(settings["keep"])] if settings.get("keep", 2) != 2 else [])

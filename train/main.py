@@ -59,7 +59,8 @@ from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, Pr
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_parameters, load_trained,
-                         model_input_size, model_source, parameter_groups, prepare_precision)
+                         model_input_size, model_source, parameter_groups, prepare_precision,
+                         transformer_stack)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
                         train_flops_per_image)
@@ -268,7 +269,7 @@ def setup(args: TrainArgs) -> Run:
     recipe = training_recipe(args, ds_config, world_size=world, precision=precision, total_steps=total_steps,
                              warmup_steps=warmup)
     changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems)
-    problems += _flag_problems(args)
+    problems += _flag_problems(args) + _layer_decay_problems(args, model, ds_config)
     agree(problems)
     if problems:
         raise ConfigError(problems)
@@ -355,12 +356,21 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
             f"{len(run.classes)} classes; {type(run.engine.module).__name__} ({config['parameters'] / 1e6:.2f}M "
             f"parameters)\n"
             + (f"train: classifier head: {config['head']}\n" if config["head"] else "")
+            + _layer_decay_line(run)
             + f"train: {run.total_steps} steps ({run.steps_per_epoch} per epoch) of {ds['train_batch_size']} images "
             f"= {ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accumulation x "
             f"{run.world_size} ranks\n"
             f"train: output in {run.output_dir}; {wandb}"
             + (f"\ntrain: resuming from {resumed} (step {run.step})" if resumed else "")
             + (f"\ntrain: this run's settings apply from step {run.step + 1}: {'; '.join(changes)}" if changes else ""))
+
+
+def _layer_decay_line(run: Run) -> str:
+    if run.args.layer_decay == 1.0:
+        return ""
+    decay, layers = run.args.layer_decay, len(run.engine.module.get_submodule(transformer_stack(run.engine.module)))
+    return (f"train: layer decay {decay:g}: the head at the learning rate, layers 1 to {layers} at x {decay ** layers:.3g} "
+            f"to x {decay:g} of it, the embeddings at x {decay ** (layers + 1):.3g}\n")
 
 
 def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: list[str], ds_config: dict,
@@ -516,6 +526,23 @@ def _flag_problems(args: TrainArgs) -> list[str]:
     return problems
 
 
+def _layer_decay_problems(args: TrainArgs, model, ds_config: dict) -> list[str]:
+    """What stands in the way of --layer_decay: a factor outside (0, 1], a model without one stack
+    of transformer layers, or a DeepSpeed scheduler (it sets one rate for every parameter group)."""
+    if args.layer_decay == 1.0:
+        return []
+    problems = []
+    if not 0 < args.layer_decay < 1:
+        problems.append(f"--layer_decay {args.layer_decay:g}: a factor above 0 and at most 1 (1: off)")
+    if model is not None and transformer_stack(model) is None:
+        problems.append(f"--layer_decay: {type(model).__name__} has no single stack of transformer layers to count "
+                        f"depth in (ViT, DeiT, BEiT, DINOv2 and the CLIP and SigLIP vision models have one); drop it")
+    if "scheduler" in ds_config:
+        problems.append(f"--layer_decay: {args.ds_config} has a scheduler section, and DeepSpeed's schedulers set "
+                        f"one learning rate for every layer; remove it (--lr_scheduler then schedules)")
+    return problems
+
+
 def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list[str]):
     """(model, image processor, preprocessing spec, what became of a pretrained head), each None
     where a problem was found (the head's: or where there is no pretrained head)."""
@@ -638,8 +665,8 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
         print("train: DeepSpeed is compiling its fused Adam for this GPU (once, about a minute; later runs reuse it "
               "from torch's extension cache)", flush=True)
     with deepspeed_arch_list():  # DeepSpeed's builder cannot parse Hopper entries such as 9.0a
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model), config=ds_config,
-                                          lr_scheduler=schedule)
+        groups = parameter_groups(model, lr=ds_config["optimizer"]["params"]["lr"], layer_decay=args.layer_decay)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=schedule)
     if args.compile:
         engine.compile()
     return engine

@@ -48,7 +48,9 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
             net = AutoModelForImageClassification.from_pretrained(model, ignore_mismatched_sizes=True, **labels)
         else:
             values = {k: v for k, v in values.items() if k not in ("architectures", "id2label", "label2id", "num_labels")}
-            net = AutoModelForImageClassification.from_config(AutoConfig.for_model(**values, **labels))
+            # architectures [] (not None): the model type's plain classifier, where transformers maps a type
+            # to several (DeiT, LeViT: with a distillation head too) and fails on None
+            net = AutoModelForImageClassification.from_config(AutoConfig.for_model(**values, **labels, architectures=[]))
     except (OSError, ValueError, KeyError) as e:
         problems.append(_cannot_build(model, model_config, e))
         return None, None, None
@@ -226,18 +228,56 @@ NO_DECAY_NAMES = {"cls_token", "distillation_token", "mask_token", "register_tok
 NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding)
 
 
-def parameter_groups(model: torch.nn.Module) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, *, lr: float | None = None, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: no weight decay on biases, normalization layers, embeddings, class/position
-    tokens and layer scales (by kind, not by shape: ViT's cls token is 3-d); decay on the rest."""
-    decay, no_decay = [], []
+    tokens and layer scales (by kind, not by shape: ViT's cls token is 3-d); decay on the rest.
+    With `layer_decay` (the model has a `transformer_stack`), each depth of `layer_depths` is a pair
+    of groups whose learning rate is lr x layer_decay^(L + 1 - depth), the head's first (the rate
+    train/lr shows)."""
+    depths = layer_depths(model, transformer_stack(model)) if layer_decay != 1.0 else {}
+    top = max(depths.values(), default=0)
+    groups: dict[tuple[int, bool], list] = {(top, False): [], (top, True): []}
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             exempt = (isinstance(module, NORMS) or "norm" in type(module).__name__.lower() or p.ndim <= 1
                       or name == "bias" or name in NO_DECAY_NAMES)
-            (no_decay if exempt else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+            depth = depths.get(f"{module_name}.{name}" if module_name else name, top)
+            groups.setdefault((depth, exempt), []).append(p)
+    ordered = sorted(groups, key=lambda key: (-key[0], key[1]))
+    if not depths:
+        return [{"params": groups[key], **({"weight_decay": 0.0} if key[1] else {})} for key in ordered]
+    return [{"params": groups[key], **({"weight_decay": 0.0} if key[1] else {}), "lr": lr * layer_decay ** (top - key[0]),
+             "lr_scale": layer_decay ** (top - key[0])} for key in ordered if groups[key]]
+
+
+def transformer_stack(model: torch.nn.Module) -> str | None:
+    """The name of the model's one stack of transformer layers, which ViT, DeiT, BEiT, DINOv2 and
+    the CLIP and SigLIP vision models call `layer` or `layers` (a layer each, num_hidden_layers of
+    them, none a stack itself): what layer-wise lr decay counts depth in. None for a model without
+    one: convolutional stages, or Swin's stages of blocks."""
+    config = getattr(model.config, "vision_config", None) or model.config
+    count = getattr(config, "num_hidden_layers", None)
+    stacks = [name for name, module in model.named_modules()
+              if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")
+              and len(module) == count
+              and not any(isinstance(inner, torch.nn.ModuleList) for layer in module for inner in layer.modules())]
+    return stacks[0] if len(stacks) == 1 else None
+
+
+def layer_depths(model: torch.nn.Module, stack: str) -> dict[str, int]:
+    """Each parameter's depth for layer-wise lr decay, counted as BEiT and MAE count it: 0 for the
+    embeddings (patch and position embeddings, class token), i + 1 for layer i of `stack`, L + 1
+    for the rest (the final norm, the pooler, the head; BEiT's shared relative position bias)."""
+    top = len(model.get_submodule(stack)) + 1
+
+    def depth(name: str) -> int:
+        if name.startswith(stack + "."):
+            return int(name[len(stack) + 1:].split(".", 1)[0]) + 1
+        return 0 if "embeddings" in name.split(".") else top
+
+    return {name: depth(name) for name, _ in model.named_parameters()}
 
 
 def _cannot_build(model, model_config, error: Exception) -> str:

@@ -2,7 +2,8 @@
 
 Kept, else a configuration error that says what to pass: the seed and the train shards (each
 epoch's order), the precision, the ZeRO stage (1 and 2 share DeepSpeed's checkpoint format; 3 has
-its own) and the optimizer (DeepSpeed fails deep inside its loader on any of these). Everything
+its own), the optimizer, and layer-wise lr decay on or off (its parameter groups; DeepSpeed fails
+deep inside its loader on any of these). Everything
 else in `training_recipe` may change (ZeRO-1 <-> 2, CPU offload on or off included): this run's
 values apply from its first step and the banner lists them (DeepSpeed alone would restore the saved learning rate and weight decay, silently
 ignoring new ones). Another number of ranks or another micro batch goes on with the samples of the
@@ -50,7 +51,7 @@ def training_recipe(args: TrainArgs, ds_config: dict, *, world_size: int, precis
             "grad_accum": ds_config["gradient_accumulation_steps"], "steps": total_steps,
             "warmup_steps": warmup_steps, "lr_scheduler": schedule,
             **{key: optimizer.get("params", {}).get(key) for key in ("lr", "weight_decay", "betas", "eps")},
-            "max_grad_norm": ds_config.get("gradient_clipping"),
+            "max_grad_norm": ds_config.get("gradient_clipping"), "layer_decay": args.layer_decay,
             **{key: getattr(args, key) for key in (*AUGMENTATION, "label_smoothing", "mixup_alpha", "cutmix_alpha")}}
 
 
@@ -128,6 +129,11 @@ def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: li
     if saved["optimizer"] != recipe["optimizer"]:
         problems.append(f"--resume {path}: saved with the optimizer {saved['optimizer']}, this run's --ds_config has "
                         f"{recipe['optimizer']}; resume with {saved['optimizer']}, {restart_hint(path)}")
+    if (saved.get("layer_decay", 1.0) == 1.0) != (recipe["layer_decay"] == 1.0):
+        problems.append(f"--resume {path}: saved by a run with --layer_decay {saved.get('layer_decay', 1.0):g}, this one has "
+                        f"{recipe['layer_decay']:g}; the optimizer's parameter groups differ (a pair per layer with "
+                        f"it, else one pair): resume with --layer_decay {saved.get('layer_decay', 1.0):g} (any value but "
+                        f"1 if it was not 1), {restart_hint(path)}")
     changed = [key for key, value in recipe.items() if key not in KEPT and key in saved and saved[key] != value]
     notes = {([key for key in changed if key in group] or [None])[-1]: note for group, note in (
         (AUGMENTATION, "the augmentation's random state starts afresh"),
