@@ -44,9 +44,9 @@ class TrainArgs:
     warmup_steps: int | None = arg(None, "linear warmup steps (default: 5%% of the steps)")
     lr_scheduler: str = arg("cosine", "decay after warmup (when the DeepSpeed config has no scheduler)",
                             choices=["cosine", "linear", "constant"])
-    layer_decay: float = arg(1.0, "layer-wise lr decay for ViT-style transformers (ViT, DeiT, BEiT, DINOv2, CLIP/SigLIP "
+    layer_decay: float = arg(1.0, "layer-wise lr decay for transformers (ViT, DeiT, BEiT, DINOv2, Swin, CLIP/SigLIP "
                              "vision): the head trains at --lr, layer i of L at lr x decay^(L + 1 - i), the embeddings at "
-                             "lr x decay^(L + 1), as BEiT and MAE fine-tune (e.g. 0.65); 1: off")
+                             "lr x decay^(L + 1), as BEiT, MAE and SimMIM fine-tune (e.g. 0.65); 1: off")
     max_grad_norm: float | None = arg(None, "gradient clipping (default 1.0; 0 disables)")
     label_smoothing: float = arg(0.0, "label smoothing of the cross entropy")
     mixup_alpha: float = arg(0.0, "mixup Beta(alpha, alpha); 0 disables")

@@ -60,7 +60,7 @@ from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, Pr
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_parameters, load_trained,
                          model_input_size, model_source, parameter_groups, prepare_precision,
-                         transformer_stack)
+                         transformer_stages)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
                         train_flops_per_image)
@@ -368,7 +368,7 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
 def _layer_decay_line(run: Run) -> str:
     if run.args.layer_decay == 1.0:
         return ""
-    decay, layers = run.args.layer_decay, len(run.engine.module.get_submodule(transformer_stack(run.engine.module)))
+    decay, layers = run.args.layer_decay, sum(len(stage) for _, stage in transformer_stages(run.engine.module))
     return (f"train: layer decay {decay:g}: the head at the learning rate, layers 1 to {layers} at x {decay ** layers:.3g} "
             f"to x {decay:g} of it, the embeddings at x {decay ** (layers + 1):.3g}\n")
 
@@ -527,16 +527,16 @@ def _flag_problems(args: TrainArgs) -> list[str]:
 
 
 def _layer_decay_problems(args: TrainArgs, model, ds_config: dict) -> list[str]:
-    """What stands in the way of --layer_decay: a factor outside (0, 1], a model without one stack
-    of transformer layers, or a DeepSpeed scheduler (it sets one rate for every parameter group)."""
+    """What stands in the way of --layer_decay: a factor outside (0, 1], a model without transformer
+    layers (`transformer_stages`), or a DeepSpeed scheduler (it sets one rate for every parameter group)."""
     if args.layer_decay == 1.0:
         return []
     problems = []
     if not 0 < args.layer_decay < 1:
         problems.append(f"--layer_decay {args.layer_decay:g}: a factor above 0 and at most 1 (1: off)")
-    if model is not None and transformer_stack(model) is None:
-        problems.append(f"--layer_decay: {type(model).__name__} has no single stack of transformer layers to count "
-                        f"depth in (ViT, DeiT, BEiT, DINOv2 and the CLIP and SigLIP vision models have one); drop it")
+    if model is not None and transformer_stages(model) is None:
+        problems.append(f"--layer_decay: {type(model).__name__} has no transformer layers to count depth in (ViT, "
+                        f"DeiT, BEiT, DINOv2, Swin and the CLIP and SigLIP vision models have them); drop it")
     if "scheduler" in ds_config:
         problems.append(f"--layer_decay: {args.ds_config} has a scheduler section, and DeepSpeed's schedulers set "
                         f"one learning rate for every layer; remove it (--lr_scheduler then schedules)")

@@ -231,10 +231,10 @@ NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.Grou
 def parameter_groups(model: torch.nn.Module, *, lr: float | None = None, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: no weight decay on biases, normalization layers, embeddings, class/position
     tokens and layer scales (by kind, not by shape: ViT's cls token is 3-d); decay on the rest.
-    With `layer_decay` (the model has a `transformer_stack`), each depth of `layer_depths` is a pair
+    With `layer_decay` (the model has `transformer_stages`), each depth of `layer_depths` is a pair
     of groups whose learning rate is lr x layer_decay^(L + 1 - depth), the head's first (the rate
     train/lr shows)."""
-    depths = layer_depths(model, transformer_stack(model)) if layer_decay != 1.0 else {}
+    depths = layer_depths(model, transformer_stages(model)) if layer_decay != 1.0 else {}
     top = max(depths.values(), default=0)
     groups: dict[tuple[int, bool], list] = {(top, False): [], (top, True): []}
     for module_name, module in model.named_modules():
@@ -252,29 +252,44 @@ def parameter_groups(model: torch.nn.Module, *, lr: float | None = None, layer_d
              "lr_scale": layer_decay ** (top - key[0])} for key in ordered if groups[key]]
 
 
-def transformer_stack(model: torch.nn.Module) -> str | None:
-    """The name of the model's one stack of transformer layers, which ViT, DeiT, BEiT, DINOv2 and
-    the CLIP and SigLIP vision models call `layer` or `layers` (a layer each, num_hidden_layers of
-    them, none a stack itself): what layer-wise lr decay counts depth in. None for a model without
-    one: convolutional stages, or Swin's stages of blocks."""
+def transformer_stages(model: torch.nn.Module) -> list[tuple[str, list[str]]] | None:
+    """The model's transformer layers in order, as (stage, [its layers' module names]): what
+    layer-wise lr decay counts depth in. One stage for a stack of layers, which ViT, DeiT, BEiT,
+    DINOv2 and the CLIP and SigLIP vision models call `layer` or `layers` (num_hidden_layers of
+    them); Swin's stages of `blocks` each (what the stage holds besides, its downsampling, goes
+    with its last block, as SimMIM counts). None for a model without them: convolutional stages."""
     config = getattr(model.config, "vision_config", None) or model.config
-    count = getattr(config, "num_hidden_layers", None)
-    stacks = [name for name, module in model.named_modules()
+    flat = lambda stack: not any(isinstance(inner, torch.nn.ModuleList) for layer in stack for inner in layer.modules())
+    stacks = [(name, [f"{name}.{i}" for i in range(len(module))]) for name, module in model.named_modules()
               if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")
-              and len(module) == count
-              and not any(isinstance(inner, torch.nn.ModuleList) for layer in module for inner in layer.modules())]
-    return stacks[0] if len(stacks) == 1 else None
+              and len(module) == getattr(config, "num_hidden_layers", None) and flat(module)]
+    if len(stacks) == 1:
+        return stacks
+    for name, module in model.named_modules():  # Swin: layers of stages, each with a stack of blocks
+        if (isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module)
+                and all(isinstance(getattr(stage, "blocks", None), torch.nn.ModuleList) and flat(stage.blocks)
+                        for stage in module)):
+            return [(f"{name}.{s}", [f"{name}.{s}.blocks.{b}" for b in range(len(stage.blocks))])
+                    for s, stage in enumerate(module)]
+    return None
 
 
-def layer_depths(model: torch.nn.Module, stack: str) -> dict[str, int]:
-    """Each parameter's depth for layer-wise lr decay, counted as BEiT and MAE count it: 0 for the
-    embeddings (patch and position embeddings, class token), i + 1 for layer i of `stack`, L + 1
-    for the rest (the final norm, the pooler, the head; BEiT's shared relative position bias)."""
-    top = len(model.get_submodule(stack)) + 1
+def layer_depths(model: torch.nn.Module, stages: list[tuple[str, list[str]]]) -> dict[str, int]:
+    """Each parameter's depth for layer-wise lr decay, counted as BEiT, MAE and SimMIM count it: 0
+    for the embeddings (patch and position embeddings, class token), i + 1 for the i-th layer of
+    `stages` (a stage's other parameters: its last layer's), L + 1 for the rest (the final norm,
+    the pooler, the head; BEiT's shared relative position bias)."""
+    layers = [layer for _, stage in stages for layer in stage]
+    top = len(layers) + 1
+    last = {stage: layers.index(names[-1]) + 1 for stage, names in stages}
 
     def depth(name: str) -> int:
-        if name.startswith(stack + "."):
-            return int(name[len(stack) + 1:].split(".", 1)[0]) + 1
+        layer = next((i for i, prefix in enumerate(layers) if name.startswith(prefix + ".")), None)
+        if layer is not None:
+            return layer + 1
+        stage = next((prefix for prefix in last if name.startswith(prefix + ".")), None)
+        if stage is not None:
+            return last[stage]
         return 0 if "embeddings" in name.split(".") else top
 
     return {name: depth(name) for name, _ in model.named_parameters()}
