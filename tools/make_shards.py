@@ -268,13 +268,13 @@ def find_sources(src: Path, *, classes_file: Path | None):
             if not entry.is_dir():
                 outside_class(entry)
                 continue
-            name = class_name(entry.name)
-            if (split, name) in folders:
-                raise ShardingError(f"{folders[split, name]} and {entry} are the class {name!r} in two Unicode forms "
+            label = class_name(entry.name)
+            if (split, label) in folders:
+                raise ShardingError(f"{folders[split, label]} and {entry} are the class {label!r} in two Unicode forms "
                                     f"(composed and decomposed, as a Mac writes names); move one's images into the "
                                     f"other")
-            folders[split, name] = entry
-            names = files[split].setdefault(name, [])
+            folders[split, label] = entry
+            names = files[split].setdefault(label, [])
             # links are followed, but a folder is walked once, and never one holding the class folder: a
             # link back up the tree would be walked to the kernel's link limit, or reach other classes
             top, walked = entry.resolve(), set()

@@ -259,7 +259,10 @@ def transformer_stages(model: torch.nn.Module) -> list[tuple[str, list[str]]] | 
     them); Swin's stages of `blocks` each (what the stage holds besides, its downsampling, goes
     with its last block, as SimMIM counts). None for a model without them: convolutional stages."""
     config = getattr(model.config, "vision_config", None) or model.config
-    flat = lambda stack: not any(isinstance(inner, torch.nn.ModuleList) for layer in stack for inner in layer.modules())
+
+    def flat(stack: torch.nn.ModuleList) -> bool:  # its layers hold no stack of their own
+        return not any(isinstance(inner, torch.nn.ModuleList) for layer in stack for inner in layer.modules())
+
     stacks = [(name, [f"{name}.{i}" for i in range(len(module))]) for name, module in model.named_modules()
               if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")
               and len(module) == getattr(config, "num_hidden_layers", None) and flat(module)]
