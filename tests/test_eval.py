@@ -4,6 +4,7 @@ run's final eval (train/evaluation.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from collections import Counter
 
@@ -96,6 +97,63 @@ def test_eval_only_refuses_a_model_trained_for_other_classes(files, tmp_path):
     no_model = train(["--eval_only", "--data", str(files["photos"]), "--wandb_mode", "disabled"], ranks=None,
                      check=False)
     assert no_model.returncode == 2 and "--eval_only evaluates a trained model: pass --model DIR" in no_model.stderr
+
+
+def test_labels_by_id_evaluate_and_keep_the_head_of_a_model_whose_labels_are_named_otherwise(files, tmp_path):
+    """A hub ImageNet model names its labels ('tench, Tinca tinca', ...) where ImageNet's folders are
+    synsets (n01440764, ...), in the same id order. The photo shards under other class names:
+    --eval_only refuses the model trained on them and says to pass --labels_by_id; with it, it
+    evaluates by id (the training run's top-1, predictions under the shards' names), and a run
+    fine-tuning it keeps its head, which is new without it."""
+    import torch
+    from transformers import AutoModelForImageClassification
+    from train.model import build_model
+
+    run = tmp_path / "run"
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", run), "--max_steps", "1",
+           "--micro_batch_size", "6", "--wandb_mode", "disabled"], ranks=None)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(files["photos"], renamed)
+    classes, names = json.loads((renamed / "classes.json").read_text()), [f"n0{i}440764" for i in range(4)]
+    (renamed / "classes.json").write_text(json.dumps(names))
+    manifest = json.loads((renamed / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        split["per_class"] = {new: split["per_class"][old] for old, new in zip(classes, names)}
+    (renamed / "manifest.json").write_text(json.dumps(manifest))
+
+    flags = ["--eval_only", "--model", str(run / "model"), "--data", str(renamed), "--precision", "fp32",
+             "--wandb_mode", "disabled"]
+    refused = train([*flags, "--output_dir", str(tmp_path / "refused")], ranks=None, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "they first differ at id 0. Evaluate a model trained on these shards' classes, in their order; or, if its " \
+           "label i is class i under another name (a hub ImageNet model on shards of synset folders), pass " \
+           "--labels_by_id" in refused.stderr
+    done = train([*flags, "--output_dir", str(tmp_path / "by_id"), "--labels_by_id"], ranks=None)
+    assert "train: labels by id: 'class0' is 'n00440764', 'class1' is 'n01440764', ... (4 in all)" in done.stdout
+    by_id, trained = (json.loads((d / "eval_results.json").read_text()) for d in (tmp_path / "by_id", run))
+    assert by_id["samples"] == trained["samples"] == 12 and by_id["top1"] == trained["top1"]
+    assert sorted(by_id["per_class"]) == names
+    assert {p["label"] for p in predictions(tmp_path / "by_id")} == set(names)
+
+    problems = []
+    torch.manual_seed(0)
+    kept, _, head = build_model(model=str(run / "model"), model_config=None, processor=None, classes=names,
+                                problems=problems, by_id=True)
+    assert problems == [] and head.startswith("kept by id (4 classes; ") and "'class0' is 'n00440764'" in head
+    torch.manual_seed(0)
+    fresh, _, new_head = build_model(model=str(run / "model"), model_config=None, processor=None, classes=names,
+                                     problems=problems)
+    assert problems == [] and new_head.startswith("new for 4 classes")
+    trained_head = {k: v for k, v in AutoModelForImageClassification.from_pretrained(run / "model").state_dict().items()
+                    if k.startswith("classifier")}
+    assert trained_head and all(kept.state_dict()[k].equal(v) for k, v in trained_head.items())
+    assert not all(fresh.state_dict()[k].equal(v) for k, v in trained_head.items())
+    assert kept.config.id2label == dict(enumerate(names))
+    build_model(model=str(run / "model"), model_config=None, processor=None, classes=names[:3], problems=problems,
+                by_id=True)
+    assert problems == [f"--labels_by_id: --model {run / 'model'} has 4 labels (class0, class1, class2, ...), the "
+                        f"shards 3 classes (n00440764, n01440764, n02440764); label i can be class i only where they "
+                        f"are as many"]
 
 
 def test_confusion_picture_of_many_classes_shows_the_most_confused():

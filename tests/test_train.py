@@ -474,13 +474,14 @@ def test_flags_nothing_else_checks_are_named_when_wrong():
 
     assert _flag_problems(parse_args(["--hw_decoder_load", "1.0", "--profile", "20:10", "--nan_guard", "stop",
                                       "--save_steps", "0", "--eval_steps", "1", "--log_steps", "1",
-                                      "--peer_timeout", "10"])) == []
+                                      "--peer_timeout", "10", "--labels_by_id", "--model", "m"])) == []
     problems = _flag_problems(parse_args(["--hw_decoder_load", "65", "--profile", "20", "--synthetic_data",
                                           "--baseline_loader", "--log_steps", "0", "--eval_steps", "-1",
-                                          "--save_steps", "-2", "--peer_timeout", "3"]))
+                                          "--save_steps", "-2", "--peer_timeout", "3", "--labels_by_id"]))
     assert [p.split(" ")[0] for p in problems] == ["--profile", "--synthetic_data", "--log_steps", "--eval_steps",
-                                                   "--save_steps", "--peer_timeout", "--hw_decoder_load"]
-    assert "from 0 to 1" in problems[6] and "of 1 or more" in problems[2] and "0: no checkpoint" in problems[4]
+                                                   "--save_steps", "--peer_timeout", "--labels_by_id",
+                                                   "--hw_decoder_load"]
+    assert "from 0 to 1" in problems[7] and "there is no --model" in problems[6] and "of 1 or more" in problems[2] and "0: no checkpoint" in problems[4]
     assert problems[5].startswith("--peer_timeout 3: 10 s or more")
 
 

@@ -76,6 +76,9 @@ class TrainArgs:
 
     eval_only: bool = arg(False, "evaluate --model (a trained model folder) on --eval_split, no training: writes "
                           "eval_results.json, predictions.jsonl and confusion_matrix.png to the output dir")
+    labels_by_id: bool = arg(False, "the model's label i is class i of the shards' classes.json, whatever their names "
+                             "(a hub ImageNet model, 'tench, Tinca tinca', ..., on shards of synset folders n01440764, "
+                             "...): --eval_only evaluates it, and training keeps its head; as many labels as classes")
     eval_split: str = arg("val", "the split every eval runs on (test: the shards of a source's test/ folder)",
                           choices=["val", "test"])
     eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")

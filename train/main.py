@@ -58,7 +58,7 @@ from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_sha
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
-from train.model import (BUILTIN_MODEL, build_model, builtin_processor, cast_parameters, load_trained,
+from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pairs, cast_parameters, load_trained,
                          model_input_size, model_source, parameter_groups, prepare_precision,
                          transformer_stages)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
@@ -430,7 +430,7 @@ def setup_eval(args: TrainArgs) -> Run:
     model = image_processor = eval_loader = None
     if args.model and not args.model_config and classes:
         model, image_processor = load_trained(model=args.model, processor=args.processor, classes=classes,
-                                              problems=problems)
+                                              problems=problems, by_id=args.labels_by_id)
     spec = _spec(image_processor, problems)
     if not problems:
         _, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
@@ -454,8 +454,10 @@ def setup_eval(args: TrainArgs) -> Run:
               save_steps=0, ds_config=ds_config, logger=None)
     wandb = _open_logger(run, run_config, resume_step=None, **_wandb_line(run, {}, resume=None, branched=False))
     if rank == 0:
+        labels = [model.config.id2label.get(i) for i in range(len(classes))]
         print(f"train: evaluating {args.model} ({type(model).__name__}, {precision}) on {eval_samples} "
-              f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; {wandb}")
+              f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; {wandb}"
+              + (f"\ntrain: labels by id: {by_id_pairs(labels, classes)}" if labels != classes else ""))
     return run
 
 
@@ -521,6 +523,8 @@ def _flag_problems(args: TrainArgs) -> list[str]:
     if args.peer_timeout < PeerWatch.LEAST_SILENT_S:
         problems.append(f"--peer_timeout {args.peer_timeout:g}: {PeerWatch.LEAST_SILENT_S:g} s or more (a busy machine "
                         f"may pause a process for seconds)")
+    if args.labels_by_id and not args.model:
+        problems.append("--labels_by_id maps a pretrained --model's labels to the classes; there is no --model")
     if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
         problems.append(f"--hw_decoder_load {args.hw_decoder_load}: a share of the JPEGs, from 0 to 1")
     return problems
@@ -555,8 +559,8 @@ def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list
     model = image_processor = head = None
     if classes and (args.model or model_config):
         torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
-        model, image_processor, head = build_model(model=args.model, model_config=model_config,
-                                                   processor=processor, classes=classes, problems=problems)
+        model, image_processor, head = build_model(model=args.model, model_config=model_config, processor=processor,
+                                                   classes=classes, problems=problems, by_id=args.labels_by_id)
     elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
         model_source(model=args.model, model_config=args.model_config, problems=problems)
     spec = _spec(image_processor, problems)

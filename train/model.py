@@ -20,7 +20,7 @@ BUILTIN_PROCESSOR = {"size": {"height": 32, "width": 32}, "image_mean": [0.5] * 
 
 
 def build_model(*, model: str | None, model_config: str | dict | None, processor, classes: list[str],
-                problems: list[str]):
+                problems: list[str], by_id: bool = False):
     """(model, image processor, what became of a pretrained head), or (None, None, None) with what
     is wrong appended to `problems`.
 
@@ -59,7 +59,12 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
         return None, None, None
     head = None
     if model:
-        head = adapt_head(net, model, [values.id2label.get(i) for i in range(values.num_labels)], classes)
+        pretrained = [values.id2label.get(i) for i in range(values.num_labels)]
+        if by_id and len(pretrained) != len(classes):
+            problems.append(by_id_mismatch(model, pretrained, classes))
+            return None, None, None
+        head = (f"kept by id ({len(classes)} classes; {model}'s labels named otherwise: {by_id_pairs(pretrained, classes)})"
+                if by_id and pretrained != classes else adapt_head(net, model, pretrained, classes))
     try:
         if processor is not None:  # a name or folder, or an instance (the built-in default's)
             image_processor = load_processor(processor) if isinstance(processor, (str, Path)) else processor
@@ -75,18 +80,24 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
     return net, image_processor, head
 
 
-def load_trained(*, model: str, processor, classes: list[str], problems: list[str]):
+def load_trained(*, model: str, processor, classes: list[str], problems: list[str], by_id: bool = False):
     """(model, image processor) of a trained classifier as it is, head and labels untouched, or
-    (None, None) with the problem noted: its labels must be `classes`, in their order."""
+    (None, None) with the problem noted: its labels must be `classes`, in their order (`by_id`: as
+    many, named as they may be)."""
     values = model_source(model=model, model_config=None, problems=problems)
     if values is None:
         return None, None
     labels = [values.id2label.get(i) for i in range(values.num_labels)]
-    if labels != classes:
+    if by_id and len(labels) != len(classes):
+        problems.append(by_id_mismatch(model, labels, classes))
+        return None, None
+    if labels != classes and not by_id:
         differ = next((i for i, (a, b) in enumerate(zip(labels, classes)) if a != b), min(len(labels), len(classes)))
         problems.append(f"--model {model} was trained for {len(labels)} labels ({_names(labels)}), the shards have "
                         f"{len(classes)} classes in classes.json ({_names(classes)}); they first differ at id {differ}. "
-                        f"Evaluate a model trained on these shards' classes, in their order")
+                        f"Evaluate a model trained on these shards' classes, in their order"
+                        + ("; or, if its label i is class i under another name (a hub ImageNet model on shards of "
+                           "synset folders), pass --labels_by_id" if len(labels) == len(classes) else ""))
         return None, None
     try:
         net = AutoModelForImageClassification.from_pretrained(model)
@@ -108,6 +119,17 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     engine does to a model it trains in bf16/fp16."""
     for p in model.parameters():
         p.data = p.data.to(dtype)
+
+
+def by_id_mismatch(model: str, labels: list, classes: list[str]) -> str:
+    return (f"--labels_by_id: --model {model} has {len(labels)} labels ({_names(labels)}), the shards "
+            f"{len(classes)} classes ({_names(classes)}); label i can be class i only where they are as many")
+
+
+def by_id_pairs(labels: list, classes: list[str], shown: int = 2) -> str:
+    """How the first labels named otherwise map to classes, in words."""
+    pairs = [(a, b) for a, b in zip(labels, classes) if a != b]
+    return ", ".join(f"{a!r} is {b!r}" for a, b in pairs[:shown]) + (f", ... ({len(pairs)} in all)" if len(pairs) > shown else "")
 
 
 def _names(names: list, shown: int = 3) -> str:
