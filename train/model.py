@@ -129,7 +129,8 @@ def by_id_mismatch(model: str, labels: list, classes: list[str]) -> str:
 def by_id_pairs(labels: list, classes: list[str], shown: int = 2) -> str:
     """How the first labels named otherwise map to classes, in words."""
     pairs = [(a, b) for a, b in zip(labels, classes) if a != b]
-    return ", ".join(f"{a!r} is {b!r}" for a, b in pairs[:shown]) + (f", ... ({len(pairs)} in all)" if len(pairs) > shown else "")
+    more = f", ... ({len(pairs)} in all)" if len(pairs) > shown else ""
+    return ", ".join(f"{a!r} is {b!r}" for a, b in pairs[:shown]) + more
 
 
 def _names(names: list, shown: int = 3) -> str:
