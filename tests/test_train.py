@@ -458,6 +458,32 @@ def test_pretrained_head_is_replaced_when_its_classes_differ(files, tmp_path, la
     assert [m["train/lr"] for m in metrics(out) if "train/lr" in m][-1] == pytest.approx(1e-9)
 
 
+def test_a_model_whose_labels_are_spelt_decomposed_matches_the_same_classes_composed(tmp_path):
+    """A model trained on shards of a Mac's folder names (decomposed, NFD, as make_shards wrote them
+    before it wrote NFC) and today's shards of the same folders: the same classes. --eval_only takes
+    it, and fine-tuning keeps its head (not a new one for names that only look the same)."""
+    import unicodedata
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification, ViTImageProcessorPil
+    from train.model import build_model, load_trained
+
+    classes = ["caf\u00e9", "cr\u00e8me", "tea"]
+    decomposed = [unicodedata.normalize("NFD", name) for name in classes]
+    assert decomposed != classes
+    config = AutoConfig.for_model(**TINY_VIT, id2label=dict(enumerate(decomposed)),
+                                  label2id={n: i for i, n in enumerate(decomposed)})
+    AutoModelForImageClassification.from_config(config).save_pretrained(tmp_path / "model")
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "model")
+    problems = []
+    model, _ = load_trained(model=str(tmp_path / "model"), processor=None, classes=classes, problems=problems)
+    assert problems == [] and model is not None
+    torch.manual_seed(0)
+    _, _, head = build_model(model=str(tmp_path / "model"), model_config=None, processor=None, classes=classes,
+                             problems=problems)
+    assert problems == [] and head.startswith("kept (3 classes"), head
+
+
 def test_builtin_recipe_fills_only_the_arguments_not_given():
     from train.args import parse_args
     from train.main import BUILTIN_RECIPE, _with_recipe

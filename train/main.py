@@ -59,7 +59,7 @@ from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, Pr
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pairs, cast_parameters, load_trained,
-                         model_input_size, model_source, parameter_groups, prepare_precision,
+                         model_input_size, model_labels, model_source, parameter_groups, prepare_precision,
                          transformer_stages)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
@@ -454,7 +454,7 @@ def setup_eval(args: TrainArgs) -> Run:
               save_steps=0, ds_config=ds_config, logger=None)
     wandb = _open_logger(run, run_config, resume_step=None, **_wandb_line(run, {}, resume=None, branched=False))
     if rank == 0:
-        labels = [model.config.id2label.get(i) for i in range(len(classes))]
+        labels = model_labels(model.config)
         print(f"train: evaluating {args.model} ({type(model).__name__}, {precision}) on {eval_samples} "
               f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; {wandb}"
               + (f"\ntrain: labels by id: {by_id_pairs(labels, classes)}" if labels != classes else ""))

@@ -4,6 +4,7 @@ from classes.json."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
         return None, None, None
     head = None
     if model:
-        pretrained = [values.id2label.get(i) for i in range(values.num_labels)]
+        pretrained = model_labels(values)
         if by_id and len(pretrained) != len(classes):
             problems.append(by_id_mismatch(model, pretrained, classes))
             return None, None, None
@@ -87,7 +88,7 @@ def load_trained(*, model: str, processor, classes: list[str], problems: list[st
     values = model_source(model=model, model_config=None, problems=problems)
     if values is None:
         return None, None
-    labels = [values.id2label.get(i) for i in range(values.num_labels)]
+    labels = model_labels(values)
     if by_id and len(labels) != len(classes):
         problems.append(by_id_mismatch(model, labels, classes))
         return None, None
@@ -119,6 +120,13 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     engine does to a model it trains in bf16/fp16."""
     for p in model.parameters():
         p.data = p.data.to(dtype)
+
+
+def model_labels(config) -> list:
+    """A model config's label names in id order, in Unicode NFC as make_shards writes class names
+    (a model trained on shards of a Mac's decomposed folder names still matches them)."""
+    labels = [config.id2label.get(i) for i in range(config.num_labels)]
+    return [unicodedata.normalize("NFC", label) if isinstance(label, str) else label for label in labels]
 
 
 def by_id_mismatch(model: str, labels: list, classes: list[str]) -> str:
