@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import glob
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pipelines.shards import SPLIT_ALIASES
+from pipelines.shards import SPLIT_ALIASES, class_name
 
 LABEL_NAMES = ("label", "labels")  # the label column when no ClassLabel feature says which
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes at the top of its folder
@@ -69,7 +68,7 @@ class HFSource:
             return None
         if self.classes is not None:
             return self.classes[value]
-        return unicodedata.normalize("NFC", str(value))
+        return class_name(str(value))
 
     def manifest(self) -> dict:
         return {"kind": self.kind, "image_column": self.image_column, "label_column": self.label_column,
@@ -108,7 +107,7 @@ def open_source(src: str, *, image_column: str | None = None, label_column: str 
     else:
         image = _image_column(src, features, image_column)
         label = _label_column(src, features, label_column)
-        classes = ([unicodedata.normalize("NFC", name) for name in features[label].names]  # NFC, as class folders
+        classes = ([class_name(name) for name in features[label].names]
                    if isinstance(features[label], datasets.ClassLabel) else None)
         if classes is None and not _is_value(features[label], ("int", "uint", "string", "large_string")):
             raise HFSourceError(f"{src}: label column {label!r} is {features[label]}; it must be a ClassLabel, an "

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tarfile
+import unicodedata
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")  # unique across hosts, whose PIDs may be equal
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def class_name(name: str) -> str:
+    """A class's name as classes.json holds it: Unicode NFC. A Mac writes file names decomposed
+    (NFD), so the same letters in a folder copied from it, in another split's folder, in a label
+    list or in a model's id2label are other strings unless normalized."""
+    return unicodedata.normalize("NFC", name)
 
 
 def sample_key(relpath: str) -> str:

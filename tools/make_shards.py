@@ -29,7 +29,6 @@ import shutil
 import sys
 import tempfile
 import time
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -49,6 +48,7 @@ from pipelines.shards import (
     SPLIT_ALIASES,
     SPLITS,
     ShardWriter,
+    class_name,
     decode_fully,
     jpeg_problems,
     sample_key,
@@ -367,13 +367,6 @@ def duplicates_found(splits: dict[str, list[Source]], digests: dict[str, int], c
     return {"copies": sum(len(group) - 1 for group in groups.values()), "split_here": split_here,
             "across_classes": {"count": len(classes), "groups": classes[:LISTED]},
             "across_splits": {"count": len(leaks), "inputs": leaks[:LISTED]}}
-
-
-def class_name(name: str) -> str:
-    """A class's name as classes.json holds it: Unicode NFC. A Mac writes file names decomposed
-    (NFD), so the same letters in a folder copied from it, in another split's folder or in a label
-    list are other strings unless normalized."""
-    return unicodedata.normalize("NFC", name)
 
 
 def load_class_list(path: Path) -> list[str]:

@@ -4,13 +4,13 @@ from classes.json."""
 from __future__ import annotations
 
 import json
-import unicodedata
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForImageClassification
 
+from pipelines.shards import class_name
 from pipelines.spec import ProcessorError, load_processor
 
 # The built-in default: a small ResNet for 32x32 inputs; from scratch on the digits it passes 95%
@@ -126,7 +126,7 @@ def model_labels(config) -> list:
     """A model config's label names in id order, in Unicode NFC as make_shards writes class names
     (a model trained on shards of a Mac's decomposed folder names still matches them)."""
     labels = [config.id2label.get(i) for i in range(config.num_labels)]
-    return [unicodedata.normalize("NFC", label) if isinstance(label, str) else label for label in labels]
+    return [class_name(label) if isinstance(label, str) else label for label in labels]
 
 
 def by_id_mismatch(model: str, labels: list, classes: list[str]) -> str:

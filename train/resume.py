@@ -129,11 +129,12 @@ def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: li
     if saved["optimizer"] != recipe["optimizer"]:
         problems.append(f"--resume {path}: saved with the optimizer {saved['optimizer']}, this run's --ds_config has "
                         f"{recipe['optimizer']}; resume with {saved['optimizer']}, {restart_hint(path)}")
-    if (saved.get("layer_decay", 1.0) == 1.0) != (recipe["layer_decay"] == 1.0):
-        problems.append(f"--resume {path}: saved by a run with --layer_decay {saved.get('layer_decay', 1.0):g}, this one has "
+    decay = saved.get("layer_decay", 1.0)  # (a checkpoint from before the flag: without it)
+    if (decay == 1.0) != (recipe["layer_decay"] == 1.0):
+        problems.append(f"--resume {path}: saved by a run with --layer_decay {decay:g}, this one has "
                         f"{recipe['layer_decay']:g}; the optimizer's parameter groups differ (a pair per layer with "
-                        f"it, else one pair): resume with --layer_decay {saved.get('layer_decay', 1.0):g} (any value but "
-                        f"1 if it was not 1), {restart_hint(path)}")
+                        f"it, else one pair): resume with --layer_decay {decay:g} (any value but 1 if it was not 1), "
+                        f"{restart_hint(path)}")
     changed = [key for key, value in recipe.items() if key not in KEPT and key in saved and saved[key] != value]
     notes = {([key for key in changed if key in group] or [None])[-1]: note for group, note in (
         (AUGMENTATION, "the augmentation's random state starts afresh"),
