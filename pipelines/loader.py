@@ -116,7 +116,6 @@ def create_loader(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     augment: dict | None = None,
-    expected_size: tuple[int, int] | None = None,
     state: dict | None = None,
     verify_hashes: bool = False,
     resize: str | None = None,
@@ -124,7 +123,6 @@ def create_loader(
 ) -> "DaliLoader":
     """A DaliLoader over `data/split` for this rank; `device` defaults to the local GPU if any.
 
-    `expected_size` is the model's input size, checked against the processor's output size.
     `state` is a `DaliLoader.state_dict()` to resume from (with `"dali": None`, from its epoch and
     step, the augmentation's random state seeded afresh: for a changed augmentation graph; see
     `resplit` for a state saved by other ranks).
@@ -146,9 +144,6 @@ def create_loader(
         raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
     if resize != "dali" and train:
         raise ValueError(f"resize={resize!r} is for eval loaders: training resizes its random crops in DALI")
-    if expected_size is not None and tuple(expected_size) != spec.output_size:
-        raise ValueError(f"the model expects {tuple(expected_size)} images but {spec.processor} "
-                         f"produces {spec.output_size}; use the model's own processor")
     table = preflight(data=Path(data), split=split, world_size=world_size, batch_size=batch_size, train=train,
                       hash_share=(rank, world_size) if verify_hashes else None)
     source = EpochSource(table, rank=rank, world_size=world_size, batch_size=batch_size, shuffle=train, seed=seed,

@@ -146,3 +146,23 @@ def _triple(value) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ProcessorError(f"expected 3 channel values, got {value}")
     return tuple(values)
+
+
+def processor_at_size(processor, size: int):
+    """A copy of `processor` that makes size x size images (fine-tuning at another resolution):
+    its crop becomes `size` and its resize scales with it (DeiT's 256 then 224 becomes 439 then
+    384 at 384), except ConvNeXt's, which follows its own rule at the new shortest edge (a
+    crop_pct crop below 384, a plain resize from 384)."""
+    spec = spec_from_processor(processor)
+    height, width = spec.output_size
+    if height != width:
+        raise ProcessorError(f"{spec.processor} makes {height}x{width} images; --image_size makes square ones "
+                             f"(write a processor with the size you want and pass --processor)")
+    values = processor.to_dict()
+    if spec.processor == "ConvNextImageProcessor" and values["size"].get("shortest_edge"):
+        values["size"] = {"shortest_edge": size}
+    else:
+        values["size"] = {key: round(value * size / height) for key, value in values["size"].items() if value}
+        if spec.crop:
+            values["crop_size"] = {"height": size, "width": size}
+    return type(processor).from_dict(values)

@@ -156,6 +156,72 @@ def test_labels_by_id_evaluate_and_keep_the_head_of_a_model_whose_labels_are_nam
                         f"are as many"]
 
 
+def test_image_size_evaluates_and_fine_tunes_a_model_at_another_resolution(files, tmp_path):
+    """A ViT trained on 32x32 images, at 48x48 with --image_size 48: --eval_only (Pillow's exact
+    resize) predicts what transformers computes on its processor's 48x48 pixels when it
+    interpolates the position embeddings (interpolate_pos_encoding); a run fine-tuning it on 2 ranks
+    says what it resampled and exports a model and processor at 48 that transformers runs as they
+    are; its checkpoint resumes at 48, and at the model's 32 is refused with what to pass. A
+    processor of 48 without the flag does the same (a DINOv2 from the hub states 518, its processor 224)."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, ViTImageProcessorPil
+    from pipelines.spec import spec_from_processor
+
+    run, resampled = tmp_path / "run", ("train: position embeddings resampled from 4x4 to 6x6 patches for 48x48 "
+                                        "images (1 tensor, as transformers' interpolate_pos_encoding)")
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", run), "--max_steps", "2",
+           "--micro_batch_size", "6", "--wandb_mode", "disabled"], ranks=None)
+    out = tmp_path / "eval48"
+    done = train(["--eval_only", "--model", str(run / "model"), "--data", str(files["photos"]), "--image_size", "48",
+                  "--eval_resize", "pillow", "--precision", "fp32", "--output_dir", str(out), "--wandb_mode",
+                  "disabled"], ranks=None)
+    assert resampled in done.stdout and "train: eval done: 12 images" in done.stdout
+
+    model = AutoModelForImageClassification.from_pretrained(run / "model").eval()
+    processor = ViTImageProcessorPil(size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    classes, images = json.loads((files["photos"] / "classes.json").read_text()), {}
+    for shard in sorted((files["photos"] / "val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                if ext in ("jpg", "jpeg"):
+                    images[key] = Image.open(tar.extractfile(member)).convert("RGB")
+    rows = predictions(out)
+    assert sorted(r["key"] for r in rows) == sorted(images)
+    pixels = processor([images[r["key"]] for r in rows], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, interpolate_pos_encoding=True).logits.softmax(-1)
+    for row, probabilities in zip(rows, expected):
+        top = probabilities.topk(len(row["top5"]))
+        assert [name for name, _ in row["top5"]] == [classes[i] for i in top.indices]
+        assert [p for _, p in row["top5"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    processor.save_pretrained(tmp_path / "processor48")  # another size than the model's config states
+    done = train(["--eval_only", "--model", str(run / "model"), "--processor", str(tmp_path / "processor48"),
+                  "--data", str(files["photos"]), "--eval_resize", "pillow", "--precision", "fp32", "--output_dir",
+                  str(tmp_path / "processor"), "--wandb_mode", "disabled"], ranks=None)
+    assert resampled in done.stdout and predictions(tmp_path / "processor") == rows
+
+    tuned = tmp_path / "tuned"
+    flags = ["--ds_config", "ds_configs/zero2.json", "--data", str(files["photos"]), "--model", str(run / "model"),
+             "--output_dir", str(tuned), "--precision", "fp32", "--micro_batch_size", "6", "--wandb_mode", "disabled"]
+    done = train([*flags, "--image_size", "48", "--max_steps", "2"])
+    assert resampled in done.stdout
+    config = json.loads((tuned / "run_config.json").read_text())
+    assert config["resampled"] == resampled.removeprefix("train: ") and config["preprocess"]["resize_to"] == [48, 48]
+    exported = AutoModelForImageClassification.from_pretrained(tuned / "model")
+    assert exported.config.image_size == 48 and spec_from_processor(tuned / "model").output_size == (48, 48)
+    assert exported.vit.embeddings.position_embeddings.shape == (1, 37, 32)
+    exported(pixel_values=torch.zeros(1, 3, 48, 48))  # as it is, no interpolation asked for
+
+    refused = train([*flags, "--max_steps", "3", "--resume", "auto"], check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "trained on 48x48 images, this run's are 32x32, and the model's position embeddings are sized for its " \
+           "images: resume with --image_size 48" in refused.stderr
+    done = train([*flags, "--image_size", "48", "--max_steps", "3", "--resume", "auto"])
+    assert "train: resuming from" in done.stdout and "(step 2)" in done.stdout and resampled in done.stdout
+
+
 def test_confusion_picture_of_many_classes_shows_the_most_confused():
     classes = [f"class {i:03d} with a rather long name" for i in range(120)]
     pairs = Counter({(c, c): 40 for c in range(120)})

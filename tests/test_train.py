@@ -347,7 +347,8 @@ def test_a_resume_lists_a_zero_config_change_its_checkpoint_can_follow_and_refus
     def recipe(name: str) -> dict:
         raw = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
         config = resolve_batch(raw, TrainArgs(micro_batch_size=8), world_size=2, problems=[])
-        return training_recipe(TrainArgs(), config, world_size=2, precision="fp32", total_steps=10, warmup_steps=0)
+        return training_recipe(TrainArgs(), config, world_size=2, precision="fp32", total_steps=10, warmup_steps=0,
+                               image_size=(32, 32))
 
     def changes(saved: str, now: str) -> tuple[list[str], list[str]]:
         problems: list[str] = []
@@ -496,7 +497,8 @@ def test_builtin_recipe_fills_only_the_arguments_not_given():
 
 def test_flags_nothing_else_checks_are_named_when_wrong():
     from train.args import parse_args
-    from train.main import _flag_problems
+    from train.main import _at_image_size, _flag_problems
+    from train.model import builtin_processor
 
     assert _flag_problems(parse_args(["--hw_decoder_load", "1.0", "--profile", "20:10", "--nan_guard", "stop",
                                       "--save_steps", "0", "--eval_steps", "1", "--log_steps", "1",
@@ -509,6 +511,9 @@ def test_flags_nothing_else_checks_are_named_when_wrong():
                                                    "--hw_decoder_load"]
     assert "from 0 to 1" in problems[7] and "there is no --model" in problems[6] and "of 1 or more" in problems[2] and "0: no checkpoint" in problems[4]
     assert problems[5].startswith("--peer_timeout 3: 10 s or more")
+    problems = []
+    assert _at_image_size(parse_args(["--image_size", "0"]), None, builtin_processor(), problems) == (None,) * 4
+    assert problems == ["--image_size 0: a side of 1 pixel or more"]
 
 
 def test_decoder_flags_reach_the_train_and_eval_decoders():
@@ -683,10 +688,72 @@ def test_layer_decay_groups_count_depth_as_beit_and_simmim_do(family):
                for problem in _layer_decay_problems(parse_args(["--layer_decay", "1.5"]), model, {}))
 
 
+@pytest.mark.parametrize("family", ["vit", "deit", "dinov2", "beit", "clip", "siglip", "swin", "convnext", "levit"])
+def test_a_model_at_another_image_size_computes_what_transformers_interpolates(family):
+    """model_at_size (--image_size, or a processor of another size than the model's): the position
+    embeddings (BEiT: also its relative position bias tables) resampled once give the logits
+    transformers computes when it interpolates them in every forward pass (interpolate_pos_encoding;
+    DINOv2 and BEiT's tables always), at a larger and a smaller size, bit for bit, and the config
+    states the new size. Models that take any size (a Swin without absolute embeddings, ConvNeXt)
+    are kept, their config's size updated; LeViT's attention biases follow the size and are no
+    position embeddings: refused, named."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from train.model import model_at_size, size_bound
+
+    swin = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [2, 1], "num_heads": [1, 2], "window_size": 2}
+    values = {"vit": SMALL_TRANSFORMER, "deit": SMALL_TRANSFORMER, "dinov2": SMALL_TRANSFORMER,
+              "beit": {**SMALL_TRANSFORMER, "use_absolute_position_embeddings": True, "use_relative_position_bias": True},
+              "clip": {"vision_config": SMALL_TRANSFORMER}, "siglip": {"vision_config": SMALL_TRANSFORMER},
+              "swin": {**swin, "use_absolute_embeddings": True},
+              "convnext": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2, "image_size": 32},
+              "levit": {"image_size": 32, "hidden_sizes": [16, 32, 48], "num_attention_heads": [1, 2, 3],
+                        "depths": [1, 1, 1], "key_dim": [8, 8, 8]}}[family]
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_config(
+        AutoConfig.for_model(family, num_labels=5, architectures=[], **values)).eval()
+    with torch.no_grad():  # position embeddings start at zero: give them values whose resampling shows
+        for name, parameter in model.named_parameters():
+            if "position" in name:
+                parameter.normal_()
+    vision = lambda net: getattr(net.config, "vision_config", None) or net.config  # noqa: E731
+    if family == "levit":
+        with pytest.raises(ValueError, match=r"its levit\.encoder\.stages\.0\.layers\.0\.module\.attention_biases is "
+                                             r"\(1, 4\) at its image size and \(1, 9\) at this one, and is no "
+                                             r"position embedding or relative position bias table of its 2x2 "
+                                             r"patches to resample"):
+            model_at_size(model, (48, 48))
+        return
+    assert size_bound(model) == (family != "convnext")
+    for size, grid in ((48, "6x6" if family != "swin" else "12x12"), (24, "3x3" if family != "swin" else "6x6")):
+        pixels = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            interpolated = model(pixel_values=pixels, **({} if family in ("dinov2", "convnext") else
+                                                         {"interpolate_pos_encoding": True})).logits
+        fitted, note = model_at_size(model, (size, size))
+        assert not fitted.training and vision(fitted).image_size == size
+        if family == "convnext":
+            assert fitted is model and note is None and not size_bound(model)
+        else:
+            assert fitted is not model and note.startswith(
+                ("position embeddings and relative position bias tables" if family == "beit" else "position embeddings")
+                + f" resampled from {'8x8' if family == 'swin' else '4x4'} to {grid} patches for {size}x{size} images")
+            assert {name for name, p in fitted.named_parameters()} == {name for name, p in model.named_parameters()}
+            for name, parameter in model.named_parameters():  # all else as it was
+                if "position" not in name:
+                    assert torch.equal(parameter, fitted.get_parameter(name)), name
+        with torch.no_grad():
+            assert torch.equal(fitted(pixel_values=pixels).logits, interpolated)
+    rel = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [2, 1], "num_heads": [1, 2], "window_size": 2}
+    plain_swin = AutoModelForImageClassification.from_config(AutoConfig.for_model("swin", num_labels=5, **rel))
+    assert not size_bound(plain_swin) and model_at_size(plain_swin, (48, 48)) == (plain_swin, None)
+
+
 def test_layer_decay_on_or_off_is_kept_at_a_resume_and_its_value_may_change():
     from train.resume import recipe_changes
 
-    saved = {"step": 3, "recipe": {"precision": "fp32", "zero_stage": 2, "optimizer": "AdamW", "layer_decay": 0.5}}
+    saved = {"step": 3, "recipe": {"precision": "fp32", "zero_stage": 2, "optimizer": "AdamW", "layer_decay": 0.5,
+                                   "freeze_backbone": False}}
     recipe = {**saved["recipe"], "steps": 10}
     problems = []
     assert recipe_changes(saved, {**recipe, "layer_decay": 0.7}, path=Path("ck"), problems=problems) == [
@@ -701,6 +768,113 @@ def test_layer_decay_on_or_off_is_kept_at_a_resume_and_its_value_may_change():
                    {**recipe, "layer_decay": 0.5}, path=Path("ck"), problems=problems)
     assert len(problems) == 1 and "--layer_decay 1, this one has 0.5" in problems[0]
 
+
+
+def test_a_resume_at_another_image_size_is_refused_where_the_position_embeddings_follow_it():
+    """DeepSpeed cannot load position embeddings of another grid: a resume at another image size
+    is a configuration error saying what to pass; a model that takes any size (a ConvNeXt trained
+    at growing sizes) goes on, the change listed."""
+    from train.resume import recipe_changes
+
+    saved = {"step": 3, "recipe": {"precision": "fp32", "zero_stage": 2, "optimizer": "AdamW", "layer_decay": 1.0,
+                                   "freeze_backbone": False, "image_size": [48, 48]}}
+    recipe = {**saved["recipe"], "steps": 10, "image_size": [32, 32]}
+    problems = []
+    assert recipe_changes(saved, recipe, path=Path("ck"), problems=problems, size_bound=True) == []
+    assert problems == ["--resume ck: trained on 48x48 images, this run's are 32x32, and the model's position "
+                        "embeddings are sized for its images: resume with --image_size 48, or start a new run from "
+                        "its weights: `python tools/export_checkpoint.py ck OUT`, then --model OUT"]
+    problems = []
+    assert recipe_changes(saved, recipe, path=Path("ck"), problems=problems) == ["image_size (48, 48) -> (32, 32)"]
+    assert problems == []
+    assert recipe_changes({**saved, "recipe": {**saved["recipe"], "image_size": [32, 32]}}, recipe, path=Path("ck"),
+                          problems=problems, size_bound=True) == [] and problems == []
+
+def test_a_frozen_backbone_runs_as_in_eval_whatever_the_engine_asks():
+    """freeze_backbone: only the head's parameters take gradients; in training mode the backbone
+    still runs as in eval (a ViT's dropout off: the same logits twice; a ResNet's BatchNorm
+    statistics unchanged), as it did when it was trained, while the head's modules train. Turning
+    it on or off at a resume is refused (the optimizer holds other parameters)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from train.model import freeze_backbone
+    from train.resume import recipe_changes
+
+    vit = AutoModelForImageClassification.from_config(AutoConfig.for_model(
+        **{**TINY_VIT, "hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5}, num_labels=3))
+    resnet = AutoModelForImageClassification.from_config(AutoConfig.for_model(**TINY_RESNET, num_labels=3))
+    for model, head in ((vit, {"classifier.weight", "classifier.bias"}),
+                        (resnet, {"classifier.1.weight", "classifier.1.bias"})):
+        total = sum(p.numel() for p in model.parameters())
+        assert freeze_backbone(model) == total - sum(model.get_parameter(name).numel() for name in head)
+        model.train()
+        assert model.training and {n for n, m in model.named_modules() if m.training} == {
+            "", *{name.rsplit(".", 1)[0] for name in head}, *(["classifier"] if model is resnet else [])}
+        statistics = {n: b.clone() for n, b in model.named_buffers()}
+        pixels = torch.randn(4, 3, 32, 32)
+        logits = model(pixel_values=pixels).logits
+        assert torch.equal(logits, model(pixel_values=pixels).logits)
+        logits.sum().backward()
+        assert {n for n, p in model.named_parameters() if p.grad is not None} == head
+        assert all(torch.equal(b, statistics[n]) for n, b in model.named_buffers())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+    saved = {"step": 3, "recipe": {"precision": "fp32", "zero_stage": 2, "optimizer": "AdamW", "layer_decay": 1.0,
+                                   "freeze_backbone": True}}
+    for now, hint in ((False, "this one trains every parameter; resume with it"),
+                      (True, None)):
+        problems = []
+        assert recipe_changes(saved, {**saved["recipe"], "steps": 10, "freeze_backbone": now}, path=Path("ck"),
+                              problems=problems) == []
+        assert (len(problems) == 1 and hint in problems[0]) if hint else problems == []
+    problems = []  # a checkpoint from before the flag trained every parameter
+    recipe_changes({"step": 3, "recipe": {k: v for k, v in saved["recipe"].items() if k != "freeze_backbone"}},
+                   {**saved["recipe"], "steps": 10}, path=Path("ck"), problems=problems)
+    assert len(problems) == 1 and "saved by a run training every parameter, this one has --freeze_backbone" in problems[0]
+
+
+def test_freeze_backbone_trains_the_head_only_and_leaves_the_backbone_as_it_was(files, tmp_path):
+    """--freeze_backbone, a linear probe of a pretrained ResNet: the head trains; every backbone
+    weight and BatchNorm statistic comes out of the export bit for bit as pretrained, under ZeRO-2
+    and under ZeRO-3 on 3 ranks (whose averaging of equal statistics would change them); a ZeRO-3
+    checkpoint resumes on other ranks. A resume on ranks where one holds no part of the head's
+    bias, which DeepSpeed's universal checkpoint cannot load under ZeRO-2, is refused, named."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    pretrained = tmp_path / "pretrained"
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", pretrained), "--max_steps", "2",
+           "--micro_batch_size", "6", "--wandb_mode", "disabled"], ranks=None)
+    before = AutoModelForImageClassification.from_pretrained(pretrained / "model").state_dict()
+    head = {"classifier.1.weight", "classifier.1.bias"}
+
+    def probe(zero: str, out, *extra, ranks=2, check=True):
+        return train(["--ds_config", f"ds_configs/{zero}.json", "--data", str(files["photos"]), "--model",
+                      str(pretrained / "model"), "--freeze_backbone", "--output_dir", str(out), "--precision", "fp32",
+                      "--micro_batch_size", "6", "--lr", "1e-2", "--export", "last", "--wandb_mode", "disabled", *extra],
+                     ranks=ranks, check=check)
+
+    def assert_probed(out):
+        after = AutoModelForImageClassification.from_pretrained(out / "model").state_dict()
+        assert after.keys() == before.keys()
+        assert [k for k in before if not torch.equal(before[k], after[k])] == sorted(head, reverse=True)
+
+    done = probe("zero2", tmp_path / "zero2", "--max_steps", "2")
+    assert "train: backbone frozen (0.31M parameters): the head's 516 train" in done.stdout
+    assert json.loads((tmp_path / "zero2" / "run_config.json").read_text())["frozen_parameters"] == sum(
+        v.numel() for k, v in before.items() if k not in head and "running" not in k and "batches" not in k)
+    assert_probed(tmp_path / "zero2")
+    refused = probe("zero2", tmp_path / "zero2", "--max_steps", "3", "--resume", "auto", ranks=3, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "saved by 2 rank(s); on 3, rank 2 holds no part of the parameter group of classifier.1.bias (4 values), " \
+           "which DeepSpeed's universal checkpoint cannot load under ZeRO-1/2: resume on 2 rank(s)" in refused.stderr
+
+    probe("zero3", tmp_path / "zero3", "--max_steps", "2", ranks=3)
+    assert_probed(tmp_path / "zero3")
+    done = probe("zero3", tmp_path / "zero3", "--max_steps", "3", "--resume", "auto")
+    assert "train: resuming from" in done.stdout and "ranks 3 -> 2" in done.stdout
+    assert_probed(tmp_path / "zero3")
 
 @pytest.mark.parametrize("family", ["deit", "swin"])
 def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_at_another(files, tmp_path, family):

@@ -67,8 +67,8 @@ def build_loaders(run, chosen: dict[str, tuple[str, dict]]) -> dict:
             continue
         problems = []
         loaders[name], _ = create_loaders(dataclasses.replace(run.args, **changes), data=run.data, spec=run.spec,
-                                          model=run.engine.module, ds_config=run.ds_config, precision=run.precision,
-                                          device=run.device, eval_samples=0, state=None, problems=problems)
+                                          ds_config=run.ds_config, precision=run.precision, device=run.device,
+                                          eval_samples=0, state=None, problems=problems)
         if problems:
             raise SystemExit(f"benchmark_levers: {name}: {'; '.join(problems)}")
     return loaders

@@ -154,6 +154,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["compile"] = compile  # the same trials compiled
     layers = random.Random(json.dumps(settings, sort_keys=True))  # and layer-wise lr decay (a ViT has the stack)
     settings["layer_decay"] = layers.choice([None, None, 0.65, 0.8]) if settings["model"] == "vit" else None
+    sizes = random.Random(json.dumps(settings, sort_keys=True))  # and a ViT at another image size than its
+    settings["image_size"] = sizes.choice([None, None, 40]) if settings["model"] == "vit" else None  # config's
     return settings
 
 
@@ -202,6 +204,7 @@ def flags(settings: dict) -> list[str]:
     return (settings["augment"] + ["--gradient_checkpointing"] * settings["gradient_checkpointing"]
             + ["--compile"] * settings.get("compile", False)
             + (["--layer_decay", str(settings["layer_decay"])] if settings.get("layer_decay") else [])
+            + (["--image_size", str(settings["image_size"])] if settings.get("image_size") else [])
             + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
             + (["--save_steps", str(settings["save_steps"])] if settings.get("save_steps") else [])
             + (["--save_total_limit", str(settings["keep"])] if settings.get("keep", 2) != 2 else [])

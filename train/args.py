@@ -30,6 +30,9 @@ class TrainArgs:
     model: str | None = arg(None, "pretrained model: hub name or local folder (its head is resized to the classes)")
     model_config: str | None = arg(None, "model config JSON with a model_type, trained from random init")
     processor: str | None = arg(None, "image processor (hub name or folder) when the model has none")
+    image_size: int | None = arg(None, "train and evaluate at N x N pixels: the processor's crop becomes N, its resize "
+                                 "scaled with it; a model's position embeddings are resampled to the new patch grid, as "
+                                 "transformers interpolates them (e.g. fine-tuning at 384 a model pretrained at 224)")
     output_dir: str | None = arg(None, "where checkpoints, metrics, the export and W&B files go (default: outputs/DATA-MODEL)")
     overwrite_output_dir: bool = arg(False, "start over in an output dir that already holds checkpoints")
     resume: str | None = arg(None, "auto (newest complete checkpoint in the output dir, or a fresh start) or a checkpoint folder")
@@ -47,6 +50,9 @@ class TrainArgs:
     layer_decay: float = arg(1.0, "layer-wise lr decay for transformers (ViT, DeiT, BEiT, DINOv2, Swin, CLIP/SigLIP "
                              "vision): the head trains at --lr, layer i of L at lr x decay^(L + 1 - i), the embeddings at "
                              "lr x decay^(L + 1), as BEiT, MAE and SimMIM fine-tune (e.g. 0.65); 1: off")
+    freeze_backbone: bool = arg(False, "train the classifier head only, a linear probe of a pretrained --model's "
+                                "features: the rest keeps its weights and runs as in eval (no dropout, BatchNorm "
+                                "statistics kept)")
     max_grad_norm: float | None = arg(None, "gradient clipping (default 1.0; 0 disables)")
     label_smoothing: float = arg(0.0, "label smoothing of the cross entropy")
     mixup_alpha: float = arg(0.0, "mixup Beta(alpha, alpha); 0 disables")

@@ -170,6 +170,18 @@ def load_checkpoint(engine, path: Path, *, universal: Path | None = None) -> Non
     _set_scheduled_lr(engine.lr_scheduler, groups)
 
 
+def universal_gaps(engine) -> list[tuple[list[str], int]]:
+    """The parameters of each optimizer parameter group this rank holds no part of under ZeRO-1/2
+    (a group of fewer values than the ranks' partitions, such as a frozen backbone's head bias):
+    DeepSpeed's universal load fails on such a group (an IndexError in its
+    load_hp_checkpoint_state_from_checkpoint_dir, which takes the group's step from its first
+    part). ZeRO-3 loads them. Each as (parameter names, values)."""
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    return [([names[id(p)] for p in group], sum(p.numel() for p in group))
+            for group in getattr(engine.optimizer, "bit16_groups", [])
+            if group and all(getattr(p, "_hp_mapping", None) is None for p in group)]
+
+
 def universal_checkpoint(path: Path, *, into: Path, rank: int) -> Path:
     """DeepSpeed's universal form of the checkpoint `path` (made by global rank 0 with DeepSpeed's
     ds_to_universal into `into`/`path.name`; every rank waits for it): its optimizer state as

@@ -46,11 +46,11 @@ from tqdm import tqdm
 from pipelines.dali import Decoding
 from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
-from pipelines.spec import ProcessorError, spec_from_processor
+from pipelines.spec import ProcessorError, processor_at_size, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
 from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
                               complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
-                              record_top1, save_checkpoint, universal_checkpoint, write_failure)
+                              record_top1, save_checkpoint, universal_checkpoint, universal_gaps, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
@@ -59,12 +59,13 @@ from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, Pr
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pairs, cast_parameters, load_trained,
-                         model_input_size, model_labels, model_source, parameter_groups, prepare_precision,
-                         transformer_stages)
+                         freeze_backbone, model_at_size, model_labels, model_source, parameter_groups,
+                         prepare_precision, size_bound, transformer_stages)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
 from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
                         train_flops_per_image)
-from train.resume import data_order, loader_state, read_trainer_state, recipe_changes, training_recipe
+from train.resume import (data_order, loader_state, read_trainer_state, recipe_changes, restart_hint,
+                          training_recipe)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The built-in default's recipe, for arguments left at their defaults: digits are small, grey and
@@ -250,7 +251,9 @@ def setup(args: TrainArgs) -> Run:
     data, manifest, classes, eval_samples = _data(args, local_rank=local_rank, problems=problems)
     ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
     precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
-    model, image_processor, spec, head = _model(args, builtin=builtin, classes=classes, problems=problems)
+    model, image_processor, head = _model(args, builtin=builtin, classes=classes, problems=problems)
+    model, image_processor, spec, resampled = _at_image_size(args, model, image_processor, problems)
+    frozen = freeze_backbone(model) if args.freeze_backbone and model is not None else 0
 
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
     order = data_order(args, ds_config, manifest)
@@ -258,7 +261,7 @@ def setup(args: TrainArgs) -> Run:
                                           problems=problems)
     train_loader = eval_loader = None
     if not problems:
-        train_loader, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
+        train_loader, eval_loader = create_loaders(args, data=data, spec=spec, ds_config=ds_config,
                                                    precision=precision, device=device, eval_samples=eval_samples,
                                                    state=loader_state(trainer_state, args, world=world, order=order),
                                                    problems=problems)
@@ -267,8 +270,9 @@ def setup(args: TrainArgs) -> Run:
     steps_per_epoch, epoch_offset, total_steps, warmup, schedule = _schedule(
         args, ds_config, train_loader=train_loader, data=data, done=done, problems=problems)
     recipe = training_recipe(args, ds_config, world_size=world, precision=precision, total_steps=total_steps,
-                             warmup_steps=warmup)
-    changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems)
+                             warmup_steps=warmup, image_size=spec.output_size if spec else None)
+    changes = recipe_changes(trainer_state, recipe, path=resume, problems=problems,
+                             size_bound=bool(trainer_state) and model is not None and size_bound(model))
     problems += _flag_problems(args) + _layer_decay_problems(args, model, ds_config)
     agree(problems)
     if problems:
@@ -292,7 +296,7 @@ def setup(args: TrainArgs) -> Run:
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, ds_config=ds_config,
               order=order, recipe=recipe, logger=None, eval_offset=eval_offset, save_offset=save_offset,
               mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
-    run_config = _record_run(run, model=model, parameters=parameters, head=head,
+    run_config = _record_run(run, model=model, parameters=parameters, frozen=frozen, head=head, resampled=resampled,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
     _begin(run, run_config, resume=resume, state=trainer_state, other_ranks=other_ranks, changes=changes,
            branched=bool(moved or changes))
@@ -331,7 +335,8 @@ def _resume_point(args: TrainArgs, output_dir: Path, *, rank: int, world: int, c
     return resume, read_trainer_state(resume, rank=rank, world=world, classes=classes, order=order, problems=problems)
 
 
-def _record_run(run: Run, *, model, parameters: int, head: str | None, train_samples: int, eval_samples: int) -> dict:
+def _record_run(run: Run, *, model, parameters: int, frozen: int, head: str | None, resampled: str | None,
+                train_samples: int, eval_samples: int) -> dict:
     """The run's resolved configuration (run_config.json, and W&B's config); rank 0 writes it, and
     the model config and processor to OUTPUT/model_files, which turn any checkpoint into a model
     folder (tools/export_checkpoint.py)."""
@@ -339,7 +344,8 @@ def _record_run(run: Run, *, model, parameters: int, head: str | None, train_sam
               "precision": run.precision, "world_size": run.world_size, "device": run.device.type,
               "data": str(run.data), "classes": len(run.classes), "train_samples": train_samples,
               "val_samples": eval_samples, "eval_split": run.args.eval_split,
-              "parameters": parameters, "head": head, "train_flops_per_image": run.flops_per_image,
+              "parameters": parameters, "frozen_parameters": frozen, "head": head, "resampled": resampled,
+              "train_flops_per_image": run.flops_per_image,
               "peak_tflops": run.peak_tflops}
     if run.rank == 0:
         (run.output_dir / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -356,6 +362,9 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
             f"{len(run.classes)} classes; {type(run.engine.module).__name__} ({config['parameters'] / 1e6:.2f}M "
             f"parameters)\n"
             + (f"train: classifier head: {config['head']}\n" if config["head"] else "")
+            + (f"train: {config['resampled']}\n" if config["resampled"] else "")
+            + (f"train: backbone frozen ({config['frozen_parameters'] / 1e6:.2f}M parameters): the head's "
+               f"{config['parameters'] - config['frozen_parameters']:,} train\n" if config["frozen_parameters"] else "")
             + _layer_decay_line(run)
             + f"train: {run.total_steps} steps ({run.steps_per_epoch} per epoch) of {ds['train_batch_size']} images "
             f"= {ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accumulation x "
@@ -431,9 +440,9 @@ def setup_eval(args: TrainArgs) -> Run:
     if args.model and not args.model_config and classes:
         model, image_processor = load_trained(model=args.model, processor=args.processor, classes=classes,
                                               problems=problems, by_id=args.labels_by_id)
-    spec = _spec(image_processor, problems)
+    model, image_processor, spec, resampled = _at_image_size(args, model, image_processor, problems)
     if not problems:
-        _, eval_loader = create_loaders(args, data=data, spec=spec, model=model, ds_config=ds_config,
+        _, eval_loader = create_loaders(args, data=data, spec=spec, ds_config=ds_config,
                                         precision=precision, device=device, eval_samples=eval_samples, state=None,
                                         problems=problems, train=False)
     agree(problems)
@@ -447,7 +456,7 @@ def setup_eval(args: TrainArgs) -> Run:
     model.to(device).eval()
     run_config = {"args": asdict(args), "preprocess": asdict(spec), "precision": precision, "world_size": world,
                   "device": device.type, "data": str(data), "classes": len(classes), "eval_split": args.eval_split,
-                  "eval_samples": eval_samples}
+                  "eval_samples": eval_samples, "resampled": resampled}
     run = Run(args=args, rank=rank, world_size=world, local_rank=local_rank, device=device, precision=precision,
               data=data, classes=classes, spec=spec, processor=image_processor, engine=model, train_loader=None,
               eval_loader=eval_loader, output_dir=output_dir, total_steps=0, steps_per_epoch=0, eval_steps=0,
@@ -457,7 +466,8 @@ def setup_eval(args: TrainArgs) -> Run:
         labels = model_labels(model.config)
         print(f"train: evaluating {args.model} ({type(model).__name__}, {precision}) on {eval_samples} "
               f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; {wandb}"
-              + (f"\ntrain: labels by id: {by_id_pairs(labels, classes)}" if labels != classes else ""))
+              + (f"\ntrain: labels by id: {by_id_pairs(labels, classes)}" if labels != classes else "")
+              + (f"\ntrain: {resampled}" if resampled else ""))
     return run
 
 
@@ -525,6 +535,8 @@ def _flag_problems(args: TrainArgs) -> list[str]:
                         f"may pause a process for seconds)")
     if args.labels_by_id and not args.model:
         problems.append("--labels_by_id maps a pretrained --model's labels to the classes; there is no --model")
+    if args.freeze_backbone and not args.model:
+        problems.append("--freeze_backbone trains a pretrained --model's head on its features; there is no --model")
     if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
         problems.append(f"--hw_decoder_load {args.hw_decoder_load}: a share of the JPEGs, from 0 to 1")
     return problems
@@ -548,8 +560,8 @@ def _layer_decay_problems(args: TrainArgs, model, ds_config: dict) -> list[str]:
 
 
 def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list[str]):
-    """(model, image processor, preprocessing spec, what became of a pretrained head), each None
-    where a problem was found (the head's: or where there is no pretrained head)."""
+    """(model, image processor, what became of a pretrained head), each None where a problem was
+    found (the head's: or where there is no pretrained head)."""
     model_config, processor = args.model_config, args.processor
     if not args.model and not model_config:
         if builtin:
@@ -563,10 +575,33 @@ def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list
                                                    classes=classes, problems=problems, by_id=args.labels_by_id)
     elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
         model_source(model=args.model, model_config=args.model_config, problems=problems)
-    spec = _spec(image_processor, problems)
     if args.gradient_checkpointing and model is not None and not model.supports_gradient_checkpointing:
         problems.append(f"--gradient_checkpointing: {type(model).__name__} does not support it")
-    return model, image_processor, spec, head
+    return model, image_processor, head
+
+
+def _at_image_size(args: TrainArgs, model, image_processor, problems: list[str]):
+    """(model, image processor, preprocessing spec, what was resampled): the processor at
+    --image_size, the model fitted to the processor's images (model_at_size); None where a problem
+    was found."""
+    if args.image_size is not None and args.image_size < 1:
+        problems.append(f"--image_size {args.image_size}: a side of 1 pixel or more")
+        image_processor = None
+    elif image_processor is not None and args.image_size:
+        try:
+            image_processor = processor_at_size(image_processor, args.image_size)
+        except ProcessorError as e:
+            problems.append(f"--image_size {args.image_size}: {e}")
+            image_processor = None
+    spec, resampled = _spec(image_processor, problems), None
+    if model is not None and spec is not None:
+        try:
+            model, resampled = model_at_size(model, spec.output_size)
+        except ValueError as e:
+            height, width = spec.output_size
+            problems.append(f"{type(model).__name__} cannot take {height}x{width} images ({spec.processor}'s"
+                            + (f" at --image_size {args.image_size}" if args.image_size else "") + f"): {e}")
+    return model, image_processor, spec, resampled
 
 
 def _spec(image_processor, problems: list[str]):
@@ -580,7 +615,7 @@ def _spec(image_processor, problems: list[str]):
         return None
 
 
-def create_loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict, precision: str, device: torch.device,
+def create_loaders(args: TrainArgs, *, data: Path, spec, ds_config: dict, precision: str, device: torch.device,
                    eval_samples: int, state: dict | None, problems: list[str], train: bool = True):
     """The DALI loaders of `args`: (train loader or None when not `train`, eval loader or None when
     no `eval_samples`), or (None, None) with the problem noted."""
@@ -588,7 +623,7 @@ def create_loaders(args: TrainArgs, *, data: Path, spec, model, ds_config: dict,
     micro = ds_config["train_micro_batch_size_per_gpu"]
     common = dict(data=data, spec=spec, rank=rank, world_size=world, device=device, seed=args.seed,
                   dtype=DTYPES[precision], channels_last=args.channels_last,
-                  num_threads=args.data_threads or _data_threads(device), expected_size=model_input_size(model),
+                  num_threads=args.data_threads or _data_threads(device),
                   verify_hashes=not args.skip_shard_hashes)
     augment = {"scale": tuple(args.crop_scale), "hflip": args.hflip, "color_jitter": args.color_jitter,
                "auto_augment": args.auto_augment}
@@ -1219,11 +1254,14 @@ def average_buffers(module: torch.nn.Module) -> None:
     """Averages floating-point buffers (BatchNorm running statistics) over the ranks, as timm's
     distribute_bn does: each rank updates them from its own batches and DeepSpeed leaves them apart,
     so eval on every rank, the checkpoint (rank 0's copy, which every rank resumes with) and the
-    export would disagree. Called before every eval and save."""
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer)
-            buffer /= dist.get_world_size()
+    export would disagree. Called before every eval and save, in training mode: the buffers of
+    modules held in eval mode (a frozen backbone's) are left alone, as their forward leaves them
+    (an average of equal values is not always equal to them)."""
+    for part in module.modules():
+        for buffer in part.buffers(recurse=False) if part.training else ():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= dist.get_world_size()
 
 
 def save(run: Run) -> Path:
@@ -1266,6 +1304,13 @@ def _resume(run: Run, path: Path, state: dict, *, other_ranks: bool) -> None:
     rank's random streams start afresh (rank 0's `state` is every rank's)."""
     where = None
     if other_ranks:
+        problems = [f"--resume {path}: saved by {state['ranks']} rank(s); on {run.world_size}, rank {run.rank} holds no "
+                    f"part of the parameter group of {', '.join(names)} ({values} values), which DeepSpeed's universal "
+                    f"checkpoint cannot load under ZeRO-1/2: resume on {state['ranks']} rank(s), {restart_hint(path)}"
+                    for names, values in universal_gaps(run.engine)]
+        agree(problems)
+        if problems:
+            raise ConfigError(problems)
         if run.rank == 0:
             print(f"train: {path.name} was saved by {state['ranks']} rank(s): converting it to DeepSpeed's universal "
                   f"checkpoint for {run.world_size}", flush=True)

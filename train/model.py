@@ -3,6 +3,7 @@ from classes.json."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -166,17 +167,45 @@ def adapt_head(net, model: str, pretrained: list, classes: list[str]) -> str:
             f"{len(classes) - len(rows)} new")
 
 
-def reinit_head(net) -> dict[str, int]:
-    """Initialises the classifier head afresh, as the model's own init does; returns its parameters'
-    names, each with the dimension that runs over the labels. The head is what depends on the number
-    of labels: found by building the model with one label more on the meta device and comparing shapes."""
+def head_parameters(net) -> dict[str, int]:
+    """The classifier head's parameter names, each with the dimension that runs over the labels. The
+    head is what depends on the number of labels: found by building the model with one label more
+    on the meta device and comparing shapes."""
     with torch.device("meta"):
         probe = AutoModelForImageClassification.from_config(
             AutoConfig.for_model(**{**net.config.to_dict(), "num_labels": net.config.num_labels + 1,
                                     "id2label": None, "label2id": None}))
     shapes = {name: p.shape for name, p in probe.named_parameters()}
-    head = {name: next(d for d, (a, b) in enumerate(zip(shapes[name], p.shape)) if a != b)
+    return {name: next(d for d, (a, b) in enumerate(zip(shapes[name], p.shape)) if a != b)
             for name, p in net.named_parameters() if shapes.get(name) != p.shape}
+
+
+def freeze_backbone(net) -> int:
+    """Only the classifier head trains (a linear probe of the model's features): every other
+    parameter is frozen, and every module but the head's (and the ones holding it) stays in eval
+    mode whatever the engine asks, so dropout and stochastic depth are off and BatchNorm keeps its
+    trained statistics. Returns the number of frozen parameters."""
+    head = head_parameters(net)
+    holders = {""} | {".".join(name.split(".")[:i]) for name in head for i in range(1, name.count(".") + 1)}
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(name in head)
+    plain_train = net.train
+
+    def train(mode: bool = True):
+        plain_train(mode)
+        for name, module in net.named_modules():
+            module.training = module.training and name in holders
+        return net
+
+    net.train = train  # what DeepSpeed's engine.train() calls
+    net.train(net.training)
+    return sum(p.numel() for p in net.parameters() if not p.requires_grad)
+
+
+def reinit_head(net) -> dict[str, int]:
+    """Initialises the classifier head afresh, as the model's own init does; returns its parameters'
+    names, each with the dimension that runs over the labels (head_parameters)."""
+    head = head_parameters(net)
     for module_name in sorted({name.rsplit(".", 1)[0] for name in head}):
         module = net.get_submodule(module_name)
         for target in (module, *module.parameters(recurse=False)):
@@ -203,12 +232,107 @@ def builtin_processor():
     return transformers.ViTImageProcessorPil(**BUILTIN_PROCESSOR)
 
 
-def model_input_size(model) -> tuple[int, int] | None:
-    """The (height, width) a model with position embeddings requires; None if it takes any size."""
-    size = getattr(model.config, "image_size", None)
-    if size is None or not hasattr(model.config, "patch_size"):
-        return None
-    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+def model_at_size(net, size: tuple[int, int]) -> tuple[torch.nn.Module, str | None]:
+    """`net` for (height, width) `size` images, and what was resampled (None: nothing). A model
+    whose config states an image size gets `size` there (what its export says); where parameters'
+    shapes follow it (position embeddings of ViT, DeiT, BEiT, DINOv2, CLIP, SigLIP, Swin; BEiT's
+    relative position bias tables), a copy built at `size` takes the weights, those resampled as
+    transformers interpolates them in the forward pass (`interpolate_pos_encoding`: bicubic; BEiT's
+    tables bilinear), once instead of at every step. A ValueError names a parameter that is neither
+    (LeViT's attention biases) or a model that cannot be built at `size`."""
+    config = net.config
+    stated = _image_size(config)
+    if stated is None or _pair(stated) == size:
+        return net, None
+    resized = _at(config, size)
+    state = net.state_dict()
+    shapes = {key: value.shape for key, value in _built(net, resized, device="meta").state_dict().items()}
+    changed = [key for key, value in state.items() if value.shape != shapes[key]]
+    if not changed:
+        _vision(config).image_size = _image_size(resized)
+        return net, None
+    before, after = _grid(config, _pair(stated)), _grid(config, size)
+    for key in changed:
+        state[key] = _resampled(key, state[key], shapes[key], before=before, after=after)
+    fitted = _built(net, resized, device="cpu")
+    fitted.load_state_dict(state)
+    fitted.train(net.training)
+    kinds = " and ".join(sorted({"relative position bias tables" if key.endswith("table") else "position embeddings"
+                                 for key in changed}))
+    return fitted.to(next(net.parameters()).dtype), (
+        f"{kinds} resampled from {before[0]}x{before[1]} to {after[0]}x{after[1]} patches for {size[0]}x{size[1]} "
+        f"images ({len(changed)} tensor{'s' * (len(changed) > 1)}, as transformers' interpolate_pos_encoding)")
+
+
+def size_bound(net) -> bool:
+    """Whether `net`'s parameter shapes follow its image size (position embeddings: a checkpoint
+    trained at one size does not load at another)."""
+    stated = _image_size(net.config)
+    if stated is None:
+        return False
+    resized = _at(net.config, tuple(2 * side for side in _pair(stated)))
+    shapes = {key: value.shape for key, value in _built(net, resized, device="meta").state_dict().items()}
+    return any(value.shape != shapes[key] for key, value in net.state_dict().items())
+
+
+def _vision(config):
+    """The config that states the image size and patch size (CLIP's and SigLIP's: their vision config)."""
+    return getattr(config, "vision_config", None) or config
+
+
+def _image_size(config):
+    return getattr(_vision(config), "image_size", None)
+
+
+def _at(config, size: tuple[int, int]):
+    """A copy of `config` stating (height, width) `size`, as an int where it stated one and can."""
+    config = copy.deepcopy(config)
+    square = not isinstance(_image_size(config), (list, tuple)) and size[0] == size[1]
+    _vision(config).image_size = size[0] if square else list(size)
+    return config
+
+
+def _built(net, config, *, device: str):
+    try:
+        with torch.device(device):
+            return type(net)(config)
+    except Exception as e:  # the model's own code rejects the size
+        raise ValueError(f"{type(net).__name__} cannot be built for {_image_size(config)} images "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def _grid(config, size: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid of `size` images."""
+    patch = _pair(getattr(_vision(config), "patch_size", None) or 0)
+    return (size[0] // patch[0], size[1] // patch[1]) if patch[0] else (0, 0)
+
+
+def _resampled(key: str, value: torch.Tensor, shape: torch.Size, *, before: tuple[int, int],
+               after: tuple[int, int]) -> torch.Tensor:
+    """`value` (for a `before` patch grid) resampled to `shape` (for `after`), as transformers does
+    in the forward pass; a ValueError if it is no position embedding or bias table of that grid."""
+    functional = torch.nn.functional
+    if key.endswith(("position_embeddings", "position_embedding.weight")):  # (1,) prefix + grid, dim
+        tokens = value.reshape(-1, value.shape[-1])
+        prefix = len(tokens) - before[0] * before[1]  # class, distillation tokens
+        if 0 <= prefix <= 2 and shape.numel() == (prefix + after[0] * after[1]) * value.shape[-1]:
+            grid = tokens[prefix:].float().reshape(1, *before, -1).permute(0, 3, 1, 2)
+            grid = functional.interpolate(grid, size=after, mode="bicubic", align_corners=False)
+            return torch.cat([tokens[:prefix], grid.permute(0, 2, 3, 1).reshape(-1, value.shape[-1]).to(value.dtype)]
+                             ).reshape(shape)
+    if key.endswith("relative_position_bias_table"):  # BEiT: (2h - 1)(2w - 1) offsets + 3 class-token rows
+        sides, new_sides = [2 * n - 1 for n in before], [2 * n - 1 for n in after]
+        if len(value) == sides[0] * sides[1] + 3 and shape[0] == new_sides[0] * new_sides[1] + 3:
+            table = value[:-3].float().reshape(1, sides[1], sides[0], -1).permute(0, 3, 1, 2)
+            table = functional.interpolate(table, size=new_sides, mode="bilinear")
+            return torch.cat([table.permute(0, 2, 3, 1).reshape(-1, value.shape[-1]).to(value.dtype), value[-3:]])
+    raise ValueError(f"its {key} is {tuple(value.shape)} at its image size and {tuple(shape)} at this one, and is "
+                     f"no position embedding or relative position bias table of its {before[0]}x{before[1]} patches "
+                     f"to resample")
 
 
 def prepare_precision(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -24,7 +24,7 @@ from train.args import TrainArgs
 from train.checkpoint import checkpoint_info
 
 AUGMENTATION = ("crop_scale", "hflip", "color_jitter", "auto_augment")  # the DALI train graph's options
-KEPT = ("precision", "optimizer")  # never change; the ZeRO stage only between 1 and 2 (recipe_changes)
+KEPT = ("precision", "optimizer", "freeze_backbone")  # never change; the ZeRO stage only between 1 and 2 (recipe_changes)
 GROUPING = ("ranks", "micro_batch_size")  # how an epoch's samples are dealt out
 
 
@@ -38,7 +38,7 @@ def data_order(args: TrainArgs, ds_config: dict, manifest: dict | None) -> dict:
 
 
 def training_recipe(args: TrainArgs, ds_config: dict, *, world_size: int, precision: str, total_steps: int,
-                    warmup_steps: int) -> dict:
+                    warmup_steps: int, image_size: tuple[int, int] | None) -> dict:
     """The run's optimization and augmentation settings as resolved (the DeepSpeed config's values
     where it sets them), saved with every checkpoint."""
     optimizer, zero = ds_config.get("optimizer", {}), ds_config.get("zero_optimization", {})
@@ -52,6 +52,7 @@ def training_recipe(args: TrainArgs, ds_config: dict, *, world_size: int, precis
             "warmup_steps": warmup_steps, "lr_scheduler": schedule,
             **{key: optimizer.get("params", {}).get(key) for key in ("lr", "weight_decay", "betas", "eps")},
             "max_grad_norm": ds_config.get("gradient_clipping"), "layer_decay": args.layer_decay,
+            "freeze_backbone": args.freeze_backbone, "image_size": list(image_size) if image_size else None,
             **{key: getattr(args, key) for key in (*AUGMENTATION, "label_smoothing", "mixup_alpha", "cutmix_alpha")}}
 
 
@@ -106,10 +107,12 @@ def augmentation_changed(state: dict, args: TrainArgs) -> bool:
     return bool(saved) and any(saved[key] != getattr(args, key) for key in AUGMENTATION)
 
 
-def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: list[str]) -> list[str]:
+def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: list[str],
+                   size_bound: bool = False) -> list[str]:
     """`name old -> new` for each setting this run changes from those of the checkpoint whose trainer
-    `state` it resumes; the ones DeepSpeed's checkpoint cannot follow are noted as problems instead,
-    and so is a checkpoint past this run's last step (when known: None, no loader to count an epoch).
+    `state` it resumes; the ones DeepSpeed's checkpoint cannot follow are noted as problems instead
+    (the image size where the model's parameter shapes follow it, `size_bound`), and so is a
+    checkpoint past this run's last step (when known: None, no loader to count an epoch).
     Nothing to compare for a fresh run or a checkpoint from before the recipe was saved."""
     if state and recipe["steps"] is not None and state["step"] > recipe["steps"]:
         problems.append(f"--resume {path}: saved at step {state['step']}, past this run's last step "
@@ -135,7 +138,21 @@ def recipe_changes(state: dict, recipe: dict, *, path: Path | None, problems: li
                         f"{recipe['layer_decay']:g}; the optimizer's parameter groups differ (a pair per layer with "
                         f"it, else one pair): resume with --layer_decay {decay:g} (any value but 1 if it was not 1), "
                         f"{restart_hint(path)}")
-    changed = [key for key, value in recipe.items() if key not in KEPT and key in saved and saved[key] != value]
+    if saved.get("freeze_backbone", False) != recipe["freeze_backbone"]:  # (from before the flag: not frozen)
+        problems.append(f"--resume {path}: " + (
+            "saved by a run training every parameter, this one has --freeze_backbone; resume without it"
+            if recipe["freeze_backbone"] else
+            "saved by a run with --freeze_backbone, this one trains every parameter; resume with it")
+            + f" (the optimizer's state is of the parameters it trained), {restart_hint(path)}")
+    size = saved.get("image_size")
+    if size_bound and size and recipe.get("image_size") and size != recipe["image_size"]:
+        problems.append(f"--resume {path}: trained on {size[0]}x{size[1]} images, this run's are "
+                        f"{recipe['image_size'][0]}x{recipe['image_size'][1]}, and the model's position embeddings "
+                        f"are sized for its images: resume with "
+                        + (f"--image_size {size[0]}" if size[0] == size[1] else "the processor it was trained with")
+                        + f", {restart_hint(path)}")
+    changed = [key for key, value in recipe.items() if key not in KEPT and key in saved and saved[key] != value
+               and not (key == "image_size" and size_bound)]
     notes = {([key for key in changed if key in group] or [None])[-1]: note for group, note in (
         (AUGMENTATION, "the augmentation's random state starts afresh"),
         (GROUPING, "the samples of the epoch that no rank has read yet are split afresh"))}
