@@ -678,6 +678,29 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
         assert "failed on SocketImpl" not in done.stderr
 
 
+def test_rank_0_killed_under_torchrun_is_named_by_its_peers(files, tmp_path):
+    """Under torchrun the job's store lives in the launcher's agent, not in rank 0: with rank 0
+    killed outright (SIGKILL in step 3) the survivors still name it, the checkpoint of step 2 is
+    said to be intact once, and the agent then stops them and exits 1."""
+    out = tmp_path / "run"
+    job = subprocess.Popen(launcher(ranks=3, via="torchrun") + [
+        "--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
+        "--micro_batch_size", "4", "--save_steps", "2", "--eval_steps", "100"],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "TRAIN_FAIL_AT": "0:3:kill"}, cwd=ROOT)
+    try:
+        output = finish(job, timeout=300)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 1, output[-3000:]
+    died = re.findall(r"rank (\d): stopping: rank 0's process \(pid \d+\) was killed by SIGKILL at step 3 \(out of "
+                      r"memory\?", output)
+    assert sorted(died) == ["1", "2"], output[-5000:]
+    checkpoints = out / "checkpoints"
+    assert output.count(f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact") == 1
+    assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
+
 def test_a_rank_killed_while_its_peers_wait_without_an_error_is_named_by_their_watchers(files, tmp_path):
     """Rank 1 is killed outright in step 3 while ranks 0 and 2 wait in that step without an error
     coming (TRAIN_FAIL_AT=R:3:hang): as collectives wait under NCCL for a peer that died, GPUs of a

@@ -76,6 +76,18 @@ def exit_rank(code: int) -> NoReturn:
     os._exit(code)
 
 
+def hold_sigterm() -> None:
+    """On the way out after a failure, SIGTERM no longer raises Terminated: the rank names the cause
+    first. A launcher signals the other ranks as soon as it sees one die (torchrun within 0.1 s),
+    while they may still be finding which; before, such a rank said it was stopped by SIGTERM with
+    nothing saved. The SIGTERM watcher still ends a rank blocked past SIGTERM_GRACE_S."""
+    signal.signal(signal.SIGTERM, _held)
+
+
+def _held(signum, frame):
+    pass  # the signal's byte on the wakeup fd starts the watcher's grace
+
+
 def _terminated(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher relays a second one: the way out is not cut short
     raise Terminated()

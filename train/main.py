@@ -54,7 +54,7 @@ from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoi
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
-                               exit_rank, watch_sigterm)
+                               exit_rank, hold_sigterm, watch_sigterm)
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
@@ -206,7 +206,10 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int) -> int | None:
     whose error came after another's failure (its collective lost that rank) stops with that
     rank's reason and code instead of a second traceback (and names a rank of its node found
     dead); so does the first when a rank of its node has died (killed outright: the error is the
-    lost peer's). SIGTERM outside the training loop (Terminated) and Ctrl-C go on as they are."""
+    lost peer's). SIGTERM outside the training loop (Terminated) and Ctrl-C go on as they are; after an
+    error, SIGTERM no longer interrupts (hold_sigterm)."""
+    if isinstance(error, Exception):
+        hold_sigterm()
     where = peers.where()
     ended = peers.ended(where) if isinstance(error, Exception) else None
     peers.stop_all(1, ended or f"rank {rank} failed {where}: {type(error).__name__}: {error}")
@@ -733,6 +736,9 @@ def fit(run: Run) -> str:
             bar.update(1)
             if preemption.due():
                 preemption.stop()
+    except Exception:
+        preemption.failed = True
+        raise
     finally:  # a message after a failure starts on a line of its own
         bar.close()
         profiler.close()
@@ -809,6 +815,7 @@ class Preemption:
     def __init__(self, run: Run):
         self.run, self.store, self.at, self.why = run, dist.distributed_c10d._get_default_store(), None, None
         self.signalled: str | None = None  # why this rank wants to stop
+        self.failed = False  # the loop ended on an error: SIGTERM is held on the way out (hold_sigterm)
         self.runner, self.looked = deepspeed_runner(), time.monotonic()
         self.previous = signal.signal(signal.SIGTERM, self._signal)
         LOOP_SAVES.set()
@@ -850,7 +857,10 @@ class Preemption:
         raise Preempted(f"{self.why}: every rank stopped after step {run.step}; {what}")
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.failed:
+            hold_sigterm()
+        else:
+            signal.signal(signal.SIGTERM, self.previous)
         LOOP_SAVES.clear()
 
 
