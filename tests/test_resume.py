@@ -680,8 +680,10 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
 
 def test_rank_0_killed_under_torchrun_is_named_by_its_peers(files, tmp_path):
     """Under torchrun the job's store lives in the launcher's agent, not in rank 0: with rank 0
-    killed outright (SIGKILL in step 3) the survivors still name it, the checkpoint of step 2 is
-    said to be intact once, and the agent then stops them and exits 1."""
+    killed outright (SIGKILL in step 3) the survivors still name it, though the agent signals them
+    within 0.1 s (a rank on its way out after an error holds SIGTERM: before, one sometimes said it
+    was stopped by SIGTERM with nothing saved); the checkpoint of step 2 is said to be intact once,
+    and the agent exits 1."""
     out = tmp_path / "run"
     job = subprocess.Popen(launcher(ranks=3, via="torchrun") + [
         "--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
@@ -694,9 +696,11 @@ def test_rank_0_killed_under_torchrun_is_named_by_its_peers(files, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 1, output[-3000:]
-    died = re.findall(r"rank (\d): stopping: rank 0's process \(pid \d+\) was killed by SIGKILL at step 3 \(out of "
-                      r"memory\?", output)
+    # (a survivor that looks after the agent reaped rank 0 finds it ended, not how)
+    died = re.findall(r"rank (\d): stopping: rank 0's process \(pid \d+\) (?:was killed by SIGKILL|has ended) at "
+                      r"step 3", output)
     assert sorted(died) == ["1", "2"], output[-5000:]
+    assert "stopped by SIGTERM" not in output
     checkpoints = out / "checkpoints"
     assert output.count(f"the newest complete checkpoint, {checkpoints / 'step-00000002'}, is intact") == 1
     assert [p.parent.name for p in checkpoints.glob("step-*/complete.json")] == ["step-00000002"]
