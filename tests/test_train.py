@@ -744,8 +744,7 @@ def test_a_model_at_another_image_size_computes_what_transformers_interpolates(f
                     assert torch.equal(parameter, fitted.get_parameter(name)), name
         with torch.no_grad():
             assert torch.equal(fitted(pixel_values=pixels).logits, interpolated)
-    rel = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [2, 1], "num_heads": [1, 2], "window_size": 2}
-    plain_swin = AutoModelForImageClassification.from_config(AutoConfig.for_model("swin", num_labels=5, **rel))
+    plain_swin = AutoModelForImageClassification.from_config(AutoConfig.for_model("swin", num_labels=5, **swin))
     assert not size_bound(plain_swin) and model_at_size(plain_swin, (48, 48)) == (plain_swin, None)
 
 

@@ -245,15 +245,14 @@ def model_at_size(net, size: tuple[int, int]) -> tuple[torch.nn.Module, str | No
     if stated is None or _pair(stated) == size:
         return net, None
     resized = _at(config, size)
-    state = net.state_dict()
-    shapes = {key: value.shape for key, value in _built(net, resized, device="meta").state_dict().items()}
-    changed = [key for key, value in state.items() if value.shape != shapes[key]]
+    changed = _reshaped(net, resized)
     if not changed:
         _vision(config).image_size = _image_size(resized)
         return net, None
     before, after = _grid(config, _pair(stated)), _grid(config, size)
-    for key in changed:
-        state[key] = _resampled(key, state[key], shapes[key], before=before, after=after)
+    state = net.state_dict()
+    for key, shape in changed.items():
+        state[key] = _resampled(key, state[key], shape, before=before, after=after)
     fitted = _built(net, resized, device="cpu")
     fitted.load_state_dict(state)
     fitted.train(net.training)
@@ -270,9 +269,7 @@ def size_bound(net) -> bool:
     stated = _image_size(net.config)
     if stated is None:
         return False
-    resized = _at(net.config, tuple(2 * side for side in _pair(stated)))
-    shapes = {key: value.shape for key, value in _built(net, resized, device="meta").state_dict().items()}
-    return any(value.shape != shapes[key] for key, value in net.state_dict().items())
+    return bool(_reshaped(net, _at(net.config, tuple(2 * side for side in _pair(stated)))))
 
 
 def _vision(config):
@@ -290,6 +287,13 @@ def _at(config, size: tuple[int, int]):
     square = not isinstance(_image_size(config), (list, tuple)) and size[0] == size[1]
     _vision(config).image_size = size[0] if square else list(size)
     return config
+
+
+def _reshaped(net, config) -> dict[str, torch.Size]:
+    """The state of `net` whose shapes differ in `net` built from `config` (on the meta device),
+    with their shapes there."""
+    shapes = {key: value.shape for key, value in _built(net, config, device="meta").state_dict().items()}
+    return {key: shapes[key] for key, value in net.state_dict().items() if value.shape != shapes[key]}
 
 
 def _built(net, config, *, device: str):
