@@ -47,7 +47,8 @@ def test_gpu_report_on_cpu_writes_the_tables(tmp_path):
     assert results["levers"]["status"] == "ok"
     levers = results["levers"]["results"]
     assert list(levers) == ["synthetic", "synthetic, nan_guard stop", "dali", "dali, nan_guard stop",
-                            "dali, 1 threads (not 2)"]
+                            "synthetic, ema_decay 0.9998", "dali, 1 threads (not 2)"]
+    assert levers["synthetic, ema_decay 0.9998"]["ceiling"] == "synthetic"  # what the weight average costs
     assert all(len(r["runs"]) == 2 and r["images_per_sec"] > 0 and 0 <= r["data_wait_fraction"] < 1
                for r in levers.values())
     assert levers["dali, nan_guard stop"]["ceiling"] == "synthetic, nan_guard stop"

@@ -505,11 +505,13 @@ def test_flags_nothing_else_checks_are_named_when_wrong():
                                       "--peer_timeout", "10", "--labels_by_id", "--model", "m"])) == []
     problems = _flag_problems(parse_args(["--hw_decoder_load", "65", "--profile", "20", "--synthetic_data",
                                           "--baseline_loader", "--log_steps", "0", "--eval_steps", "-1",
-                                          "--save_steps", "-2", "--peer_timeout", "3", "--labels_by_id"]))
+                                          "--save_steps", "-2", "--peer_timeout", "3", "--labels_by_id",
+                                          "--ema_decay", "1"]))
     assert [p.split(" ")[0] for p in problems] == ["--profile", "--synthetic_data", "--log_steps", "--eval_steps",
                                                    "--save_steps", "--peer_timeout", "--labels_by_id",
-                                                   "--hw_decoder_load"]
-    assert "from 0 to 1" in problems[7] and "there is no --model" in problems[6] and "of 1 or more" in problems[2] and "0: no checkpoint" in problems[4]
+                                                   "--ema_decay", "--hw_decoder_load"]
+    assert "from 0 to 1" in problems[8] and "there is no --model" in problems[6] and "of 1 or more" in problems[2] and "0: no checkpoint" in problems[4]
+    assert problems[7] == "--ema_decay 1: a decay from 0 (off) to below 1, e.g. 0.9998"
     assert problems[5].startswith("--peer_timeout 3: 10 s or more")
     problems = []
     assert _at_image_size(parse_args(["--image_size", "0"]), None, builtin_processor(), problems) == (None,) * 4
@@ -874,6 +876,79 @@ def test_freeze_backbone_trains_the_head_only_and_leaves_the_backbone_as_it_was(
     done = probe("zero3", tmp_path / "zero3", "--max_steps", "3", "--resume", "auto")
     assert "train: resuming from" in done.stdout and "ranks 3 -> 2" in done.stdout
     assert_probed(tmp_path / "zero3")
+
+
+def test_ema_averages_every_step_and_is_what_evals_and_the_export_use(files, tmp_path):
+    """--ema_decay on 3 ranks, over two epochs: each checkpoint's average is lerp(the step before's,
+    this step's weights, 1 - decay) bit for bit, under ZeRO-2 and ZeRO-3; the export holds the
+    average, and --eval_only of it gives the run's eval; swapping the average in for each eval and
+    out again leaves training alone (the same losses as without it, and the trained weights'
+    evals, eval_no_ema/, equal to that run's); a resume on 2 ranks takes its share of the saved
+    average, and one from a checkpoint without an average starts it from the weights."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForImageClassification
+
+    decay = 0.75
+
+    def run(out, zero, *extra, ranks=3, ema=True):
+        return train(["--ds_config", f"ds_configs/zero{zero}.json", *common(files, "photos", "vit", out),
+                      "--micro_batch_size", "4", "--max_steps", "5", "--save_steps", "1", "--eval_steps", "2",
+                      "--save_total_limit", "10", "--log_steps", "1", "--wandb_mode", "disabled", *extra]
+                     + (["--ema_decay", str(decay)] if ema else []), ranks=ranks)
+
+    def folder(out, step):
+        return out / "checkpoints" / f"step-{step:08d}"
+
+    def averages_follow(out, steps, previous):  # the weights of each step, averaged into the one before
+        for step in steps:
+            average = torch.load(folder(out, step) / "ema.pt", weights_only=True)
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=folder(out, step).name)
+            assert average.keys() == previous.keys() and average.keys() <= weights.keys()
+            assert [name for name in average if not torch.equal(
+                average[name], torch.lerp(previous[name], weights[name], 1 - decay))] == [], step
+            assert any(not torch.equal(average[name], weights[name]) for name in average)
+            previous = average
+
+    def steps(out, key):
+        return {m["step"]: m[key] for m in metrics(out) if key in m}
+
+    zero2 = tmp_path / "zero2"
+    done = run(zero2, 2)
+    assert f"train: weight average (EMA), decay {decay:g}: evals and the export use it" in done.stdout
+    averages_follow(zero2, [2, 3, 4, 5], torch.load(folder(zero2, 1) / "ema.pt", weights_only=True))
+    exported = int(re.search(r"\(from step-(\d+), the best by eval top-1, its weight average\)", done.stdout)[1])
+    model = dict(AutoModelForImageClassification.from_pretrained(zero2 / "model").named_parameters())  # its names
+    average = torch.load(folder(zero2, exported) / "ema.pt", weights_only=True)
+    assert [name for name, value in average.items() if not torch.equal(model[name], value)] == []
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(zero2 / "checkpoints"), tag=folder(zero2, exported).name)
+    tool = subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), str(folder(zero2, exported)),
+                           str(tmp_path / "trained"), "--trained_weights"], check=True, capture_output=True, text=True)
+    assert "(its weight average)" not in tool.stdout
+    model = dict(AutoModelForImageClassification.from_pretrained(tmp_path / "trained").named_parameters())
+    assert [name for name in average if not torch.equal(model[name], trained[name])] == []
+    train(["--eval_only", "--model", str(zero2 / "model"), "--data", str(files["photos"]), "--output_dir",
+           str(tmp_path / "eval"), "--precision", "fp32", "--wandb_mode", "disabled"])
+    assert metrics(tmp_path / "eval")[0]["eval/loss"] == pytest.approx(steps(zero2, "eval/loss")[exported], rel=1e-6)
+    assert set(steps(zero2, "eval_no_ema/loss")) == set(steps(zero2, "eval/loss")) == {2, 4, 5}
+
+    zero3, plain = tmp_path / "zero3", tmp_path / "plain"
+    run(zero3, 3)
+    run(plain, 3, ema=False)
+    averages_follow(zero3, [2, 3, 4, 5], torch.load(folder(zero3, 1) / "ema.pt", weights_only=True))
+    assert steps(zero3, "train/loss") == steps(plain, "train/loss") and len(steps(plain, "train/loss")) == 5
+    for key in ("loss", "top1", "top5"):
+        assert steps(zero3, f"eval_no_ema/{key}") == steps(plain, f"eval/{key}")
+    assert steps(zero3, "eval/loss") != steps(plain, "eval/loss")
+
+    resumed = run(tmp_path / "two", 2, "--resume", str(folder(zero2, 2)), "--max_steps", "3", ranks=2)
+    assert "ranks 3 -> 2" in resumed.stdout
+    averages_follow(tmp_path / "two", [3], torch.load(folder(zero2, 2) / "ema.pt", weights_only=True))
+    turned_on = run(tmp_path / "on", 3, "--resume", str(folder(plain, 2)), "--max_steps", "3")
+    assert "step-00000002 holds no weight average: the average (--ema_decay) starts from its weights" in turned_on.stdout
+    assert f"ema_decay 0.0 -> {decay}" in turned_on.stdout
+    averages_follow(tmp_path / "on", [3], get_fp32_state_dict_from_zero_checkpoint(str(plain / "checkpoints"),
+                                                                                   tag=folder(plain, 2).name))
 
 @pytest.mark.parametrize("family", ["deit", "swin"])
 def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_at_another(files, tmp_path, family):

@@ -12,7 +12,8 @@ guard's host sync on every micro batch (`--nan_guard skip`, the default) and wit
 DALI loader with half its threads; on a GPU, with every JPEG on the hardware decoder
 (`--hw_decoder_load 1`) and none (`0`), and with libjpeg-turbo's chroma upsampling in training's
 decoder (`--train_fancy_upsampling`: Pillow's pixels, at what cost), and with the model on a
-high-priority CUDA stream (`--priority_stream`: DALI's kernels fill the gaps). Each row: images/s (median over the rounds), its share of
+high-priority CUDA stream (`--priority_stream`: DALI's kernels fill the gaps); and on synthetic input,
+with the weight average updated after every step (`--ema_decay`: what it costs). Each row: images/s (median over the rounds), its share of
 the synthetic ceiling under the same guard, and the fraction of the time spent waiting for data.
 """
 
@@ -39,14 +40,18 @@ from pipelines.loader import PREFETCH  # noqa: E402
 from train.args import ConfigError, parse_args  # noqa: E402
 from train.data import SyntheticLoader  # noqa: E402
 from train.distributed import distributed  # noqa: E402
+from train.ema import WeightAverage  # noqa: E402
 from train.main import advance, compute_stream, create_loaders, new_meter, setup, step_batches  # noqa: E402
+
+EMA_DECAY = 0.9998
 
 
 def variants(run) -> dict[str, tuple[str, dict]]:
     """name: (its loader's name, the arguments it changes)."""
     threads = run.train_loader.pipe.num_threads
     found = {"synthetic": ("synthetic", {}), "synthetic, nan_guard stop": ("synthetic", {"nan_guard": "stop"}),
-             "dali": ("dali", {}), "dali, nan_guard stop": ("dali", {"nan_guard": "stop"})}
+             "dali": ("dali", {}), "dali, nan_guard stop": ("dali", {"nan_guard": "stop"}),
+             f"synthetic, ema_decay {EMA_DECAY}": ("synthetic", {"ema_decay": EMA_DECAY})}
     if threads > 1:
         found[f"dali, {threads // 2} threads (not {threads})"] = ("half threads", {"data_threads": threads // 2})
     if run.device.type == "cuda":
@@ -96,18 +101,21 @@ def measure(run, *, steps: int, rounds: int) -> dict:
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
     streams = {name: compute_stream(run.device, high_priority=changes.get("priority_stream", False))
                for name, (_, changes) in chosen.items()}
-    names, base = list(chosen), run.args
+    averages = {name: WeightAverage(run.engine.module, decay=changes["ema_decay"], device=run.device)
+                for name, (_, changes) in chosen.items() if "ema_decay" in changes}
+    names, base, average = list(chosen), run.args, run.ema
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             loader, changes = chosen[name]
             # the loaders and streams carry the other changes; the loop reads only --nan_guard from the args
             run.args = dataclasses.replace(base, **{k: v for k, v in changes.items() if k == "nan_guard"})
+            run.ema = averages.get(name, average)
             with torch.cuda.stream(streams[name]):
                 timings[name].append(segment(run, batches[loader], warm=PREFETCH + 1, steps=steps))
             if run.rank == 0:
                 print(f"benchmark_levers: round {r + 1}/{rounds}, {name}: {images / timings[name][-1][0]:.1f} img/s",
                       flush=True)
-    run.args = base
+    run.args, run.ema = base, average
     results = {}
     for name, runs in timings.items():
         guard = chosen[name][1].get("nan_guard", "skip")

@@ -2,7 +2,10 @@
 config with id2label, the image processor. Loads in `transformers.pipeline` and in
 `train/main.py --model OUT` (for example to go on with another number of ranks).
 
-    python tools/export_checkpoint.py OUTPUT/checkpoints/step-00001000 OUT
+    python tools/export_checkpoint.py OUTPUT/checkpoints/step-00001000 OUT [--trained_weights]
+
+A checkpoint of a run with --ema_decay exports its weight average, as the run's own export does;
+--trained_weights exports the weights as trained instead.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoImageProcessor
 
-from train.checkpoint import MODEL_FILES, MARKER, export_model
+from train.checkpoint import EMA_FILE, MARKER, MODEL_FILES, export_model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint folder (OUTPUT/checkpoints/step-N)")
     parser.add_argument("out", type=Path, help="the model folder to write")
+    parser.add_argument("--trained_weights", action="store_true",
+                        help="the weights as trained, not the checkpoint's weight average (--ema_decay)")
     args = parser.parse_args(argv)
     files = args.checkpoint.resolve().parent.parent / MODEL_FILES
     if not (args.checkpoint / MARKER).is_file():
@@ -29,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export_checkpoint: error: {files} not found: the run's model config is kept there", file=sys.stderr)
         return 2
     export_model(checkpoint=args.checkpoint, config=AutoConfig.from_pretrained(files),
-                 processor=AutoImageProcessor.from_pretrained(files), out=args.out)
-    print(f"{args.out}: exported from {args.checkpoint}")
+                 processor=AutoImageProcessor.from_pretrained(files), out=args.out, average=not args.trained_weights)
+    averaged = (args.checkpoint / EMA_FILE).is_file() and not args.trained_weights
+    print(f"{args.out}: exported from {args.checkpoint}" + (" (its weight average)" if averaged else ""))
     return 0
 
 

@@ -44,7 +44,9 @@ aside. Then it checks the run's metrics and sample keys (the line the last launc
   launches, or with `--export last` the last step's, and eval_results.json is the last step's eval
   of every val sample;
 - `--eval_only` of the export, on 1-4 ranks and another eval batch size, counts every val sample
-  once and finds the top-1 that the run's eval of that step found;
+  once and finds the top-1 that the run's eval of that step found (with `--ema_decay`, drawn for a
+  third of the trials, of the weight average: every eval also logs the trained weights', and every
+  checkpoint holds the average);
 - every logged value is finite; the steps logged without a train/loss are the NaN-skipped ones, and
   train/skipped_steps counts them; a NaN stop or a failure left no checkpoint at or after its step
   and named the one to go on from.
@@ -74,7 +76,7 @@ import torch
 from tqdm import tqdm
 
 from make_shards import make_shards
-from train.checkpoint import checkpoint_info, complete_checkpoints
+from train.checkpoint import EMA_FILE, checkpoint_info, complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_TIMEOUT_S = 10  # the least --peer_timeout: no rank of a soak's loaded machine may seem silent that long
@@ -156,6 +158,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["layer_decay"] = layers.choice([None, None, 0.65, 0.8]) if settings["model"] == "vit" else None
     sizes = random.Random(json.dumps(settings, sort_keys=True))  # and a ViT at another image size than its
     settings["image_size"] = sizes.choice([None, None, 40]) if settings["model"] == "vit" else None  # config's
+    averages = random.Random(json.dumps(settings, sort_keys=True))  # and a weight average (EMA)
+    settings["ema_decay"] = averages.choice([None, None, 0.9])
     return settings
 
 
@@ -205,6 +209,7 @@ def flags(settings: dict) -> list[str]:
             + ["--compile"] * settings.get("compile", False)
             + (["--layer_decay", str(settings["layer_decay"])] if settings.get("layer_decay") else [])
             + (["--image_size", str(settings["image_size"])] if settings.get("image_size") else [])
+            + (["--ema_decay", str(settings["ema_decay"])] if settings.get("ema_decay") else [])
             + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
             + (["--save_steps", str(settings["save_steps"])] if settings.get("save_steps") else [])
             + (["--save_total_limit", str(settings["keep"])] if settings.get("keep", 2) != 2 else [])
@@ -478,6 +483,10 @@ def check(out: Path, settings: dict, stops: list[int], planned: int, *, output: 
     if [s for s in due if s not in at] or [s for s in at if s not in due and s not in stops]:
         problems.append(f"evals at steps {at}, due at {due}" if every else f"evals at steps {at}, epochs end at {ends}")
     problems += checkpoint_problems(out, settings, steps=steps, stops=stops, evals=evals, due=due, output=output)
+    if settings.get("ema_decay"):
+        problems += [f"the eval at step {r['step']} has no eval_no_ema/top1" for r in evals if "eval_no_ema/top1" not in r]
+        problems += [f"{p.name} holds no weight average" for p in complete_checkpoints(out / "checkpoints")[0]
+                     if not (p / EMA_FILE).is_file()]
     problems += nan_problems(rows, settings.get("nans", []))
     final = json.loads((out / "eval_results.json").read_text()) if (out / "eval_results.json").is_file() else {}
     if evals and (final.get("step"), final.get("samples")) != (steps[-1], VAL):
@@ -564,6 +573,7 @@ def checkpoint_problems(out: Path, settings: dict, *, steps: list[int], stops: l
         want, why = max(scored)[1], "the best by eval top-1"
     else:
         return problems
+    why += ", its weight average" if settings.get("ema_decay") else ""
     exported = re.search(r"\(from step-(\d+), ([^)]+)\)", output)
     if not exported or (int(exported.group(1)), exported.group(2)) != (want, why):
         problems.append(f"exported {exported.group(0) if exported else 'nothing'}, expected step {want} ({why})")

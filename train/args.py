@@ -53,6 +53,8 @@ class TrainArgs:
     freeze_backbone: bool = arg(False, "train the classifier head only, a linear probe of a pretrained --model's "
                                 "features: the rest keeps its weights and runs as in eval (no dropout, BatchNorm "
                                 "statistics kept)")
+    ema_decay: float = arg(0.0, "keep an exponential moving average of the weights (EMA), updated after every "
+                           "optimizer step with this decay (e.g. 0.9998): evals and the export use it; 0: off")
     max_grad_norm: float | None = arg(None, "gradient clipping (default 1.0; 0 disables)")
     label_smoothing: float = arg(0.0, "label smoothing of the cross entropy")
     mixup_alpha: float = arg(0.0, "mixup Beta(alpha, alpha); 0 disables")

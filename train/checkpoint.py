@@ -4,6 +4,7 @@ Layout under OUTPUT/checkpoints/:
 
     step-00000120/            DeepSpeed's files (model, optimizer and scheduler states per rank)
         trainer_state_rank0.pt  everything else this rank needs to resume (loader, RNG, step, ...)
+        ema.pt                the weight average (--ema_decay), whole, by parameter name
         complete.json         written last, after every rank finished writing
     latest                    the newest complete tag (DeepSpeed's format), replaced by rename
 OUTPUT/model_files/           the model's config and image processor, for exporting any checkpoint
@@ -31,6 +32,7 @@ from pipelines.shards import write_atomic  # noqa: F401 (train/ imports it from 
 MARKER = "complete.json"
 MODEL_FILES = "model_files"  # OUTPUT/model_files/: the run's model config and image processor
 MODEL_STATES = "*model_states.pt"  # DeepSpeed's (one; ZeRO-3: one per rank): module, scheduler, metadata
+EMA_FILE = "ema.pt"  # the weight average (train/ema.py), fp32 tensors by parameter name
 
 
 class CheckpointError(RuntimeError):
@@ -63,8 +65,9 @@ def folder_bytes(path: Path) -> int:
 
 
 def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, top1: float | None,
-                    keep: int) -> Path:
-    """Saves DeepSpeed's state and this rank's `state`; marks the folder complete once all ranks are done.
+                    keep: int, average: dict | None = None) -> Path:
+    """Saves DeepSpeed's state, this rank's `state` and (rank 0) the weight `average`; marks the
+    folder complete once all ranks are done.
 
     Then prunes: keeps the newest `keep` complete checkpoints and the best by top-1. `root` is on a
     file system every node sees (DeepSpeed writes the model states on rank 0 only and every rank's
@@ -82,6 +85,8 @@ def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, to
     _fail_for_tests(step, path)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(state, path / f"trainer_state_rank{rank}.pt")
+    if rank == 0 and average is not None:
+        torch.save(average, path / EMA_FILE)
     _pause_for_tests(step)
     dist.barrier()
     if rank == 0:
@@ -232,15 +237,18 @@ def _set_scheduled_lr(scheduler, groups: list[dict]) -> None:
         group["lr"] = rate
 
 
-def export_model(*, checkpoint: Path, config, processor, out: Path) -> Path:
-    """A `save_pretrained` folder with fp32 weights consolidated from the ZeRO checkpoint, the
-    config (with id2label) and the image processor: what `transformers.pipeline` loads."""
+def export_model(*, checkpoint: Path, config, processor, out: Path, average: bool = True) -> Path:
+    """A `save_pretrained` folder with fp32 weights consolidated from the ZeRO checkpoint (where it
+    holds a weight average, and `average`, the averaged ones), the config (with id2label) and the
+    image processor: what `transformers.pipeline` loads."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints every step it takes
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    if average and (checkpoint / EMA_FILE).is_file():  # the parameters that trained; buffers stay the checkpoint's
+        weights.update(torch.load(checkpoint / EMA_FILE, map_location="cpu", weights_only=True))
     model = AutoModelForImageClassification.from_config(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # tied weights are stored once in the checkpoint; anything else missing is a bug

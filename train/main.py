@@ -48,13 +48,14 @@ from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, processor_at_size, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
-from train.checkpoint import (MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
+from train.checkpoint import (EMA_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
                               complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
                               record_top1, save_checkpoint, universal_checkpoint, universal_gaps, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
                                exit_rank, hold_sigterm, watch_sigterm)
+from train.ema import WeightAverage
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
@@ -111,6 +112,7 @@ class Run:
     checked_step: int = 0  # --nan_guard stop: the last step whose losses were checked
     last_eval: dict = field(default_factory=dict)
     last_saved: Path | None = None  # the newest complete checkpoint of this run (or the one resumed)
+    ema: WeightAverage | None = None  # --ema_decay: the weight average
     flops_per_image: float = 0.0  # of a forward and backward pass (perf/tflops)
     peak_tflops: float | None = None  # of the device, for perf/mfu
 
@@ -290,6 +292,7 @@ def setup(args: TrainArgs) -> Run:
     other_ranks = bool(trainer_state) and trainer_state["ranks"] != world  # saved by them: a universal load
     engine = _engine(args, model, ds_config=ds_config, schedule=schedule, precision=precision, device=device,
                      rank=rank, universal=other_ranks)
+    ema = _weight_average(args, engine, device=device)
     seed_streams(args.seed, rank=rank, step=0)
     eval_steps, eval_offset = (args.eval_steps, 0) if args.eval_steps else (steps_per_epoch, epoch_offset)
     save_steps, save_offset = (eval_steps, eval_offset) if args.save_steps is None else (args.save_steps, 0)  # 0: never
@@ -298,7 +301,8 @@ def setup(args: TrainArgs) -> Run:
               train_loader=train_loader, eval_loader=eval_loader, output_dir=output_dir, total_steps=total_steps,
               steps_per_epoch=steps_per_epoch, eval_steps=eval_steps, save_steps=save_steps, ds_config=ds_config,
               order=order, recipe=recipe, logger=None, eval_offset=eval_offset, save_offset=save_offset,
-              mix_rng=np.random.default_rng(args.seed + 7919 * rank), flops_per_image=flops, peak_tflops=peak)
+              mix_rng=np.random.default_rng(args.seed + 7919 * rank), ema=ema, flops_per_image=flops,
+              peak_tflops=peak)
     run_config = _record_run(run, model=model, parameters=parameters, frozen=frozen, head=head, resampled=resampled,
                              train_samples=manifest["splits"]["train"]["samples"], eval_samples=eval_samples)
     _begin(run, run_config, resume=resume, state=trainer_state, other_ranks=other_ranks, changes=changes,
@@ -369,6 +373,8 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
             + (f"train: backbone frozen ({config['frozen_parameters'] / 1e6:.2f}M parameters): the head's "
                f"{config['parameters'] - config['frozen_parameters']:,} train\n" if config["frozen_parameters"] else "")
             + _layer_decay_line(run)
+            + (f"train: weight average (EMA), decay {args.ema_decay:g}: evals and the export use it (eval/); the "
+               f"trained weights' evals are eval_no_ema/\n" if run.ema is not None else "")
             + f"train: {run.total_steps} steps ({run.steps_per_epoch} per epoch) of {ds['train_batch_size']} images "
             f"= {ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accumulation x "
             f"{run.world_size} ranks\n"
@@ -540,6 +546,8 @@ def _flag_problems(args: TrainArgs) -> list[str]:
         problems.append("--labels_by_id maps a pretrained --model's labels to the classes; there is no --model")
     if args.freeze_backbone and not args.model:
         problems.append("--freeze_backbone trains a pretrained --model's head on its features; there is no --model")
+    if not 0 <= args.ema_decay < 1:
+        problems.append(f"--ema_decay {args.ema_decay:g}: a decay from 0 (off) to below 1, e.g. 0.9998")
     if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
         problems.append(f"--hw_decoder_load {args.hw_decoder_load}: a share of the JPEGs, from 0 to 1")
     return problems
@@ -714,6 +722,17 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
     return engine
 
 
+def _weight_average(args: TrainArgs, engine, *, device: torch.device) -> WeightAverage | None:
+    """--ema_decay: the average of the engine's weights, from its initial ones (a resume loads the
+    checkpoint's: _resume)."""
+    if not args.ema_decay:
+        return None
+    try:
+        return WeightAverage(engine.module, decay=args.ema_decay, device=device)
+    except ValueError as e:  # the DeepSpeed config's partitioning: the same on every rank
+        raise ConfigError([str(e)]) from e
+
+
 # --- fit: the loop -----------------------------------------------------------------------------
 
 def fit(run: Run) -> str:
@@ -749,6 +768,7 @@ def fit(run: Run) -> str:
         try:
             export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
                          out=run.output_dir / MODEL_EXPORT)
+            why += ", its weight average" if (exported / EMA_FILE).is_file() else ""
         except OSError as e:
             raise WriteError(f"exporting {exported} to {run.output_dir / MODEL_EXPORT} failed: {write_failure(e)}; the "
                              f"checkpoint is complete: `python tools/export_checkpoint.py {exported} DIR` exports "
@@ -780,6 +800,8 @@ def advance(run: Run, batches, meter: dict, bar) -> None:
     overflows = run.engine.skipped_steps
     with record_function("train_step"):
         loss = train_step(run, micro_batches)
+        if run.ema is not None:
+            run.ema.update()
     run.step += 1
     guard_non_finite(run, loss)
     count_step(run, meter, loss=loss, wait=wait, overflow=run.engine.skipped_steps != overflows)
@@ -1086,12 +1108,25 @@ def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, *, num_classes: int, m
     return pixels, one_hot * lam + one_hot.flip(0) * (1 - lam)
 
 
-@torch.no_grad()
 def evaluate(run: Run, *, details: bool = False) -> dict:
     """Loss, top-1 and top-5 over the eval split, each sample counted once across ranks (after
     average_buffers: every rank evaluates with the same BatchNorm statistics). With `details`
     (--eval_only, and a training run's final eval) also the predictions, per-class results and
-    confusion matrix of train/evaluation.py, written to the output dir."""
+    confusion matrix of train/evaluation.py, written to the output dir. With --ema_decay, of the
+    weight average (what the export holds; the BatchNorm statistics are the model's), and the
+    trained weights' loss, top-1 and top-5 under eval_no_ema/."""
+    if run.ema is None:
+        return _eval_pass(run, details=details)
+    trained = _eval_pass(run)
+    with run.ema.applied():
+        result = _eval_pass(run, details=details)
+    return {**result, **{key.replace("eval/", "eval_no_ema/"): value for key, value in trained.items()
+                         if key.startswith("eval/") and key != "eval/samples_counted"}}
+
+
+@torch.no_grad()
+def _eval_pass(run: Run, *, details: bool = False) -> dict:
+    """One pass of the model as it is over the eval split (evaluate)."""
     run.engine.eval()
     writer = PredictionWriter(run.output_dir, rank=run.rank, classes=run.classes) if details else None
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5 hits, samples
@@ -1227,7 +1262,8 @@ def log_eval(run: Run, result: dict) -> None:
                                predicted_ids=report.predicted_ids, picture=report.paths["confusion_matrix"])
     if run.rank == 0 and not run.args.eval_only:
         tqdm.write(f"step {run.step}: eval loss {result['eval/loss']:.4f}, top-1 {result['eval/top1']:.2%}, "
-                   f"top-5 {result['eval/top5']:.2%} ({int(result['eval/samples_counted'])} images)")
+                   f"top-5 {result['eval/top5']:.2%} ({int(result['eval/samples_counted'])} images)"
+                   + (f"; EMA (without: top-1 {result['eval_no_ema/top1']:.2%})" if "eval_no_ema/top1" in result else ""))
 
 
 def _note_best(run: Run, top1: float) -> None:
@@ -1287,7 +1323,8 @@ def save(run: Run) -> Path:
                        f"{needed / 2**20:.1f} MiB: saving {path.name} will likely fail", file=sys.stderr)
     try:
         return save_checkpoint(run.engine, root=run.checkpoints, step=run.step, state=trainer_state(run),
-                               rank=run.rank, top1=top1, keep=run.args.save_total_limit)
+                               rank=run.rank, top1=top1, keep=run.args.save_total_limit,
+                               average=run.ema.state_dict() if run.ema is not None else None)
     except Exception as e:
         if (cause := write_failure(e)) is None:
             raise
@@ -1328,6 +1365,8 @@ def _resume(run: Run, path: Path, state: dict, *, other_ranks: bool) -> None:
     load_checkpoint(run.engine, path, universal=where)
     if where is not None:
         drop_universal(where, rank=run.rank)
+    if run.ema is not None:
+        _resume_average(run, path)
     run.step, run.best, run.last_eval = state["step"], state["best"], state["last_eval"]
     run.skipped_steps, run.bad_steps = state["skipped_steps"], state["bad_steps"]
     run.last_saved = path
@@ -1341,6 +1380,22 @@ def _resume(run: Run, path: Path, state: dict, *, other_ranks: bool) -> None:
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _resume_average(run: Run, path: Path) -> None:
+    """The weight average saved in the checkpoint `path` (by any number of ranks); one saved without
+    (--ema_decay turned on at this resume) starts the average from its weights."""
+    saved = path / EMA_FILE
+    if not saved.is_file():
+        run.ema.reset()
+        if run.rank == 0:
+            print(f"train: {path.name} holds no weight average: the average (--ema_decay) starts from its weights",
+                  flush=True)
+        return
+    try:
+        run.ema.load_state_dict(torch.load(saved, map_location="cpu", mmap=True, weights_only=True), source=str(saved))
+    except ValueError as e:  # the same file on every rank: all stop together
+        raise CheckpointError(f"--resume {path}: {e}") from e
 
 
 def seed_streams(seed: int, *, rank: int, step: int) -> None:

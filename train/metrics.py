@@ -1,7 +1,8 @@
 """Where the numbers go: W&B (rank 0) and OUTPUT/metrics.jsonl, the same scalars in both.
 
 Names group on a W&B dashboard: train/ (loss, lr, grad_norm, skipped_steps, overflow_steps,
-loss_scale), eval/ (loss, top1, top5), perf/ (images_per_sec, step_time, data_wait_fraction,
+loss_scale), eval/ (loss, top1, top5; with --ema_decay, of the weight average, and eval_no_ema/ of
+the weights as trained), perf/ (images_per_sec, step_time, data_wait_fraction,
 gpu_mem, tflops, mfu); every chart's x axis is `trainer/step`, so that a resumed run continues the
 dashboard where its checkpoint was.
 """
