@@ -38,6 +38,8 @@ import soak  # noqa: E402  (after the environment above: it loads torch)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs the CUDA path (DALI mixed decode, GPU operators); "
                                        "skipped where torch sees no GPU")
+    if config.option.durations is None:  # a run's log (CI's) says where its time went
+        config.option.durations = 15
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,8 +6,9 @@
 Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images: they
 divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them as one
 node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
-accumulation, ZeRO stage (3 with or without CPU offload), `--epochs`, augmentation, the eval
-cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the checkpoint cadence
+accumulation, ZeRO stage (3 with or without CPU offload), `--epochs`, augmentation (random erasing
+included), the eval cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the
+checkpoint cadence
 (every eval or `--save_steps`), `--save_total_limit`, `--export`, and the rest of the recipe (label
 smoothing, schedule, warmup, clipping, the eval resize, channels-last; with `--compile`, every
 launch compiled), in one to three launches: each but the last stops at a random `--max_steps`, and
@@ -160,6 +161,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["image_size"] = sizes.choice([None, None, 40]) if settings["model"] == "vit" else None  # config's
     averages = random.Random(json.dumps(settings, sort_keys=True))  # and a weight average (EMA)
     settings["ema_decay"] = averages.choice([None, None, 0.9])
+    erasing = random.Random(json.dumps(settings, sort_keys=True))  # and random erasing
+    settings["random_erase"] = erasing.choice([None, None, 0.25])
     return settings
 
 
@@ -210,6 +213,7 @@ def flags(settings: dict) -> list[str]:
             + (["--layer_decay", str(settings["layer_decay"])] if settings.get("layer_decay") else [])
             + (["--image_size", str(settings["image_size"])] if settings.get("image_size") else [])
             + (["--ema_decay", str(settings["ema_decay"])] if settings.get("ema_decay") else [])
+            + (["--random_erase", str(settings["random_erase"])] if settings.get("random_erase") else [])
             + (["--eval_steps", str(settings["eval_steps"])] if settings["eval_steps"] else [])
             + (["--save_steps", str(settings["save_steps"])] if settings.get("save_steps") else [])
             + (["--save_total_limit", str(settings["keep"])] if settings.get("keep", 2) != 2 else [])

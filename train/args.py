@@ -55,10 +55,15 @@ class TrainArgs:
                                 "statistics kept)")
     ema_decay: float = arg(0.0, "keep an exponential moving average of the weights (EMA), updated after every "
                            "optimizer step with this decay (e.g. 0.9998): evals and the export use it; 0: off")
+    drop_path: float | None = arg(None, "stochastic depth rate the model is built with (its config's drop_path_rate: "
+                                  "ConvNeXt, Swin, BEiT, DINOv2, ...; e.g. 0.1; default: the config's own)")
     max_grad_norm: float | None = arg(None, "gradient clipping (default 1.0; 0 disables)")
     label_smoothing: float = arg(0.0, "label smoothing of the cross entropy")
     mixup_alpha: float = arg(0.0, "mixup Beta(alpha, alpha); 0 disables")
     cutmix_alpha: float = arg(0.0, "cutmix Beta(alpha, alpha); 0 disables (with mixup: one of the two per batch)")
+    random_erase: float = arg(0.0, "random erasing: each train image, with this probability (e.g. 0.25), gets a box of "
+                              "2-33%% of its area, aspect 0.3-3.3, filled with normal noise, as timm's RandomErasing "
+                              "(before mixup/cutmix); 0 disables")
     precision: str = arg("auto", "auto: bf16 where the hardware has it, else fp16 on GPU and fp32 on CPU",
                          choices=["auto", "bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")

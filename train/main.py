@@ -48,6 +48,7 @@ from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, processor_at_size, spec_from_processor
 from train.args import ConfigError, TrainArgs, parse_args
+from train.augment import erase_batch, mix_batch
 from train.checkpoint import (EMA_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
                               complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
                               record_top1, save_checkpoint, universal_checkpoint, universal_gaps, write_failure)
@@ -546,6 +547,13 @@ def _flag_problems(args: TrainArgs) -> list[str]:
         problems.append("--labels_by_id maps a pretrained --model's labels to the classes; there is no --model")
     if args.freeze_backbone and not args.model:
         problems.append("--freeze_backbone trains a pretrained --model's head on its features; there is no --model")
+    if not 0 <= args.random_erase <= 1:
+        problems.append(f"--random_erase {args.random_erase:g}: a probability, from 0 to 1")
+    if args.drop_path is not None and not 0 <= args.drop_path < 1:
+        problems.append(f"--drop_path {args.drop_path:g}: a rate from 0 to below 1, e.g. 0.1")
+    if args.drop_path and args.freeze_backbone:
+        problems.append("--drop_path with --freeze_backbone: the frozen backbone runs as in eval, without stochastic "
+                        "depth; drop one")
     if not 0 <= args.ema_decay < 1:
         problems.append(f"--ema_decay {args.ema_decay:g}: a decay from 0 (off) to below 1, e.g. 0.9998")
     if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
@@ -583,7 +591,8 @@ def _model(args: TrainArgs, *, builtin: bool, classes: list[str], problems: list
     if classes and (args.model or model_config):
         torch.manual_seed(args.seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
         model, image_processor, head = build_model(model=args.model, model_config=model_config, processor=processor,
-                                                   classes=classes, problems=problems, by_id=args.labels_by_id)
+                                                   classes=classes, problems=problems, by_id=args.labels_by_id,
+                                                   drop_path=args.drop_path)
     elif args.model or args.model_config:  # no classes to size a head for: still report a bad model
         model_source(model=args.model, model_config=args.model_config, problems=problems)
     if args.gradient_checkpointing and model is not None and not model.supports_gradient_checkpointing:
@@ -1044,7 +1053,8 @@ def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor | None:
     buffers = [b for b in run.engine.module.buffers() if b.is_floating_point()] if skipping else []
     for micro, batch in enumerate(micro_batches, start=1):
         saved = [b.clone() for b in buffers]  # a forward updates BatchNorm statistics, finite or not
-        pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], num_classes=len(run.classes),
+        pixels = erase_batch(batch["pixel_values"], prob=run.args.random_erase)
+        pixels, targets = mix_batch(pixels, batch["labels"], num_classes=len(run.classes),
                                     mixup_alpha=run.args.mixup_alpha, cutmix_alpha=run.args.cutmix_alpha,
                                     rng=run.mix_rng)
         _inject_failure(run)
@@ -1082,30 +1092,6 @@ def all_ranks_finite(loss: torch.Tensor) -> bool:
     flag = torch.isfinite(loss.detach()).float().reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, *, num_classes: int, mixup_alpha: float,
-              cutmix_alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or cutmix (one per batch, chosen at random when both are on), on the batch's device.
-    Returns the pixels and the targets: class ids, or class probabilities when mixed."""
-    if not mixup_alpha and not cutmix_alpha:
-        return pixels, labels
-    use_cutmix = bool(cutmix_alpha) and (not mixup_alpha or rng.random() < 0.5)
-    lam = float(rng.beta(*(2 * [cutmix_alpha if use_cutmix else mixup_alpha])))
-    partner = pixels.flip(0)
-    if use_cutmix:  # paste a box of area (1 - lam) from the partner image; lam follows the clipped box
-        height, width = pixels.shape[-2:]
-        cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
-        cy, cx = int(rng.integers(height)), int(rng.integers(width))
-        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-        pixels = pixels.clone()
-        pixels[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
-        lam = 1 - (bottom - top) * (right - left) / (height * width)
-    else:
-        pixels = pixels * lam + partner * (1 - lam)
-    one_hot = F.one_hot(labels, num_classes).float()
-    return pixels, one_hot * lam + one_hot.flip(0) * (1 - lam)
 
 
 def evaluate(run: Run, *, details: bool = False) -> dict:

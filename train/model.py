@@ -22,9 +22,10 @@ BUILTIN_PROCESSOR = {"size": {"height": 32, "width": 32}, "image_mean": [0.5] * 
 
 
 def build_model(*, model: str | None, model_config: str | dict | None, processor, classes: list[str],
-                problems: list[str], by_id: bool = False):
+                problems: list[str], by_id: bool = False, drop_path: float | None = None):
     """(model, image processor, what became of a pretrained head), or (None, None, None) with what
-    is wrong appended to `problems`.
+    is wrong appended to `problems`. `drop_path`: the stochastic depth rate the model is built with
+    (its config's drop_path_rate; None: the config's own).
 
     A pretrained head of another size is replaced (`ignore_mismatched_sizes`, then adapt_head); the
     full model is built on every rank and DeepSpeed partitions it afterwards, which is what makes the
@@ -45,14 +46,22 @@ def build_model(*, model: str | None, model_config: str | dict | None, processor
                             f"{len(classes)} classes (classes.json); drop num_labels/id2label from the config "
                             f"(the head is sized from the data) or point --data at the right shards")
             return None, None, None
+    overrides = {} if drop_path is None else {"drop_path_rate": drop_path}
+    if overrides and not _has_drop_path(values):
+        kind = values.get("model_type") if isinstance(values, dict) else values.model_type
+        problems.append(f"--drop_path: transformers' {kind} has no stochastic depth (no drop_path_rate in its config; "
+                        f"ConvNeXt, Swin, BEiT, DINOv2 and others have one); drop the flag")
+        return None, None, None
     try:
         if model:
-            net = AutoModelForImageClassification.from_pretrained(model, ignore_mismatched_sizes=True, **labels)
+            net = AutoModelForImageClassification.from_pretrained(model, ignore_mismatched_sizes=True, **overrides,
+                                                                   **labels)
         else:
             values = {k: v for k, v in values.items() if k not in ("architectures", "id2label", "label2id", "num_labels")}
             # architectures [] (not None): the model type's plain classifier, where transformers maps a type
             # to several (DeiT, LeViT: with a distillation head too) and fails on None
-            net = AutoModelForImageClassification.from_config(AutoConfig.for_model(**values, **labels, architectures=[]))
+            net = AutoModelForImageClassification.from_config(AutoConfig.for_model(**{**values, **overrides}, **labels,
+                                                                                    architectures=[]))
     except (OSError, ValueError, KeyError) as e:
         problems.append(_cannot_build(model, model_config, e))
         return None, None, None
@@ -225,6 +234,17 @@ def model_source(*, model: str | None, model_config: str | dict | None, problems
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         problems.append(_cannot_build(model, model_config, e))
         return None
+
+
+def _has_drop_path(values) -> bool:
+    """Whether a model's config (or config values) has a stochastic depth rate, drop_path_rate
+    (an unknown model type: True, its build says what is wrong)."""
+    if isinstance(values, dict):
+        try:
+            values = transformers.CONFIG_MAPPING[values.get("model_type")]()
+        except KeyError:
+            return True
+    return hasattr(values, "drop_path_rate")
 
 
 def builtin_processor():

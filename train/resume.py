@@ -53,8 +53,9 @@ def training_recipe(args: TrainArgs, ds_config: dict, *, world_size: int, precis
             **{key: optimizer.get("params", {}).get(key) for key in ("lr", "weight_decay", "betas", "eps")},
             "max_grad_norm": ds_config.get("gradient_clipping"), "layer_decay": args.layer_decay,
             "freeze_backbone": args.freeze_backbone, "image_size": list(image_size) if image_size else None,
-            "ema_decay": args.ema_decay,
-            **{key: getattr(args, key) for key in (*AUGMENTATION, "label_smoothing", "mixup_alpha", "cutmix_alpha")}}
+            "ema_decay": args.ema_decay, "drop_path": args.drop_path,
+            **{key: getattr(args, key) for key in (*AUGMENTATION, "label_smoothing", "mixup_alpha", "cutmix_alpha",
+                                                     "random_erase")}}
 
 
 def restart_hint(path: Path) -> str:
