@@ -74,13 +74,13 @@ class WeightAverage:
 
     @contextlib.contextmanager
     def applied(self):
-        """The model runs with the averaged weights inside; its own come back bit for bit after."""
+        """The model runs with the averaged weights inside; its own come back bit for bit after.
+        Not after an error inside: the run stops without saving, and the collectives that write
+        them back would wait for ranks that are not there."""
         own = [self._slot(p).detach().to(torch.float32, copy=True) for _, p in self.params]  # fp32: exact
         self._write(self.shares)
-        try:
-            yield
-        finally:
-            self._write(own)
+        yield
+        self._write(own)
 
     @torch.no_grad()
     def _write(self, shares: list[torch.Tensor]) -> None:
