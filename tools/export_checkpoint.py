@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoImageProcessor
 
-from train.checkpoint import EMA_FILE, MARKER, MODEL_FILES, export_model
+from train.checkpoint import MARKER, MODEL_FILES, export_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if not files.is_dir():
         print(f"export_checkpoint: error: {files} not found: the run's model config is kept there", file=sys.stderr)
         return 2
-    export_model(checkpoint=args.checkpoint, config=AutoConfig.from_pretrained(files),
-                 processor=AutoImageProcessor.from_pretrained(files), out=args.out, average=not args.trained_weights)
-    averaged = (args.checkpoint / EMA_FILE).is_file() and not args.trained_weights
+    averaged = export_model(checkpoint=args.checkpoint, config=AutoConfig.from_pretrained(files),
+                            processor=AutoImageProcessor.from_pretrained(files), out=args.out,
+                            average=not args.trained_weights)
     print(f"{args.out}: exported from {args.checkpoint}" + (" (its weight average)" if averaged else ""))
     return 0
 

@@ -237,17 +237,19 @@ def _set_scheduled_lr(scheduler, groups: list[dict]) -> None:
         group["lr"] = rate
 
 
-def export_model(*, checkpoint: Path, config, processor, out: Path, average: bool = True) -> Path:
-    """A `save_pretrained` folder with fp32 weights consolidated from the ZeRO checkpoint (where it
-    holds a weight average, and `average`, the averaged ones), the config (with id2label) and the
-    image processor: what `transformers.pipeline` loads."""
+def export_model(*, checkpoint: Path, config, processor, out: Path, average: bool = True) -> bool:
+    """Writes `out`, a `save_pretrained` folder with fp32 weights consolidated from the ZeRO
+    checkpoint (where it holds a weight average, and `average`, the averaged ones), the config
+    (with id2label) and the image processor: what `transformers.pipeline` loads. Returns whether
+    the weights are the average."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints every step it takes
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    if average and (checkpoint / EMA_FILE).is_file():  # the parameters that trained; buffers stay the checkpoint's
+    averaged = average and (checkpoint / EMA_FILE).is_file()
+    if averaged:  # the parameters that trained; buffers stay the checkpoint's
         weights.update(torch.load(checkpoint / EMA_FILE, map_location="cpu", weights_only=True))
     model = AutoModelForImageClassification.from_config(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -262,7 +264,7 @@ def export_model(*, checkpoint: Path, config, processor, out: Path, average: boo
     processor.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return out
+    return averaged
 
 
 def _tied_keys(model) -> set[str]:
@@ -281,7 +283,7 @@ def _prune(root: Path, *, keep: int) -> None:
 
 def weights_are_finite(engine) -> bool:
     """Whether every rank's parameters (its ZeRO-3 partitions, or the full copies) and buffers are finite."""
-    tensors = [_own_elements(p) for p in engine.module.parameters()]
+    tensors = [own_elements(p) for p in engine.module.parameters()]
     tensors += [b for b in engine.module.buffers() if b.is_floating_point()]
     finite = all(torch.isfinite(t).all() for t in tensors)
     flag = torch.tensor([float(finite)], device=next(engine.module.parameters()).device)
@@ -289,7 +291,7 @@ def weights_are_finite(engine) -> bool:
     return bool(flag.item())
 
 
-def _own_elements(param: torch.Tensor) -> torch.Tensor:
+def own_elements(param: torch.Tensor) -> torch.Tensor:
     """This rank's elements of a parameter: under ZeRO-3 its partition, less the padding that rounds
     the parameter up to equal partitions (DeepSpeed leaves it uninitialized: any bits, NaN's too)."""
     part = getattr(param, "ds_tensor", None)
@@ -314,9 +316,9 @@ def _poison_for_tests(engine, step: int) -> None:
         if os.environ.get("TRAIN_NAN_PADDING") == "1":
             for param in engine.module.parameters():
                 if hasattr(param, "ds_tensor"):
-                    param.ds_tensor[_own_elements(param).numel():] = float("nan")
+                    param.ds_tensor[own_elements(param).numel():] = float("nan")
         if os.environ.get("TRAIN_NAN_WEIGHT_AT_STEP") == str(step) and dist.get_rank() == 0:
-            _own_elements(next(engine.module.parameters())).view(-1)[0] = float("nan")
+            own_elements(next(engine.module.parameters())).view(-1)[0] = float("nan")
 
 
 def _pause_for_tests(step: int) -> None:

@@ -22,6 +22,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from train.checkpoint import own_elements
+
 
 class WeightAverage:
     """The average of `module`'s trainable parameters; `device`: where collectives run (the rank's
@@ -109,12 +111,10 @@ class WeightAverage:
     def _slot(self, p: torch.Tensor) -> torch.Tensor:
         """This rank's elements of `p`, a view: its ZeRO-3 partition less the padding, or the same
         slice of the full parameter."""
+        if getattr(p, "ds_tensor", None) is not None:
+            return own_elements(p)
         start = min(self._start(p), _numel(p))
-        own = min(self._count(p), _numel(p) - start)
-        part = getattr(p, "ds_tensor", None)
-        if part is not None:
-            return part.narrow(0, 0, own)
-        return p.data.view(-1).narrow(0, start, own)
+        return p.data.view(-1).narrow(0, start, min(self._count(p), _numel(p) - start))
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -775,9 +775,9 @@ def fit(run: Run) -> str:
     exported, why = export_choice(run)
     if run.rank == 0 and exported is not None:
         try:
-            export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
-                         out=run.output_dir / MODEL_EXPORT)
-            why += ", its weight average" if (exported / EMA_FILE).is_file() else ""
+            if export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
+                            out=run.output_dir / MODEL_EXPORT):
+                why += ", its weight average"
         except OSError as e:
             raise WriteError(f"exporting {exported} to {run.output_dir / MODEL_EXPORT} failed: {write_failure(e)}; the "
                              f"checkpoint is complete: `python tools/export_checkpoint.py {exported} DIR` exports "
