@@ -60,3 +60,37 @@ def test_train_flops_per_image_counts_every_matmul_and_leaves_the_model_alone():
 ])
 def test_peak_table(name, precision, peak):
     assert peak_tflops(name, precision) == peak
+
+
+def test_deepspeeds_cpu_builders_ask_py_cpuinfo_once_per_kind_of_machine(monkeypatch, tmp_path):
+    """DeepSpeed's CPU op builders call py-cpuinfo (a new interpreter each time) for their -march
+    and SIMD flags whenever they load an op; under cpu_info_once the first answer is kept in the
+    extension build root and read from there, by this process and the next; another kind of CPU
+    asks again."""
+    import cpuinfo
+    from deepspeed.ops.op_builder.cpu.fused_adam import FusedAdamBuilder  # a CPU accelerator's
+
+    from train import perf
+
+    asked = []
+    real = cpuinfo.get_cpu_info
+
+    def counted():
+        asked.append(1)
+        return real()
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", counted)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    builder = FusedAdamBuilder()
+    flags = builder.cxx_args()  # asks twice (-march, SIMD width), as in deepspeed.initialize
+    assert len(asked) == 2
+    with perf.cpu_info_once():
+        assert builder.cxx_args() == flags and len(asked) == 3
+    kept = list(tmp_path.glob("cpuinfo-*.json"))
+    assert [p.name for p in kept] == [f"cpuinfo-{perf.cpu_kind()}.json"] and cpuinfo.get_cpu_info is counted
+    with perf.cpu_info_once():  # a later run on this machine: from the file
+        assert builder.cxx_args() == flags and len(asked) == 3
+    monkeypatch.setattr(perf, "cpu_kind", lambda: "another")
+    with perf.cpu_info_once():
+        assert builder.cxx_args() == flags and len(asked) == 4
+    assert (tmp_path / "cpuinfo-another.json").is_file()

@@ -109,7 +109,7 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     classifier = pipeline("image-classification", model=str(exported))
     assert {r["label"] for r in classifier(photo(0, (48, 40)), top_k=4)} == {f"class{i}" for i in range(4)}
 
-    done = train(resume_args(files, resumed) + ["--resume", "auto"])
+    done = train(resume_args(files, resumed) + ["--resume", "auto"], env={"WANDB_MODE": "offline"})
     assert "ignoring 1 incomplete checkpoint(s) (interrupted saves): step-00000006" in done.stdout
     assert f"resuming from {resumed / 'checkpoints' / 'step-00000004'} (step 4)" in done.stdout
 
@@ -284,7 +284,7 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
     import torch
 
     out = tmp_path / "run"
-    train(resume_args(files, out) + ["--save_total_limit", "10"])
+    train(resume_args(files, out) + ["--save_total_limit", "10"], env={"WANDB_MODE": "offline"})
     first_keys = {rank: keys_by_step(out, rank) for rank in (0, 1)}
     first_lrs = {m["step"]: m["train/lr"] for m in metrics(out) if "train/lr" in m}
 
@@ -293,7 +293,7 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
                                         "--color_jitter", "0.3", "--save_steps", "5", "--eval_steps", "5"]
     branch[branch.index("--max_steps") + 1] = "10"
     branch[branch.index("--ds_config") + 1] = "ds_configs/zero1.json"  # ZeRO-1 reads ZeRO-2's checkpoint
-    done = train(branch)
+    done = train(branch, env={"WANDB_MODE": "offline"})
     assert ("this run's settings apply from step 5: zero_stage 2 -> 1; steps 8 -> 10; lr 0.001 -> 0.003; "
             "weight_decay 0.05 -> 0.1; color_jitter 0.0 -> 0.3 (the augmentation's random state starts afresh)"
             ) in done.stdout
@@ -658,7 +658,7 @@ def test_a_rank_killed_outright_is_named_by_its_peers(files, tmp_path, killed):
     out = tmp_path / "run"
     args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
             "--micro_batch_size", "4", "--save_steps", "2", "--eval_steps", "100"]
-    done = train(args, ranks=3, env={"TRAIN_FAIL_AT": f"{killed}:3:kill"}, check=False)
+    done = train(args, ranks=3, env={"TRAIN_FAIL_AT": f"{killed}:3:kill", "WANDB_MODE": "offline"}, check=False)
     assert done.returncode in (256 - signal.SIGKILL, 1), done.stderr[-3000:]
     # (a survivor's watcher may find rank 0's store gone before its collective fails: "lost contact")
     died = re.compile(rf"rank (\d): stopping: (lost contact with rank 0: )?rank {killed}'s process \(pid \d+\) "

@@ -163,7 +163,8 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
     out = tmp_path / "run"
     train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--epochs", "2",
            "--micro_batch_size", "6", "--log_steps", "1", "--label_smoothing", "0.1", "--mixup_alpha", "0.2",
-           "--cutmix_alpha", "1.0", "--lr", "0.01", "--warmup_steps", "2", "--peak_tflops", "0.5"])
+           "--cutmix_alpha", "1.0", "--lr", "0.01", "--warmup_steps", "2", "--peak_tflops", "0.5"],
+          env={"WANDB_MODE": "offline"})
     history, config = wandb_history(out)
     assert config["world_size"] == 2 and config["deepspeed"]["train_batch_size"] == 12
     rows = metrics(out)

@@ -64,7 +64,7 @@ from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pa
                          freeze_backbone, model_at_size, model_labels, model_source, parameter_groups,
                          prepare_precision, size_bound, transformer_stages)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
-from train.perf import (clear_stale_build_locks, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
+from train.perf import (clear_stale_build_locks, cpu_info_once, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
                         train_flops_per_image)
 from train.resume import (data_order, loader_state, read_trainer_state, recipe_changes, restart_hint,
                           training_recipe)
@@ -723,7 +723,9 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
     if device.type == "cuda" and rank == 0 and not fused_adam_is_built():
         print("train: DeepSpeed is compiling its fused Adam for this GPU (once, about a minute; later runs reuse it "
               "from torch's extension cache)", flush=True)
-    with deepspeed_arch_list():  # DeepSpeed's builder cannot parse Hopper entries such as 9.0a
+    # DeepSpeed's builder cannot parse Hopper entries such as 9.0a; its CPU builders ask py-cpuinfo
+    # (a new interpreter each time) on every load
+    with deepspeed_arch_list(), cpu_info_once():
         groups = parameter_groups(model, lr=ds_config["optimizer"]["params"]["lr"], layer_decay=args.layer_decay)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=schedule)
     if args.compile:
