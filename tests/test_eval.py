@@ -43,7 +43,7 @@ def test_eval_only_on_three_ranks_matches_the_training_runs_final_eval(files, tm
 
     out = tmp_path / "eval"
     done = train(["--eval_only", "--model", str(run / "model"), "--data", str(files["digits"]), "--output_dir",
-                  str(out), "--eval_batch_size", "16", "--precision", "fp32"], ranks=3)
+                  str(out), "--eval_batch_size", "16", "--precision", "fp32"], ranks=3, env={"WANDB_MODE": "offline"})
     assert "train: eval done: 179 images" in done.stdout and str(out / "confusion_matrix.png") in done.stdout
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_only"] and results["model"] == str(run / "model") and results["step"] == 0

@@ -42,6 +42,11 @@ def test_gpu_report_on_cpu_writes_the_tables(tmp_path):
     matrix = results["matrix"]
     assert [(r["config"], r["gc"], r["status"]) for r in matrix["rows"]] == [("zero2", False, "ok"), ("zero2", True, "ok")]
     assert all(r["images_per_sec"] > 0 for r in matrix["rows"])
+    # the ZeRO-2 row without checkpointing is the train step's DALI run (the same command): not trained twice
+    made, again = matrix["rows"][0], matrix["rows"][1]
+    assert made["made_by"] == "the train step (the same run)"
+    assert made["images_per_sec"] == trained["dali"]["images_per_sec"]
+    assert "made_by" not in again and again["seconds"] > 0
     assert matrix["largest_micro"] == {"off": None, "on": None}  # no GPU memory to measure on a CPU
     # the lever table (tools/benchmark_levers.py): every CPU variant in every round, against its ceiling
     assert results["levers"]["status"] == "ok"
