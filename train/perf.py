@@ -144,11 +144,14 @@ def _kept_cpu_info(ask) -> dict:
         return json.loads(path.read_text())
     info = ask()
     if info:  # py-cpuinfo answers {} when its process failed: asked again next time
-        with contextlib.suppress(OSError):
+        partial = path.with_name(f"{path.name}.{os.getpid()}")
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}")
             partial.write_text(json.dumps(info))
             os.replace(partial, path)
+        except OSError:  # a full disk, a read-only home: asked again next time
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
     return info
 
 
