@@ -251,12 +251,13 @@ def launcher(*, ranks: int | None = 2, extra: list[str] = (), via: str = "launch
     launch's 26, measured), for the tests about it (a rank watches it: train/distributed.py
     deepspeed_runner). `torchrun`; and ranks=None: plain python, a world of one."""
     script = str(ROOT / "train" / "main.py")
+    if via == "deepspeed":  # ranks=None: one per device it finds, as the README's command (1 on a CPU)
+        return ["deepspeed", *(["--num_gpus", str(ranks)] if ranks else []), "--master_port", str(free_port()),
+                *extra, script]
     if ranks is None:
         return [sys.executable, script]
     if via == "torchrun":
         return ["torchrun", "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *extra, script]
-    if via == "deepspeed":
-        return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), *extra, script]
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
             "--master_addr=127.0.0.1", "--master_port", str(free_port()), *extra, script]
@@ -276,11 +277,11 @@ def two_nodes(args: list[str], *, tmp_path: Path, env: dict | None = None) -> li
 
 
 def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, check: bool = True,
-          cwd: Path | None = None) -> subprocess.CompletedProcess:
+          cwd: Path | None = None, via: str = "launch") -> subprocess.CompletedProcess:
     # W&B only where a test asks for it (env={"WANDB_MODE": "offline"}): the tests that check what
     # it logs, and those whose ranks must end with its service running; it costs a launch ~3.5 s
     env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    job = subprocess.Popen(launcher(ranks=ranks) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    job = subprocess.Popen(launcher(ranks=ranks, via=via) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=env, cwd=cwd or ROOT, start_new_session=True)
     out, err = finish(job, timeout=600)
     done = subprocess.CompletedProcess(job.args, job.returncode, out, err)

@@ -263,8 +263,9 @@ def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
+    """The README's command: `deepspeed train/main.py --ds_config ds_configs/zero2.json`."""
     env = {"DDV_CACHE_DIR": str(tmp_path / "cache"), "DS_ACCELERATOR": device}
-    done = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, cwd=tmp_path, env=env)
+    done = train(["--ds_config", "ds_configs/zero2.json"], ranks=None, via="deepspeed", cwd=tmp_path, env=env)
     out = tmp_path / "outputs" / "digits-resnet-tiny"
     assert json.loads((out / "run_config.json").read_text())["device"] == device
     assert evals(out)[-1]["eval/top1"] >= 0.9 and evals(out)[-1]["eval/samples_counted"] == 179
