@@ -94,3 +94,44 @@ def test_deepspeeds_cpu_builders_ask_py_cpuinfo_once_per_kind_of_machine(monkeyp
     with perf.cpu_info_once():
         assert builder.cxx_args() == flags and len(asked) == 4
     assert (tmp_path / "cpuinfo-another.json").is_file()
+
+
+MUON_SCRIPT = """
+import json, sys
+import torch
+from deepspeed.runtime import compiler
+from train.perf import defer_muon_compile
+
+if sys.argv[1] == "deferred":
+    defer_muon_compile()
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # what every ZeRO engine imports
+import deepspeed.runtime.zero.muon.original_muon as muon
+seen = {"inductor": "torch._inductor.compile_fx" in sys.modules, "compile_restored": compiler.compile() is torch.compile}
+torch._dynamo.config.disable = True  # torch.compile's function runs eagerly: no kernel build on a CPU
+g = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+kernel = muon.zeropower_via_newtonschulz5
+seen["first_call_same"] = torch.equal(kernel(g, 2), getattr(kernel, "__wrapped__", kernel)(g, 2))
+seen["inductor_after_call"] = "torch._inductor.compile_fx" in sys.modules
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("how", ["at_import", "deferred"])
+def test_deepspeeds_muon_kernels_meet_torch_compile_at_their_first_call(how):
+    """Every ZeRO engine imports DeepSpeed's Muon optimizer, whose kernels are decorated with
+    torch.compile at import, and torch.compile's first use imports inductor (1.6 s of CPU per rank,
+    measured). After defer_muon_compile the import leaves inductor alone and DeepSpeed's
+    compiler.compile as it was; a kernel goes through torch.compile at its first call, computing
+    what the kernel computes."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", MUON_SCRIPT, how], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["compile_restored"] and seen["first_call_same"] and seen["inductor_after_call"], seen
+    assert seen["inductor"] == (how == "at_import"), seen  # DeepSpeed's own way imports it: what this is for

@@ -64,8 +64,8 @@ from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pa
                          freeze_backbone, model_at_size, model_labels, model_source, parameter_groups,
                          prepare_precision, size_bound, transformer_stages)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
-from train.perf import (clear_stale_build_locks, cpu_info_once, deepspeed_arch_list, fused_adam_is_built, peak_tflops,
-                        train_flops_per_image)
+from train.perf import (clear_stale_build_locks, cpu_info_once, deepspeed_arch_list, defer_muon_compile,
+                        fused_adam_is_built, peak_tflops, train_flops_per_image)
 from train.resume import (data_order, loader_state, read_trainer_state, recipe_changes, restart_hint,
                           training_recipe)
 
@@ -724,7 +724,8 @@ def _engine(args: TrainArgs, model, *, ds_config: dict, schedule, precision: str
         print("train: DeepSpeed is compiling its fused Adam for this GPU (once, about a minute; later runs reuse it "
               "from torch's extension cache)", flush=True)
     # DeepSpeed's builder cannot parse Hopper entries such as 9.0a; its CPU builders ask py-cpuinfo
-    # (a new interpreter each time) on every load
+    # (a new interpreter each time) on every load; its Muon kernels would import inductor
+    defer_muon_compile()
     with deepspeed_arch_list(), cpu_info_once():
         groups = parameter_groups(model, lr=ds_config["optimizer"]["params"]["lr"], layer_decay=args.layer_decay)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, lr_scheduler=schedule)
