@@ -194,11 +194,11 @@ def defer_muon_compile() -> None:
     import importlib
     import sys
 
-    if MUON_MODULE in sys.modules:
-        return
     from deepspeed.runtime import compiler
 
-    original = compiler.compile
+    original = getattr(compiler, "compile", None)
+    if MUON_MODULE in sys.modules or original is None:
+        return
     compiler.compile = lambda: _compiled_on_first_call
     try:
         importlib.import_module(MUON_MODULE)
