@@ -281,8 +281,8 @@ def train(args: list[str], *, ranks: int | None = 2, env: dict | None = None, ch
     # W&B only where a test asks for it (env={"WANDB_MODE": "offline"}): the tests that check what
     # it logs, and those whose ranks must end with its service running; it costs a launch ~3.5 s
     env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    job = subprocess.Popen(launcher(ranks=ranks, via=via) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env=env, cwd=cwd or ROOT, start_new_session=True)
+    job = subprocess.Popen(launcher(ranks=ranks, via=via) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env, cwd=cwd or ROOT, start_new_session=True)
     out, err = finish(job, timeout=600)
     done = subprocess.CompletedProcess(job.args, job.returncode, out, err)
     if check and done.returncode != 0:
