@@ -43,8 +43,12 @@ def test_eval_only_on_three_ranks_matches_the_training_runs_final_eval(files, tm
 
     out = tmp_path / "eval"
     done = train(["--eval_only", "--model", str(run / "model"), "--data", str(files["digits"]), "--output_dir",
-                  str(out), "--eval_batch_size", "16", "--precision", "fp32"], ranks=3, env={"WANDB_MODE": "offline"})
+                  str(out), "--eval_batch_size", "16", "--precision", "fp32", "--mixup_alpha", "0.2", "--ema_decay",
+                  "0.9"], ranks=3, env={"WANDB_MODE": "offline"})
     assert "train: eval done: 179 images" in done.stdout and str(out / "confusion_matrix.png") in done.stdout
+    # training flags on an eval's command line change nothing below, and are named
+    assert ("train: not used by --eval_only (training only): --ema_decay --mixup_alpha (a run trained with "
+            "--ema_decay exported its weight average: --model holds it already)") in done.stdout
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_only"] and results["model"] == str(run / "model") and results["step"] == 0
     # 179 = 60 + 60 + 59 per rank, in batches of 16: padding counted nowhere

@@ -125,6 +125,20 @@ class TrainArgs:
     given: tuple[str, ...] = arg((), "the arguments given on the command line (not a flag: parse_args fills it)", cli=False)
 
 
+# What shapes training alone: --eval_only names those given, as it does nothing with them
+TRAINING_ONLY = ("epochs", "max_steps", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_scheduler",
+                 "layer_decay", "freeze_backbone", "ema_decay", "drop_path", "max_grad_norm", "label_smoothing",
+                 "mixup_alpha", "cutmix_alpha", "random_erase", "gradient_checkpointing", "compile", "crop_scale",
+                 "hflip", "color_jitter", "auto_augment", "train_fancy_upsampling", "resume", "overwrite_output_dir",
+                 "save_steps", "save_total_limit", "export", "log_steps", "eval_steps", "baseline_loader", "profile",
+                 "synthetic_data", "nan_guard", "max_bad_steps", "record_keys")
+
+
+def training_only_given(args: TrainArgs) -> list[str]:
+    """The flags given on the command line that only training uses (an --eval_only run says so)."""
+    return [f"--{name}" for name in TRAINING_ONLY if name in args.given]
+
+
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
     """TrainArgs from the command line (DeepSpeed's launcher adds --local_rank, which is ignored)."""
     parser = argparse.ArgumentParser(prog="deepspeed train/main.py", description="Train a Hugging Face image "

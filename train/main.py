@@ -47,7 +47,7 @@ from pipelines.dali import Decoding
 from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, processor_at_size, spec_from_processor
-from train.args import ConfigError, TrainArgs, parse_args
+from train.args import ConfigError, TrainArgs, parse_args, training_only_given
 from train.augment import erase_batch, mix_batch
 from train.checkpoint import (EMA_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
                               complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
@@ -477,8 +477,17 @@ def setup_eval(args: TrainArgs) -> Run:
         print(f"train: evaluating {args.model} ({type(model).__name__}, {precision}) on {eval_samples} "
               f"{args.eval_split} images of {data}, {world} rank(s) on {device.type}; {wandb}"
               + (f"\ntrain: labels by id: {by_id_pairs(labels, classes)}" if labels != classes else "")
-              + (f"\ntrain: {resampled}" if resampled else ""))
+              + (f"\ntrain: {resampled}" if resampled else "") + _unused_by_eval(args))
     return run
+
+
+def _unused_by_eval(args: TrainArgs) -> str:
+    """A line naming the training flags an --eval_only command line holds (they change nothing)."""
+    if not (unused := training_only_given(args)):
+        return ""
+    average = (" (a run trained with --ema_decay exported its weight average: --model holds it already)"
+               if "--ema_decay" in unused else "")
+    return f"\ntrain: not used by --eval_only (training only): {' '.join(unused)}{average}"
 
 
 def evaluate_only(run: Run) -> str:
