@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from conftest import common, train
+from conftest import ROOT, common, train
 from test_train import wandb_history
 from train.evaluation import ALL_CLASSES_UP_TO, MOST_CONFUSED_CLASSES, confusion_picture, shown_classes
 
@@ -34,20 +34,25 @@ def predictions(output_dir) -> list[dict]:
 
 
 def test_eval_only_on_three_ranks_matches_the_training_runs_final_eval(files, tmp_path):
-    run = tmp_path / "run"
-    train(["--ds_config", "ds_configs/zero2.json", *common(files, "digits", "resnet", run), "--max_steps", "12",
-           "--micro_batch_size", "32", "--lr", "3e-3", "--eval_steps", "12", "--export", "last", "--wandb_mode",
-           "disabled"])
+    run, config = tmp_path / "run", tmp_path / "fixed.json"
+    # a config that fixes the batch for 2 ranks and the learning rate: the eval, on 3, reads its micro batch alone
+    raw = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    raw["optimizer"]["params"]["lr"] = 3e-3
+    config.write_text(json.dumps({**raw, "train_batch_size": 64}))
+    train(["--ds_config", str(config), *common(files, "digits", "resnet", run), "--max_steps", "12",
+           "--micro_batch_size", "32", "--eval_steps", "12", "--export", "last", "--wandb_mode", "disabled"])
     trained = json.loads((run / "eval_results.json").read_text())
     assert (trained["step"], trained["eval_only"], trained["split"], trained["samples"]) == (12, False, "val", 179)
 
     out = tmp_path / "eval"
-    done = train(["--eval_only", "--model", str(run / "model"), "--data", str(files["digits"]), "--output_dir",
-                  str(out), "--eval_batch_size", "16", "--precision", "fp32", "--mixup_alpha", "0.2", "--ema_decay",
-                  "0.9"], ranks=3, env={"WANDB_MODE": "offline"})
+    done = train(["--eval_only", "--ds_config", str(config), "--model", str(run / "model"), "--data",
+                  str(files["digits"]), "--output_dir", str(out), "--eval_batch_size", "16", "--precision",
+                  "fp32", "--lr", "0.01", "--mixup_alpha", "0.2", "--ema_decay", "0.9"],
+                 ranks=3, env={"WANDB_MODE": "offline"})
     assert "train: eval done: 179 images" in done.stdout and str(out / "confusion_matrix.png") in done.stdout
-    # training flags on an eval's command line change nothing below, and are named
-    assert ("train: not used by --eval_only (training only): --ema_decay --mixup_alpha (a run trained with "
+    # training flags on an eval's command line change nothing below, and are named (--lr, at odds with
+    # the config's, neither refuses the eval)
+    assert ("train: not used by --eval_only (training only): --lr --ema_decay --mixup_alpha (a run trained with "
             "--ema_decay exported its weight average: --model holds it already)") in done.stdout
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_only"] and results["model"] == str(run / "model") and results["step"] == 0

@@ -23,6 +23,11 @@ def arg(default, doc: str, **kwargs):
     return field(default=default, metadata={"doc": doc, **kwargs})
 
 
+def train_arg(default, doc: str, **kwargs):
+    """A flag that only training reads: --eval_only names it when given (it changes nothing there)."""
+    return arg(default, doc, training_only=True, **kwargs)
+
+
 @dataclass
 class TrainArgs:
     ds_config: str = arg("ds_configs/zero2.json", "DeepSpeed config JSON; \"auto\" values are filled from these arguments")
@@ -34,47 +39,49 @@ class TrainArgs:
                                  "scaled with it; a model's position embeddings are resampled to the new patch grid, as "
                                  "transformers interpolates them (e.g. fine-tuning at 384 a model pretrained at 224)")
     output_dir: str | None = arg(None, "where checkpoints, metrics, the export and W&B files go (default: outputs/DATA-MODEL)")
-    overwrite_output_dir: bool = arg(False, "start over in an output dir that already holds checkpoints")
-    resume: str | None = arg(None, "auto (newest complete checkpoint in the output dir, or a fresh start) or a checkpoint folder")
+    overwrite_output_dir: bool = train_arg(False, "start over in an output dir that already holds checkpoints")
+    resume: str | None = train_arg(None, "auto (newest complete checkpoint in the output dir, or a fresh start) or a checkpoint folder")
 
-    epochs: float = arg(3.0, "epochs to train (ignored when --max_steps is set)")
-    max_steps: int | None = arg(None, "optimizer steps to train")
+    epochs: float = train_arg(3.0, "epochs to train (ignored when --max_steps is set)")
+    max_steps: int | None = train_arg(None, "optimizer steps to train")
     micro_batch_size: int | None = arg(None, "images per rank per forward pass (the DALI batch; default 32)")
-    grad_accum: int | None = arg(None, "micro batches per optimizer step (default 1)")
+    grad_accum: int | None = train_arg(None, "micro batches per optimizer step (default 1)")
     eval_batch_size: int | None = arg(None, "images per rank per eval forward pass (default: the micro batch)")
-    lr: float | None = arg(None, "peak learning rate (default 1e-3)")
-    weight_decay: float | None = arg(None, "AdamW weight decay, not applied to biases and norms (default 0.05)")
-    warmup_steps: int | None = arg(None, "linear warmup steps (default: 5%% of the steps)")
-    lr_scheduler: str = arg("cosine", "decay after warmup (when the DeepSpeed config has no scheduler)",
-                            choices=["cosine", "linear", "constant"])
-    layer_decay: float = arg(1.0, "layer-wise lr decay for transformers (ViT, DeiT, BEiT, DINOv2, Swin, CLIP/SigLIP "
-                             "vision): the head trains at --lr, layer i of L at lr x decay^(L + 1 - i), the embeddings at "
-                             "lr x decay^(L + 1), as BEiT, MAE and SimMIM fine-tune (e.g. 0.65); 1: off")
-    freeze_backbone: bool = arg(False, "train the classifier head only, a linear probe of a pretrained --model's "
-                                "features: the rest keeps its weights and runs as in eval (no dropout, BatchNorm "
-                                "statistics kept)")
-    ema_decay: float = arg(0.0, "keep an exponential moving average of the weights (EMA), updated after every "
-                           "optimizer step with this decay (e.g. 0.9998): evals and the export use it; 0: off")
-    drop_path: float | None = arg(None, "stochastic depth rate the model is built with (its config's drop_path_rate: "
-                                  "ConvNeXt, Swin, BEiT, DINOv2, ...; e.g. 0.1; default: the config's own)")
-    max_grad_norm: float | None = arg(None, "gradient clipping (default 1.0; 0 disables)")
-    label_smoothing: float = arg(0.0, "label smoothing of the cross entropy")
-    mixup_alpha: float = arg(0.0, "mixup Beta(alpha, alpha); 0 disables")
-    cutmix_alpha: float = arg(0.0, "cutmix Beta(alpha, alpha); 0 disables (with mixup: one of the two per batch)")
-    random_erase: float = arg(0.0, "random erasing: each train image, with this probability (e.g. 0.25), gets a box of "
-                              "2-33%% of its area, aspect 0.3-3.3, filled with normal noise, as timm's RandomErasing "
-                              "(before mixup/cutmix); 0 disables")
+    lr: float | None = train_arg(None, "peak learning rate (default 1e-3)")
+    weight_decay: float | None = train_arg(None, "AdamW weight decay, not applied to biases and norms (default 0.05)")
+    warmup_steps: int | None = train_arg(None, "linear warmup steps (default: 5%% of the steps)")
+    lr_scheduler: str = train_arg("cosine", "decay after warmup (when the DeepSpeed config has no scheduler)",
+                                  choices=["cosine", "linear", "constant"])
+    layer_decay: float = train_arg(1.0, "layer-wise lr decay for transformers (ViT, DeiT, BEiT, DINOv2, Swin, "
+                                   "CLIP/SigLIP vision): the head trains at --lr, layer i of L at "
+                                   "lr x decay^(L + 1 - i), the embeddings at lr x decay^(L + 1), as BEiT, MAE and "
+                                   "SimMIM fine-tune (e.g. 0.65); 1: off")
+    freeze_backbone: bool = train_arg(False, "train the classifier head only, a linear probe of a pretrained --model's "
+                                      "features: the rest keeps its weights and runs as in eval (no dropout, BatchNorm "
+                                      "statistics kept)")
+    ema_decay: float = train_arg(0.0, "keep an exponential moving average of the weights (EMA), updated after every "
+                                 "optimizer step with this decay (e.g. 0.9998): evals and the export use it; 0: off")
+    drop_path: float | None = train_arg(None, "stochastic depth rate the model is built with (its config's "
+                                        "drop_path_rate: ConvNeXt, Swin, BEiT, DINOv2, ...; e.g. 0.1; default: the "
+                                        "config's own)")
+    max_grad_norm: float | None = train_arg(None, "gradient clipping (default 1.0; 0 disables)")
+    label_smoothing: float = train_arg(0.0, "label smoothing of the cross entropy")
+    mixup_alpha: float = train_arg(0.0, "mixup Beta(alpha, alpha); 0 disables")
+    cutmix_alpha: float = train_arg(0.0, "cutmix Beta(alpha, alpha); 0 disables (with mixup: one of the two per batch)")
+    random_erase: float = train_arg(0.0, "random erasing: each train image, with this probability (e.g. 0.25), gets a "
+                                    "box of 2-33%% of its area, aspect 0.3-3.3, filled with normal noise, as timm's "
+                                    "RandomErasing (before mixup/cutmix); 0 disables")
     precision: str = arg("auto", "auto: bf16 where the hardware has it, else fp16 on GPU and fp32 on CPU",
                          choices=["auto", "bf16", "fp16", "fp32"])
-    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
-    compile: bool = arg(False, "torch.compile the model inside the DeepSpeed engine (DeepSpeed's engine.compile)")
+    gradient_checkpointing: bool = train_arg(False, "recompute activations in backward to save memory")
+    compile: bool = train_arg(False, "torch.compile the model inside the DeepSpeed engine (DeepSpeed's engine.compile)")
     channels_last: bool = arg(False, "channels-last input (faster convolutions on GPU)")
     seed: int = arg(0, "seed of model init, data order and augmentation")
 
-    crop_scale: tuple[float, float] = arg((0.08, 1.0), "random-resized-crop area range", nargs=2, type=float)
-    hflip: float = arg(0.5, "horizontal flip probability")
-    color_jitter: float = arg(0.0, "brightness/contrast/saturation jitter strength")
-    auto_augment: str | None = arg(None, "automatic augmentation", choices=["rand_augment", "trivial_augment"])
+    crop_scale: tuple[float, float] = train_arg((0.08, 1.0), "random-resized-crop area range", nargs=2, type=float)
+    hflip: float = train_arg(0.5, "horizontal flip probability")
+    color_jitter: float = train_arg(0.0, "brightness/contrast/saturation jitter strength")
+    auto_augment: str | None = train_arg(None, "automatic augmentation", choices=["rand_augment", "trivial_augment"])
     skip_shard_hashes: bool = arg(False, "skip the sha256 check of the shards before training (each rank hashes 1/world of them)")
     eval_resize: str | None = arg(None, "eval resize: dali (in the graph), torch (after decoding), pillow (bit-identical "
                                   "to the HF processor, slower); default torch on CPU, dali on GPU",
@@ -84,8 +91,9 @@ class TrainArgs:
                                         "one), the rest decode in CUDA kernels beside the model (default: DALI's, 0.65)")
     priority_stream: bool = arg(False, "GPU: run the model on a high-priority CUDA stream, so that the GPU schedules its "
                                 "kernels ahead of DALI's, which then fill the gaps")
-    train_fancy_upsampling: bool = arg(False, "GPU: training JPEGs decode with libjpeg-turbo's chroma upsampling, as "
-                                       "Pillow and the eval decoder do (nvJPEG's default replicates chroma pixels)")
+    train_fancy_upsampling: bool = train_arg(False, "GPU: training JPEGs decode with libjpeg-turbo's chroma "
+                                             "upsampling, as Pillow and the eval decoder do (nvJPEG's default "
+                                             "replicates chroma pixels)")
 
     eval_only: bool = arg(False, "evaluate --model (a trained model folder) on --eval_split, no training: writes "
                           "eval_results.json, predictions.jsonl and confusion_matrix.png to the output dir")
@@ -94,49 +102,43 @@ class TrainArgs:
                              "...): --eval_only evaluates it, and training keeps its head; as many labels as classes")
     eval_split: str = arg("val", "the split every eval runs on (test: the shards of a source's test/ folder)",
                           choices=["val", "test"])
-    eval_steps: int | None = arg(None, "evaluate every N steps, and at the end (default: every epoch)")
-    save_steps: int | None = arg(None, "checkpoint every N steps, and at the end (default: at every eval); 0: no "
-                                 "checkpoint and no export (benchmarks, sweeps)")
-    save_total_limit: int = arg(2, "recent checkpoints to keep, besides the best by top-1")
-    export: str = arg("best", "checkpoint exported to OUTPUT/model at the end: the best by eval top-1 (the last "
-                      "when nothing was evaluated), or the last", choices=["best", "last"])
-    log_steps: int = arg(10, "log train scalars every N steps")
+    eval_steps: int | None = train_arg(None, "evaluate every N steps, and at the end (default: every epoch)")
+    save_steps: int | None = train_arg(None, "checkpoint every N steps, and at the end (default: at every eval); 0: no "
+                                       "checkpoint and no export (benchmarks, sweeps)")
+    save_total_limit: int = train_arg(2, "recent checkpoints to keep, besides the best by top-1")
+    export: str = train_arg("best", "checkpoint exported to OUTPUT/model at the end: the best by eval top-1 (the last "
+                            "when nothing was evaluated), or the last", choices=["best", "last"])
+    log_steps: int = train_arg(10, "log train scalars every N steps")
     wandb_project: str = arg("dali-deepspeed-vision", "W&B project")
     wandb_mode: str | None = arg(None, "default: online when an API key is configured, else offline",
                                  choices=["online", "offline", "disabled"])
     wandb_run_name: str | None = arg(None, "W&B run name (default: the output dir's name)")
     peak_tflops: float | None = arg(None, "the device's dense peak TFLOP/s in the training precision, for perf/mfu "
                                     "(default: from a table of A100, H100, H200, L40S, L4, A10, V100, T4; none on CPU)")
-    baseline_loader: bool = arg(False, "train on webdataset + the model's HF image processor in a torch DataLoader (one "
-                                "worker per core), the loader Hugging Face users run today: a benchmark baseline "
-                                "(processor preprocessing only, no augmentation, no exact resume; eval stays on DALI)")
-    profile: str | None = arg(None, "START:STEPS: a torch.profiler trace of STEPS optimizer steps from step START, every "
-                              "rank, into OUTPUT/profile/ (Chrome trace JSON for Perfetto, and a table of the top operators)")
-    synthetic_data: bool = arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
-    nan_guard: str = arg("skip", "skip: each micro batch's loss is checked on every rank before its backward and a "
-                         "non-finite one is skipped (one host sync per micro batch); stop: no per-micro-batch sync, the "
-                         "losses are checked at every log, eval and checkpoint and the run stops at a non-finite one, "
-                         "the checkpoints before it intact", choices=["skip", "stop"])
-    max_bad_steps: int = arg(5, "--nan_guard skip: stop after this many consecutive skipped steps")
+    baseline_loader: bool = train_arg(False, "train on webdataset + the model's HF image processor in a torch "
+                                      "DataLoader (one worker per core), the loader Hugging Face users run today: a "
+                                      "benchmark baseline (processor preprocessing only, no augmentation, no exact "
+                                      "resume; eval stays on DALI)")
+    profile: str | None = train_arg(None, "START:STEPS: a torch.profiler trace of STEPS optimizer steps from step "
+                                    "START, every rank, into OUTPUT/profile/ (Chrome trace JSON for Perfetto, and a "
+                                    "table of the top operators)")
+    synthetic_data: bool = train_arg(False, "train on one fixed batch already on the device (measures the input-bound ceiling)")
+    nan_guard: str = train_arg("skip", "skip: each micro batch's loss is checked on every rank before its backward "
+                               "and a non-finite one is skipped (one host sync per micro batch); stop: no "
+                               "per-micro-batch sync, the losses are checked at every log, eval and checkpoint and "
+                               "the run stops at a non-finite one, the checkpoints before it intact",
+                               choices=["skip", "stop"])
+    max_bad_steps: int = train_arg(5, "--nan_guard skip: stop after this many consecutive skipped steps")
     peer_timeout: float = arg(60.0, "seconds a rank may go unheard (each is heard from once a second) before rank 0 "
                               "stops every rank, naming it: its process ended or froze, or its node is down, where no "
                               "collective fails (NCCL waits for a dead peer until its own timeout, 10-30 minutes)")
-    record_keys: bool = arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")
+    record_keys: bool = train_arg(False, "write the sample keys each rank trains on, per step, to OUTPUT/sample_keys/ (audits the data order)")
     given: tuple[str, ...] = arg((), "the arguments given on the command line (not a flag: parse_args fills it)", cli=False)
-
-
-# What shapes training alone: --eval_only names those given, as it does nothing with them
-TRAINING_ONLY = ("epochs", "max_steps", "grad_accum", "lr", "weight_decay", "warmup_steps", "lr_scheduler",
-                 "layer_decay", "freeze_backbone", "ema_decay", "drop_path", "max_grad_norm", "label_smoothing",
-                 "mixup_alpha", "cutmix_alpha", "random_erase", "gradient_checkpointing", "compile", "crop_scale",
-                 "hflip", "color_jitter", "auto_augment", "train_fancy_upsampling", "resume", "overwrite_output_dir",
-                 "save_steps", "save_total_limit", "export", "log_steps", "eval_steps", "baseline_loader", "profile",
-                 "synthetic_data", "nan_guard", "max_bad_steps", "record_keys")
 
 
 def training_only_given(args: TrainArgs) -> list[str]:
     """The flags given on the command line that only training uses (an --eval_only run says so)."""
-    return [f"--{name}" for name in TRAINING_ONLY if name in args.given]
+    return [f"--{f.name}" for f in fields(args) if f.metadata.get("training_only") and f.name in args.given]
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
@@ -146,6 +148,7 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     for f in fields(TrainArgs):
         meta, flag = dict(f.metadata), "--" + f.name
         doc = meta.pop("doc")
+        meta.pop("training_only", None)
         if not meta.pop("cli", True):
             continue
         if f.type == "bool":

@@ -46,10 +46,14 @@ def hardware_precision(device_type: str) -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def resolve_batch(raw: dict, args: TrainArgs, *, world_size: int, problems: list[str]) -> dict:
+def resolve_batch(raw: dict, args: TrainArgs, *, world_size: int, problems: list[str], training: bool = True) -> dict:
     """A copy of `raw` with the batch sizes, clipping and optimizer filled; checks the arithmetic,
-    and that ZeRO is on."""
+    and that ZeRO is on. An eval (training=False) reads the micro batch alone: the config that
+    trained a model evaluates it on any number of ranks, whatever it says of the optimizer."""
     config = copy.deepcopy(raw)
+    if not training:
+        _filler(args, problems)(config, "train_micro_batch_size_per_gpu", "micro_batch_size")
+        return config
     if raw and not raw.get("zero_optimization", {}).get("stage"):
         # DeepSpeed's own optimizers then: bf16 fails to build on CPU, and the checkpoints are
         # not ZeRO's, which the export (zero_to_fp32) and resuming on other ranks read

@@ -444,7 +444,8 @@ def setup_eval(args: TrainArgs) -> Run:
     data, manifest, classes, eval_samples = _data(args, local_rank=local_rank, problems=problems)
     if manifest is not None and not eval_samples:
         problems.append(f"--eval_only: {data} has no {args.eval_split} samples")
-    ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
+    ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems,
+                              training=False)
     precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
     model = image_processor = eval_loader = None
     if args.model and not args.model_config and classes:
