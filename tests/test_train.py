@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -277,7 +278,7 @@ def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
 
 
 @pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "zero_off", "unknown_model",
-                                  "inconsistent_model", "processor"])
+                                  "inconsistent_model", "processor", "out_of_range"])
 def test_bad_configuration_fails_before_training(files, tmp_path, case):
     out = tmp_path / "run"
     args = {"missing_data": ["--data", str(tmp_path / "nowhere"), "--model_config", str(files["resnet"]),
@@ -292,7 +293,10 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
             "unknown_model": ["--data", str(files["photos"]), "--model", str(tmp_path / "no-such-model")],
             "inconsistent_model": ["--data", str(files["photos"]), "--model_config", str(tmp_path / "convnext.json"),
                                    "--processor", str(files["processor"])],
-            "processor": ["--data", str(files["photos"]), "--model_config", str(files["vit"])]}[case]
+            "processor": ["--data", str(files["photos"]), "--model_config", str(files["vit"])],
+            # a micro batch of 0 divided by zero in the loader, an --epochs 0 "trained" nothing
+            "out_of_range": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
+                             "--processor", str(files["processor"]), "--micro_batch_size", "0", "--epochs", "0"]}[case]
     (tmp_path / "five.json").write_text(json.dumps({**TINY_RESNET, "num_labels": 5}))
     # two stages' sizes, and ConvNeXt's default of 4 stages: transformers fails deep inside the model's __init__
     (tmp_path / "convnext.json").write_text(json.dumps({"model_type": "convnext", "hidden_sizes": [16, 32],
@@ -309,7 +313,8 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
                 "unknown_model": f"--model {tmp_path / 'no-such-model'}: cannot build an image classifier",
                 "inconsistent_model": f"--model_config {tmp_path / 'convnext.json'}: transformers failed building the "
                                       f"model from its config (IndexError: list index out of range)",
-                "processor": "pass --processor NAME_OR_DIR"}[case]
+                "processor": "pass --processor NAME_OR_DIR",
+                "out_of_range": "  - --epochs 0: above 0\n  - --micro_batch_size 0: 1 or more\n"}[case]
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-3000:]
     assert "nothing was trained" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
@@ -378,7 +383,7 @@ def test_random_erasing_boxes_the_images_it_draws_with_noise_and_leaves_the_rest
 def test_drop_path_builds_the_model_with_its_stochastic_depth_and_is_refused_where_there_is_none(files, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForImageClassification
-    from train.args import parse_args
+    from train.args import out_of_range, parse_args
     from train.main import _flag_problems, _model
     from train.model import build_model
 
@@ -406,8 +411,7 @@ def test_drop_path_builds_the_model_with_its_stochastic_depth_and_is_refused_whe
                        problems=problems, drop_path=0.1) == (None, None, None)
     assert problems == ["--drop_path: transformers' vit has no stochastic depth (no drop_path_rate in its config; "
                         "ConvNeXt, Swin, BEiT, DINOv2 and others have one); drop the flag"]
-    assert _flag_problems(parse_args(["--drop_path", "1", "--model", "m"])) == [
-        "--drop_path 1: a rate from 0 to below 1, e.g. 0.1"]
+    assert out_of_range(parse_args(["--drop_path", "1", "--model", "m"])) == ["--drop_path 1: from 0 to below 1"]
     assert _flag_problems(parse_args(["--drop_path", "0.1", "--model", "m", "--freeze_backbone"]))[0].startswith(
         "--drop_path with --freeze_backbone: the frozen backbone runs as in eval")
 
@@ -608,19 +612,58 @@ def test_flags_nothing_else_checks_are_named_when_wrong():
     assert _flag_problems(parse_args(["--hw_decoder_load", "1.0", "--profile", "20:10", "--nan_guard", "stop",
                                       "--save_steps", "0", "--eval_steps", "1", "--log_steps", "1",
                                       "--peer_timeout", "10", "--labels_by_id", "--model", "m"])) == []
-    problems = _flag_problems(parse_args(["--hw_decoder_load", "65", "--profile", "20", "--synthetic_data",
-                                          "--baseline_loader", "--log_steps", "0", "--eval_steps", "-1",
-                                          "--save_steps", "-2", "--peer_timeout", "3", "--labels_by_id",
-                                          "--ema_decay", "1"]))
-    assert [p.split(" ")[0] for p in problems] == ["--profile", "--synthetic_data", "--log_steps", "--eval_steps",
-                                                   "--save_steps", "--peer_timeout", "--labels_by_id",
-                                                   "--ema_decay", "--hw_decoder_load"]
-    assert "from 0 to 1" in problems[8] and "there is no --model" in problems[6] and "of 1 or more" in problems[2] and "0: no checkpoint" in problems[4]
-    assert problems[7] == "--ema_decay 1: a decay from 0 (off) to below 1, e.g. 0.9998"
-    assert problems[5].startswith("--peer_timeout 3: 10 s or more")
+    problems = _flag_problems(parse_args(["--profile", "20", "--synthetic_data", "--baseline_loader",
+                                          "--crop_scale", "0.9", "0.5", "--peer_timeout", "3", "--labels_by_id"]))
+    assert [p.split(" ")[0] for p in problems] == ["--profile", "--synthetic_data", "--crop_scale", "--peer_timeout",
+                                                   "--labels_by_id"]
+    assert problems[2] == "--crop_scale 0.9 0.5: the smaller area first" and "there is no --model" in problems[4]
+    assert problems[3].startswith("--peer_timeout 3: 10 s or more")
     problems = []
     assert _at_image_size(parse_args(["--image_size", "0"]), None, builtin_processor(), problems) == (None,) * 4
     assert problems == ["--image_size 0: a side of 1 pixel or more"]
+
+
+def test_every_flag_with_a_range_takes_its_bounds_and_names_a_value_past_them():
+    """Each field's `within` interval, through the command line: a closed end is taken, an open end
+    and a step past a closed one are refused in one line naming the flag and the range; an eval
+    checks the flags it reads only."""
+    from dataclasses import fields
+
+    from train.args import TrainArgs, interval_words, out_of_range, parse_args
+
+    ranged = {f.name: f.metadata["within"] for f in fields(TrainArgs) if f.metadata["within"]}
+    # the ones a bad value used to crash or mislead with: a ZeroDivisionError, 0 steps "done", lr < 0 trained
+    assert {"micro_batch_size", "grad_accum", "eval_batch_size", "epochs", "max_steps", "lr", "label_smoothing",
+            "hflip", "crop_scale", "data_threads"} <= set(ranged)
+    for name, within in ranged.items():
+        low, high = (float(b) for b in within[1:-1].split(","))
+        whole = fields(TrainArgs)[[f.name for f in fields(TrainArgs)].index(name)].type.startswith("int")
+        step = 1 if whole else 0.01
+        cases = [(low, within[0] == "["), (low - step, False)]
+        if high != float("inf"):
+            cases += [(high, within[-1] == "]"), (high + step, False)]
+        for value, taken in cases:
+            text = str(int(value)) if whole else f"{value:g}"
+            argv = [f"--{name}", *([text, "1"] if name == "crop_scale" else [text])]
+            shown = f"{text} 1" if name == "crop_scale" else text
+            assert out_of_range(parse_args(argv)) == ([] if taken else [f"--{name} {shown}: {interval_words(within)}"])
+    assert out_of_range(parse_args(["--layer_decay", "1.5"])) == ["--layer_decay 1.5: above 0, at most 1"]
+    assert out_of_range(parse_args(["--ema_decay", "1", "--micro_batch_size", "0", "--epochs", "0"])) == [
+        "--epochs 0: above 0", "--micro_batch_size 0: 1 or more", "--ema_decay 1: from 0 to below 1"]
+    assert [interval_words(w) for w in ("[0, 1]", "(0, 1)", "[0, inf)")] == ["from 0 to 1", "above 0, below 1",
+                                                                               "0 or more"]
+    # --eval_only: --lr is not read there (named as unused instead), --eval_batch_size is
+    assert out_of_range(parse_args(["--eval_only", "--lr", "-1", "--eval_batch_size", "0"]), training=False) == [
+        "--eval_batch_size 0: 1 or more"]
+    assert "(default: 0.5; from 0 to 1)" in " ".join(parse_help())  # --help shows each range
+
+
+def parse_help() -> list[str]:
+    from train.args import parse_args
+
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        parse_args(["--help"])
+    return out.getvalue().split()
 
 
 def test_decoder_flags_reach_the_train_and_eval_decoders():
@@ -791,8 +834,6 @@ def test_layer_decay_groups_count_depth_as_beit_and_simmim_do(family):
     assert groups[0]["lr"] == 1e-3 and any(names[id(p)] == "classifier.weight" for p in groups[0]["params"])
     assert torch.is_tensor(groups[0]["params"][0])
     assert any("scheduler section" in problem for problem in _layer_decay_problems(args, model, {"scheduler": {}}))
-    assert any("a factor above 0 and at most 1" in problem
-               for problem in _layer_decay_problems(parse_args(["--layer_decay", "1.5"]), model, {}))
 
 
 @pytest.mark.parametrize("family", ["vit", "deit", "dinov2", "beit", "clip", "siglip", "swin", "convnext", "levit"])

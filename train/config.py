@@ -51,20 +51,20 @@ def resolve_batch(raw: dict, args: TrainArgs, *, world_size: int, problems: list
     and that ZeRO is on. An eval (training=False) reads the micro batch alone: the config that
     trained a model evaluates it on any number of ranks, whatever it says of the optimizer."""
     config = copy.deepcopy(raw)
+    fill = _filler(args, problems)
+    micro = _count(fill, config, "train_micro_batch_size_per_gpu", "micro_batch_size", path=args.ds_config,
+                   problems=problems)
     if not training:
-        _filler(args, problems)(config, "train_micro_batch_size_per_gpu", "micro_batch_size")
         return config
     if raw and not raw.get("zero_optimization", {}).get("stage"):
         # DeepSpeed's own optimizers then: bf16 fails to build on CPU, and the checkpoints are
         # not ZeRO's, which the export (zero_to_fp32) and resuming on other ranks read
         problems.append(f"{args.ds_config}: ZeRO is off (zero_optimization.stage 0 or absent); use stage 1 "
                         f"(ds_configs/zero1.json: data parallel, each rank holding its part of the optimizer state)")
-    fill = _filler(args, problems)
-    micro = fill(config, "train_micro_batch_size_per_gpu", "micro_batch_size")
-    accum = fill(config, "gradient_accumulation_steps", "grad_accum")
+    accum = _count(fill, config, "gradient_accumulation_steps", "grad_accum", path=args.ds_config, problems=problems)
     fill(config, "gradient_clipping", "max_grad_norm")
     train_batch = config.get("train_batch_size", "auto")
-    if isinstance(micro, int) and isinstance(accum, int):
+    if micro and accum:
         product = micro * accum * world_size
         if train_batch == "auto":
             config["train_batch_size"] = product
@@ -83,6 +83,17 @@ def resolve_batch(raw: dict, args: TrainArgs, *, world_size: int, problems: list
         if params.get(key, "auto") == "auto":
             params[key] = default
     return config
+
+
+def _count(fill, config: dict, key: str, name: str, *, path: str, problems: list[str]) -> int | None:
+    """A batch count of the config filled (the flag's range is checked with every flag's); None
+    when the config's own is not a whole number of 1 or more."""
+    given = config.get(key, "auto")
+    value = fill(config, key, name)
+    if given != "auto" and (not isinstance(given, int) or isinstance(given, bool) or given < 1):
+        problems.append(f"{path}: {key} is {given}; a whole number, 1 or more, or \"auto\"")
+        return None
+    return value if isinstance(value, int) and value >= 1 else None
 
 
 def resolve_precision(config: dict, args: TrainArgs, *, device_type: str, problems: list[str]) -> str:

@@ -47,7 +47,7 @@ from pipelines.dali import Decoding
 from pipelines.loader import DataError, PipelineError, create_loader
 from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, processor_at_size, spec_from_processor
-from train.args import ConfigError, TrainArgs, parse_args, training_only_given
+from train.args import ConfigError, TrainArgs, out_of_range, parse_args, training_only_given
 from train.augment import erase_batch, mix_batch
 from train.checkpoint import (EMA_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
                               complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
@@ -250,7 +250,7 @@ def setup(args: TrainArgs) -> Run:
     device = _device(local_rank)
     if stream := compute_stream(device, high_priority=args.priority_stream):
         torch.cuda.set_stream(stream)  # before anything runs: the model, DeepSpeed and the batches' copies
-    problems: list[str] = []
+    problems = out_of_range(args)
     builtin = args.data is None
     if builtin:
         args = _with_recipe(args, BUILTIN_RECIPE)
@@ -437,7 +437,7 @@ def setup_eval(args: TrainArgs) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = _device(local_rank)
-    problems: list[str] = []
+    problems = out_of_range(args, training=False)
     if not args.model or args.model_config:
         problems.append("--eval_only evaluates a trained model: pass --model DIR (a training run's OUTPUT/model, or "
                         "any save_pretrained folder or hub name), and no --model_config")
@@ -545,11 +545,8 @@ def _flag_problems(args: TrainArgs) -> list[str]:
         problems.append(f"--profile {args.profile}: expected START:STEPS, e.g. 20:10 (steps 21 to 30)")
     if args.synthetic_data and args.baseline_loader:
         problems.append("--synthetic_data and --baseline_loader are two stand-ins for the DALI loader; pass one")
-    for name in ("log_steps", "eval_steps", "save_steps"):
-        value, least = getattr(args, name), 0 if name == "save_steps" else 1
-        if value is not None and value < least:
-            problems.append(f"--{name} {value}: a step count of {least} or more"
-                            + (" (0: no checkpoint and no export, e.g. for benchmarks)" if name == "save_steps" else ""))
+    if args.crop_scale[0] > args.crop_scale[1]:
+        problems.append(f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: the smaller area first")
     if args.peer_timeout < PeerWatch.LEAST_SILENT_S:
         problems.append(f"--peer_timeout {args.peer_timeout:g}: {PeerWatch.LEAST_SILENT_S:g} s or more (a busy machine "
                         f"may pause a process for seconds)")
@@ -557,28 +554,19 @@ def _flag_problems(args: TrainArgs) -> list[str]:
         problems.append("--labels_by_id maps a pretrained --model's labels to the classes; there is no --model")
     if args.freeze_backbone and not args.model:
         problems.append("--freeze_backbone trains a pretrained --model's head on its features; there is no --model")
-    if not 0 <= args.random_erase <= 1:
-        problems.append(f"--random_erase {args.random_erase:g}: a probability, from 0 to 1")
-    if args.drop_path is not None and not 0 <= args.drop_path < 1:
-        problems.append(f"--drop_path {args.drop_path:g}: a rate from 0 to below 1, e.g. 0.1")
     if args.drop_path and args.freeze_backbone:
         problems.append("--drop_path with --freeze_backbone: the frozen backbone runs as in eval, without stochastic "
                         "depth; drop one")
-    if not 0 <= args.ema_decay < 1:
-        problems.append(f"--ema_decay {args.ema_decay:g}: a decay from 0 (off) to below 1, e.g. 0.9998")
-    if args.hw_decoder_load is not None and not 0 <= args.hw_decoder_load <= 1:
-        problems.append(f"--hw_decoder_load {args.hw_decoder_load}: a share of the JPEGs, from 0 to 1")
     return problems
 
 
 def _layer_decay_problems(args: TrainArgs, model, ds_config: dict) -> list[str]:
-    """What stands in the way of --layer_decay: a factor outside (0, 1], a model without transformer
-    layers (`transformer_stages`), or a DeepSpeed scheduler (it sets one rate for every parameter group)."""
+    """What stands in the way of --layer_decay (its range checked with every flag's): a model without
+    transformer layers (`transformer_stages`), or a DeepSpeed scheduler (it sets one rate for every
+    parameter group)."""
     if args.layer_decay == 1.0:
         return []
     problems = []
-    if not 0 < args.layer_decay < 1:
-        problems.append(f"--layer_decay {args.layer_decay:g}: a factor above 0 and at most 1 (1: off)")
     if model is not None and transformer_stages(model) is None:
         problems.append(f"--layer_decay: {type(model).__name__} has no transformer layers to count depth in (ViT, "
                         f"DeiT, BEiT, DINOv2, Swin and the CLIP and SigLIP vision models have them); drop it")
@@ -800,7 +788,8 @@ def fit(run: Run) -> str:
     best = f"{run.best['top1']:.2%} at step {run.best['step']}" if run.best["top1"] is not None else "no eval"
     wandb = (f"{run.logger.run_dir.removesuffix('/files')} (upload: wandb sync DIR)" if run.logger.run_dir
              and run.logger.run.settings.mode == "offline" else (run.logger.run_dir or "disabled"))
-    return (f"train: done, {run.step - first_step} steps in {elapsed:.0f}s ({images / elapsed:.0f} images/s incl. "
+    steps = run.step - first_step
+    return (f"train: done, {steps} step{'s' * (steps != 1)} in {elapsed:.0f}s ({images / elapsed:.0f} images/s incl. "
             f"eval), best eval top-1 {best}\n"
             + (f"  model (save_pretrained; loads in transformers.pipeline): {run.output_dir / MODEL_EXPORT} "
                f"(from {exported.name}, {why})\n"
