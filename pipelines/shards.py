@@ -339,16 +339,34 @@ def load_manifest(root: Path, *, allow_errors: bool = False) -> dict:
     or records a failed run (too many skipped inputs, a class without train images)."""
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
-        raise ShardFormatError(
-            f"{path} not found: is {root} a folder written by tools/make_shards.py "
-            "(an interrupted run writes no manifest)?"
-        )
+        raise ShardFormatError(f"{path} not found: " + _not_shards(Path(root)))
     manifest = json.loads(path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ShardFormatError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     if manifest["errors"] and not allow_errors:
         raise ShardFormatError(f"{path} records a failed make_shards run: {manifest['errors'][0]}; fix the source and rerun")
     return manifest
+
+
+def _not_shards(root: Path, *, look_at: int = 5000) -> str:
+    """What a folder without a manifest is, for the error: missing, a source to make shards of
+    (images, or a Hugging Face dataset: found among its first `look_at` entries), or unknown."""
+    if not root.exists():
+        return f"{root} does not exist"
+    images = set(Image.registered_extensions())
+    seen = 0
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in images or suffix in (".parquet", ".arrow"):
+                what = "images" if suffix in images else "a dataset"
+                return (f"{root} holds {what} ({Path(folder, name)}), not shards: make them with `python "
+                        f"tools/make_shards.py {root} SHARDS_DIR`, then pass --data SHARDS_DIR")
+        seen += len(files) + len(dirs)
+        if seen > look_at:
+            break
+    return f"is {root} a folder written by tools/make_shards.py (an interrupted run writes no manifest)?"
 
 
 def load_classes(root: Path) -> list[str]:

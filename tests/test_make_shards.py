@@ -60,6 +60,12 @@ def test_class_folders_round_trip_through_dali_and_webdataset(class_folders, tmp
     classes = json.loads((out / "classes.json").read_text())
     assert classes == ["cat", "dog.big", "zebra"]
     manifest = load_manifest(out)
+    # the source itself passed where shards go: the error says what it is and how to make them
+    with pytest.raises(ShardFormatError, match=rf"{class_folders} holds images \({class_folders}/cat/.*\), not "
+                       rf"shards: make them with `python tools/make_shards.py {class_folders} SHARDS_DIR`"):
+        load_manifest(class_folders)
+    with pytest.raises(ShardFormatError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        load_manifest(tmp_path / "nowhere")
     # 13 cat images (12 kinds + the long name), 12 dog.big, 12 zebra; val = round(n / 4)
     assert manifest["splits"]["val"]["per_class"] == {"cat": 3, "dog.big": 3, "zebra": 3}
     assert manifest["splits"]["train"]["per_class"] == {"cat": 10, "dog.big": 9, "zebra": 9}
