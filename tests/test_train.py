@@ -1096,6 +1096,45 @@ def test_ema_averages_every_step_and_is_what_evals_and_the_export_use(files, tmp
     averages_follow(tmp_path / "on", [3], get_fp32_state_dict_from_zero_checkpoint(str(plain / "checkpoints"),
                                                                                    tag=folder(plain, 2).name))
 
+def test_ema_averages_the_batchnorm_statistics_and_the_export_and_evals_use_them(files, tmp_path):
+    """--ema_decay on a ResNet (BatchNorm) on 3 ranks: ema.pt also holds the running statistics'
+    average, each checkpoint's that of the step before averaged with this step's statistics (the
+    ranks' mean, as the checkpoint holds them); the export holds it, and --eval_only of the export
+    gives the run's final eval: the run's evals ran with it, not with the statistics as trained."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForImageClassification
+
+    decay, out = 0.75, tmp_path / "run"
+    train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--micro_batch_size", "4",
+           "--max_steps", "4", "--save_steps", "1", "--eval_steps", "2", "--save_total_limit", "10", "--export",
+           "last", "--ema_decay", str(decay), "--wandb_mode", "disabled"], ranks=3)
+    exported = AutoModelForImageClassification.from_pretrained(out / "model")
+    statistics = [name for name, b in exported.named_buffers() if b.is_floating_point()]
+    assert len(statistics) == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in exported.modules()) > 0
+
+    def saved(step):
+        tag = f"step-{step:08d}"
+        return (torch.load(out / "checkpoints" / tag / "ema.pt", weights_only=True),
+                get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag))
+
+    previous, _ = saved(1)
+    for step in (2, 3, 4):
+        average, trained = saved(step)
+        for name in statistics:
+            torch.testing.assert_close(average[name], torch.lerp(previous[name], trained[name], 1 - decay),
+                                       rtol=1e-5, atol=1e-6, msg=f"{name} at step {step}")
+        assert any(not torch.allclose(average[name], trained[name]) for name in statistics)
+        previous = average
+    buffers = dict(exported.named_buffers())
+    assert [name for name in statistics if not torch.equal(buffers[name], average[name])] == []
+    train(["--eval_only", "--model", str(out / "model"), "--data", str(files["photos"]), "--output_dir",
+           str(tmp_path / "eval"), "--precision", "fp32", "--wandb_mode", "disabled"], ranks=None)
+    final = [m for m in metrics(out) if "eval/loss" in m][-1]
+    assert final["step"] == 4 and final["eval/loss"] != final["eval_no_ema/loss"]
+    assert metrics(tmp_path / "eval")[0]["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("family", ["deit", "swin"])
 def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_at_another(files, tmp_path, family):
     """A DeiT from its config (transformers maps the type to two classifiers and fails on a config

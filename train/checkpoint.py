@@ -4,7 +4,7 @@ Layout under OUTPUT/checkpoints/:
 
     step-00000120/            DeepSpeed's files (model, optimizer and scheduler states per rank)
         trainer_state_rank0.pt  everything else this rank needs to resume (loader, RNG, step, ...)
-        ema.pt                the weight average (--ema_decay), whole, by parameter name
+        ema.pt                the weight average (--ema_decay), whole, by parameter and buffer name
         complete.json         written last, after every rank finished writing
     latest                    the newest complete tag (DeepSpeed's format), replaced by rename
 OUTPUT/model_files/           the model's config and image processor, for exporting any checkpoint
@@ -32,7 +32,7 @@ from pipelines.shards import write_atomic  # noqa: F401 (train/ imports it from 
 MARKER = "complete.json"
 MODEL_FILES = "model_files"  # OUTPUT/model_files/: the run's model config and image processor
 MODEL_STATES = "*model_states.pt"  # DeepSpeed's (one; ZeRO-3: one per rank): module, scheduler, metadata
-EMA_FILE = "ema.pt"  # the weight average (train/ema.py), fp32 tensors by parameter name
+EMA_FILE = "ema.pt"  # the weight average (train/ema.py), fp32 tensors by parameter and buffer name
 
 
 class CheckpointError(RuntimeError):
@@ -249,7 +249,7 @@ def export_model(*, checkpoint: Path, config, processor, out: Path, average: boo
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints every step it takes
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     averaged = average and (checkpoint / EMA_FILE).is_file()
-    if averaged:  # the parameters that trained; buffers stay the checkpoint's
+    if averaged:  # the parameters that trained and the BatchNorm statistics (older checkpoints: parameters)
         weights.update(torch.load(checkpoint / EMA_FILE, map_location="cpu", weights_only=True))
     model = AutoModelForImageClassification.from_config(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)

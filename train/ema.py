@@ -11,6 +11,12 @@ splits afresh (`load_state_dict`; train/checkpoint.py: EMA_FILE).
 
 Under bf16/fp16 the weights averaged are the ones the model runs with (DeepSpeed's copies in that
 precision of its fp32 master weights), accumulated in fp32.
+
+The floating-point buffers the model saves (BatchNorm's running statistics) are averaged too, as
+timm's ModelEmaV2/V3 do, so that the averaged weights run with statistics of the same average:
+buffers are whole on every rank, each rank averages its own (DeepSpeed leaves each rank's
+statistics apart during training), and the ranks' averages are replaced by their mean before
+each use (eval, checkpoint): the average of that mean, the update being linear.
 """
 
 from __future__ import annotations
@@ -42,16 +48,24 @@ class WeightAverage:
                 raise ValueError(f"--ema_decay: ZeRO-3 partitions {name} ({_numel(p)} values) in parts of "
                                  f"{p.ds_tensor.numel()}, not {self._count(p)}, which the average does not follow")
         self.shares = [self._slot(p).detach().to(torch.float32, copy=True) for _, p in self.params]
+        self.buffers = [(f"{owner}.{name}".lstrip("."), b) for owner, module_ in module.named_modules()
+                        for name, b in module_._buffers.items()
+                        if b is not None and b.is_floating_point() and name not in module_._non_persistent_buffers_set]
+        self.buffer_averages = [b.detach().to(torch.float32, copy=True) for _, b in self.buffers]
 
     def reset(self) -> None:
         """The average from the weights as they are now (a run resumed from a checkpoint without one)."""
         for share, (_, p) in zip(self.shares, self.params):
             share.copy_(self._slot(p))
+        for average, (_, b) in zip(self.buffer_averages, self.buffers):
+            average.copy_(b)
 
     @torch.no_grad()
     def update(self) -> None:
         """One step of the average, after an optimizer step."""
         torch._foreach_lerp_(self.shares, [self._slot(p).float() for _, p in self.params], 1.0 - self.decay)
+        if self.buffers:
+            torch._foreach_lerp_(self.buffer_averages, [b.float() for _, b in self.buffers], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The average whole, by parameter name, on the CPU: on rank 0 (None on the others, which
@@ -61,6 +75,8 @@ class WeightAverage:
             whole = self._gathered(share, p)
             if self.rank == 0:
                 state[name] = whole.cpu()
+        self._agree_buffers()
+        state.update({name: average.cpu() for average, (name, _) in zip(self.buffer_averages, self.buffers)})
         return state if self.rank == 0 else None
 
     def load_state_dict(self, state: dict[str, torch.Tensor], *, source: str) -> None:
@@ -73,6 +89,12 @@ class WeightAverage:
                                                   f"the average of {name} is {tuple(saved.shape)}, the model's {shape}"))
             start = min(self._start(p), _numel(p))
             share.copy_(saved.reshape(-1)[start:start + share.numel()])
+        for average, (name, b) in zip(self.buffer_averages, self.buffers):
+            saved = state.get(name)  # none in a checkpoint of an older version: from its statistics
+            if saved is not None and saved.shape != b.shape:
+                raise ValueError(f"{source}: the average of {name} is {tuple(saved.shape)}, the model's "
+                                 f"{tuple(b.shape)}")
+            average.copy_(b if saved is None else saved)
 
     @contextlib.contextmanager
     def applied(self):
@@ -80,9 +102,31 @@ class WeightAverage:
         Not after an error inside: the run stops without saving, and the collectives that write
         them back would wait for ranks that are not there."""
         own = [self._slot(p).detach().to(torch.float32, copy=True) for _, p in self.params]  # fp32: exact
+        own_buffers = [b.detach().clone() for _, b in self.buffers]
         self._write(self.shares)
+        self._agree_buffers()
+        for average, (_, b) in zip(self.buffer_averages, self.buffers):
+            b.copy_(average)
         yield
         self._write(own)
+        for mine, (_, b) in zip(own_buffers, self.buffers):
+            b.copy_(mine)
+
+    @torch.no_grad()
+    def _agree_buffers(self) -> None:
+        """Every rank's buffer averages replaced by their mean over the ranks (one broadcast and one
+        all-reduce, flattened), computed as rank 0's + the mean difference from it: exact where
+        the ranks agree already (a frozen module's statistics, a second call)."""
+        if not self.buffers or self.world == 1:
+            return
+        flat = torch.cat([average.reshape(-1) for average in self.buffer_averages]).to(self.device)
+        first = flat.clone()
+        dist.broadcast(first, src=0)
+        flat -= first
+        dist.all_reduce(flat)
+        flat = flat.div_(self.world).add_(first).to(self.buffer_averages[0].device)
+        parts = flat.split([a.numel() for a in self.buffer_averages])
+        torch._foreach_copy_(self.buffer_averages, [part.view_as(a) for part, a in zip(parts, self.buffer_averages)])
 
     @torch.no_grad()
     def _write(self, shares: list[torch.Tensor]) -> None:

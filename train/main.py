@@ -1101,7 +1101,7 @@ def evaluate(run: Run, *, details: bool = False) -> dict:
     average_buffers: every rank evaluates with the same BatchNorm statistics). With `details`
     (--eval_only, and a training run's final eval) also the predictions, per-class results and
     confusion matrix of train/evaluation.py, written to the output dir. With --ema_decay, of the
-    weight average (what the export holds; the BatchNorm statistics are the model's), and the
+    weight average (with its average of the BatchNorm statistics: what the export holds), and the
     trained weights' loss, top-1 and top-5 under eval_no_ema/."""
     if run.ema is None:
         return _eval_pass(run, details=details)
