@@ -189,6 +189,24 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
     assert [history[s]["train/lr"] for s in range(1, 7)] == pytest.approx(cosine, abs=1e-9)
 
 
+def test_evals_and_checkpoints_are_left_out_of_the_logged_throughput():
+    """evaluate_and_save runs under off_the_clock: the log interval's clock (perf/images_per_sec,
+    step_time, tflops, mfu) moves on by the time spent inside, even when what is inside fails."""
+    import time
+
+    from train.main import new_meter, off_the_clock
+
+    meter = new_meter()
+    start, steps = meter["start"], meter["steps"]
+    with off_the_clock(meter):
+        time.sleep(0.2)
+    assert meter["start"] >= start + 0.2 and meter["steps"] == steps
+    with pytest.raises(OSError), off_the_clock(meter):
+        time.sleep(0.1)
+        raise OSError("disk full")
+    assert meter["start"] >= start + 0.3
+
+
 @pytest.mark.parametrize("network", ["no_route", "proxy_refuses"])
 def test_wandb_online_without_its_server_trains_and_logs_offline(files, tmp_path, network):
     """An API key is configured but W&B's server cannot be reached (a compute node without internet):

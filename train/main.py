@@ -957,14 +957,27 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
     """Eval and checkpoint at their cadence, and both after the last step; with --export best, also
     a checkpoint at each new best eval between saves, so that the best eval is the export."""
     evaluating, saving = _eval_due(run), _save_due(run)
-    if evaluating or saving:
+    if not (evaluating or saving):
+        return
+    with off_the_clock(meter):
         average_buffers(run.engine.module)
-    if evaluating:
-        log_eval(run, evaluate(run, details=run.step == run.total_steps))
-        meter.update(start=time.perf_counter(), wait=0.0, steps=0)  # eval time is not train throughput
-        saving = saving or bool(run.save_steps) and run.args.export == "best" and run.best["step"] == run.step
-    if saving:
-        run.last_saved = save(run)
+        if evaluating:
+            log_eval(run, evaluate(run, details=run.step == run.total_steps))
+            saving = saving or bool(run.save_steps) and run.args.export == "best" and run.best["step"] == run.step
+        if saving:
+            run.last_saved = save(run)
+
+
+@contextlib.contextmanager
+def off_the_clock(meter: dict):
+    """The time inside left out of the log interval's throughput (perf/images_per_sec, step_time,
+    tflops, mfu): evals and checkpoints are not training, and would show as dips on the dashboard
+    at each one (a checkpoint of a large model takes seconds)."""
+    paused = time.perf_counter()
+    try:
+        yield
+    finally:
+        meter["start"] += time.perf_counter() - paused
 
 
 def evaluate_missed(run: Run) -> None:
