@@ -106,6 +106,16 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     exported = tmp_path / "step4-model"
     subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"),
                     str(resumed / "checkpoints" / "step-00000004"), str(exported)], check=True, capture_output=True)
+    # the run's folder, or an interrupted save, instead of a checkpoint: which one to pass
+    from export_checkpoint import not_a_checkpoint
+
+    complete = sorted(p.name for p in (resumed / "checkpoints").glob("step-*") if (p / "complete.json").is_file())
+    assert complete[-1] == "step-00000004"  # step 6: killed mid-save
+    for given in (resumed, resumed / "checkpoints"):
+        assert not_a_checkpoint(given) == (f"{given} holds checkpoints, and is none: pass one, e.g. the newest "
+                                           f"complete, {resumed / 'checkpoints' / 'step-00000004'} ({len(complete)} "
+                                           f"in {resumed / 'checkpoints'})")
+    assert "is an interrupted save" in not_a_checkpoint(resumed / "checkpoints" / "step-00000006")
     classifier = pipeline("image-classification", model=str(exported))
     assert {r["label"] for r in classifier(photo(0, (48, 40)), top_k=4)} == {f"class{i}" for i in range(4)}
 
