@@ -68,16 +68,17 @@ class WeightAverage:
             torch._foreach_lerp_(self.buffer_averages, [b.float() for _, b in self.buffers], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The average whole, by parameter name, on the CPU: on rank 0 (None on the others, which
-        take part in gathering it)."""
+        """The average whole, by parameter and buffer name, on the CPU: on rank 0 (None on the
+        others, which take part in gathering it)."""
         state = {}
         for share, (name, p) in zip(self.shares, self.params):
             whole = self._gathered(share, p)
             if self.rank == 0:
                 state[name] = whole.cpu()
         self._agree_buffers()
-        state.update({name: average.cpu() for average, (name, _) in zip(self.buffer_averages, self.buffers)})
-        return state if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {**state, **{name: average.cpu() for average, (name, _) in zip(self.buffer_averages, self.buffers)}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], *, source: str) -> None:
         """This rank's share of the average `state` (saved by any number of ranks); ValueError
