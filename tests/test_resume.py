@@ -88,7 +88,9 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
 
     # the partial checkpoint is refused by name, skipped by auto
     explicit = train(resume_args(files, resumed) + ["--resume", str(partial)], check=False)
-    assert explicit.returncode == 2 and "incomplete (no complete.json" in explicit.stderr
+    assert explicit.returncode == 2 and (f"--resume {partial} is an interrupted save (no complete.json: not every "
+                                         f"rank finished writing it); pass another, e.g. the newest complete, "
+                                         f"{resumed / 'checkpoints' / 'step-00000004'}") in explicit.stderr
     # another seed or other train shards (same classes) are refused: the epochs' order would not
     # be the one the checkpoint's position counts in, training again samples it already saw
     from make_shards import make_shards
@@ -107,7 +109,7 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "tools" / "export_checkpoint.py"),
                     str(resumed / "checkpoints" / "step-00000004"), str(exported)], check=True, capture_output=True)
     # the run's folder, or an interrupted save, instead of a checkpoint: which one to pass
-    from export_checkpoint import not_a_checkpoint
+    from train.checkpoint import not_a_checkpoint
 
     complete = sorted(p.name for p in (resumed / "checkpoints").glob("step-*") if (p / "complete.json").is_file())
     assert complete[-1] == "step-00000004"  # step 6: killed mid-save
@@ -115,7 +117,9 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
         assert not_a_checkpoint(given) == (f"{given} holds checkpoints, and is none: pass one, e.g. the newest "
                                            f"complete, {resumed / 'checkpoints' / 'step-00000004'} ({len(complete)} "
                                            f"in {resumed / 'checkpoints'})")
-    assert "is an interrupted save" in not_a_checkpoint(resumed / "checkpoints" / "step-00000006")
+    assert not_a_checkpoint(resumed / "checkpoints" / "step-00000006").endswith(
+        f"is an interrupted save (no complete.json: not every rank finished writing it); pass another, e.g. the "
+        f"newest complete, {resumed / 'checkpoints' / 'step-00000004'}")
     classifier = pipeline("image-classification", model=str(exported))
     assert {r["label"] for r in classifier(photo(0, (48, 40)), top_k=4)} == {f"class{i}" for i in range(4)}
 

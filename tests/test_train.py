@@ -1152,6 +1152,18 @@ def test_ema_averages_the_batchnorm_statistics_and_the_export_and_evals_use_them
     assert final["step"] == 4 and final["eval/loss"] != final["eval_no_ema/loss"]
     assert metrics(tmp_path / "eval")[0]["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-6)
 
+    # the run's folder or a checkpoint passed as --model: what to pass instead
+    from train.model import load_trained
+
+    classes = list(json.loads((out / "model" / "config.json").read_text())["id2label"].values())
+    newest = out / "checkpoints" / "step-00000004"
+    for given, expected in ((out, f"a training run's output dir; its model is {out / 'model'}"),
+                            (newest, f"a checkpoint, not a model: export one with `python tools/export_checkpoint.py "
+                                     f"{newest} OUT`, then pass --model OUT")):
+        problems: list[str] = []
+        assert load_trained(model=str(given), processor=None, classes=classes, problems=problems) == (None, None)
+        assert problems == [f"--model {given}: {expected}"]
+
 
 @pytest.mark.parametrize("family", ["deit", "swin"])
 def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_at_another(files, tmp_path, family):

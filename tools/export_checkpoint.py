@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoImageProcessor
 
-from train.checkpoint import MARKER, MODEL_FILES, complete_checkpoints, export_model
+from train.checkpoint import MARKER, MODEL_FILES, export_model, not_a_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,21 +38,6 @@ def main(argv: list[str] | None = None) -> int:
                             average=not args.trained_weights)
     print(f"{args.out}: exported from {args.checkpoint}" + (" (its weight average)" if averaged else ""))
     return 0
-
-
-def not_a_checkpoint(path: Path) -> str:
-    """Why `path` is not a checkpoint to export, and which one to pass where it holds some: a run's
-    output dir or its checkpoints folder (the newest complete of them), or an interrupted save."""
-    if not path.is_dir():
-        return f"{path} does not exist"
-    for root in (path, path / "checkpoints"):
-        complete, _ = complete_checkpoints(root)
-        if complete:
-            return (f"{path} holds checkpoints, and is none: pass one, e.g. the newest complete, {complete[-1]} "
-                    f"({len(complete)} in {root})")
-    if path.name.startswith("step-"):
-        return f"{path} is an interrupted save (no {MARKER}: not every rank finished writing it); export another"
-    return f"{path} is not a checkpoint (no {MARKER}): pass OUTPUT/checkpoints/step-N of a training run"
 
 
 if __name__ == "__main__":

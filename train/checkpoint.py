@@ -128,12 +128,26 @@ def find_resume(resume: str | None, root: Path) -> tuple[Path | None, list[Path]
     if resume == "auto":
         return (complete[-1] if complete else None), partial
     path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"--resume {resume}: incomplete (no {MARKER}; the save was interrupted); "
-                              f"use --resume auto to take the newest complete one")
+        raise CheckpointError(f"--resume {not_a_checkpoint(path)}")
     return path, partial
+
+
+def not_a_checkpoint(path: Path) -> str:
+    """Why `path` is no complete checkpoint, and which one to pass where it holds some: a run's
+    output dir or its checkpoints folder (the newest complete of them), or an interrupted save."""
+    if not path.is_dir():
+        return f"{path} does not exist"
+    for root in (path, path / "checkpoints"):
+        complete, _ = complete_checkpoints(root)
+        if complete:
+            return (f"{path} holds checkpoints, and is none: pass one, e.g. the newest complete, {complete[-1]} "
+                    f"({len(complete)} in {root})")
+    if path.name.startswith("step-"):
+        complete, _ = complete_checkpoints(path.parent)
+        return (f"{path} is an interrupted save (no {MARKER}: not every rank finished writing it); pass another"
+                + (f", e.g. the newest complete, {complete[-1]}" if complete else ""))
+    return f"{path} is not a checkpoint (no {MARKER}): pass OUTPUT/checkpoints/step-N of a training run"
 
 
 def checkpoint_info(path: Path) -> dict:

@@ -479,8 +479,24 @@ def layer_depths(model: torch.nn.Module, stages: list[tuple[str, list[str]]]) ->
 
 def _cannot_build(model, model_config, error: Exception) -> str:
     what = f"--model {model}" if model else f"--model_config {model_config}"
+    if model and (training_run := _training_folder(Path(model))):
+        return f"{what}: {training_run}"
     return (f"{what}: cannot build an image classifier ({_first_line(error)}); use a local folder with config.json, "
             f"a hub name reachable from here, or a config JSON with a model_type")
+
+
+def _training_folder(path: Path) -> str | None:
+    """What to pass instead of a folder of a training run that is no model: its output dir (the
+    model is in OUTPUT/model), or a checkpoint or the folder of them (exported first)."""
+    if (path / "model" / "config.json").is_file():
+        return f"a training run's output dir; its model is {path / 'model'}"
+    checkpoint = next((p for p in (path, *sorted(path.glob("step-*"), reverse=True),
+                                   *sorted(path.glob("checkpoints/step-*"), reverse=True))
+                       if (p / "complete.json").is_file()), None)
+    if checkpoint is not None:
+        return (f"{'a checkpoint' if checkpoint == path else 'a folder of checkpoints'}, not a model: export one "
+                f"with `python tools/export_checkpoint.py {checkpoint} OUT`, then pass --model OUT")
+    return None
 
 
 def _inconsistent(model, model_config, error: Exception) -> str:
