@@ -280,6 +280,25 @@ def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
     assert len(losses[False]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
+def test_shards_without_val_images_train_and_export_the_last_checkpoint(files, tmp_path):
+    """Shards made with --val-fraction 0, on 2 ranks with --eval_steps 1: training says once that
+    nothing is evaluated, logs no eval, writes no eval files and exports its last checkpoint."""
+    from make_shards import make_shards
+
+    shards, out = tmp_path / "shards", tmp_path / "run"
+    make_shards(src=files["root"] / "photos", out=shards, val_fraction=0, max_count=6, progress=False)
+    flags = common(files, "photos", "resnet", out)
+    flags[flags.index("--data") + 1] = str(shards)
+    done = train(["--ds_config", "ds_configs/zero2.json", *flags, "--max_steps", "3", "--eval_steps", "1",
+                  "--log_steps", "1", "--micro_batch_size", "4", "--wandb_mode", "disabled"])
+    assert (f"train: no val images in {shards}: nothing is evaluated, and the export is the last checkpoint"
+            in done.stdout)
+    assert "(from step-00000003, the last)" in done.stdout and "final eval" not in done.stdout
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2, 3] and not any(key.startswith("eval") for m in rows for key in m)
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "eval_results.json").exists()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
     """The README's command: `deepspeed train/main.py --ds_config ds_configs/zero2.json`."""

@@ -376,6 +376,9 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
             + _layer_decay_line(run)
             + (f"train: weight average (EMA), decay {args.ema_decay:g}: evals and the export use it (eval/); the "
                f"trained weights' evals are eval_no_ema/\n" if run.ema is not None else "")
+            + (f"train: no {args.eval_split} images in {run.data}: nothing is evaluated"
+               + (", and the export is the last checkpoint" if run.save_steps else "") + "\n"
+               if not config["val_samples"] else "")
             + f"train: {run.total_steps} steps ({run.steps_per_epoch} per epoch) of {ds['train_batch_size']} images "
             f"= {ds['train_micro_batch_size_per_gpu']} micro x {ds['gradient_accumulation_steps']} accumulation x "
             f"{run.world_size} ranks\n"
