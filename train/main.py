@@ -962,7 +962,7 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
     evaluating, saving = _eval_due(run), _save_due(run)
     if not (evaluating or saving):
         return
-    with off_the_clock(meter):
+    with off_the_clock(meter, run.device):
         average_buffers(run.engine.module)
         if evaluating:
             log_eval(run, evaluate(run, details=run.step == run.total_steps))
@@ -972,10 +972,13 @@ def evaluate_and_save(run: Run, meter: dict) -> None:
 
 
 @contextlib.contextmanager
-def off_the_clock(meter: dict):
+def off_the_clock(meter: dict, device: torch.device):
     """The time inside left out of the log interval's throughput (perf/images_per_sec, step_time,
     tflops, mfu): evals and checkpoints are not training, and would show as dips on the dashboard
-    at each one (a checkpoint of a large model takes seconds)."""
+    at each one (a checkpoint of a large model takes seconds). The training work the GPU still has
+    queued is finished first: it counts as training."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     paused = time.perf_counter()
     try:
         yield
