@@ -133,16 +133,25 @@ def find_resume(resume: str | None, root: Path) -> tuple[Path | None, list[Path]
     return path, partial
 
 
+def checkpoints_under(path: Path) -> tuple[Path, list[Path]]:
+    """(the folder, its complete checkpoints oldest first) of `path` itself or of `path`/checkpoints
+    (a run's output dir), whichever holds some first; (path, []) where neither does."""
+    for root in (path, path / "checkpoints"):
+        complete, _ = complete_checkpoints(root)
+        if complete:
+            return root, complete
+    return path, []
+
+
 def not_a_checkpoint(path: Path) -> str:
     """Why `path` is no complete checkpoint, and which one to pass where it holds some: a run's
     output dir or its checkpoints folder (the newest complete of them), or an interrupted save."""
     if not path.is_dir():
         return f"{path} does not exist"
-    for root in (path, path / "checkpoints"):
-        complete, _ = complete_checkpoints(root)
-        if complete:
-            return (f"{path} holds checkpoints, and is none: pass one, e.g. the newest complete, {complete[-1]} "
-                    f"({len(complete)} in {root})")
+    root, complete = checkpoints_under(path)
+    if complete:
+        return (f"{path} holds checkpoints, and is none: pass one, e.g. the newest complete, {complete[-1]} "
+                f"({len(complete)} in {root})")
     if path.name.startswith("step-"):
         complete, _ = complete_checkpoints(path.parent)
         return (f"{path} is an interrupted save (no {MARKER}: not every rank finished writing it); pass another"

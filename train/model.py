@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForImageClassification
 
 from pipelines.shards import class_name
 from pipelines.spec import ProcessorError, load_processor
+from train.checkpoint import MARKER, checkpoints_under
 
 # The built-in default: a small ResNet for 32x32 inputs; from scratch on the digits it passes 95%
 # top-1 within 2 epochs (a ViT of the same size needs far more data or epochs)
@@ -490,9 +491,8 @@ def _training_folder(path: Path) -> str | None:
     model is in OUTPUT/model), or a checkpoint or the folder of them (exported first)."""
     if (path / "model" / "config.json").is_file():
         return f"a training run's output dir; its model is {path / 'model'}"
-    checkpoint = next((p for p in (path, *sorted(path.glob("step-*"), reverse=True),
-                                   *sorted(path.glob("checkpoints/step-*"), reverse=True))
-                       if (p / "complete.json").is_file()), None)
+    _, complete = checkpoints_under(path)
+    checkpoint = path if (path / MARKER).is_file() else complete[-1] if complete else None
     if checkpoint is not None:
         return (f"{'a checkpoint' if checkpoint == path else 'a folder of checkpoints'}, not a model: export one "
                 f"with `python tools/export_checkpoint.py {checkpoint} OUT`, then pass --model OUT")
