@@ -806,59 +806,67 @@ SMALL_TRANSFORMER = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_
 
 
 @pytest.mark.parametrize("family", ["vit", "deit", "beit", "dinov2", "clip", "siglip", "swin", "swinv2", "convnext",
-                                    "resnet"])
+                                    "convnextv2", "resnet", "efficientnet"])
 def test_layer_decay_groups_count_depth_as_beit_and_simmim_do(family):
-    """--layer_decay's parameter groups: the embeddings at depth 0, the i-th transformer layer at
-    i + 1 (Swin: its blocks counted across stages, a stage's downsampling with its last block, as
-    SimMIM counts), the rest (final norm, pooler, head, BEiT's shared relative position bias) at
-    L + 1; each group's rate lr x decay^(L + 1 - depth), the head's group first; every parameter
-    once, decayed or not as without it. Convolutional stages have no transformer layers: refused."""
+    """--layer_decay's parameter groups: the embeddings (a convolutional stem) at depth 0, the i-th
+    layer at i + 1 (Swin, ConvNeXt, ResNet: their blocks counted across stages, a stage's
+    downsampling with its nearest block: Swin's last, as SimMIM counts, ConvNeXt's first, as timm
+    does), the rest (final norm, pooler, head, BEiT's shared relative position bias) at L + 1; each
+    group's rate lr x decay^(L + 1 - depth), the head's group first; every parameter once, decayed
+    or not as without it. EfficientNet has no stages of blocks: refused."""
     import torch
     from transformers import AutoConfig, AutoModelForImageClassification
     from train.args import parse_args
     from train.main import _layer_decay_problems
-    from train.model import layer_depths, parameter_groups, transformer_stages
+    from train.model import layer_depths, layer_stages, parameter_groups
 
     swin = {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [2, 1], "num_heads": [1, 2], "window_size": 2}
+    convnext = {"hidden_sizes": [16, 32], "depths": [2, 1], "num_stages": 2}
     values = {"vit": SMALL_TRANSFORMER, "deit": SMALL_TRANSFORMER, "dinov2": SMALL_TRANSFORMER,
               "beit": {**SMALL_TRANSFORMER, "use_shared_relative_position_bias": True, "use_mean_pooling": True},
               "clip": {"vision_config": SMALL_TRANSFORMER}, "siglip": {"vision_config": SMALL_TRANSFORMER},
-              "swin": swin, "swinv2": swin,
-              "convnext": {"hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
-              "resnet": TINY_RESNET}[family]
+              "swin": swin, "swinv2": swin, "convnext": convnext, "convnextv2": convnext, "resnet": TINY_RESNET,
+              "efficientnet": {"image_size": 32, "hidden_dim": 64, "width_coefficient": 0.25,
+                               "depth_coefficient": 0.5}}[family]
     values = {k: v for k, v in values.items() if k != "model_type"}
     model = AutoModelForImageClassification.from_config(AutoConfig.for_model(family, num_labels=5, architectures=[],
                                                                              **values))
     args = parse_args(["--layer_decay", "0.5"])
-    stages = transformer_stages(model)
-    if family in ("convnext", "resnet"):
+    stages = layer_stages(model)
+    if family == "efficientnet":
         assert stages is None
-        assert any(f"--layer_decay: {type(model).__name__} has no transformer layers" in problem
+        assert any(f"--layer_decay: {type(model).__name__} has no stack of layers to count depth in" in problem
                    for problem in _layer_decay_problems(args, model, {}))
         return
     assert _layer_decay_problems(args, model, {}) == []
     depths, names = layer_depths(model, stages), {id(p): n for n, p in model.named_parameters()}
-    assert sorted(set(depths.values())) == [0, 1, 2, 3, 4]  # 3 layers (Swin: blocks 2 + 1)
+    assert sorted(set(depths.values())) == [0, 1, 2, 3, 4]  # 3 layers (in stages: blocks 2 + 1, ResNet 1 + 1 + 1)
+    per_stage = values.get("depths", [])
     for name, depth in depths.items():
         layer = re.search(r"(?:^|\.)layers?\.(\d+)\.", name)
-        block = re.search(r"\.layers\.(\d+)\.blocks\.(\d+)\.", name)
-        downsample = re.search(r"\.layers\.(\d+)\.downsample\.", name)
-        if ".embeddings." in f".{name}":
+        block = re.search(r"\.(?:layers|stages)\.(\d+)\.(?:blocks|layers)\.(\d+)\.", name)
+        after = re.search(r"\.layers\.(\d+)\.downsample\.", name)  # Swin: after its stage's blocks
+        before = re.search(r"\.stages\.(\d+)\.downsampling_layer\.", name)  # ConvNeXt: before them
+        if {"embeddings", "embedder"} & set(name.split(".")):
             assert depth == 0, name
         elif block:
-            assert depth == sum(swin["depths"][:int(block[1])]) + int(block[2]) + 1, name
-        elif downsample:
-            assert depth == sum(swin["depths"][:int(downsample[1]) + 1]), name
+            assert depth == sum(per_stage[:int(block[1])]) + int(block[2]) + 1, name
+        elif after:
+            assert depth == sum(per_stage[:int(after[1]) + 1]), name
+        elif before:
+            assert depth == sum(per_stage[:int(before[1])]) + 1, name
         elif layer:
             assert depth == int(layer[1]) + 1, name
         else:
             assert depth == 4, name
-    assert {n for n, d in depths.items() if d == 0} & {n for n in depths if "patch_embed" in n}
+    assert {n for n, d in depths.items() if d == 0} & {n for n in depths if "embed" in n}
     assert any(depths[n] == 4 for n in depths if n.startswith("classifier"))
     if family == "beit":
         assert depths["beit.shared_position_bias.relative_position_bias_table"] == 4
     if family.startswith("swin"):
         assert depths[f"{family}.encoder.layers.0.downsample.reduction.weight"] == 2
+    if family.startswith("convnext"):
+        assert depths[f"{family}.encoder.stages.1.downsampling_layer.1.weight"] == 3
 
     groups = parameter_groups(model, lr=1e-3, layer_decay=0.5)
     plain = {names[id(p)]: "weight_decay" in g for g in parameter_groups(model) for p in g["params"]}
@@ -869,7 +877,8 @@ def test_layer_decay_groups_count_depth_as_beit_and_simmim_do(family):
             name = names[id(p)]
             assert group["lr"] == pytest.approx(1e-3 * 0.5 ** (4 - depths[name])), name
             assert ("weight_decay" in group) == plain[name], name  # exempt from decay as without it
-    assert groups[0]["lr"] == 1e-3 and any(names[id(p)] == "classifier.weight" for p in groups[0]["params"])
+    assert groups[0]["lr"] == 1e-3 and any(re.fullmatch(r"classifier\.(1\.)?weight", names[id(p)])  # ResNet's: 1.
+                                           for p in groups[0]["params"])
     assert torch.is_tensor(groups[0]["params"][0])
     assert any("scheduler section" in problem for problem in _layer_decay_problems(args, model, {"scheduler": {}}))
 
@@ -1185,10 +1194,10 @@ def test_ema_averages_the_batchnorm_statistics_and_the_export_and_evals_use_them
         assert problems == [f"--model {given}: {expected}"]
 
 
-@pytest.mark.parametrize("family", ["deit", "swin"])
+@pytest.mark.parametrize("family", ["deit", "swin", "convnext"])
 def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_at_another(files, tmp_path, family):
     """A DeiT from its config (transformers maps the type to two classifiers and fails on a config
-    naming neither; the plain one is built), and a Swin (blocks counted across stages), with
+    naming neither; the plain one is built), a Swin and a ConvNeXt (blocks counted across stages), with
     --layer_decay 0.5: Adam's first step moves a weight by its group's rate x |g| / (|g| + eps), so
     with a tiny eps every parameter's median move is lr x 0.5^(L + 1 - depth). The DeiT's step
     after, from that checkpoint on 3 ranks (a universal checkpoint), with decay 0.8 and with 0.5:
@@ -1196,7 +1205,7 @@ def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_a
     the new decay says."""
     import torch
     from transformers import AutoModelForImageClassification
-    from train.model import build_model, layer_depths, transformer_stages
+    from train.model import build_model, layer_depths, layer_stages
 
     def exported(out: Path) -> dict:  # by the module's names (transformers saves some under older ones)
         return dict(AutoModelForImageClassification.from_pretrained(out / "model").named_parameters())
@@ -1205,13 +1214,16 @@ def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_a
     deit.write_text(json.dumps({**SMALL_TRANSFORMER, "model_type": "deit", "hidden_dropout_prob": 0.0,
                                 "attention_probs_dropout_prob": 0.0} if family == "deit" else
                                {"model_type": "swin", "image_size": 32, "patch_size": 4, "embed_dim": 16,
-                                "depths": [2, 1], "num_heads": [1, 2], "window_size": 2, "drop_path_rate": 0.0}))
+                                "depths": [2, 1], "num_heads": [1, 2], "window_size": 2, "drop_path_rate": 0.0}
+                               if family == "swin" else
+                               {"model_type": "convnext", "hidden_sizes": [16, 32], "depths": [2, 1], "num_stages": 2,
+                                "layer_scale_init_value": 1.0}))  # at 1e-6 its blocks' gradients are ~1e-11
     classes = json.loads((files["digits"] / "classes.json").read_text())
     torch.manual_seed(0)  # as the trainer builds it (--seed 0)
     model, *_ = build_model(model=None, model_config=str(deit), processor=str(files["processor"]), classes=classes,
                             problems=[])
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    depths = layer_depths(model, transformer_stages(model))
+    depths = layer_depths(model, layer_stages(model))
     config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     config["optimizer"]["params"]["eps"] = 1e-14  # Adam's first step then moves every weight whose gradient is
     (tmp_path / "zero2.json").write_text(json.dumps(config))  # above 1e-9 by its rate (Swin's q and k: ~1e-7)
@@ -1222,8 +1234,9 @@ def test_layer_decay_trains_each_depth_at_its_rate_and_a_resume_on_other_ranks_a
              "--eval_steps", "1", "--log_steps", "1", "--wandb_mode", "disabled"]
     first = tmp_path / "first"
     done = train([*flags, "--output_dir", str(first), "--max_steps", "1", "--layer_decay", "0.5"])
-    assert "train: layer decay 0.5: the head at the learning rate, layers 1 to 3 at x 0.125 to x 0.5 of it, the " \
-           "embeddings at x 0.0625" in done.stdout
+    layers = "layers 1 to 3 at x 0.125 to x 0.5 of it, the embeddings" if family == "deit" else \
+        "blocks 1 to 3 at x 0.125 to x 0.5 of it, the stem"  # counted across stages
+    assert f"train: layer decay 0.5: the head at the learning rate, {layers} at x 0.0625" in done.stdout
     assert json.loads((first / "model" / "config.json").read_text())["architectures"] == [type(model).__name__]
     step1 = exported(first)
     for name, before in initial.items():

@@ -57,10 +57,10 @@ class TrainArgs:
     warmup_steps: int | None = train_arg(None, "linear warmup steps (default: 5%% of the steps)", within="[0, inf)")
     lr_scheduler: str = train_arg("cosine", "decay after warmup (when the DeepSpeed config has no scheduler)",
                                   choices=["cosine", "linear", "constant"])
-    layer_decay: float = train_arg(1.0, "layer-wise lr decay for transformers (ViT, DeiT, BEiT, DINOv2, Swin, "
-                                   "CLIP/SigLIP vision): the head trains at --lr, layer i of L at "
-                                   "lr x decay^(L + 1 - i), the embeddings at lr x decay^(L + 1), as BEiT, MAE and "
-                                   "SimMIM fine-tune (e.g. 0.65); 1: off", within="(0, 1]")
+    layer_decay: float = train_arg(1.0, "layer-wise lr decay (ViT, DeiT, BEiT, DINOv2, CLIP/SigLIP vision, Swin, "
+                                   "ConvNeXt, ResNet, RegNet): the head trains at --lr, layer (block) i of L at "
+                                   "lr x decay^(L + 1 - i), the embeddings (stem) at lr x decay^(L + 1), as BEiT, MAE "
+                                   "and SimMIM fine-tune (e.g. 0.65); 1: off", within="(0, 1]")
     freeze_backbone: bool = train_arg(False, "train the classifier head only, a linear probe of a pretrained --model's "
                                       "features: the rest keeps its weights and runs as in eval (no dropout, BatchNorm "
                                       "statistics kept)")

@@ -62,7 +62,7 @@ from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, Pr
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pairs, cast_parameters, load_trained,
                          freeze_backbone, model_at_size, model_labels, model_source, parameter_groups,
-                         prepare_precision, size_bound, transformer_stages)
+                         prepare_precision, size_bound, layer_stages)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
 from train.perf import (clear_stale_build_locks, cpu_info_once, deepspeed_arch_list, defer_muon_compile,
                         fused_adam_is_built, peak_tflops, train_flops_per_image)
@@ -390,9 +390,11 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
 def _layer_decay_line(run: Run) -> str:
     if run.args.layer_decay == 1.0:
         return ""
-    decay, layers = run.args.layer_decay, sum(len(stage) for _, stage in transformer_stages(run.engine.module))
-    return (f"train: layer decay {decay:g}: the head at the learning rate, layers 1 to {layers} at x {decay ** layers:.3g} "
-            f"to x {decay:g} of it, the embeddings at x {decay ** (layers + 1):.3g}\n")
+    stages = layer_stages(run.engine.module)
+    decay, layers = run.args.layer_decay, sum(len(stage) for _, stage in stages)
+    unit, first = ("layers", "the embeddings") if len(stages) == 1 else ("blocks", "the stem")
+    return (f"train: layer decay {decay:g}: the head at the learning rate, {unit} 1 to {layers} at x {decay ** layers:.3g} "
+            f"to x {decay:g} of it, {first} at x {decay ** (layers + 1):.3g}\n")
 
 
 def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: list[str], ds_config: dict,
@@ -565,14 +567,15 @@ def _flag_problems(args: TrainArgs) -> list[str]:
 
 def _layer_decay_problems(args: TrainArgs, model, ds_config: dict) -> list[str]:
     """What stands in the way of --layer_decay (its range checked with every flag's): a model without
-    transformer layers (`transformer_stages`), or a DeepSpeed scheduler (it sets one rate for every
+    a stack of layers (`layer_stages`), or a DeepSpeed scheduler (it sets one rate for every
     parameter group)."""
     if args.layer_decay == 1.0:
         return []
     problems = []
-    if model is not None and transformer_stages(model) is None:
-        problems.append(f"--layer_decay: {type(model).__name__} has no transformer layers to count depth in (ViT, "
-                        f"DeiT, BEiT, DINOv2, Swin and the CLIP and SigLIP vision models have them); drop it")
+    if model is not None and layer_stages(model) is None:
+        problems.append(f"--layer_decay: {type(model).__name__} has no stack of layers to count depth in (ViT, "
+                        f"DeiT, BEiT, DINOv2, the CLIP and SigLIP vision models, Swin, ConvNeXt, ResNet and RegNet "
+                        f"have one); drop it")
     if "scheduler" in ds_config:
         problems.append(f"--layer_decay: {args.ds_config} has a scheduler section, and DeepSpeed's schedulers set "
                         f"one learning rate for every layer; remove it (--lr_scheduler then schedules)")

@@ -411,10 +411,10 @@ NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.Grou
 def parameter_groups(model: torch.nn.Module, *, lr: float | None = None, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: no weight decay on biases, normalization layers, embeddings, class/position
     tokens and layer scales (by kind, not by shape: ViT's cls token is 3-d); decay on the rest.
-    With `layer_decay` (the model has `transformer_stages`), each depth of `layer_depths` is a pair
+    With `layer_decay` (the model has `layer_stages`), each depth of `layer_depths` is a pair
     of groups whose learning rate is lr x layer_decay^(L + 1 - depth), the head's first (the rate
     train/lr shows)."""
-    depths = layer_depths(model, transformer_stages(model)) if layer_decay != 1.0 else {}
+    depths = layer_depths(model, layer_stages(model)) if layer_decay != 1.0 else {}
     top = max(depths.values(), default=0)
     groups: dict[tuple[int, bool], list] = {(top, False): [], (top, True): []}
     for module_name, module in model.named_modules():
@@ -432,50 +432,69 @@ def parameter_groups(model: torch.nn.Module, *, lr: float | None = None, layer_d
              "lr_scale": layer_decay ** (top - key[0])} for key in ordered if groups[key]]
 
 
-def transformer_stages(model: torch.nn.Module) -> list[tuple[str, list[str]]] | None:
-    """The model's transformer layers in order, as (stage, [its layers' module names]): what
-    layer-wise lr decay counts depth in. One stage for a stack of layers, which ViT, DeiT, BEiT,
-    DINOv2 and the CLIP and SigLIP vision models call `layer` or `layers` (num_hidden_layers of
-    them); Swin's stages of `blocks` each (what the stage holds besides, its downsampling, goes
-    with its last block, as SimMIM counts). None for a model without them: convolutional stages."""
+def layer_stages(model: torch.nn.Module) -> list[tuple[str, list[str]]] | None:
+    """The model's stack of layers in order, as (stage, [its layers' module names]): what layer-wise
+    lr decay counts depth in. One stage for a stack of layers, which ViT, DeiT, BEiT, DINOv2 and the
+    CLIP and SigLIP vision models call `layer` or `layers` (num_hidden_layers of them); else stages
+    of `blocks` or `layers` each: Swin's, ConvNeXt's, ResNet's, RegNet's (what a stage holds besides,
+    its downsampling, goes with its nearest block: Swin's last, as SimMIM counts; ConvNeXt's first,
+    as timm and ConvNeXt V2 count). None for a model with neither (EfficientNet's, MobileNet's)."""
     config = getattr(model.config, "vision_config", None) or model.config
 
-    def flat(stack: torch.nn.ModuleList) -> bool:  # its layers hold no stack of their own
+    def flat(stack: torch.nn.Module) -> bool:  # its layers hold no stack of their own
         return not any(isinstance(inner, torch.nn.ModuleList) for layer in stack for inner in layer.modules())
 
     stacks = [(name, [f"{name}.{i}" for i in range(len(module))]) for name, module in model.named_modules()
               if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")
-              and len(module) == getattr(config, "num_hidden_layers", None) and flat(module)]
+              and len(module) == getattr(config, "num_hidden_layers", None) and flat(module)
+              and not any(part.isdigit() for part in name.split("."))]  # not one stage's (ConvNeXt's)
     if len(stacks) == 1:
         return stacks
-    for name, module in model.named_modules():  # Swin: layers of stages, each with a stack of blocks
-        if (isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module)
-                and all(isinstance(getattr(stage, "blocks", None), torch.nn.ModuleList) and flat(stage.blocks)
-                        for stage in module)):
-            return [(f"{name}.{s}", [f"{name}.{s}.blocks.{b}" for b in range(len(stage.blocks))])
-                    for s, stage in enumerate(module)]
+    for name, module in model.named_modules():  # stages, each with a stack of blocks
+        if not (isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "stages")):
+            continue
+        blocks = [_blocks(stage) for stage in module]
+        if blocks and all(found and len(found[1]) and flat(found[1]) for found in blocks):
+            return [(f"{name}.{s}", [f"{name}.{s}.{attr}.{b}" for b in range(len(stack))])
+                    for s, (attr, stack) in enumerate(blocks)]
+    return None
+
+
+def _blocks(stage: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """A stage's stack of blocks and its name: Swin's `blocks`, ConvNeXt's and ResNet's `layers`."""
+    for attr in ("blocks", "layers"):
+        stack = getattr(stage, attr, None)
+        if isinstance(stack, (torch.nn.ModuleList, torch.nn.Sequential)):
+            return attr, stack
     return None
 
 
 def layer_depths(model: torch.nn.Module, stages: list[tuple[str, list[str]]]) -> dict[str, int]:
     """Each parameter's depth for layer-wise lr decay, counted as BEiT, MAE and SimMIM count it: 0
-    for the embeddings (patch and position embeddings, class token), i + 1 for the i-th layer of
-    `stages` (a stage's other parameters: its last layer's), L + 1 for the rest (the final norm,
-    the pooler, the head; BEiT's shared relative position bias)."""
+    for the embeddings (patch and position embeddings, class token; a convolutional stem), i + 1
+    for the i-th layer of `stages` (a stage's other parameters: those before its first layer, as
+    ConvNeXt's downsampling, that layer's; those after, as Swin's, its last layer's), L + 1 for the
+    rest (the final norm, the pooler, the head; BEiT's shared relative position bias)."""
     layers = [layer for _, stage in stages for layer in stage]
     top = len(layers) + 1
-    last = {stage: layers.index(names[-1]) + 1 for stage, names in stages}
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # as registered: as run
+    spans = {stage: (order[names[0]], layers.index(names[0]) + 1, layers.index(names[-1]) + 1)
+             for stage, names in stages}
 
     def depth(name: str) -> int:
         layer = next((i for i, prefix in enumerate(layers) if name.startswith(prefix + ".")), None)
         if layer is not None:
             return layer + 1
-        stage = next((prefix for prefix in last if name.startswith(prefix + ".")), None)
+        stage = next((prefix for prefix in spans if name.startswith(prefix + ".")), None)
         if stage is not None:
-            return last[stage]
-        return 0 if "embeddings" in name.split(".") else top
+            first_module, first, last = spans[stage]
+            return first if order[name.rsplit(".", 1)[0]] < first_module else last
+        return 0 if STEMS & set(name.split(".")) else top
 
     return {name: depth(name) for name, _ in model.named_parameters()}
+
+
+STEMS = {"embeddings", "embedder"}  # ViT's patch and position embeddings; ResNet's, RegNet's, BiT's stem
 
 
 def _cannot_build(model, model_config, error: Exception) -> str:
