@@ -269,6 +269,53 @@ def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_pat
     assert set(seen[0][0]["keys"]).isdisjoint(seen[1][0]["keys"])
 
 
+def test_tasks_that_srun_starts_train_as_one_job_and_name_a_killed_peer(files, tmp_path):
+    """`srun python train/main.py` (no launcher: SLURM starts every task, tests/srun_step.py doing
+    what its step daemon does on each node): the tasks take their ranks, world, node and rendezvous
+    from SLURM's variables; 3 tasks on 2 nodes (2 + 1) train as one job of 3 ranks, each sample
+    once per epoch; a task killed outright (SIGKILL in step 2) is named by its node's other task
+    (told apart by its SLURM_PROCID, job and step) and by the task of the other node. Neither a
+    batch script (SLURM_PROCID without a step) nor a launcher under srun (RANK set) is remapped."""
+    from train.distributed import srun_env
+
+    def step(args: list[str], *, env: dict | None = None) -> list[subprocess.Popen]:
+        env = {**os.environ, "WANDB_MODE": "disabled", "MASTER_PORT": str(free_port()), **(env or {})}
+        return [subprocess.Popen([sys.executable, str(ROOT / "tests" / "srun_step.py"), "4242", str(node), "2,1",
+                                  "localhost,localhost", "--", sys.executable, str(ROOT / "train" / "main.py"), *args],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                                 start_new_session=True) for node in (0, 1)]
+
+    out = tmp_path / "run"
+    nodes = step(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--epochs", "1",
+                  "--micro_batch_size", "4", "--record_keys"])
+    logs = [finish(node, timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "train: 3 rank(s) on cpu" in logs[0]
+    seen = [json.loads(line)["keys"] for rank in range(3)
+            for line in (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines()]
+    assert len(seen) == 9 and sorted(k for keys in seen for k in keys) == sorted(shard_keys(files["photos"] / "train"))
+
+    nodes = step(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "killed"),
+                  "--max_steps", "4", "--micro_batch_size", "4"], env={"TRAIN_FAIL_AT": "1:2:kill"})
+    logs = [finish(node, timeout=600)[0] for node in nodes]
+    assert nodes[0].returncode == 128 + 9 and nodes[1].returncode == 1, logs[0][-3000:] + logs[1][-3000:]
+    for rank, log in ((0, logs[0]), (2, logs[1])):
+        assert re.search(rf"rank {rank}: stopping: rank 1's process \(pid \d+\) was killed by SIGKILL", log), log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+
+    task = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    assert srun_env(task) is None  # a batch script: no step
+    assert srun_env({**task, "SLURM_STEP_ID": "0", "RANK": "0"}) is None  # srun torchrun ...: its launcher's
+    assert srun_env({**task, "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "1"}) is None  # a step of one task
+    assert srun_env({**task, "SLURM_STEP_ID": "3", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+                     "SLURM_TASKS_PER_NODE": "4(x2)"}) == {
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": "20073"}
+    from train.main import unseen_device  # each task given a GPU of its own (--gpus-per-task): refused, named
+    assert unseen_device(0, 1) is None and unseen_device(3, 8) is None
+    assert "is rank 3 of its node but sees 1 GPU(s)" in unseen_device(3, 1) and "--gpus-per-node" in unseen_device(3, 1)
+
+
 def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
     losses = {}
     for flag in ([], ["--gradient_checkpointing"]):

@@ -155,8 +155,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     hang = random.Random(json.dumps(settings, sort_keys=True))  # and half of those: the other ranks wait in
     settings["hang"] = [killed and hang.random() < 0.5 for killed in settings["kill"]]  # their step (NCCL)
     settings["compile"] = compile  # the same trials compiled
-    layers = random.Random(json.dumps(settings, sort_keys=True))  # and layer-wise lr decay (a ViT has the stack)
-    settings["layer_decay"] = layers.choice([None, None, 0.65, 0.8]) if settings["model"] == "vit" else None
+    layers = random.Random(json.dumps(settings, sort_keys=True))  # and layer-wise lr decay (by the ViT's layers,
+    settings["layer_decay"] = layers.choice([None, None, 0.65, 0.8])  # the ResNet's blocks)
     sizes = random.Random(json.dumps(settings, sort_keys=True))  # and a ViT at another image size than its
     settings["image_size"] = sizes.choice([None, None, 40]) if settings["model"] == "vit" else None  # config's
     averages = random.Random(json.dumps(settings, sort_keys=True))  # and a weight average (EMA)

@@ -107,6 +107,46 @@ def distributed():
             _shm_buffer().unlink(missing_ok=True)
 
 
+def srun_env(environ) -> dict[str, str] | None:
+    """The launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT) of a task that `srun` started, one of a step of several tasks, from SLURM's (its
+    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the tasks of its node, the first node of the
+    step); the rendezvous port from the job and step ids unless MASTER_PORT is set. None where a
+    launcher set RANK (`srun deepspeed ...`, `srun torchrun ...`), outside a step (a batch script:
+    SLURM_PROCID but no step) and for a step of one task."""
+    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID"))
+    world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    if "RANK" in environ or "SLURM_PROCID" not in environ or step is None or world < 2:
+        return None
+    node = int(environ.get("SLURM_NODEID", 0))
+    on_node = (len(environ["SLURM_GTIDS"].split(",")) if environ.get("SLURM_GTIDS") else
+               _per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1")[node])
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(on_node),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1"),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", 0)) % 1000 * 10
+                                                               + int(step) % 10)}
+
+
+def _per_node(tasks: str) -> list[int]:
+    """SLURM's tasks per node, "2(x3),1" -> [2, 2, 2, 1]."""
+    counts = []
+    for part in tasks.split(","):
+        count, _, times = part.partition("(x")
+        counts += [int(count)] * int(times.rstrip(")") or 1)
+    return counts
+
+
+def first_host(nodes: str) -> str:
+    """The first host of a SLURM host list: "gpu[007-009,012],cpu1" -> "gpu007"."""
+    prefix, _, rest = nodes.partition("[")
+    if "," in prefix or not rest:  # "a1,a2" or a single name
+        return prefix.split(",")[0]
+    ranges, _, suffix = rest.partition("]")
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix.split(",")[0]
+
+
 def release_rank_files() -> None:
     """What a rank that ends by os._exit (every finally skipped) must still remove: the build locks
     it holds and its all-reduce buffer in /dev/shm."""
@@ -402,16 +442,28 @@ class _TimedStore:
 
 def _local_peers() -> dict[int, psutil.Process]:
     """This node's other ranks of this job by rank: the launcher's other children (deepspeed's
-    launch.py, torchrun), told apart by the RANK and rendezvous their environment holds."""
-    job = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    launch.py, torchrun; srun's step daemon), told apart by the RANK and rendezvous their
+    environment holds (srun's tasks: their SLURM_PROCID, job and step)."""
     peers = {}
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process(os.getppid()).children():
             with contextlib.suppress(psutil.Error, ValueError):
-                env = child.environ()
-                if child.pid != os.getpid() and "RANK" in env and all(env.get(k) == v for k, v in job.items()):
-                    peers[int(env["RANK"])] = child
+                rank = _rank_in_job(child.environ())
+                if child.pid != os.getpid() and rank is not None:
+                    peers[rank] = child
     return peers
+
+
+def _rank_in_job(env: dict) -> int | None:
+    """The rank of the process that `env` (its environment as started) belongs to, if of this job."""
+    if _SRUN_STEP:
+        step = (env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")))
+        return int(env["SLURM_PROCID"]) if step == _SRUN_STEP and "SLURM_PROCID" in env else None
+    job = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
+    return int(env["RANK"]) if "RANK" in env and all(env.get(k) == v for k, v in job.items()) else None
+
+
+_SRUN_STEP: tuple[str | None, str | None] | None = None  # (job id, step id) of a task that srun started
 
 
 PF_EXITING = 0x4  # a task's flag from the start of its exit (linux/sched.h), before its sockets close
@@ -457,7 +509,12 @@ def deepspeed_runner() -> tuple[psutil.Process, int] | None:
 
 
 def _init_distributed() -> None:
-    """Under the deepspeed launcher the env holds rank and world; run directly, a world of one."""
+    """Under the deepspeed launcher or torchrun the env holds rank and world; under srun, SLURM's
+    (`srun_env`); run directly, a world of one."""
+    global _SRUN_STEP
+    if launched := srun_env(os.environ):
+        os.environ.update(launched)
+        _SRUN_STEP = (os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID")))
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
         os.environ.setdefault(key, value)
@@ -489,5 +546,10 @@ def agree(problems: list[str]) -> None:
 
 
 def cpu_share() -> int:
+    """This rank's cores: its node's (as far as it may run on them) over the node's ranks; a task
+    that srun bound to its own --cpus-per-task has them already."""
+    cores = len(os.sched_getaffinity(0))
+    if _SRUN_STEP and cores <= int(os.environ.get("SLURM_CPUS_PER_TASK") or 0):
+        return cores
     local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return max(1, len(os.sched_getaffinity(0)) // local_world)
+    return max(1, cores // local_world)

@@ -247,10 +247,10 @@ def setup(args: TrainArgs) -> Run:
     ranks), then the output dir, the engine, the checkpoint resumed from and the logger."""
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _device(local_rank)
+    problems = out_of_range(args)
+    device = _device(local_rank, problems)
     if stream := compute_stream(device, high_priority=args.priority_stream):
         torch.cuda.set_stream(stream)  # before anything runs: the model, DeepSpeed and the batches' copies
-    problems = out_of_range(args)
     builtin = args.data is None
     if builtin:
         args = _with_recipe(args, BUILTIN_RECIPE)
@@ -441,8 +441,8 @@ def setup_eval(args: TrainArgs) -> Run:
     split's loader, no optimizer and no checkpoints; a ConfigError lists every problem first."""
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _device(local_rank)
     problems = out_of_range(args, training=False)
+    device = _device(local_rank, problems)
     if not args.model or args.model_config:
         problems.append("--eval_only evaluates a trained model: pass --model DIR (a training run's OUTPUT/model, or "
                         "any save_pretrained folder or hub name), and no --model_config")
@@ -508,16 +508,31 @@ def evaluate_only(run: Run) -> str:
                                                                            describe(report.results)[1:]), files])
 
 
-def _device(local_rank: int) -> torch.device:
-    """This rank's device (DeepSpeed's accelerator); CPU ranks on one machine share its cores."""
+def _device(local_rank: int, problems: list[str]) -> torch.device:
+    """This rank's device (DeepSpeed's accelerator: the node's device numbered LOCAL_RANK); CPU
+    ranks on one machine share its cores."""
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         torch.set_num_threads(cpu_share())
         return torch.device("cpu")
+    if problem := unseen_device(local_rank, accelerator.device_count()):
+        problems.append(problem)
+        local_rank = 0  # (stops at the problems, agreed)
     device = torch.device(accelerator.device_name(local_rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def unseen_device(local_rank: int, count: int) -> str | None:
+    """Why a rank cannot take the node's device numbered by its LOCAL_RANK (as DeepSpeed does), or
+    None: a scheduler gave each process a device of its own (srun --gpus-per-task)."""
+    if local_rank < count:
+        return None
+    return (f"rank {os.environ.get('RANK', 0)} is rank {local_rank} of its node but sees {count} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): every rank of a node must see "
+            f"all of the node's GPUs; under srun, give the step each node's GPUs (--gpus-per-node N, not "
+            f"--gpus-per-task; or --gpu-bind=none)")
 
 
 def compute_stream(device: torch.device, *, high_priority: bool):
