@@ -187,6 +187,14 @@ def test_wandb_offline_run_holds_what_metrics_jsonl_holds(files, tmp_path):
     # linear warmup over 2 steps, then cosine to 0 at step 6: the rate each step used
     cosine = [0.01 * (i / 2 if i < 2 else 0.5 * (1 + math.cos(math.pi * (i - 2) / 4))) for i in range(6)]
     assert [history[s]["train/lr"] for s in range(1, 7)] == pytest.approx(cosine, abs=1e-9)
+    # the runs table's columns: the best eval (the newest among equals), not charted
+    summary = {}
+    for record in wandb_records(sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))[0]):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.summary.update})
+    best = max((history[s]["eval/top1"], s) for s in (3, 6))
+    assert (summary["eval/best_top1"], summary["eval/best_step"]) == best and summary["eval/top1"] == history[6]["eval/top1"]
+    assert not any("eval/best_top1" in row for row in history.values())
 
 
 def test_evals_and_checkpoints_are_left_out_of_the_logged_throughput():

@@ -147,6 +147,15 @@ def first_host(nodes: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] + suffix.split(",")[0]
 
 
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "remote process exited", "communicator was aborted")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether an error is a collective's that lost a peer (gloo's connection reset, NCCL's remote
+    error, torch's DistError), a symptom of another rank's end rather than this rank's own failure."""
+    return isinstance(error, dist.DistError) or any(text in str(error) for text in LOST_PEER)
+
+
 def release_rank_files() -> None:
     """What a rank that ends by os._exit (every finally skipped) must still remove: the build locks
     it holds and its all-reduce buffer in /dev/shm."""
@@ -249,6 +258,15 @@ class PeerWatch:
         if kept and self.kept:
             line += f"\ntrain: {self.kept()}"
         print(f"train: rank {self.rank}: {line}", file=sys.stderr, flush=True)
+
+    def await_reason(self) -> None:
+        """Before a rank whose collective lost a peer, with none of its node found ended, posts that
+        error: the lost peer's own node may name it a moment later (its ranks find it ended), and
+        the first reason posted is the one every rank repeats; ROLL_S at most."""
+        with contextlib.suppress(Exception):
+            deadline = time.monotonic() + self.ROLL_S
+            while self.world > 1 and not self.store.check([self.KEY]) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def silent(self) -> list[int]:
         """For the first rank to fail, after its post: the ranks that did not answer it within

@@ -55,7 +55,7 @@ from train.checkpoint import (EMA_FILE, MODEL_FILES, CheckpointError, WriteError
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
-                               exit_rank, hold_sigterm, watch_sigterm)
+                               exit_rank, hold_sigterm, lost_peer, watch_sigterm)
 from train.ema import WeightAverage
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
@@ -209,12 +209,15 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int) -> int | None:
     whose error came after another's failure (its collective lost that rank) stops with that
     rank's reason and code instead of a second traceback (and names a rank of its node found
     dead); so does the first when a rank of its node has died (killed outright: the error is the
-    lost peer's). SIGTERM outside the training loop (Terminated) and Ctrl-C go on as they are; after an
+    lost peer's). A rank whose collective lost a peer not of its node first gives that peer's node
+    a moment to name it (PeerWatch.await_reason). SIGTERM outside the training loop (Terminated) and Ctrl-C go on as they are; after an
     error, SIGTERM no longer interrupts (hold_sigterm)."""
     if isinstance(error, Exception):
         hold_sigterm()
     where = peers.where()
     ended = peers.ended(where) if isinstance(error, Exception) else None
+    if ended is None and lost_peer(error):
+        peers.await_reason()  # the lost peer's node names it
     peers.stop_all(1, ended or f"rank {rank} failed {where}: {type(error).__name__}: {error}")
     if not isinstance(error, Exception):
         return None
@@ -1277,6 +1280,7 @@ def log_eval(run: Run, result: dict) -> None:
     run.last_eval = {"step": run.step, **result}
     _note_best(run, result["eval/top1"])
     run.logger.log(run.step, result)
+    run.logger.summarize({"eval/best_top1": run.best["top1"], "eval/best_step": run.best["step"]})
     if samples is not None:
         pixels, true, predicted = samples
         run.logger.log_samples(run.step, images=viewable(pixels, mean=run.spec.pixel_mean, std=run.spec.pixel_std),

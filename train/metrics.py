@@ -4,7 +4,8 @@ Names group on a W&B dashboard: train/ (loss, lr, grad_norm, skipped_steps, over
 loss_scale), eval/ (loss, top1, top5; with --ema_decay, of the weight average, and eval_no_ema/ of
 the weights as trained), perf/ (images_per_sec, step_time, data_wait_fraction,
 gpu_mem, tflops, mfu); every chart's x axis is `trainer/step`, so that a resumed run continues the
-dashboard where its checkpoint was.
+dashboard where its checkpoint was. The run's summary (the runs table) also holds the best eval so
+far, eval/best_top1 and eval/best_step (the export's, with --export best).
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ class RunLogger:
             raise WriteError(f"writing {self.path} failed: {write_failure(e)}") from e
         if self.run:
             self.run.log({**scalars, STEP: step})
+
+    def summarize(self, values: dict) -> None:
+        """Values of the run as a whole for W&B's summary (the columns of a project's runs table, where
+        a chart's value is its last), not charted."""
+        if self.run:
+            self.run.summary.update(values)
 
     def log_samples(self, step: int, *, images: np.ndarray, true: list[str], predicted: list[str]) -> None:
         """A table of eval images (N,H,W,3 uint8) with their true and predicted labels."""
