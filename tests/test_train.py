@@ -1125,6 +1125,15 @@ def test_freeze_backbone_trains_the_head_only_and_leaves_the_backbone_as_it_was(
     assert "train: resuming from" in done.stdout and "ranks 3 -> 2" in done.stdout
     assert_probed(tmp_path / "zero3")
 
+    # in bf16 DeepSpeed holds the frozen weights in bf16: the export takes them as loaded, in fp32
+    done = probe("zero2", tmp_path / "bf16", "--max_steps", "2", "--precision", "bf16")
+    assert "(from step-00000002, the last, the frozen backbone in fp32)" in done.stdout
+    assert_probed(tmp_path / "bf16")
+    tool = subprocess.run([sys.executable, "tools/export_checkpoint.py", str(tmp_path / "bf16" / "checkpoints" /
+                           "step-00000002"), str(tmp_path / "bf16" / "model")], capture_output=True, text=True, cwd=ROOT)
+    assert tool.returncode == 0 and "(the frozen backbone in fp32)" in tool.stdout, tool.stderr[-2000:]
+    assert_probed(tmp_path / "bf16")
+
 
 def test_ema_averages_every_step_and_is_what_evals_and_the_export_use(files, tmp_path):
     """--ema_decay on 3 ranks, over two epochs: each checkpoint's average is lerp(the step before's,

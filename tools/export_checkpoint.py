@@ -5,7 +5,8 @@ config with id2label, the image processor. Loads in `transformers.pipeline` and 
     python tools/export_checkpoint.py OUTPUT/checkpoints/step-00001000 OUT [--trained_weights]
 
 A checkpoint of a run with --ema_decay exports its weight average, as the run's own export does;
---trained_weights exports the weights as trained instead.
+--trained_weights exports the weights as trained instead. A --freeze_backbone run in bf16/fp16
+exports its backbone in fp32 as loaded (OUTPUT/model_files/frozen.safetensors), as its own export does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoImageProcessor
 
-from train.checkpoint import MARKER, MODEL_FILES, export_model, not_a_checkpoint
+from train.checkpoint import FROZEN_FILE, MARKER, MODEL_FILES, export_model, not_a_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     if not files.is_dir():
         print(f"export_checkpoint: error: {files} not found: the run's model config is kept there", file=sys.stderr)
         return 2
-    averaged = export_model(checkpoint=args.checkpoint, config=AutoConfig.from_pretrained(files),
-                            processor=AutoImageProcessor.from_pretrained(files), out=args.out,
-                            average=not args.trained_weights)
-    print(f"{args.out}: exported from {args.checkpoint}" + (" (its weight average)" if averaged else ""))
+    notes = export_model(checkpoint=args.checkpoint, config=AutoConfig.from_pretrained(files),
+                         processor=AutoImageProcessor.from_pretrained(files), out=args.out,
+                         average=not args.trained_weights, frozen=files / FROZEN_FILE)
+    print(f"{args.out}: exported from {args.checkpoint}" + (f" ({', '.join(notes)})" if notes else ""))
     return 0
 
 

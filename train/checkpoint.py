@@ -8,6 +8,7 @@ Layout under OUTPUT/checkpoints/:
         complete.json         written last, after every rank finished writing
     latest                    the newest complete tag (DeepSpeed's format), replaced by rename
 OUTPUT/model_files/           the model's config and image processor, for exporting any checkpoint
+    frozen.safetensors        a --freeze_backbone run in bf16/fp16: the frozen weights in fp32
 
 A folder without `complete.json` is a save that was interrupted: never resumed from, reported.
 """
@@ -33,6 +34,7 @@ MARKER = "complete.json"
 MODEL_FILES = "model_files"  # OUTPUT/model_files/: the run's model config and image processor
 MODEL_STATES = "*model_states.pt"  # DeepSpeed's (one; ZeRO-3: one per rank): module, scheduler, metadata
 EMA_FILE = "ema.pt"  # the weight average (train/ema.py), fp32 tensors by parameter and buffer name
+FROZEN_FILE = "frozen.safetensors"  # in MODEL_FILES: a frozen backbone's weights as loaded, fp32
 
 
 class CheckpointError(RuntimeError):
@@ -260,17 +262,21 @@ def _set_scheduled_lr(scheduler, groups: list[dict]) -> None:
         group["lr"] = rate
 
 
-def export_model(*, checkpoint: Path, config, processor, out: Path, average: bool = True) -> bool:
+def export_model(*, checkpoint: Path, config, processor, out: Path, average: bool = True,
+                 frozen: Path | None = None) -> list[str]:
     """Writes `out`, a `save_pretrained` folder with fp32 weights consolidated from the ZeRO
     checkpoint (where it holds a weight average, and `average`, the averaged ones), the config
-    (with id2label) and the image processor: what `transformers.pipeline` loads. Returns whether
-    the weights are the average."""
+    (with id2label) and the image processor: what `transformers.pipeline` loads. A frozen
+    backbone's weights, held in bf16/fp16 in the checkpoint, are taken in fp32 from `frozen` (a
+    FROZEN_FILE) where they round to the checkpoint's. Returns what the export is besides ("its
+    weight average", "the frozen backbone in fp32")."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints every step it takes
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    notes = [_frozen_in_fp32(weights, frozen)] if frozen is not None and frozen.is_file() else []
     averaged = average and (checkpoint / EMA_FILE).is_file()
     if averaged:  # the parameters that trained and the BatchNorm statistics (older checkpoints: parameters)
         weights.update(torch.load(checkpoint / EMA_FILE, map_location="cpu", weights_only=True))
@@ -287,7 +293,31 @@ def export_model(*, checkpoint: Path, config, processor, out: Path, average: boo
     processor.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return averaged
+    return ["its weight average"] * averaged + [note for note in notes if note]
+
+
+def _frozen_in_fp32(weights: dict, frozen: Path) -> str | None:
+    """Puts the fp32 weights of a frozen backbone (`frozen`, as the run loaded them) in place of
+    the checkpoint's bf16 or fp16 ones, if every one rounds to the checkpoint's (the same backbone:
+    not so where a run resumed another's checkpoint built from another model); what was done."""
+    from safetensors.torch import load_file
+
+    exact = load_file(frozen)
+    for dtype in (torch.bfloat16, torch.float16):
+        if all(name in weights and torch.equal(value.to(dtype).float(), weights[name]) for name, value in exact.items()):
+            weights.update(exact)
+            return "the frozen backbone in fp32"
+    return f"the frozen backbone as trained: {frozen} is of another model"
+
+
+def save_frozen(weights: dict, out: Path) -> None:
+    """A frozen backbone's weights as loaded, fp32 (export_model's `frozen`), written atomically."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({name: value.float().contiguous() for name, value in weights.items()}, str(tmp))
+    os.replace(tmp, out)
 
 
 def _tied_keys(model) -> set[str]:

@@ -49,9 +49,10 @@ from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, processor_at_size, spec_from_processor
 from train.args import ConfigError, TrainArgs, out_of_range, parse_args, training_only_given
 from train.augment import erase_batch, mix_batch
-from train.checkpoint import (EMA_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info, checkpoint_path,
-                              complete_checkpoints, drop_universal, export_model, folder_bytes, load_checkpoint,
-                              record_top1, save_checkpoint, universal_checkpoint, universal_gaps, write_failure)
+from train.checkpoint import (EMA_FILE, FROZEN_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info,
+                              checkpoint_path, complete_checkpoints, drop_universal, export_model, folder_bytes,
+                              load_checkpoint, record_top1, save_checkpoint, save_frozen, universal_checkpoint,
+                              universal_gaps, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
@@ -291,6 +292,8 @@ def setup(args: TrainArgs) -> Run:
                              ds_config=ds_config, precision=precision, device=device, rank=rank)
     moved = prepare_output_dir(output_dir, clear=args.overwrite_output_dir and resume is None, resume=resume,
                                 rank=rank)
+    if rank == 0:  # a frozen backbone before DeepSpeed casts it: what the export takes (a stale one removed)
+        _keep_frozen(model if frozen and precision != "fp32" else None, output_dir / MODEL_FILES / FROZEN_FILE)
     flops, peak = _perf_figures(args, model, spec=spec, classes=classes, device=device, precision=precision)
     parameters = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them (numel 0)
     other_ranks = bool(trainer_state) and trainer_state["ranks"] != world  # saved by them: a universal load
@@ -312,6 +315,18 @@ def setup(args: TrainArgs) -> Run:
     _begin(run, run_config, resume=resume, state=trainer_state, other_ranks=other_ranks, changes=changes,
            branched=bool(moved or changes))
     return run
+
+
+def _keep_frozen(model, path: Path) -> None:
+    """A frozen backbone's weights as loaded (fp32), for the export: DeepSpeed holds them in bf16 or
+    fp16, and they do not train (no fp32 copy in the optimizer). Without `model`, none is kept."""
+    if model is None:
+        path.unlink(missing_ok=True)
+        return
+    try:
+        save_frozen({name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}, path)
+    except OSError as e:
+        raise WriteError(f"writing {path} failed: {write_failure(e)}") from e
 
 
 def _begin(run: Run, config: dict, *, resume: Path | None, state: dict, other_ranks: bool, changes: list[str],
@@ -800,9 +815,10 @@ def fit(run: Run) -> str:
     exported, why = export_choice(run)
     if run.rank == 0 and exported is not None:
         try:
-            if export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
-                            out=run.output_dir / MODEL_EXPORT):
-                why += ", its weight average"
+            notes = export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
+                                 out=run.output_dir / MODEL_EXPORT,
+                                 frozen=run.output_dir / MODEL_FILES / FROZEN_FILE if run.args.freeze_backbone else None)
+            why += "".join(f", {note}" for note in notes)
         except OSError as e:
             raise WriteError(f"exporting {exported} to {run.output_dir / MODEL_EXPORT} failed: {write_failure(e)}; the "
                              f"checkpoint is complete: `python tools/export_checkpoint.py {exported} DIR` exports "
