@@ -507,6 +507,8 @@ def test_drop_path_builds_the_model_with_its_stochastic_depth_and_is_refused_whe
     assert out_of_range(parse_args(["--drop_path", "1", "--model", "m"])) == ["--drop_path 1: from 0 to below 1"]
     assert _flag_problems(parse_args(["--drop_path", "0.1", "--model", "m", "--freeze_backbone"]))[0].startswith(
         "--drop_path with --freeze_backbone: the frozen backbone runs as in eval")
+    assert _flag_problems(parse_args(["--layer_decay", "0.7", "--model", "m", "--freeze_backbone"])) == [
+        "--layer_decay with --freeze_backbone: only the head trains, at --lr; drop one"]
 
 
 def test_random_erasing_and_drop_path_train_and_resume_exactly(files, tmp_path):

@@ -595,6 +595,8 @@ def _flag_problems(args: TrainArgs) -> list[str]:
     if args.drop_path and args.freeze_backbone:
         problems.append("--drop_path with --freeze_backbone: the frozen backbone runs as in eval, without stochastic "
                         "depth; drop one")
+    if args.layer_decay != 1.0 and args.freeze_backbone:
+        problems.append("--layer_decay with --freeze_backbone: only the head trains, at --lr; drop one")
     return problems
 
 
