@@ -234,7 +234,7 @@ def test_wandb_online_without_its_server_trains_and_logs_offline(files, tmp_path
     assert sorted(history) == sorted({m["step"] for m in metrics(out)}) == [1, 2, 3]
 
 
-def test_a_rendezvous_port_in_use_is_one_line_and_every_rank_ends(files, tmp_path):
+def test_a_rendezvous_port_in_use_is_one_line_and_every_rank_ends(files, tmp_path, monkeypatch):
     """Another job holds the port (two jobs on one machine, the launcher's default port each): rank 0
     cannot listen on it, and says what to pass (it was torch's traceback). Rank 1, blocked in C++
     connecting to that other job's port, runs no Python handler: the launcher's SIGTERM still ends
@@ -258,6 +258,20 @@ def test_a_rendezvous_port_in_use_is_one_line_and_every_rank_ends(files, tmp_pat
                      re.findall(rf"^\[([\d-]+ [\d:,]+)\] .*{what}", output, re.M)]
               for what in ("Killing subprocess", "exits with return code")}
     assert (stamps["exits with return code"][-1] - stamps["Killing subprocess"][0]).total_seconds() < 15, output
+
+    # ranks that never came (a node that did not start): rank 0, which hosts the store, and the
+    # others, which cannot reach it, each say so in a line after DEEPSPEED_TIMEOUT (torch's errors)
+    import torch.distributed as dist
+    from train.distributed import rendezvous_failure
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert rendezvous_failure(dist.DistStoreError(
+        "Timed out after 601 seconds waiting for clients. 2/3 clients joined.")).startswith(
+        "only 2 of the job's 3 ranks reached its rendezvous at node0:29500 within 601 s: the others did not start")
+    assert rendezvous_failure(dist.DistNetworkError(
+        "The client socket has timed out after 600000ms while trying to connect to (node0, 29500).")).startswith(
+        "rank 0 could not be reached at node0:29500, the job's rendezvous, within 600 s: it did not start")
+    assert rendezvous_failure(dist.DistBackendError("NCCL error: unhandled system error")) is None
 
 
 def test_two_nodes_on_one_machine_see_every_sample_once_per_epoch(files, tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -538,13 +539,32 @@ def _init_distributed() -> None:
         os.environ.setdefault(key, value)
     try:
         deepspeed.init_distributed(verbose=False)
-    except dist.DistNetworkError as e:
-        if "EADDRINUSE" not in str(e):
+    except dist.DistError as e:
+        if not (why := rendezvous_failure(e)):
             raise
-        print(f"train: rank {os.environ['RANK']}: the rendezvous port {os.environ['MASTER_PORT']} is taken on "
-              f"{os.environ['MASTER_ADDR']} (another job?): give this job one of its own, `deepspeed --master_port N "
-              f"...` (torchrun: --master_port N)", file=sys.stderr, flush=True)
+        print(f"train: rank {os.environ['RANK']}: {why}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def rendezvous_failure(error: Exception) -> str | None:
+    """What a failed rendezvous (the store at MASTER_ADDR:MASTER_PORT that every rank meets at)
+    means, in one line; None for another error. Rank 0 hosts the store and waits for every rank
+    (DEEPSPEED_TIMEOUT minutes, 10 by default); the others wait as long to reach it."""
+    where, text = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}", str(error)
+    if "EADDRINUSE" in text:
+        return (f"the rendezvous port {os.environ.get('MASTER_PORT')} is taken on {os.environ.get('MASTER_ADDR')} "
+                f"(another job?): give this job one of its own, `deepspeed --master_port N ...` (torchrun: "
+                f"--master_port N; srun: MASTER_PORT=N)")
+    if joined := re.search(r"after (\d+) seconds waiting for clients\. (\d+)/(\d+) clients joined", text):
+        return (f"only {joined[2]} of the job's {joined[3]} ranks reached its rendezvous at {where} within "
+                f"{joined[1]} s: the others did not start (their node's launcher log says why), or started with "
+                f"another --master_addr or --master_port (every node's must be the same); DEEPSPEED_TIMEOUT=MINUTES "
+                f"waits longer")
+    if waited := re.search(r"after (\d+)ms while trying to connect", text):
+        return (f"rank 0 could not be reached at {where}, the job's rendezvous, within {int(waited[1]) / 1000:g} s: "
+                f"it did not start (its node's launcher log says why), or {os.environ.get('MASTER_ADDR')} is not "
+                f"its node's address from here (--master_addr)")
+    return None
 
 
 def _shm_buffer(rank: int | None = None) -> Path:
