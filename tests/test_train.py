@@ -331,8 +331,8 @@ def test_tasks_that_srun_starts_train_as_one_job_and_name_a_killed_peer(files, t
     assert srun_env({**task, "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "1"}) is None  # a step of one task
     assert srun_env({**task, "SLURM_STEP_ID": "3", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
                      "SLURM_TASKS_PER_NODE": "4(x2)"}) == {
-        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu07",
-        "MASTER_PORT": "20073"}
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "LOCAL_SIZE": "4",
+        "MASTER_ADDR": "gpu07", "MASTER_PORT": "20073"}
     from train.main import unseen_device  # each task given a GPU of its own (--gpus-per-task): refused, named
     assert unseen_device(0, 1) is None and unseen_device(3, 8) is None
     assert "is rank 3 of its node but sees 1 GPU(s)" in unseen_device(3, 1) and "--gpus-per-node" in unseen_device(3, 1)

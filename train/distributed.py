@@ -109,10 +109,10 @@ def distributed():
 
 
 def srun_env(environ) -> dict[str, str] | None:
-    """The launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
-    MASTER_PORT) of a task that `srun` started, one of a step of several tasks, from SLURM's (its
-    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the tasks of its node, the first node of the
-    step); the rendezvous port from the job and step ids unless MASTER_PORT is set. None where a
+    """The launcher's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and LOCAL_SIZE,
+    MASTER_ADDR and MASTER_PORT) of a task that `srun` started, one of a step of several tasks,
+    from SLURM's (its SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the tasks of its node,
+    the first node of the step); the rendezvous port from the job and step ids unless MASTER_PORT is set. None where a
     launcher set RANK (`srun deepspeed ...`, `srun torchrun ...`), outside a step (a batch script:
     SLURM_PROCID but no step) and for a step of one task."""
     step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID"))
@@ -124,7 +124,7 @@ def srun_env(environ) -> dict[str, str] | None:
                _per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1")[node])
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-            "LOCAL_WORLD_SIZE": str(on_node),
+            "LOCAL_WORLD_SIZE": str(on_node), "LOCAL_SIZE": str(on_node),  # (DeepSpeed's CPU all-reduce reads it)
             "MASTER_ADDR": environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1"),
             "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", 0)) % 1000 * 10
                                                                + int(step) % 10)}
