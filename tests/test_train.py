@@ -1422,14 +1422,21 @@ def test_eval_split_test_evaluates_on_the_test_shards(files, tmp_path):
     out = tmp_path / "run"
     args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", out), "--data",
             str(tmp_path / "shards"), "--max_steps", "2", "--micro_batch_size", "6", "--wandb_mode", "disabled"]
-    done = train(args + ["--eval_split", "test"], ranks=None)
+    done = train(args + ["--eval_split", "test", "--export", "last"], ranks=None)
     assert "24 train / 12 test images" in done.stdout
     assert [e["eval/samples_counted"] for e in evals(out)] == [12]  # the 12 test images, not the 8 val ones
     assert json.loads((out / "run_config.json").read_text())["eval_split"] == "test"
     no_test = train(["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "resnet", tmp_path / "x"),
-                     "--eval_split", "test", "--wandb_mode", "disabled"], ranks=None, check=False)
+                     "--eval_split", "test", "--export", "last", "--wandb_mode", "disabled"], ranks=None, check=False)
     assert no_test.returncode == 2 and f"--eval_split test: {files['photos']} has no test samples" in no_test.stderr
     assert no_test.stderr.count("  - ") == 1  # the only problem
+    # the best export chosen by the test set's top-1: only when asked for by name
+    from train.args import parse_args
+    from train.main import _flag_problems
+    assert any(p.startswith("--eval_split test: the export would be the checkpoint with the best test top-1")
+               for p in _flag_problems(parse_args(["--eval_split", "test"])))
+    for given in (["--export", "last"], ["--export", "best"], ["--eval_only"]):
+        assert not any(p.startswith("--eval_split") for p in _flag_problems(parse_args(["--eval_split", "test", *given])))
 
 
 def test_baseline_loader_trains_on_webdataset_and_the_hf_processor(files, tmp_path):

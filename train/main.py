@@ -595,6 +595,11 @@ def _flag_problems(args: TrainArgs) -> list[str]:
     if args.drop_path and args.freeze_backbone:
         problems.append("--drop_path with --freeze_backbone: the frozen backbone runs as in eval, without stochastic "
                         "depth; drop one")
+    if args.eval_split == "test" and args.export == "best" and "export" not in args.given and not args.eval_only:
+        problems.append("--eval_split test: the export would be the checkpoint with the best test top-1, so the test "
+                        "set would choose the model it then measures; evaluate on val while training and the export "
+                        "on test (--eval_only --eval_split test), or pass --export last (or --export best to choose "
+                        "by it all the same)")
     if args.layer_decay != 1.0 and args.freeze_backbone:
         problems.append("--layer_decay with --freeze_backbone: only the head trains, at --lr; drop one")
     return problems
