@@ -322,7 +322,8 @@ def test_tasks_that_srun_starts_train_as_one_job_and_name_a_killed_peer(files, t
     logs = [finish(node, timeout=600)[0] for node in nodes]
     assert nodes[0].returncode == 128 + 9 and nodes[1].returncode == 1, logs[0][-3000:] + logs[1][-3000:]
     for rank, log in ((0, logs[0]), (2, logs[1])):
-        assert re.search(rf"rank {rank}: stopping: rank 1's process \(pid \d+\) was killed by SIGKILL", log), log[-3000:]
+        killed = rf"rank {rank}: stopping: rank 1's process \(pid \d+\) was killed by SIGKILL"
+        assert re.search(killed, log), log[-3000:]
         assert "Traceback" not in log, log[-3000:]
 
     task = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[07-08]"}
@@ -1436,7 +1437,8 @@ def test_eval_split_test_evaluates_on_the_test_shards(files, tmp_path):
     assert any(p.startswith("--eval_split test: the export would be the checkpoint with the best test top-1")
                for p in _flag_problems(parse_args(["--eval_split", "test"])))
     for given in (["--export", "last"], ["--export", "best"], ["--eval_only"]):
-        assert not any(p.startswith("--eval_split") for p in _flag_problems(parse_args(["--eval_split", "test", *given])))
+        problems = _flag_problems(parse_args(["--eval_split", "test", *given]))
+        assert not any(p.startswith("--eval_split") for p in problems)
 
 
 def test_baseline_loader_trains_on_webdataset_and_the_hf_processor(files, tmp_path):

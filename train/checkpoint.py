@@ -304,7 +304,8 @@ def _frozen_in_fp32(weights: dict, frozen: Path) -> str | None:
 
     exact = load_file(frozen)
     for dtype in (torch.bfloat16, torch.float16):
-        if all(name in weights and torch.equal(value.to(dtype).float(), weights[name]) for name, value in exact.items()):
+        if all(name in weights and torch.equal(value.to(dtype).float(), weights[name])
+               for name, value in exact.items()):
             weights.update(exact)
             return "the frozen backbone in fp32"
     return f"the frozen backbone as trained: {frozen} is of another model"

@@ -148,7 +148,8 @@ def first_host(nodes: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] + suffix.split(",")[0]
 
 
-LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "remote process exited", "communicator was aborted")
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "remote process exited",
+             "communicator was aborted")
 
 
 def lost_peer(error: BaseException) -> bool:

@@ -62,8 +62,8 @@ from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, Pr
                               join_predictions, summarize, write_report)
 from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pairs, cast_parameters, load_trained,
-                         freeze_backbone, model_at_size, model_labels, model_source, parameter_groups,
-                         prepare_precision, size_bound, layer_stages)
+                         freeze_backbone, layer_stages, model_at_size, model_labels, model_source, parameter_groups,
+                         prepare_precision, size_bound)
 from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
 from train.perf import (clear_stale_build_locks, cpu_info_once, deepspeed_arch_list, defer_muon_compile,
                         fused_adam_is_built, peak_tflops, train_flops_per_image)
@@ -211,8 +211,8 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int) -> int | None:
     rank's reason and code instead of a second traceback (and names a rank of its node found
     dead); so does the first when a rank of its node has died (killed outright: the error is the
     lost peer's). A rank whose collective lost a peer not of its node first gives that peer's node
-    a moment to name it (PeerWatch.await_reason). SIGTERM outside the training loop (Terminated) and Ctrl-C go on as they are; after an
-    error, SIGTERM no longer interrupts (hold_sigterm)."""
+    a moment to name it (PeerWatch.await_reason). SIGTERM outside the training loop (Terminated)
+    and Ctrl-C go on as they are; after an error, SIGTERM no longer interrupts (hold_sigterm)."""
     if isinstance(error, Exception):
         hold_sigterm()
     where = peers.where()
@@ -411,8 +411,8 @@ def _layer_decay_line(run: Run) -> str:
     stages = layer_stages(run.engine.module)
     decay, layers = run.args.layer_decay, sum(len(stage) for _, stage in stages)
     unit, first = ("layers", "the embeddings") if len(stages) == 1 else ("blocks", "the stem")
-    return (f"train: layer decay {decay:g}: the head at the learning rate, {unit} 1 to {layers} at x {decay ** layers:.3g} "
-            f"to x {decay:g} of it, {first} at x {decay ** (layers + 1):.3g}\n")
+    return (f"train: layer decay {decay:g}: the head at the learning rate, {unit} 1 to {layers} at "
+            f"x {decay ** layers:.3g} to x {decay:g} of it, {first} at x {decay ** (layers + 1):.3g}\n")
 
 
 def _stand_in(args: TrainArgs, train_loader, *, data: Path, processor, classes: list[str], ds_config: dict,
@@ -822,9 +822,9 @@ def fit(run: Run) -> str:
     exported, why = export_choice(run)
     if run.rank == 0 and exported is not None:
         try:
+            frozen = run.output_dir / MODEL_FILES / FROZEN_FILE if run.args.freeze_backbone else None
             notes = export_model(checkpoint=exported, config=engine.module.config, processor=run.processor,
-                                 out=run.output_dir / MODEL_EXPORT,
-                                 frozen=run.output_dir / MODEL_FILES / FROZEN_FILE if run.args.freeze_backbone else None)
+                                 out=run.output_dir / MODEL_EXPORT, frozen=frozen)
             why += "".join(f", {note}" for note in notes)
         except OSError as e:
             raise WriteError(f"exporting {exported} to {run.output_dir / MODEL_EXPORT} failed: {write_failure(e)}; the "
