@@ -6,7 +6,8 @@
 Each trial trains a tiny ResNet or ViT on scikit-learn's digits (1,618 train / 179 val images: they
 divide by no number of ranks) with random ranks (1-4 CPU processes, an even number of them as one
 node or as two nodes of this machine; on a GPU machine, up to one per GPU), micro batch,
-accumulation, ZeRO stage (3 with or without CPU offload), `--epochs`, augmentation (random erasing
+accumulation, ZeRO stage (3 with or without CPU offload), the launcher (DeepSpeed's, or none: srun's
+tasks, started as SLURM's step daemon starts them), `--epochs`, augmentation (random erasing
 included), the eval cadence (every epoch or `--eval_steps`), `--gradient_checkpointing` (ViT), the
 checkpoint cadence
 (every eval or `--save_steps`), `--save_total_limit`, `--export`, and the rest of the recipe (label
@@ -163,6 +164,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["ema_decay"] = averages.choice([None, None, 0.9])
     erasing = random.Random(json.dumps(settings, sort_keys=True))  # and random erasing
     settings["random_erase"] = erasing.choice([None, None, 0.25])
+    started = random.Random(json.dumps(settings, sort_keys=True))  # and launches of several ranks started by srun
+    settings["srun"] = [ranks > 1 and started.random() < 0.3 for ranks, _, _ in settings["launches"]]  # (no launcher)
     return settings
 
 
@@ -270,13 +273,14 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
         if fault is not None:  # at `stop` for a crash, else at a fraction of the launch's steps
             nan_at = stop if nan_stops[n] else start + 1 + int(fault["at"] * ((stop or start + per_epoch * 3 // 2) - start))
             env["TRAIN_NAN_AT"] = nan_spec(fault, nan_at)
+        srun = settings.get("srun", [False] * (last + 1))[n]
         code, output = launch(args, ranks=ranks, nodes=nodes, logs=trial_dir.parent / f"{trial_dir.name}.launch{n + 1}",
-                              preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl", env=env)
+                              preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl", env=env, srun=srun)
         planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
         ended = "\ntrain: done, " in output  # (exit -15 when its runner caught a SIGTERM on the way out)
         if crash and not ended:  # at `stop`, a failure or a NaN stop
             if killed:
-                problem = kill_problem(code, output, rank=fails[n], step=stop, ranks=ranks, nodes=nodes)
+                problem = kill_problem(code, output, rank=fails[n], step=stop, ranks=ranks, nodes=nodes, srun=srun)
             elif fails[n] is not None:
                 problem = fail_problem(code, output, rank=fails[n], step=stop, ranks=ranks)
             elif code == 4 and re.search(rf"not finite on some rank (at step|between steps \d+ and) {stop}\b", output):
@@ -334,10 +338,11 @@ def fail_problem(code: int, output: str, *, rank: int, step: int, ranks: int) ->
     return None
 
 
-def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, nodes: int) -> str | None:
+def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, nodes: int,
+                 srun: bool = False) -> str | None:
     """What a launch whose `rank` was killed outright in `step` (TRAIN_FAIL_AT=R:S:kill, as the OOM
     killer does) got wrong: it fails (the killed rank's -9 alone, or through a launcher 247 or a
-    survivor's 1); every other rank says why it stops, each on the killed rank's node naming it and
+    survivor's 1; under srun the highest task status, 137 or 1); every other rank says why it stops, each on the killed rank's node naming it and
     how it died; a traceback only from the first to notice on another node (its collective's), which
     names the rank that did not answer its post."""
     if ranks == 1:
@@ -351,7 +356,7 @@ def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, no
         f"rank {rank}'s process (pid " in line or line.startswith("failed") and f"rank {rank} did not answer" in line
         for line in lines) and (k // node == rank // node or k in failed)]
     tracebacks = output.count("Traceback (most recent call")
-    if (code not in (256 - signal.SIGKILL, 1) or silent or unnamed or tracebacks != len(failed)
+    if (code not in ((128 + signal.SIGKILL, 1) if srun else (256 - signal.SIGKILL, 1)) or silent or unnamed or tracebacks != len(failed)
             or any(k // node == rank // node for k in failed) or len(failed) > 1 or "terminate called" in output):
         return (f"rank {rank} killed at step {step}: exit {code} (expected 247 or 1), silent ranks {silent}, ranks "
                 f"not naming it {unnamed}, failed {failed} with {tracebacks} tracebacks")
@@ -398,15 +403,20 @@ def export_eval_problems(out: Path, *, step: int, ranks: int, near_ties: int = 0
 
 
 def launch(args: list[str], *, ranks: int, nodes: int, logs: Path, preempt_at: int | None = None,
-           metrics: Path | None = None, env: dict | None = None) -> tuple[int, str]:
+           metrics: Path | None = None, env: dict | None = None, srun: bool = False) -> tuple[int, str]:
     """The trainer on `ranks` ranks: one process, one launcher, or `nodes` launchers as nodes of
-    this machine (a hostfile, `--no_ssh --node_rank K`) sharing the output dir. With `preempt_at`,
+    this machine (a hostfile, `--no_ssh --node_rank K`) sharing the output dir; with `srun`, no
+    launcher: on each node what SLURM's step daemon does (tests/srun_step.py). With `preempt_at`,
     SIGTERM to every process of the job, as a scheduler preempts it, once `metrics` logs that step.
     `env` adds to the environment. Returns the worst exit code and the output (node 0's first), kept
     in `logs`.node{K}.log."""
     main, env, port = str(ROOT / "train" / "main.py"), {**os.environ, "WANDB_MODE": "disabled", **(env or {})}, str(free_port())
     if ranks == 1:
         commands = [[sys.executable, main]]
+    elif srun:
+        env["MASTER_PORT"] = port
+        commands = [[sys.executable, str(ROOT / "tests" / "srun_step.py"), port, str(k), ",".join([str(ranks // nodes)]
+                     * nodes), "localhost", "--", sys.executable, main] for k in range(nodes)]
     elif nodes == 1:
         commands = [["deepspeed", "--num_gpus", str(ranks), "--master_port", port, main]]
     else:
@@ -617,10 +627,10 @@ def main(argv: list[str] | None = None) -> int:
         back = {b["launch"]: f"(from step {b['from']}) " for b in result.get("branches", [])}
         changes = [c + [z] * bool(switch) for c, z, switch
                    in zip(settings["changes"], zero_configs(settings), settings["zero_switch"])]
-        launches = " -> ".join(back.get(n, "") + f"{k}n:" * (k > 1) + f"{r}x{m}x{a}" + f" [{' '.join(c)}]" * bool(c)
-                               + " (SIGTERM)" * p for n, ((r, m, a), k, p, c)
+        launches = " -> ".join(back.get(n, "") + "srun " * s + f"{k}n:" * (k > 1) + f"{r}x{m}x{a}"
+                               + f" [{' '.join(c)}]" * bool(c) + " (SIGTERM)" * p for n, ((r, m, a), k, p, c, s)
                                in enumerate(zip(result["launches"], settings["nodes"], result["preempt"] + [False],
-                                                changes), start=1))
+                                                changes, settings["srun"]), start=1))
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
