@@ -328,6 +328,7 @@ def test_tasks_that_srun_starts_train_as_one_job_and_name_a_killed_peer(files, t
 
     task = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     assert srun_env(task) is None  # a batch script: no step
+    assert srun_env({**task, "SLURM_STEP_ID": str(0xFFFFFFFE)}) is None  # (or the batch step's own id)
     assert srun_env({**task, "SLURM_STEP_ID": "0", "RANK": "0"}) is None  # srun torchrun ...: its launcher's
     assert srun_env({**task, "SLURM_STEP_ID": "3", "SLURM_STEP_NUM_TASKS": "1"}) is None  # a step of one task
     assert srun_env({**task, "SLURM_STEP_ID": "3", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",

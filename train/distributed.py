@@ -115,19 +115,28 @@ def srun_env(environ) -> dict[str, str] | None:
     the first node of the step); the rendezvous port from the job and step ids unless MASTER_PORT is set. None where a
     launcher set RANK (`srun deepspeed ...`, `srun torchrun ...`), outside a step (a batch script:
     SLURM_PROCID but no step) and for a step of one task."""
-    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID"))
+    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID")) or ""
     world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
-    if "RANK" in environ or "SLURM_PROCID" not in environ or step is None or world < 2:
+    if ("RANK" in environ or "SLURM_PROCID" not in environ or world < 2
+            or not step.isdigit() or int(step) >= SLURM_SPECIAL_STEPS):  # the batch script's, the extern step
         return None
     node = int(environ.get("SLURM_NODEID", 0))
+    per_node = _per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1")
     on_node = (len(environ["SLURM_GTIDS"].split(",")) if environ.get("SLURM_GTIDS") else
-               _per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1")[node])
+               per_node[min(node, len(per_node) - 1)])
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(world), "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
             "LOCAL_WORLD_SIZE": str(on_node), "LOCAL_SIZE": str(on_node),  # (DeepSpeed's CPU all-reduce reads it)
             "MASTER_ADDR": environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1"),
-            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", 0)) % 1000 * 10
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + _digits(environ.get("SLURM_JOB_ID")) % 1000 * 10
                                                                + int(step) % 10)}
+
+
+def _digits(text: str | None) -> int:
+    return int(re.sub(r"\D", "", text or "") or 0)
+
+
+SLURM_SPECIAL_STEPS = 0xFFFFFFF0  # from here up, step ids of SLURM's own steps (batch 0xFFFFFFFE, extern ...)
 
 
 def _per_node(tasks: str) -> list[int]:
