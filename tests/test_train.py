@@ -387,9 +387,10 @@ def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
 
 
 @pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "zero_off", "unknown_model",
-                                  "inconsistent_model", "processor", "out_of_range"])
+                                  "inconsistent_model", "processor", "out_of_range", "output_dir"])
 def test_bad_configuration_fails_before_training(files, tmp_path, case):
-    out = tmp_path / "run"
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / ("a_file/run" if case == "output_dir" else "run")  # (it was a traceback from mkdir)
     args = {"missing_data": ["--data", str(tmp_path / "nowhere"), "--model_config", str(files["resnet"]),
                              "--processor", str(files["processor"])],
             "class_count": ["--data", str(files["photos"]), "--model_config", str(tmp_path / "five.json"),
@@ -405,7 +406,9 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
             "processor": ["--data", str(files["photos"]), "--model_config", str(files["vit"])],
             # a micro batch of 0 divided by zero in the loader, an --epochs 0 "trained" nothing
             "out_of_range": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
-                             "--processor", str(files["processor"]), "--micro_batch_size", "0", "--epochs", "0"]}[case]
+                             "--processor", str(files["processor"]), "--micro_batch_size", "0", "--epochs", "0"],
+            "output_dir": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
+                           "--processor", str(files["processor"])]}[case]
     (tmp_path / "five.json").write_text(json.dumps({**TINY_RESNET, "num_labels": 5}))
     # two stages' sizes, and ConvNeXt's default of 4 stages: transformers fails deep inside the model's __init__
     (tmp_path / "convnext.json").write_text(json.dumps({"model_type": "convnext", "hidden_sizes": [16, 32],
@@ -423,7 +426,8 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
                 "inconsistent_model": f"--model_config {tmp_path / 'convnext.json'}: transformers failed building the "
                                       f"model from its config (IndexError: list index out of range)",
                 "processor": "pass --processor NAME_OR_DIR",
-                "out_of_range": "  - --epochs 0: above 0\n  - --micro_batch_size 0: 1 or more\n"}[case]
+                "out_of_range": "  - --epochs 0: above 0\n  - --micro_batch_size 0: 1 or more\n",
+                "output_dir": f"--output_dir {out}: {tmp_path / 'a_file'} is a file, not a folder"}[case]
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-3000:]
     assert "nothing was trained" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()

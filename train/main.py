@@ -64,7 +64,7 @@ from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pairs, cast_parameters, load_trained,
                          freeze_backbone, layer_stages, model_at_size, model_labels, model_source, parameter_groups,
                          prepare_precision, size_bound)
-from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, prepare_output_dir
+from train.output_dir import MODEL_EXPORT, agreed_resume, claim_output_dir, output_dir_problem, prepare_output_dir
 from train.perf import (clear_stale_build_locks, cpu_info_once, deepspeed_arch_list, defer_muon_compile,
                         fused_adam_is_built, peak_tflops, train_flops_per_image)
 from train.resume import (data_order, loader_state, read_trainer_state, recipe_changes, restart_hint,
@@ -267,8 +267,12 @@ def setup(args: TrainArgs) -> Run:
 
     output_dir = Path(args.output_dir or Path("outputs") / f"{data.name}-{_model_name(args, model)}")
     order = data_order(args, ds_config, manifest)
-    resume, trainer_state = _resume_point(args, output_dir, rank=rank, world=world, classes=classes, order=order,
-                                          problems=problems)
+    if unusable := output_dir_problem(output_dir):
+        problems.append(unusable)
+        resume, trainer_state = None, {}
+    else:
+        resume, trainer_state = _resume_point(args, output_dir, rank=rank, world=world, classes=classes, order=order,
+                                              problems=problems)
     train_loader = eval_loader = None
     if not problems:
         train_loader, eval_loader = create_loaders(args, data=data, spec=spec, ds_config=ds_config,
@@ -479,11 +483,12 @@ def setup_eval(args: TrainArgs) -> Run:
         _, eval_loader = create_loaders(args, data=data, spec=spec, ds_config=ds_config,
                                         precision=precision, device=device, eval_samples=eval_samples, state=None,
                                         problems=problems, train=False)
+    output_dir = Path(args.output_dir or Path("outputs") / f"eval-{data.name}-{_model_name(args, model)}-{args.eval_split}")
+    problems += [unusable] if (unusable := output_dir_problem(output_dir)) else []
     agree(problems)
     if problems:
         raise ConfigError(problems)
 
-    output_dir = Path(args.output_dir or Path("outputs") / f"eval-{data.name}-{_model_name(args, model)}-{args.eval_split}")
     prepare_output_dir(output_dir, clear=False, resume=None, rank=rank)
     prepare_precision(model, DTYPES[precision])
     cast_parameters(model, DTYPES[precision])  # as DeepSpeed's engine would: the same logits as training's evals

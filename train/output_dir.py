@@ -22,6 +22,19 @@ from train.metrics import split_log
 MODEL_EXPORT = "model"  # OUTPUT/model: the run's save_pretrained folder
 
 
+def output_dir_problem(output_dir: Path) -> str | None:
+    """Why `output_dir` cannot be made or written in (a file where a folder must be, no permission,
+    a read-only file system), or None; found with the configuration's problems, nothing created."""
+    existing = output_dir.absolute()
+    while not existing.exists():  # the nearest folder there is: where the first mkdir writes
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--output_dir {output_dir}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--output_dir {output_dir}: {existing} cannot be written in (no permission, or a read-only file system)"
+    return None
+
+
 def prepare_output_dir(output_dir: Path, *, clear: bool, resume: Path | None, rank: int) -> list[Path]:
     """The output dir, claimed by this run, its old checkpoints removed when `clear`, checked to be
     shared by every rank. The checkpoints a resumed run does not continue are set aside in
