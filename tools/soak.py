@@ -342,9 +342,10 @@ def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, no
                  srun: bool = False) -> str | None:
     """What a launch whose `rank` was killed outright in `step` (TRAIN_FAIL_AT=R:S:kill, as the OOM
     killer does) got wrong: it fails (the killed rank's -9 alone, or through a launcher 247 or a
-    survivor's 1; under srun the highest task status, 137 or 1); every other rank says why it stops, each on the killed rank's node naming it and
-    how it died; a traceback only from the first to notice on another node (its collective's), which
-    names the rank that did not answer its post."""
+    survivor's 1; under srun the highest task status, 137 or 1); every other rank says why it
+    stops, each on the killed rank's node naming it and how it died; a traceback only from the
+    first to notice on another node (its collective's), which names the rank that did not answer
+    its post."""
     if ranks == 1:
         return None if code == -signal.SIGKILL else f"the only rank killed at step {step}: exit {code} (expected -9)"
     node = ranks // nodes
@@ -356,7 +357,8 @@ def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, no
         f"rank {rank}'s process (pid " in line or line.startswith("failed") and f"rank {rank} did not answer" in line
         for line in lines) and (k // node == rank // node or k in failed)]
     tracebacks = output.count("Traceback (most recent call")
-    if (code not in ((128 + signal.SIGKILL, 1) if srun else (256 - signal.SIGKILL, 1)) or silent or unnamed or tracebacks != len(failed)
+    expected = (128 + signal.SIGKILL, 1) if srun else (256 - signal.SIGKILL, 1)
+    if (code not in expected or silent or unnamed or tracebacks != len(failed)
             or any(k // node == rank // node for k in failed) or len(failed) > 1 or "terminate called" in output):
         return (f"rank {rank} killed at step {step}: exit {code} (expected 247 or 1), silent ranks {silent}, ranks "
                 f"not naming it {unnamed}, failed {failed} with {tracebacks} tracebacks")

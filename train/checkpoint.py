@@ -293,10 +293,10 @@ def export_model(*, checkpoint: Path, config, processor, out: Path, average: boo
     processor.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return ["its weight average"] * averaged + [note for note in notes if note]
+    return ["its weight average"] * averaged + notes
 
 
-def _frozen_in_fp32(weights: dict, frozen: Path) -> str | None:
+def _frozen_in_fp32(weights: dict, frozen: Path) -> str:
     """Puts the fp32 weights of a frozen backbone (`frozen`, as the run loaded them) in place of
     the checkpoint's bf16 or fp16 ones, if every one rounds to the checkpoint's (the same backbone:
     not so where a run resumed another's checkpoint built from another model); what was done."""

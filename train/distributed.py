@@ -115,7 +115,7 @@ def srun_env(environ) -> dict[str, str] | None:
     the first node of the step); the rendezvous port from the job and step ids unless MASTER_PORT is set. None where a
     launcher set RANK (`srun deepspeed ...`, `srun torchrun ...`), outside a step (a batch script:
     SLURM_PROCID but no step) and for a step of one task."""
-    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID")) or ""
+    step = _slurm_step(environ)[1] or ""
     world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
     if ("RANK" in environ or "SLURM_PROCID" not in environ or world < 2
             or not step.isdigit() or int(step) >= SLURM_SPECIAL_STEPS):  # the batch script's, the extern step
@@ -137,6 +137,11 @@ def _digits(text: str | None) -> int:
 
 
 SLURM_SPECIAL_STEPS = 0xFFFFFFF0  # from here up, step ids of SLURM's own steps (batch 0xFFFFFFFE, extern ...)
+
+
+def _slurm_step(environ) -> tuple[str | None, str | None]:
+    """(job id, step id) of a SLURM task's environment (older SLURM: SLURM_STEPID)."""
+    return environ.get("SLURM_JOB_ID"), environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID"))
 
 
 def _per_node(tasks: str) -> list[int]:
@@ -486,8 +491,7 @@ def _local_peers() -> dict[int, psutil.Process]:
 def _rank_in_job(env: dict) -> int | None:
     """The rank of the process that `env` (its environment as started) belongs to, if of this job."""
     if _SRUN_STEP:
-        step = (env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")))
-        return int(env["SLURM_PROCID"]) if step == _SRUN_STEP and "SLURM_PROCID" in env else None
+        return int(env["SLURM_PROCID"]) if _slurm_step(env) == _SRUN_STEP and "SLURM_PROCID" in env else None
     job = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     return int(env["RANK"]) if "RANK" in env and all(env.get(k) == v for k, v in job.items()) else None
 
@@ -543,7 +547,7 @@ def _init_distributed() -> None:
     global _SRUN_STEP
     if launched := srun_env(os.environ):
         os.environ.update(launched)
-        _SRUN_STEP = (os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID")))
+        _SRUN_STEP = _slurm_step(os.environ)
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
         os.environ.setdefault(key, value)
