@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT, encode, photo, read_with_dali
 from test_make_shards import shard_members
+from pipelines.shards import ShardFormatError, load_manifest
 
 datasets = pytest.importorskip("datasets")
 
@@ -147,6 +148,16 @@ def test_one_split_with_string_labels_is_split_here(beans, tmp_path):
         assert ["caf\u00e9", "cat", "zebra"][int(sample["cls"])] == names[i % 3]
         if i % 3:  # clean JPEG: the picture column's bytes, not other_image's
             assert sample["jpg"] == image_bytes(i, "train")
+
+    # rows of one label alone would train a classifier of one class: the manifest records why, exit 1
+    ds.select(range(0, 30, 3)).to_parquet(str(tmp_path / "zebras" / "train-00000-of-00001.parquet"))
+    zebras = run_tool(tmp_path / "zebras", tmp_path / "zebra_shards", "--image-column", "picture",
+                      "--label-column", "kind")
+    assert zebras.returncode == 1 and "Traceback" not in zebras.stderr
+    assert ("make_shards: error: one class alone, 'zebra', has valid train images: a classifier needs two classes "
+            "or more") in zebras.stderr
+    with pytest.raises(ShardFormatError, match="one class alone"):
+        load_manifest(tmp_path / "zebra_shards")
 
 
 def test_splits_it_does_not_know_are_refused_or_mapped(beans, tmp_path):

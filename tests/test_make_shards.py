@@ -66,6 +66,9 @@ def test_class_folders_round_trip_through_dali_and_webdataset(class_folders, tmp
         load_manifest(class_folders)
     with pytest.raises(ShardFormatError, match=f"{tmp_path / 'nowhere'} does not exist"):
         load_manifest(tmp_path / "nowhere")
+    with pytest.raises(ShardFormatError, match=f"{out / 'val'} is the val split of the shards in {out}: pass --data "
+                                               f"{out}$"):  # a split's folder passed for the shards
+        load_manifest(out / "val")
     # 13 cat images (12 kinds + the long name), 12 dog.big, 12 zebra; val = round(n / 4)
     assert manifest["splits"]["val"]["per_class"] == {"cat": 3, "dog.big": 3, "zebra": 3}
     assert manifest["splits"]["train"]["per_class"] == {"cat": 10, "dog.big": 9, "zebra": 9}
@@ -186,13 +189,13 @@ def test_train_val_layout_kept_as_given_and_bad_inputs_counted(tmp_path):
 
 def test_too_many_bad_inputs_fail_but_keep_the_manifest(tmp_path):
     src = tmp_path / "src"
-    write_class(src / "ant", 0)
+    inputs = write_class(src / "ant", 0) + write_class(src / "bee", 20) + 5
     write_bad_files(src / "ant")
     out = tmp_path / "out"
     result = run_tool(src, out, "--min-side", "8")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"make_shards: error: 5 of 17 inputs skipped (29.4% > --max-bad-fraction 1.0%); "
+        f"make_shards: error: 5 of {inputs} inputs skipped ({5 / inputs:.1%} > --max-bad-fraction 1.0%); "
         f"the list is under 'skipped' in {out.resolve() / 'manifest.json'}"
     )
     with pytest.raises(ShardFormatError, match="records a failed make_shards run"):
@@ -200,8 +203,12 @@ def test_too_many_bad_inputs_fail_but_keep_the_manifest(tmp_path):
     assert len(load_manifest(out, allow_errors=True)["skipped"]) == 5
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no_images", "only_bad", "inside"])
+@pytest.mark.parametrize("case", ["missing", "empty", "no_images", "only_bad", "inside", "one_class", "unpacked",
+                                  "unpacked_splits", "unpacked_in_train", "shards"])
 def test_unusable_sources_are_one_line_errors(tmp_path, case):
+    """A source that would make no usable shards is refused before any work, in one line. One class
+    folder would train a classifier of one class to 100% top-1 (an archive unpacked into a folder of
+    its own gives one): refused, and where the classes seem to be is said."""
     src = tmp_path / "src"
     if case == "empty":
         src.mkdir()
@@ -211,6 +218,19 @@ def test_unusable_sources_are_one_line_errors(tmp_path, case):
     elif case == "only_bad":
         write_class(src / "ant", 0)
         write(src / "bee" / "broken.jpg", b"\xff\xd8 not really")
+    elif case == "one_class":
+        write_class(src / "ant", 0)
+    elif case.startswith("unpacked"):
+        inner = {"unpacked": src / "flowers", "unpacked_splits": src / "flowers" / "train",
+                 "unpacked_in_train": src / "train" / "flowers"}[case]
+        for n, name in enumerate(("ant", "bee", "wasp")):
+            write(inner / name / "0.jpg", encode(photo(n), "JPEG"))
+        if case == "unpacked_splits":
+            write(src / "flowers" / "val" / "ant" / "0.jpg", encode(photo(3), "JPEG"))
+    elif case == "shards":  # the output of this tool passed as its source
+        for n, name in enumerate(("ant", "bee")):
+            write(tmp_path / "images" / name / "0.jpg", encode(photo(n), "JPEG"))
+        make_shards(src=tmp_path / "images", out=src, val_fraction=0, progress=False)
     out = src / "out" if case == "inside" else tmp_path / "out"
     if case == "inside":
         write_class(src / "ant", 0)
@@ -221,9 +241,21 @@ def test_unusable_sources_are_one_line_errors(tmp_path, case):
         "no_images": (2, f"class folder {src / 'bee'} has no image files"),
         "only_bad": (1, "class 'bee' has no valid train image"),
         "inside": (2, "must not be inside SRC"),
+        "one_class": (2, f"{src} has one class folder, ant/: a classifier needs two classes or more\n"),
+        "shards": (2, f"{src} holds shards written by this tool (manifest.json), not images: train on it with "
+                      f"--data {src}\n"),
+        "unpacked": (2, f"{src} has one class folder, flowers/: a classifier needs two classes or more; its 3 folders "
+                        f"(ant, bee, wasp) look like the classes: pass {src / 'flowers'} as SRC\n"),
+        "unpacked_splits": (2, f"{src} has one class folder, flowers/: a classifier needs two classes or more; "
+                               f"{src / 'flowers'} holds the split folders (train, val): pass it as SRC\n"),
+        "unpacked_in_train": (2, f"{src / 'train'} has one class folder, flowers/: a classifier needs two classes or "
+                                 f"more; its 3 folders (ant, bee, wasp) look like the classes: move them up into "
+                                 f"{src / 'train'}\n"),
     }[case]
     assert result.returncode == expected[0]
     assert expected[1] in result.stderr and "Traceback" not in result.stderr
+    if case == "only_bad":  # its train images are all of one class now: that is said too
+        assert "one class alone, 'ant', has valid train images: a classifier needs two classes or more" in result.stderr
 
 
 def test_multi_digit_labels_survive_the_round_trip(tmp_path):
@@ -337,11 +369,12 @@ def test_tar_header_is_byte_identical_to_tarfile(name, size):
 def test_float_pixels_are_skipped_as_unsupported(tmp_path):
     src = tmp_path / "src"
     write_class(src / "ant", 0)
+    write(src / "bee" / "0.jpg", encode(photo(30), "JPEG"))
     depth = Image.fromarray(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64), "F")
     write(src / "ant" / "depth.tif", encode(depth, "TIFF"))
     manifest = make_shards(src=src, out=tmp_path / "out", val_fraction=0, max_bad_fraction=0.1, progress=False)
     assert manifest["skipped"] == [{"path": "ant/depth.tif", "reason": "unsupported_mode", "detail": "pixel mode F"}]
-    assert manifest["splits"]["train"]["samples"] == len(VALID_KINDS)
+    assert manifest["splits"]["train"]["samples"] == len(VALID_KINDS) + 1
 
 
 @pytest.mark.parametrize("val_name", ["val", "validation", "valid", "dev", "Validation"])
@@ -489,6 +522,7 @@ def test_byte_identical_copies_never_reach_val_beside_train(tmp_path):
     for split, n in (("train", 4), ("val", 2)):
         for i in range(n):
             write(given / split / "ant" / f"{i}.jpg", encode(photo(i + 10 * (split == "val"), (40, 30)), "JPEG"))
+    write(given / "train" / "bee" / "0.jpg", encode(photo(20, (40, 30)), "JPEG"))
     write(given / "val" / "ant" / "leak.jpg", (given / "train" / "ant" / "2.jpg").read_bytes())
     result = run_tool(given, tmp_path / "given_out", "--workers", "1")
     assert result.returncode == 0, result.stderr

@@ -387,9 +387,17 @@ def test_builtin_default_trains_digits_to_90_percent(tmp_path, device):
 
 
 @pytest.mark.parametrize("case", ["missing_data", "class_count", "batch_arithmetic", "zero_off", "unknown_model",
-                                  "inconsistent_model", "processor", "out_of_range", "output_dir"])
+                                  "inconsistent_model", "processor", "out_of_range", "output_dir", "one_class"])
 def test_bad_configuration_fails_before_training(files, tmp_path, case):
     (tmp_path / "a_file").write_text("")
+    # shards of one class (make_shards refuses to write them now; older ones did, from a source folder
+    # holding one folder with the class folders inside): a classifier of one class trained to 100% top-1
+    shutil.copytree(files["photos"], tmp_path / "one_class")
+    manifest = json.loads((tmp_path / "one_class" / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        split["per_class"] = {"flowers": split["samples"]}
+    (tmp_path / "one_class" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "one_class" / "classes.json").write_text(json.dumps(["flowers"]))
     out = tmp_path / ("a_file/run" if case == "output_dir" else "run")  # (it was a traceback from mkdir)
     args = {"missing_data": ["--data", str(tmp_path / "nowhere"), "--model_config", str(files["resnet"]),
                              "--processor", str(files["processor"])],
@@ -408,7 +416,9 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
             "out_of_range": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
                              "--processor", str(files["processor"]), "--micro_batch_size", "0", "--epochs", "0"],
             "output_dir": ["--data", str(files["photos"]), "--model_config", str(files["resnet"]),
-                           "--processor", str(files["processor"])]}[case]
+                           "--processor", str(files["processor"])],
+            "one_class": ["--data", str(tmp_path / "one_class"), "--model_config", str(files["resnet"]),
+                          "--processor", str(files["processor"])]}[case]
     (tmp_path / "five.json").write_text(json.dumps({**TINY_RESNET, "num_labels": 5}))
     # two stages' sizes, and ConvNeXt's default of 4 stages: transformers fails deep inside the model's __init__
     (tmp_path / "convnext.json").write_text(json.dumps({"model_type": "convnext", "hidden_sizes": [16, 32],
@@ -427,7 +437,9 @@ def test_bad_configuration_fails_before_training(files, tmp_path, case):
                                       f"model from its config (IndexError: list index out of range)",
                 "processor": "pass --processor NAME_OR_DIR",
                 "out_of_range": "  - --epochs 0: above 0\n  - --micro_batch_size 0: 1 or more\n",
-                "output_dir": f"--output_dir {out}: {tmp_path / 'a_file'} is a file, not a folder"}[case]
+                "output_dir": f"--output_dir {out}: {tmp_path / 'a_file'} is a file, not a folder",
+                "one_class": f"--data {tmp_path / 'one_class'}: its classes are ['flowers']: a classifier needs two "
+                             f"classes or more"}[case]
     assert done.returncode == 2 and expected in done.stderr, done.stderr[-3000:]
     assert "nothing was trained" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()

@@ -292,6 +292,9 @@ def find_sources(src: Path, *, classes_file: Path | None):
 
     found = sorted(set().union(*(f.keys() for f in files.values())))
     if not found:
+        if (src / MANIFEST_FILE).is_file():
+            raise ShardingError(f"{src} holds shards written by this tool ({MANIFEST_FILE}), not images: train on it "
+                                f"with --data {src}")
         raise ShardingError(f"{src} has no class folders (expected SRC/<class>/<image> or SRC/train/<class>/...)")
     if classes_file:
         classes = load_class_list(classes_file)
@@ -307,7 +310,29 @@ def find_sources(src: Path, *, classes_file: Path | None):
         for split in ("val", "test"):
             if missing := sorted(files.get(split, {}).keys() - files["train"].keys()):
                 raise ShardingError(f"classes {missing[:5]} have a {roots[split].name} folder but no train folder in {src}")
+    train = "train" if layout == "train_val" else None
+    if len(files[train]) < 2:
+        raise ShardingError(one_class(folders[train, next(iter(files[train]))], layout=layout))
     return classes, files, skipped, ignored, system, layout
+
+
+def one_class(folder: Path, *, layout: str) -> str:
+    """The error for a source whose train images are all in one class folder, and where the classes
+    seem to be: an archive unpacked into a folder of its own (SRC/flowers/<class>/...) gives one."""
+    error = f"{folder.parent} has one class folder, {folder.name}/: a classifier needs two classes or more"
+    inner = sorted(d.name for d in folder.iterdir() if d.is_dir() and not left_out(d.name))
+    if len(inner) < 2:
+        return error
+    named = ", ".join(inner[:5]) + (", ..." if len(inner) > 5 else "")
+    try:
+        splits = split_folders(folder)
+    except ShardingError:
+        splits = None
+    if splits:
+        return f"{error}; {folder} holds the split folders ({named}): pass it as SRC"
+    if layout == "class_folders":
+        return f"{error}; its {len(inner)} folders ({named}) look like the classes: pass {folder} as SRC"
+    return f"{error}; its {len(inner)} folders ({named}) look like the classes: move them up into {folder.parent}"
 
 
 def split_valid(files: dict[str | None, dict[str, list[str]]], digests: dict[str, int], *, label: dict[str, int],
@@ -574,6 +599,10 @@ def unusable(files: dict, classes: list[str], per_class: dict, *, skipped: int, 
     present = set(c for in_split in files.values() for c in in_split)
     errors += [f"class {name!r} has no valid train image (see 'skipped' in {manifest})"
                for name in classes if name in present and not per_class["train"][classes.index(name)]]
+    trained = [name for i, name in enumerate(classes) if per_class["train"][i]]
+    if len(trained) < 2:
+        errors.append((f"one class alone, {trained[0]!r}," if trained else "no class") + " has valid train images: a "
+                      "classifier needs two classes or more")
     return errors
 
 

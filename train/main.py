@@ -574,6 +574,13 @@ def _data(args: TrainArgs, *, local_rank: int, problems: list[str]) -> tuple[Pat
     except ShardFormatError as e:
         problems.append(f"--data: {e}")
         return data, None, [], 0
+    trained = [name for name, n in manifest["splits"]["train"]["per_class"].items() if n]
+    if len(classes) < 2 or (len(trained) < 2 and not args.eval_only):
+        problems.append(f"--data {data}: " + (f"its classes are {classes}" if len(classes) < 2 else
+                                               f"its train images are all of one class, {trained[0]!r}" if trained else
+                                               "it has no train images") +
+                        ": a classifier needs two classes or more (a source folder of one class folder holding the "
+                        "classes? shard that folder)")
     eval_samples = manifest["splits"].get(args.eval_split, {}).get("samples", 0)
     if not eval_samples and "eval_split" in args.given:
         problems.append(f"--eval_split {args.eval_split}: {data} has no {args.eval_split} samples "
