@@ -105,6 +105,10 @@ def spec_from_processor(processor) -> PreprocessSpec:
         crop = (crop_size.height, crop_size.width) if crop_size is not None and crop_size.height else None
         if crop is None:
             problems.append(f"crop_size={crop_size}")
+    elif shortest and name != "ConvNextImageProcessor":  # (ConvNeXt's own rule makes squares, below)
+        problems.append(f"size={{'shortest_edge': {shortest}}} without a center crop (each image would keep its "
+                        f"aspect ratio: sizes that differ cannot be batched, nor fed to a model of one input size; "
+                        f"set do_center_crop and crop_size, or size height and width)")
     if problems:
         raise ProcessorError(f"{name}: cannot map {'; '.join(problems)}")
 

@@ -394,6 +394,11 @@ def test_unmappable_processors_are_named(tmp_path):
         spec_from_processor(T.DetrImageProcessorPil())
     with pytest.raises(ProcessorError, match="ViTImageProcessor: cannot map do_resize=False"):
         spec_from_processor(T.ViTImageProcessorPil(do_resize=False))
+    # a shortest-edge resize without a crop keeps each image's aspect ratio: the first eval, after an
+    # epoch of training, failed in the model ("Input image size (32*38) doesn't match model (32*32)")
+    for processor in (T.CLIPImageProcessorPil(do_center_crop=False), T.ViTImageProcessorPil(size={"shortest_edge": 32})):
+        with pytest.raises(ProcessorError, match=r"cannot map size=\{'shortest_edge': (224|32)\} without a center crop"):
+            spec_from_processor(processor)
     with pytest.raises(ProcessorError, match="cannot load an image processor from"):
         spec_from_processor(tmp_path / "nowhere")
 
