@@ -362,9 +362,14 @@ def test_shards_without_val_images_train_and_export_the_last_checkpoint(files, t
     flags = common(files, "photos", "resnet", out)
     flags[flags.index("--data") + 1] = str(shards)
     done = train(["--ds_config", "ds_configs/zero2.json", *flags, "--max_steps", "3", "--eval_steps", "1",
-                  "--log_steps", "1", "--micro_batch_size", "4", "--wandb_mode", "disabled"])
+                  "--log_steps", "1", "--micro_batch_size", "4", "--wandb_mode", "disabled", "--warmup_steps", "5",
+                  "--lr", "1e-3"])
     assert (f"train: no val images in {shards}: nothing is evaluated, and the export is the last checkpoint"
             in done.stdout)
+    # a warmup longer than the run (a smoke test beside a long run's flags): the lr never reaches --lr
+    assert ("train: warning: the warmup (5 steps) is as long as the run (3) or longer: the learning rate rises to "
+            "0.0004 at most, never to 0.001 (--warmup_steps)") in done.stdout
+    assert max(m["train/lr"] for m in metrics(out)) == pytest.approx(1e-3 * 2 / 5)
     assert "(from step-00000003, the last)" in done.stdout and "final eval" not in done.stdout
     rows = metrics(out)
     assert [m["step"] for m in rows] == [1, 2, 3] and not any(key.startswith("eval") for m in rows for key in m)

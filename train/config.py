@@ -119,7 +119,7 @@ def resolve_schedule(config: dict, args: TrainArgs, *, total_steps: int, warmup_
     """The learning-rate schedule. A `scheduler` section in the config is DeepSpeed's, its "auto"
     values filled here (returns None). Without one, --lr_scheduler picks Hugging Face's
     warmup-then-decay schedule (returns a factory for `deepspeed.initialize(lr_scheduler=...)`):
-    step k uses lr x k/warmup during warmup, then decays to 0 at the last step, as in HF Trainer.
+    step k (from 1) uses lr x (k - 1)/warmup during warmup, then decays towards 0, as in HF Trainer.
     """
     config.setdefault("steps_per_print", 10**9)  # the trainer prints its own progress
     config.setdefault("wall_clock_breakdown", False)

@@ -395,7 +395,7 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
             + (f"train: {config['resampled']}\n" if config["resampled"] else "")
             + (f"train: backbone frozen ({config['frozen_parameters'] / 1e6:.2f}M parameters): the head's "
                f"{config['parameters'] - config['frozen_parameters']:,} train\n" if config["frozen_parameters"] else "")
-            + _layer_decay_line(run)
+            + _layer_decay_line(run) + _warmup_line(run)
             + (f"train: weight average (EMA), decay {args.ema_decay:g}: evals and the export use it (eval/); the "
                f"trained weights' evals are eval_no_ema/\n" if run.ema is not None else "")
             + (f"train: no {args.eval_split} images in {run.data}: nothing is evaluated"
@@ -407,6 +407,17 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
             f"train: output in {run.output_dir}; {wandb}"
             + (f"\ntrain: resuming from {resumed} (step {run.step})" if resumed else "")
             + (f"\ntrain: this run's settings apply from step {run.step + 1}: {'; '.join(changes)}" if changes else ""))
+
+
+def _warmup_line(run: Run) -> str:
+    """A warmup as long as the run or longer (a smoke test's --max_steps with a long run's warmup, or
+    fewer epochs than before): the learning rate never reaches its peak, nor decays."""
+    warmup, lr = run.recipe["warmup_steps"], run.recipe["lr"]
+    if not warmup or warmup < run.total_steps or "scheduler" in run.ds_config:
+        return ""
+    return (f"train: warning: the warmup ({warmup} steps) is as long as the run ({run.total_steps}) or longer: the "
+            f"learning rate rises to {lr * (run.total_steps - 1) / warmup:.3g} at most, never to {lr:g} "
+            f"(--warmup_steps)\n")
 
 
 def _layer_decay_line(run: Run) -> str:
