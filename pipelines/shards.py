@@ -354,7 +354,7 @@ def _not_shards(root: Path, *, look_at: int = 5000) -> str:
     if not root.exists():
         return f"{root} does not exist"
     if root.name in SPLITS and (root.parent / MANIFEST_FILE).is_file():
-        return f"{root} is the {root.name} split of the shards in {root.parent}: pass --data {root.parent}"
+        return f"{root} is the {root.name} split of the shards in {root.parent}: pass {root.parent}"
     images = set(Image.registered_extensions())
     seen = 0
     for folder, dirs, files in os.walk(root):
