@@ -338,6 +338,12 @@ def test_tasks_that_srun_starts_train_as_one_job_and_name_a_killed_peer(files, t
     from train.main import unseen_device  # each task given a GPU of its own (--gpus-per-task): refused, named
     assert unseen_device(0, 1) is None and unseen_device(3, 8) is None
     assert "is rank 3 of its node but sees 1 GPU(s)" in unseen_device(3, 1) and "--gpus-per-node" in unseen_device(3, 1)
+    # a task bound to one CPU (srun's default without --cpus-per-task) feeds a GPU from one core: said in the banner
+    from train.distributed import few_cores
+    assert "may run on 1 of the node's 64 CPU cores" in few_cores("cuda", mine=1, node=64)
+    assert "--cpus-per-task" in few_cores("cuda", mine=2, node=64)
+    assert few_cores("cuda", mine=8, node=64) is None and few_cores("cuda", mine=2, node=2) is None  # a small machine
+    assert few_cores("cpu", mine=1, node=64) is None  # the model computes on those cores: no GPU to starve
 
 
 def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):

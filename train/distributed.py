@@ -597,6 +597,21 @@ def agree(problems: list[str]) -> None:
     problems[:] = list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems))
 
 
+FEW_CORES = 4  # a GPU rank's DALI threads and training loop on fewer cores than this may keep its GPU waiting
+
+
+def few_cores(device_type: str, *, mine: int | None = None, node: int | None = None) -> str | None:
+    """Why a GPU rank may wait for data: its process may run on fewer than FEW_CORES of the node's
+    cores (srun binds a task to one CPU unless --cpus-per-task says more), or None."""
+    mine = len(os.sched_getaffinity(0)) if mine is None else mine
+    node = (os.cpu_count() or 1) if node is None else node
+    if device_type != "cuda" or mine >= FEW_CORES or mine >= node:
+        return None
+    return (f"this rank may run on {mine} of the node's {node} CPU cores (its affinity): DALI's threads and the "
+            f"training loop share them, and the GPU may wait for data (perf/data_wait_fraction); under srun, give "
+            f"each task cores with --cpus-per-task")
+
+
 def cpu_share() -> int:
     """This rank's cores: its node's (as far as it may run on them) over the node's ranks; a task
     that srun bound to its own --cpus-per-task has them already."""

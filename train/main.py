@@ -56,7 +56,7 @@ from train.checkpoint import (EMA_FILE, FROZEN_FILE, MODEL_FILES, CheckpointErro
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
-                               exit_rank, hold_sigterm, lost_peer, watch_sigterm)
+                               exit_rank, few_cores, hold_sigterm, lost_peer, watch_sigterm)
 from train.ema import WeightAverage
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
@@ -396,6 +396,7 @@ def _banner(run: Run, config: dict, *, resumed: Path | None, changes: list[str],
             + (f"train: backbone frozen ({config['frozen_parameters'] / 1e6:.2f}M parameters): the head's "
                f"{config['parameters'] - config['frozen_parameters']:,} train\n" if config["frozen_parameters"] else "")
             + _layer_decay_line(run) + _warmup_line(run)
+            + (f"train: warning: {starved}\n" if (starved := few_cores(run.device.type)) else "")
             + (f"train: weight average (EMA), decay {args.ema_decay:g}: evals and the export use it (eval/); the "
                f"trained weights' evals are eval_no_ema/\n" if run.ema is not None else "")
             + (f"train: no {args.eval_split} images in {run.data}: nothing is evaluated"
