@@ -414,7 +414,7 @@ def _warmup_line(run: Run) -> str:
     """A warmup as long as the run or longer (a smoke test's --max_steps with a long run's warmup, or
     fewer epochs than before): the learning rate never reaches its peak, nor decays."""
     warmup, lr = run.recipe["warmup_steps"], run.recipe["lr"]
-    if not warmup or warmup < run.total_steps or "scheduler" in run.ds_config:
+    if not warmup or warmup < run.total_steps or lr is None or "scheduler" in run.ds_config:
         return ""
     return (f"train: warning: the warmup ({warmup} steps) is as long as the run ({run.total_steps}) or longer: the "
             f"learning rate rises to {lr * (run.total_steps - 1) / warmup:.3g} at most, never to {lr:g} "
