@@ -710,9 +710,10 @@ def test_rank_0_killed_under_torchrun_is_named_by_its_peers(files, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 1, output[-3000:]
-    # (a survivor that looks after the agent reaped rank 0 finds it ended, not how)
+    # (a survivor that looks after the agent reaped rank 0 finds it ended, not how; "at step N" is where
+    # the survivor is: 3, or 2 for one still in step 2's hooks, after the save, when rank 0 died in step 3)
     died = re.findall(r"rank (\d): stopping: rank 0's process \(pid \d+\) (?:was killed by SIGKILL|has ended) at "
-                      r"step 3", output)
+                      r"step [23]\b", output)
     assert sorted(died) == ["1", "2"], output[-5000:]
     assert "stopped by SIGTERM" not in output
     checkpoints = out / "checkpoints"
