@@ -360,8 +360,8 @@ def kill_problem(code: int, output: str, *, rank: int, step: int, ranks: int, no
     expected = (128 + signal.SIGKILL, 1) if srun else (256 - signal.SIGKILL, 1)
     if (code not in expected or silent or unnamed or tracebacks != len(failed)
             or any(k // node == rank // node for k in failed) or len(failed) > 1 or "terminate called" in output):
-        return (f"rank {rank} killed at step {step}: exit {code} (expected 247 or 1), silent ranks {silent}, ranks "
-                f"not naming it {unnamed}, failed {failed} with {tracebacks} tracebacks")
+        return (f"rank {rank} killed at step {step}: exit {code} (expected {' or '.join(map(str, expected))}), "
+                f"silent ranks {silent}, ranks not naming it {unnamed}, failed {failed} with {tracebacks} tracebacks")
     return None
 
 
