@@ -288,8 +288,11 @@ def test_same_input_gives_byte_identical_shards(digits_folder, tmp_path):
     assert other["splits"]["train"]["shards"][0]["sha256"] != first["splits"]["train"]["shards"][0]["sha256"]
 
 
-def test_killed_run_leaves_no_complete_looking_shard(digits_folder, tmp_path):
-    out, flag = tmp_path / "out", tmp_path / "paused"
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "SIGTERM"])
+def test_killed_run_leaves_no_complete_looking_shard(digits_folder, tmp_path, how):
+    """Killed, or stopped by Ctrl-C (SIGINT to the terminal's process group) or SIGTERM (a
+    scheduler's time limit): the shards written stay, no manifest; stopped, it says so in one line."""
+    out, flag, errors = tmp_path / "out", tmp_path / "paused", tmp_path / "stderr"
     # Pause inside the 10th write, with shards of 4: two shards done, the third one open.
     script = f"""
 import sys, time
@@ -307,18 +310,27 @@ def paused_write(self, *args):
 shards.ShardWriter.write = paused_write
 sys.exit(make_shards.main([{str(digits_folder)!r}, {str(out)!r}, "--max-count", "4", "--workers", "2"]))
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(errors, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 120
     while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert flag.exists(), "the run never reached the pause"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, getattr(signal, how))
+    code = proc.wait(timeout=60)
 
     assert not (out / "manifest.json").exists()
     assert sorted(p.name for p in (out / "train").iterdir()) == [
         ".shard-000002.tar.tmp", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+    if how != "SIGKILL":
+        err = errors.read_text()
+        assert code == 128 + getattr(signal, how) and "Traceback" not in err, err
+        stopped = err.strip().splitlines()[-1]
+        assert stopped == (f"make_shards: stopped by {'Ctrl-C' if how == 'SIGINT' else how}: the shards written so "
+                           f"far in {out} are incomplete (no manifest.json, so no loader takes them); rerun with "
+                           f"--overwrite"), err
+        assert not (out / ".staged.tmp").exists()
     for tar_path in sorted((out / "train").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             members = {m.name: (m.offset_data, m.size) for m in tar}
@@ -326,9 +338,36 @@ sys.exit(make_shards.main([{str(digits_folder)!r}, {str(out)!r}, "--max-count", 
         assert members == indexed and len(indexed) == 8
 
     refused = run_tool(digits_folder, out)
-    assert refused.returncode == 2 and "pass --overwrite" in refused.stderr
+    assert refused.returncode == 2 and refused.stderr == (
+        f"make_shards: error: {out} holds shards without a manifest.json, which no loader takes (an interrupted "
+        f"run's); pass --overwrite to replace the shards in it\n")
     assert run_tool(digits_folder, out, "--overwrite").returncode == 0
     assert not list(out.rglob("*.tmp")) and verify_shards(out, decode=False) == []
+
+
+def test_ctrl_c_while_workers_check_is_one_line(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the workers leave it to the parent,
+    which ends them and says what it left, not one traceback per process."""
+    src, out, errors = tmp_path / "src", tmp_path / "out", tmp_path / "stderr"
+    for c in range(2):
+        for i in range(3):
+            write(src / f"c{c}" / f"{i}.png", encode(photo(c * 3 + i, (40, 30)), "PNG"))
+    os.mkfifo(src / "c1" / "9.png")  # a read that never ends: the workers are at work when Ctrl-C comes
+    with open(errors, "w") as stderr:
+        proc = subprocess.Popen([*MAKE_SHARDS, str(src), str(out), "--workers", "2"], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 60
+    while "checking" not in errors.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the pool's workers started, one in the read
+    assert proc.poll() is None, errors.read_text()
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=60)
+    err = errors.read_text()
+    assert code == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == "make_shards: stopped by Ctrl-C: nothing was written", err
+    assert list(out.iterdir()) == []  # the staging file removed
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""  # no worker left
 
 
 def test_verify_reports_what_is_wrong(digits_folder, tmp_path):

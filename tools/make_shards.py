@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -431,7 +432,7 @@ def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int
     With `keep_all` every valid input is staged (dataset rows cannot be read again).
     Inputs go to the workers a chunk at a time, so memory stays bounded on a stream of rows."""
     staged, digests, converted, skipped = {}, {}, [], []
-    with Pool(workers or os.cpu_count()) as pool, tqdm(total=total, unit="img", disable=not progress,
+    with Pool(workers or os.cpu_count(), initializer=_worker_signals) as pool, tqdm(total=total, unit="img", disable=not progress,
                                                          desc="checking") as bar:
         for chunk in _chunks(inputs):
             results = pool.imap(partial(convert_image, opts=opts), [image for _, image in chunk], chunksize=16)
@@ -449,6 +450,13 @@ def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int
                 if info:  # conversion reasons
                     converted.append({"path": relpath, "reasons": info})
     return staged, digests, converted, skipped
+
+
+def _worker_signals() -> None:
+    """A worker leaves Ctrl-C to the parent (which ends the pool: one message, not a traceback per
+    worker) and dies of the pool's SIGTERM as processes do."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _chunks(inputs: Iterable[tuple[str, str | bytes | None]]):
@@ -488,10 +496,39 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
     ours = [out / s for s in SPLITS] + [out / MANIFEST_FILE, out / CLASSES_FILE]
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ShardingError(f"{out} is not empty; pass --overwrite to replace the shards in it")
+            raise ShardingError(f"{out} {_holds(out)}; pass --overwrite to replace the shards in it")
         for path in ours:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _holds(out: Path) -> str:
+    """What the non-empty output folder `out` holds, for a message."""
+    if (out / MANIFEST_FILE).is_file():
+        return f"holds shards ({MANIFEST_FILE})"
+    if any((out / s).exists() for s in SPLITS) or (out / CLASSES_FILE).exists():
+        return f"holds shards without a {MANIFEST_FILE}, which no loader takes (an interrupted run's)"
+    return "is not empty"
+
+
+def interrupted(out: Path, how: str) -> str:
+    """The message for a run stopped by `how` (Ctrl-C, SIGTERM): what it left in `out`."""
+    if (out / MANIFEST_FILE).is_file():  # stopped before touching an earlier run's shards, or once done
+        left = f"{out} holds complete shards ({MANIFEST_FILE})"
+    elif out.exists() and any(out.iterdir()):
+        left = f"the shards written so far in {out} are incomplete (no {MANIFEST_FILE}, so no loader takes them); " \
+               f"rerun with --overwrite"
+    else:
+        left = "nothing was written"
+    return f"stopped by {how}: {left}"
+
+
+class _Terminated(Exception):
+    """SIGTERM (a scheduler's time limit, `kill`): raised in the main thread so that cleanup runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 class FolderInputs:
@@ -778,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--splits", type=parse_splits, help="which dataset split is which, e.g. train=train,val=test; unset: train; validation, "
                     "valid, val or dev; test (splits not named are left out)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         manifest = make_shards(
             src=args.src, out=args.out, val_fraction=args.val_fraction, seed=args.seed, classes_file=args.classes,
@@ -788,6 +826,10 @@ def main(argv: list[str] | None = None) -> int:
     except ShardingError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, _Terminated) as e:
+        sigint = isinstance(e, KeyboardInterrupt)
+        print(f"make_shards: {interrupted(args.out.resolve(), 'Ctrl-C' if sigint else 'SIGTERM')}", file=sys.stderr)
+        return 128 + (signal.SIGINT if sigint else signal.SIGTERM)
     print(summary(manifest, args.out))
     for error in manifest["errors"]:
         print(f"make_shards: error: {error}", file=sys.stderr)
