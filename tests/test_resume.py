@@ -39,6 +39,14 @@ def wait_for(paths: list[Path], timeout: float = 300, *, job: subprocess.Popen |
         time.sleep(0.1)
 
 
+def wait_for_text(log: Path, text: str, *, job: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the running `job` has written `text` to its `log`."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def wait_for_step(out: Path, step: int, *, job: subprocess.Popen, timeout: float = 300) -> None:
     """Until the running `job` has logged the train loss of `step` in OUT/metrics.jsonl."""
     wait_for([out / "metrics.jsonl"], timeout, job=job)
@@ -1052,12 +1060,14 @@ def break_sample(split_dir: Path, key: str) -> Path:
 def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, tmp_path):
     """A preempted job: SIGTERM to all its processes (as SLURM sends it; the launcher relays it too
     and kills the ranks 30 s later). Every rank stops after the same step, saved complete, and
-    --resume auto trains on from it to the end, each step once."""
+    --resume auto trains on from it to the end, each step once. W&B logs offline, as by default: its
+    process ends with the job's signal (the launcher ends rank 0's children too), and the next
+    log failed rank 0, so that a preempted run saved nothing; now W&B's logging stops there."""
     out = tmp_path / "run"
     args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "150",
             "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "100", "--eval_steps", "100", "--record_keys"]
     job = subprocess.Popen(launcher(ranks=2) + args, start_new_session=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=ROOT)
+                           stderr=subprocess.STDOUT, text=True, env={**os.environ, "WANDB_MODE": "offline"}, cwd=ROOT)
     try:
         wait_for_step(out, 3, job=job)
         assert signal_ranks(job, signal.SIGUSR1) == 2  # a hung run's diagnosis: each rank prints its stacks, trains on
@@ -1074,8 +1084,9 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
     assert (Path(stopped.group(2)) / "complete.json").is_file() and max(losses_by_step(out)) == step
     for rank in (0, 1):
         assert [s for s, _ in keys_by_step(out, rank)] == list(range(1, step + 1))
-    assert "Traceback" not in output
+    assert "Traceback" not in output and " failed " not in output, output[-3000:]
     assert len(re.findall(r"main\.py\", line \d+ in fit$", output, re.M)) == 2, output[-3000:]  # each rank's loop
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
 
     done = train(args + ["--resume", "auto"], env={"WANDB_MODE": "disabled"})
     assert f"(step {step})" in done.stdout
@@ -1087,6 +1098,79 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
         for epoch in range(50):
             seen = [k for s, ks in keys + other if epoch * 3 < s <= epoch * 3 + 3 for k in ks]
             assert len(seen) == len(set(seen)) == 36, epoch
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's job has it (a background job's is ignored)
+
+
+def _ctrl_c(files, out: Path, log: Path, *, via: str = "launch", env: dict, twice: bool = False,
+            relayed: bool = False) -> str:
+    """A 2-rank job stopped by Ctrl-C after step 4 (twice: again, a while after the first; relayed:
+    SIGINT to each rank again within a second, as torchrun relays it); its output."""
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "1000",
+            "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "3", "--eval_steps", "500"]
+    with open(log, "w") as sink:
+        job = subprocess.Popen(launcher(ranks=2, via=via) + args, start_new_session=True, stdout=sink,
+                               stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=ROOT,
+                               preexec_fn=_default_sigint)
+    try:
+        wait_for_step(out, 4, job=job)
+        os.killpg(job.pid, signal.SIGINT)
+        if relayed:
+            time.sleep(0.2)
+            assert signal_ranks(job, signal.SIGINT) == 2  # rank 0 0.2 s after the Ctrl-C, rank 1 0.7 s
+        if twice:
+            wait_for_text(log, "train: Ctrl-C: every rank saves a checkpoint within two steps and stops; Ctrl-C "
+                               "again stops at once, without saving", job=job)
+            time.sleep(1.5)  # (one within Preemption.RELAYED_S of the first is taken for a launcher's relay)
+            os.killpg(job.pid, signal.SIGINT)
+        job.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    return log.read_text()
+
+
+@pytest.mark.parametrize("via", ["launch", "torchrun"])
+def test_ctrl_c_saves_and_stops_every_rank(files, tmp_path, via):
+    """Ctrl-C: the terminal sends SIGINT to every process of the job. Each rank got a
+    KeyboardInterrupt traceback wherever it was, and the steps since the last checkpoint were
+    lost; now every rank saves the same step and stops, as on SIGTERM. W&B logs offline, as by
+    default (DeepSpeed's launcher ends its process too). torchrun relays SIGINT to its ranks: a
+    second one within a moment is that, not a second Ctrl-C: here each rank gets one more, in
+    Python (in step 5, where both pause), a moment after the first, as a GPU rank, which waits
+    little in C++, takes torchrun's."""
+    out = tmp_path / "run"
+    output = _ctrl_c(files, out, tmp_path / "job.log", via=via, relayed=True,
+                     env={"WANDB_MODE": "offline", "TRAIN_FAIL_AT": "0:5:pause=4,1:5:pause=4"})
+    rank_lines = "".join(line for line in output.splitlines(keepends=True) if not line.startswith(("W1", "Traceback",
+                                                                                                  "torch.distributed")))
+    # (torchrun's own SignalException traceback follows; the ranks' output has none)
+    assert "Traceback" not in rank_lines and "KeyboardInterrupt" not in rank_lines, output[-3000:]
+    stopped = re.search(r"train: stopped: Ctrl-C: every rank stopped after step (\d+); saved (\S+); --resume auto goes "
+                        r"on from it", output)
+    assert stopped and " failed " not in output and "stopped by a second Ctrl-C" not in output, output[-3000:]
+    step = int(stopped.group(1))
+    assert Path(stopped.group(2)) == out / "checkpoints" / f"step-{step:08d}"
+    assert (Path(stopped.group(2)) / "complete.json").is_file() and max(losses_by_step(out)) == step
+
+
+def test_ctrl_c_twice_stops_at_once_without_saving(files, tmp_path):
+    """A second Ctrl-C stops at once, without saving: here while rank 0 hangs in step 5 (rank 1
+    waits for it in a collective, where no Python handler runs)."""
+    out = tmp_path / "run"
+    output = _ctrl_c(files, out, tmp_path / "job.log", env={"WANDB_MODE": "disabled", "TRAIN_FAIL_AT": "0:5:hang"},
+                     twice=True)
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert "train: rank 0: stopped by a second Ctrl-C at step 5, without saving\ntrain: the newest complete " \
+           f"checkpoint, {out / 'checkpoints' / 'step-00000003'}, is intact (--resume auto goes on from it)" \
+           in output, output[-3000:]
+    # rank 1, back from the collective rank 0 left, stops on its own second Ctrl-C (rank 0 spoke
+    # first: one line) or is stopped by rank 0 (as a rank of another node, which gets no Ctrl-C)
+    assert re.findall(r"train: rank 1: .*", output) in (
+        [], ["train: rank 1: stopping: rank 0 was stopped by Ctrl-C at step 5, without saving"]), output[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003"]
 
 
 @pytest.mark.parametrize("via", ["deepspeed", "torchrun"])

@@ -432,8 +432,8 @@ def check_inputs(inputs: Iterable[tuple[str, str | bytes | None]], *, total: int
     With `keep_all` every valid input is staged (dataset rows cannot be read again).
     Inputs go to the workers a chunk at a time, so memory stays bounded on a stream of rows."""
     staged, digests, converted, skipped = {}, {}, [], []
-    with Pool(workers or os.cpu_count(), initializer=_worker_signals) as pool, tqdm(total=total, unit="img", disable=not progress,
-                                                         desc="checking") as bar:
+    with Pool(workers or os.cpu_count(), initializer=_worker_signals) as pool, tqdm(
+            total=total, unit="img", disable=not progress, desc="checking") as bar:
         for chunk in _chunks(inputs):
             results = pool.imap(partial(convert_image, opts=opts), [image for _, image in chunk], chunksize=16)
             for (relpath, image), (status, payload, info, digest) in zip(chunk, results):

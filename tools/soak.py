@@ -166,6 +166,8 @@ def draw(rng: random.Random, *, precision: str, max_ranks: int = 4, split: bool 
     settings["random_erase"] = erasing.choice([None, None, 0.25])
     started = random.Random(json.dumps(settings, sort_keys=True))  # and launches of several ranks started by srun
     settings["srun"] = [ranks > 1 and started.random() < 0.3 for ranks, _, _ in settings["launches"]]  # (no launcher)
+    logged = random.Random(json.dumps(settings, sort_keys=True))  # and W&B offline, as by default (a scheduler's
+    settings["wandb"] = logged.choice(["disabled", "disabled", "offline"])  # SIGTERM ends its process too)
     return settings
 
 
@@ -274,6 +276,7 @@ def trial(trial_dir: Path, settings: dict, *, data: Path, rng: random.Random) ->
             nan_at = stop if nan_stops[n] else start + 1 + int(fault["at"] * ((stop or start + per_epoch * 3 // 2) - start))
             env["TRAIN_NAN_AT"] = nan_spec(fault, nan_at)
         srun = settings.get("srun", [False] * (last + 1))[n]
+        env["WANDB_MODE"] = settings.get("wandb", "disabled")
         code, output = launch(args, ranks=ranks, nodes=nodes, logs=trial_dir.parent / f"{trial_dir.name}.launch{n + 1}",
                               preempt_at=preempt_at, metrics=trial_dir / "metrics.jsonl", env=env, srun=srun)
         planned = int(found.group(1)) if (found := re.search(r"train: (\d+) steps", output)) else planned
@@ -636,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = ("FAILED " + result["failed"].splitlines()[0] if "failed" in result else
                    "; ".join(result["problems"]) or f"ok, {result['steps']} steps")
         tqdm.write(f"trial {n}: {settings['model']} {settings['zero']} {settings['precision']} "
+                   + "W&B offline " * (settings["wandb"] == "offline") +
                    f"--epochs {settings['epochs']} {' '.join(flags(settings))} ranks x micro x accum "
                    f"{launches} (stops at {result['stops']}{nan_shown(result)}): {verdict}")
         (args.json or args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")

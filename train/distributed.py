@@ -2,8 +2,8 @@
 
 A rank never leaves its peers waiting: problems are agreed by every rank before anyone stops
 (`agree`), a rank that fails alone tells the others through the job's store (`PeerWatch`), and
-SIGTERM outside the training loop unwinds the rank (`watch_sigterm`) instead of killing it with
-locks held.
+SIGTERM or Ctrl-C outside the training loop unwinds the rank (`watch_sigterm`) instead of killing
+it with locks held.
 """
 
 from __future__ import annotations
@@ -30,7 +30,24 @@ from train.perf import release_build_locks
 
 
 class Terminated(BaseException):
-    """SIGTERM outside the training loop (which saves on it: Preemption), raised in the main thread."""
+    """SIGTERM or Ctrl-C (SIGINT) outside the training loop (which saves on either: Preemption),
+    raised in the main thread; `signum` says which."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def how(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
+
+    def __str__(self) -> str:
+        return f"stopped by {self.how}"
+
+
+class Interrupted(BaseException):
+    """A second Ctrl-C in the training loop, after the first asked for a checkpoint and a stop: stop
+    now, without saving."""
 
 
 LOOP_SAVES = threading.Event()  # set while Preemption handles SIGTERM: saving takes as long as it takes
@@ -41,21 +58,26 @@ def watch_sigterm() -> None:
     """SIGTERM outside the training loop raises Terminated in the main thread, which unwinds: what
     the rank holds is released on the way out (a rank killed by the signal's default action while
     DeepSpeed builds or loads an op leaves torch's build lock, and every later run waits for it).
-    A main thread blocked in C++ (a store, a collective) runs no Python handler, so a thread woken
-    by the signal (the wakeup fd) ends the rank SIGTERM_GRACE_S later, as the default action would."""
+    So does Ctrl-C (SIGINT: a terminal sends it to every process of the job), unless the rank was
+    started with it ignored (a background job). A main thread blocked in C++ (a store, a
+    collective) runs no Python handler, so a thread woken by the signal (the wakeup fd) ends the
+    rank SIGTERM_GRACE_S later, as the default action would."""
     read, write = os.pipe()
     os.set_blocking(write, False)
     signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _terminated)
 
     def watch():
-        while signal.SIGTERM not in os.read(read, 64) or LOOP_SAVES.is_set():
+        while not (got := {signal.SIGTERM, signal.SIGINT} & set(os.read(read, 64))) or LOOP_SAVES.is_set():
             pass
         time.sleep(SIGTERM_GRACE_S)
         release_rank_files()
-        print(f"train: rank {os.environ.get('RANK', 0)}: SIGTERM while blocked outside Python; exiting", file=sys.stderr,
-              flush=True)
-        os._exit(128 + signal.SIGTERM)
+        how = Terminated(max(got))
+        print(f"train: rank {os.environ.get('RANK', 0)}: {how.how} while blocked outside Python; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(128 + how.signum)
 
     threading.Thread(target=watch, daemon=True, name="sigterm-watch").start()
 
@@ -90,8 +112,13 @@ def _held(signum, frame):
 
 
 def _terminated(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher relays a second one: the way out is not cut short
-    raise Terminated()
+    # the launcher relays a second one, or SIGTERM after a Ctrl-C: the way out is not cut short. A
+    # handler that does nothing, not SIG_IGN: one already on its way would raise "OSError: Signal 15
+    # ignored due to race condition" wherever the rank is then
+    signal.signal(signal.SIGTERM, _held)
+    if signal.getsignal(signal.SIGINT) is _terminated:
+        signal.signal(signal.SIGINT, _held)
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager

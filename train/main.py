@@ -55,8 +55,8 @@ from train.checkpoint import (EMA_FILE, FROZEN_FILE, MODEL_FILES, CheckpointErro
                               universal_gaps, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
-from train.distributed import (LOOP_SAVES, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner, distributed,
-                               exit_rank, few_cores, hold_sigterm, lost_peer, watch_sigterm)
+from train.distributed import (LOOP_SAVES, Interrupted, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner,
+                               distributed, exit_rank, few_cores, hold_sigterm, lost_peer, watch_sigterm)
 from train.ema import WeightAverage
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
@@ -135,20 +135,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with distributed():
             return run_training(args)
-    except Terminated:
-        print(f"train: rank {os.environ.get('RANK', 0)}: stopped by SIGTERM outside the training loop; nothing "
+    except Terminated as e:
+        print(f"train: rank {os.environ.get('RANK', 0)}: stopped by {e.how} outside the training loop; nothing "
               f"was saved", file=sys.stderr, flush=True)
-        return 128 + signal.SIGTERM
+        if "wandb" in sys.modules:  # a run begun in setup: its process may be gone with the job's signal, and
+            with contextlib.suppress(Exception):  # W&B's own teardown at exit would print a traceback
+                sys.modules["wandb"].teardown()
+        return 128 + e.signum
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the way out is done: exit's own cleanup is not interrupted
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_training(args: TrainArgs) -> int:
     """setup and fit (with --eval_only: setup_eval and evaluate_only), and the exit code: 0 done,
     2 configuration, 3 data, 4 non-finite losses or weights, 5 the input pipeline failed without a
     bad sample to blame, 6 a checkpoint, the export, the metrics or the eval results could not be
-    written, 7 stopped on SIGTERM (preemption) with a checkpoint saved, 1 anything else (main: 143,
-    SIGTERM outside the training loop)."""
+    written, 7 stopped on SIGTERM (preemption) or Ctrl-C with a checkpoint saved, 130 stopped by a
+    second Ctrl-C without saving, 1 anything else (main: 143 or 130, SIGTERM or Ctrl-C outside the
+    training loop)."""
     rank = dist.get_rank()
     _quiet_libraries(rank)
     peers = PeerWatch(rank, silent_s=max(args.peer_timeout, PeerWatch.LEAST_SILENT_S))  # (a smaller one: refused)
@@ -180,6 +186,11 @@ def run_training(args: TrainArgs) -> int:
         if rank == 0:
             print(f"train: stopped: {e}", file=sys.stderr, flush=True)
         return 7
+    except Interrupted:  # every rank of the terminal's job has it; another node's is told
+        if peers.stop_all(130, f"rank {rank} was stopped by Ctrl-C at step {run.doing}, without saving"):
+            print(f"train: rank {rank}: stopped by a second Ctrl-C at step {run.doing}, without saving\n"
+                  f"train: {_kept(run)}", file=sys.stderr, flush=True)
+        return 130
     except WriteError as e:  # one rank or several: the first to fail speaks
         if peers.stop_all(6, f"rank {rank} could not write (its message says what)"):
             print(f"train: {e}", file=sys.stderr, flush=True)
@@ -211,15 +222,16 @@ def _failed(peers: PeerWatch, error: BaseException, *, rank: int) -> int | None:
     rank's reason and code instead of a second traceback (and names a rank of its node found
     dead); so does the first when a rank of its node has died (killed outright: the error is the
     lost peer's). A rank whose collective lost a peer not of its node first gives that peer's node
-    a moment to name it (PeerWatch.await_reason). SIGTERM outside the training loop (Terminated)
-    and Ctrl-C go on as they are; after an error, SIGTERM no longer interrupts (hold_sigterm)."""
+    a moment to name it (PeerWatch.await_reason). SIGTERM or Ctrl-C outside the training loop
+    (Terminated) go on as they are; after an error, SIGTERM no longer interrupts (hold_sigterm)."""
     if isinstance(error, Exception):
         hold_sigterm()
     where = peers.where()
     ended = peers.ended(where) if isinstance(error, Exception) else None
     if ended is None and lost_peer(error):
         peers.await_reason()  # the lost peer's node names it
-    peers.stop_all(1, ended or f"rank {rank} failed {where}: {type(error).__name__}: {error}")
+    peers.stop_all(1, ended or (f"rank {rank} was {error} {where}" if isinstance(error, Terminated) else
+                                f"rank {rank} failed {where}: {type(error).__name__}: {error}"))
     if not isinstance(error, Exception):
         return None
     if peers.first is not None or ended:
@@ -901,20 +913,22 @@ def new_meter() -> dict:
 
 
 class Preempted(RuntimeError):
-    """SIGTERM: every rank saved at the agreed step and stops."""
+    """SIGTERM or Ctrl-C: every rank saved at the agreed step and stops."""
 
 
 class Preemption:
     """A graceful stop on SIGTERM (a scheduler preempting the job; the deepspeed launcher relays it
-    to its ranks and kills them 30 s later), or when the `deepspeed` runner that started this node's
-    launcher is gone (it does not relay SIGTERM on one node, deepspeed#4098: `kill` of its pid would
-    leave the ranks training on without it). The first rank to see either posts a stop step, two
-    steps ahead, and why, in the job's store (which PeerWatch polls too); every rank looks it up after
-    each step (a store lookup, no device sync) and at that step all save a checkpoint and stop
-    together. Ranks cannot be two steps apart (every step has collectives), so none has passed the
-    step it reads."""
+    to its ranks and kills them 30 s later), on Ctrl-C (a second one stops at once: Interrupted;
+    not where the rank started with SIGINT ignored, as a background job), or when the `deepspeed`
+    runner that started this node's launcher is gone (it does not relay SIGTERM on one node,
+    deepspeed#4098: `kill` of its pid would leave the ranks training on without it). The first
+    rank to see any posts a stop step, two steps ahead, and why, in the job's store (which
+    PeerWatch polls too); every rank looks it up after each step (a store lookup, no device sync)
+    and at that step all save a checkpoint and stop together. Ranks cannot be two steps apart
+    (every step has collectives), so none has passed the step it reads."""
 
     KEY = "dali-deepspeed-vision/stop_at"
+    RELAYED_S = 1.0  # a Ctrl-C this soon after the first is the same one relayed (torchrun sends its ranks SIGINT)
 
     def __init__(self, run: Run):
         self.run, self.store, self.at, self.why = run, dist.distributed_c10d._get_default_store(), None, None
@@ -922,10 +936,23 @@ class Preemption:
         self.failed = False  # the loop ended on an error: SIGTERM is held on the way out (hold_sigterm)
         self.runner, self.looked = deepspeed_runner(), time.monotonic()
         self.previous = signal.signal(signal.SIGTERM, self._signal)
+        self.previous_int, self.interrupted = signal.getsignal(signal.SIGINT), None  # when the first came
+        if self.previous_int is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._interrupt)
         LOOP_SAVES.set()
 
     def _signal(self, signum, frame) -> None:
-        self.signalled = "SIGTERM (preemption)"
+        self.signalled = self.signalled or "SIGTERM (preemption)"  # (the deepspeed launcher's after a Ctrl-C)
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.interrupted is not None:
+            if time.monotonic() - self.interrupted > self.RELAYED_S:
+                raise Interrupted()
+            return
+        self.interrupted, self.signalled = time.monotonic(), self.signalled or "Ctrl-C"
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print("\ntrain: Ctrl-C: every rank saves a checkpoint within two steps and stops; Ctrl-C again stops "
+                  "at once, without saving", file=sys.stderr, flush=True)
 
     def due(self) -> bool:
         """Whether the run stops after this step."""
@@ -965,6 +992,8 @@ class Preemption:
             hold_sigterm()
         else:
             signal.signal(signal.SIGTERM, self.previous)
+        if self.previous_int is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self.previous_int)
         LOOP_SAVES.clear()
 
 
@@ -1490,14 +1519,17 @@ def _inject_failure(run: Run) -> None:
     in STEP (a bug, a device fault): the rank fails alone and its peers wait in a collective.
     "RANK:STEP:kill" kills the rank outright instead (SIGKILL, as the OOM killer does);
     "RANK:STEP:hang" makes it wait as a collective waits for a peer that died under NCCL (no error
-    comes: GPUs of one node talk through memory) until the backend's timeout (here 10 minutes).
-    Several, comma-separated."""
+    comes: GPUs of one node talk through memory) until the backend's timeout (here 10 minutes);
+    "RANK:STEP:pause=S" makes it wait S seconds, in Python, and go on. Several, comma-separated."""
     for spec in filter(None, os.environ.get("TRAIN_FAIL_AT", "").split(",")):
         rank, step, *how = spec.split(":")
         if [int(rank), int(step)] != [run.rank, run.step + 1]:
             continue
         if how == ["kill"]:
             os.kill(os.getpid(), signal.SIGKILL)
+        if how and how[0].startswith("pause="):
+            time.sleep(float(how[0].removeprefix("pause=")))
+            continue
         if how == ["hang"]:
             time.sleep(600)
         raise RuntimeError(f"injected {'timeout' if how else 'failure'} (TRAIN_FAIL_AT={spec})")

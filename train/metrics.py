@@ -64,7 +64,7 @@ class RunLogger:
 
     def __init__(self, *, output_dir: Path, enabled: bool, mode: str, project: str, name: str, config: dict,
                  run_id: str | None, resume_step: int | None):
-        self.enabled, self.run, self.fallback = enabled, None, None
+        self.enabled, self.run, self.fallback, self.lost = enabled, None, None, False
         self.path = Path(output_dir) / "metrics.jsonl"
         if not enabled:
             return
@@ -110,31 +110,45 @@ class RunLogger:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
         except OSError as e:
             raise WriteError(f"writing {self.path} failed: {write_failure(e)}") from e
-        if self.run:
-            self.run.log({**scalars, STEP: step})
+        self._to_wandb(lambda: self.run.log({**scalars, STEP: step}))
+
+    def _to_wandb(self, call) -> None:
+        """Makes the W&B `call` unless W&B's process is gone. A job stopped by SIGTERM loses it while
+        the ranks save their checkpoint: a scheduler signals every process of the job, and the
+        deepspeed launcher ends rank 0's children when it relays a signal or Ctrl-C; the next log
+        then failed, and rank 0 with it, so a preempted run saved nothing. The training goes on, and
+        so does metrics.jsonl; W&B keeps what it got until then."""
+        if not self.run or self.lost:
+            return
+        try:
+            call()
+        except ConnectionError:
+            self.lost = True
+            print(f"\ntrain: W&B's process has ended (signalled with the job?): nothing more goes to W&B, "
+                  f"metrics.jsonl has every value; what W&B got is in {Path(self.run.dir).parent}", file=sys.stderr,
+                  flush=True)
 
     def summarize(self, values: dict) -> None:
         """Values of the run as a whole for W&B's summary (the columns of a project's runs table, where
         a chart's value is its last), not charted."""
-        if self.run:
-            self.run.summary.update(values)
+        self._to_wandb(lambda: self.run.summary.update(values))
 
     def log_samples(self, step: int, *, images: np.ndarray, true: list[str], predicted: list[str]) -> None:
         """A table of eval images (N,H,W,3 uint8) with their true and predicted labels."""
-        if not self.run:
+        if not self.run or self.lost:
             return
         import wandb
 
         table = wandb.Table(columns=["image", "true", "predicted"])
         for image, t, p in zip(images, true, predicted):
             table.add_data(wandb.Image(image), t, p)
-        self.run.log({"eval/samples": table, STEP: step})
+        self._to_wandb(lambda: self.run.log({"eval/samples": table, STEP: step}))
 
     def log_details(self, step: int, *, results: dict, classes: list[str], true_ids: list[int],
                     predicted_ids: list[int], picture: Path) -> None:
         """The per-class table, the most confused pairs and the confusion matrix (W&B's own chart
         up to 50 classes, the picture of train/evaluation.py always)."""
-        if not self.run:
+        if not self.run or self.lost:
             return
         import wandb
 
@@ -149,7 +163,7 @@ class RunLogger:
         if len(classes) <= 50:
             logged["eval/confusion_matrix"] = wandb.plot.confusion_matrix(y_true=true_ids, preds=predicted_ids,
                                                                           class_names=classes)
-        self.run.log(logged)
+        self._to_wandb(lambda: self.run.log(logged))
 
     def finish(self) -> None:
         """Closes the run and W&B's service process (now, not at exit, where a failure would be a
@@ -158,7 +172,8 @@ class RunLogger:
         if self.run:
             import wandb
             try:
-                self.run.finish()
+                if not self.lost:  # (said already)
+                    self.run.finish()
             except ConnectionError:
                 print(f"train: W&B's process ended before the run was closed; what it logged until then is in "
                       f"{Path(self.run.dir).parent}", file=sys.stderr, flush=True)
