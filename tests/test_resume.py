@@ -1157,10 +1157,10 @@ def test_ctrl_c_saves_and_stops_every_rank(files, tmp_path, via):
 
 
 def test_ctrl_c_twice_stops_at_once_without_saving(files, tmp_path):
-    """A second Ctrl-C stops at once, without saving: here while rank 0 hangs in step 5 (rank 1
+    """A second Ctrl-C stops at once, without saving: here while rank 0 pauses in step 5 (rank 1
     waits for it in a collective, where no Python handler runs)."""
     out = tmp_path / "run"
-    output = _ctrl_c(files, out, tmp_path / "job.log", env={"WANDB_MODE": "disabled", "TRAIN_FAIL_AT": "0:5:hang"},
+    output = _ctrl_c(files, out, tmp_path / "job.log", env={"WANDB_MODE": "disabled", "TRAIN_FAIL_AT": "0:5:pause=120"},
                      twice=True)
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     assert "train: rank 0: stopped by a second Ctrl-C at step 5, without saving\ntrain: the newest complete " \

@@ -1520,7 +1520,8 @@ def _inject_failure(run: Run) -> None:
     "RANK:STEP:kill" kills the rank outright instead (SIGKILL, as the OOM killer does);
     "RANK:STEP:hang" makes it wait as a collective waits for a peer that died under NCCL (no error
     comes: GPUs of one node talk through memory) until the backend's timeout (here 10 minutes);
-    "RANK:STEP:pause=S" makes it wait S seconds, in Python, and go on. Several, comma-separated."""
+    "RANK:STEP:pause=S" makes it wait S seconds in Python and go on (in short sleeps: a signal's
+    handler runs at once whichever thread the kernel gave the signal to). Several, comma-separated."""
     for spec in filter(None, os.environ.get("TRAIN_FAIL_AT", "").split(",")):
         rank, step, *how = spec.split(":")
         if [int(rank), int(step)] != [run.rank, run.step + 1]:
@@ -1528,7 +1529,9 @@ def _inject_failure(run: Run) -> None:
         if how == ["kill"]:
             os.kill(os.getpid(), signal.SIGKILL)
         if how and how[0].startswith("pause="):
-            time.sleep(float(how[0].removeprefix("pause=")))
+            until = time.monotonic() + float(how[0].removeprefix("pause="))
+            while time.monotonic() < until:
+                time.sleep(0.05)
             continue
         if how == ["hang"]:
             time.sleep(600)
