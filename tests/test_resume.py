@@ -1293,10 +1293,7 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
         job = subprocess.Popen(launcher(ranks=2) + args, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while "is held by no process on this machine" not in log.read_text():
-            assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_for_text(log, "is held by no process on this machine", job=job)
         time.sleep(2)  # the ranks wait for the lock
         os.killpg(job.pid, signal.SIGTERM)
         job.wait(timeout=60)

@@ -502,24 +502,30 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def shards_in(out: Path) -> str | None:
+    """What of this tool's output `out` holds: "complete" (a manifest), "partial" (splits or classes
+    without one: an interrupted run's), or None."""
+    if (out / MANIFEST_FILE).is_file():
+        return "complete"
+    if any((out / name).exists() for name in (*SPLITS, CLASSES_FILE)):
+        return "partial"
+    return None
+
+
 def _holds(out: Path) -> str:
     """What the non-empty output folder `out` holds, for a message."""
-    if (out / MANIFEST_FILE).is_file():
-        return f"holds shards ({MANIFEST_FILE})"
-    if any((out / s).exists() for s in SPLITS) or (out / CLASSES_FILE).exists():
-        return f"holds shards without a {MANIFEST_FILE}, which no loader takes (an interrupted run's)"
-    return "is not empty"
+    return {"complete": f"holds shards ({MANIFEST_FILE})",
+            "partial": f"holds shards without a {MANIFEST_FILE}, which no loader takes (an interrupted run's)",
+            None: "is not empty"}[shards_in(out)]
 
 
 def interrupted(out: Path, how: str) -> str:
-    """The message for a run stopped by `how` (Ctrl-C, SIGTERM): what it left in `out`."""
-    if (out / MANIFEST_FILE).is_file():  # stopped before touching an earlier run's shards, or once done
-        left = f"{out} holds complete shards ({MANIFEST_FILE})"
-    elif out.exists() and any(out.iterdir()):
-        left = f"the shards written so far in {out} are incomplete (no {MANIFEST_FILE}, so no loader takes them); " \
-               f"rerun with --overwrite"
-    else:
-        left = "nothing was written"
+    """The message for a run stopped by `how` (Ctrl-C, SIGTERM): what it left in `out` (complete
+    shards: it stopped before touching an earlier run's, or once done)."""
+    left = {"complete": f"{out} holds complete shards ({MANIFEST_FILE})",
+            "partial": f"the shards written so far in {out} are incomplete (no {MANIFEST_FILE}, so no loader takes "
+                       f"them); rerun with --overwrite",
+            None: "nothing was written"}[shards_in(out)]
     return f"stopped by {how}: {left}"
 
 

@@ -60,7 +60,7 @@ from train.distributed import (LOOP_SAVES, Interrupted, PeerWatch, Terminated, a
 from train.ema import WeightAverage
 from train.evaluation import (CONFUSION_FILE, PREDICTIONS_FILE, RESULTS_FILE, PredictionWriter, describe,
                               join_predictions, summarize, write_report)
-from train.metrics import RunLogger, default_wandb_mode, split_log, truncate_log, viewable
+from train.metrics import RunLogger, default_wandb_mode, split_log, teardown_wandb, truncate_log, viewable
 from train.model import (BUILTIN_MODEL, build_model, builtin_processor, by_id_pairs, cast_parameters, load_trained,
                          freeze_backbone, layer_stages, model_at_size, model_labels, model_source, parameter_groups,
                          prepare_precision, size_bound)
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         print(f"train: rank {os.environ.get('RANK', 0)}: stopped by {e.how} outside the training loop; nothing "
               f"was saved", file=sys.stderr, flush=True)
-        if "wandb" in sys.modules:  # a run begun in setup: its process may be gone with the job's signal, and
-            with contextlib.suppress(Exception):  # W&B's own teardown at exit would print a traceback
-                sys.modules["wandb"].teardown()
+        teardown_wandb()  # a run begun in setup
         return 128 + e.signum
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the way out is done: exit's own cleanup is not interrupted

@@ -170,15 +170,21 @@ class RunLogger:
         traceback). The launcher ends every process of a job that failed, W&B's too: what was
         logged until then stays in the run's folder."""
         if self.run:
-            import wandb
             try:
                 if not self.lost:  # (said already)
                     self.run.finish()
             except ConnectionError:
                 print(f"train: W&B's process ended before the run was closed; what it logged until then is in "
                       f"{Path(self.run.dir).parent}", file=sys.stderr, flush=True)
-            with contextlib.suppress(ConnectionError):
-                wandb.teardown()
+            teardown_wandb()
+
+
+def teardown_wandb() -> None:
+    """Ends W&B's service process if this process started one; its own teardown at exit would print
+    a traceback when the process is gone already (ended with the job's signal)."""
+    if "wandb" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["wandb"].teardown()
 
 
 def truncate_log(path: Path, *, after: int) -> None:
