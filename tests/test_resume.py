@@ -166,6 +166,59 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     assert sorted(resumed_history) == [5, 6, 7, 8]
     assert [resumed_history[s]["train/loss"] for s in range(5, 9)] == pytest.approx([got[s] for s in range(5, 9)])
 
+    # a checkpoint damaged since its save (a copy cut short, a changed byte, which torch.load reads
+    # as a wrong weight without a word) is refused before any file loads, naming the file and the
+    # complete checkpoint before it; going on from that one loses nothing
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight, damaged)
+    step6, step8 = damaged / "checkpoints" / "step-00000006", damaged / "checkpoints" / "step-00000008"
+    cut = next(step8.glob("*zero_pp_rank_1_*optim_states.pt"))
+    size = cut.stat().st_size
+    os.truncate(cut, size - 1000)
+    auto = train(resume_args(files, damaged) + ["--resume", "auto"], check=False)
+    assert auto.returncode == 2 and (
+        f"--resume auto: the newest complete checkpoint is damaged: {cut} is {size - 1000:,} bytes, the save wrote "
+        f"{size:,} (cut short or changed since); restore the file, or go on from the complete checkpoint before it: "
+        f"--resume {step6} (resuming from an earlier checkpoint of its run sets the later ones aside in "
+        f"OUTPUT/abandoned/, step-00000008 with them)") in auto.stderr, auto.stderr[-3000:]
+    changed = sorted(step6.rglob("*.pt"))[1]  # rank 1's share of the checksums (every other file)
+    record = flip_a_byte(changed)
+    explicit = train(resume_args(files, damaged) + ["--resume", str(step6)], check=False)
+    assert explicit.returncode == 2 and (
+        f"--resume {step6} is damaged: {changed}: its record {record} does not match its checksum (changed since "
+        f"the save); restore the file, or go on from the complete checkpoint before it: --resume "
+        f"{step6.parent / 'step-00000004'}") in explicit.stderr, explicit.stderr[-3000:]
+    from export_checkpoint import main as export_checkpoint
+
+    assert export_checkpoint([str(step8), str(tmp_path / "never")]) == 2 and not (tmp_path / "never").exists()
+    from train.checkpoint import MARKER, damage
+
+    marker = json.loads((step8 / MARKER).read_text())
+    (step8 / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"}))
+    assert damage(step8).startswith(f"{cut} is no readable torch file")  # older checkpoints: no sizes to compare
+    train(resume_args(files, damaged) + ["--resume", str(step6.parent / "step-00000004")])
+    assert [losses_by_step(damaged)[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)],
+                                                                              rel=1e-5, abs=1e-6)
+    aside = next((damaged / "abandoned").iterdir())
+    assert sorted(p.name for p in aside.glob("step-*")) == ["step-00000006", "step-00000008"]
+    assert (aside / "step-00000008" / cut.name).stat().st_size == size - 1000  # set aside as found
+
+
+def flip_a_byte(file: Path) -> str:
+    """Changes one byte in the middle of the largest record of the torch (zip) `file`; its name."""
+    import zipfile
+
+    with zipfile.ZipFile(file) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(file, "r+b") as f:
+        f.seek(largest.header_offset + 26)  # the local header's name and extra field lengths
+        name, extra = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(largest.header_offset + 30 + name + extra + largest.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+    return largest.filename
+
 
 def test_a_run_resumed_on_other_ranks_reads_the_rest_of_the_epoch_with_the_optimizer_state(files, tmp_path):
     """A job preempted on 2 ranks goes on on 3 (and another micro batch): every sample of the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoImageProcessor
 
-from train.checkpoint import FROZEN_FILE, MARKER, MODEL_FILES, export_model, not_a_checkpoint
+from train.checkpoint import FROZEN_FILE, MARKER, MODEL_FILES, damage, export_model, not_a_checkpoint, unreadable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     files = args.checkpoint.resolve().parent.parent / MODEL_FILES
     if not (args.checkpoint / MARKER).is_file():
         print(f"export_checkpoint: error: {not_a_checkpoint(args.checkpoint)}", file=sys.stderr)
+        return 2
+    if why := damage(args.checkpoint) or unreadable(sorted(args.checkpoint.rglob("*.pt"))):
+        print(f"export_checkpoint: error: {args.checkpoint} is damaged: {why}", file=sys.stderr)
         return 2
     if not files.is_dir():
         print(f"export_checkpoint: error: {files} not found: the run's model config is kept there", file=sys.stderr)

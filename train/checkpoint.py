@@ -5,7 +5,8 @@ Layout under OUTPUT/checkpoints/:
     step-00000120/            DeepSpeed's files (model, optimizer and scheduler states per rank)
         trainer_state_rank0.pt  everything else this rank needs to resume (loader, RNG, step, ...)
         ema.pt                the weight average (--ema_decay), whole, by parameter and buffer name
-        complete.json         written last, after every rank finished writing
+        complete.json         written last, after every rank finished writing: the step, its eval
+                              top-1, the ranks, and every file's size (checked before a resume)
     latest                    the newest complete tag (DeepSpeed's format), replaced by rename
 OUTPUT/model_files/           the model's config and image processor, for exporting any checkpoint
     frozen.safetensors        a --freeze_backbone run in bf16/fp16: the frozen weights in fp32
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -93,11 +95,63 @@ def save_checkpoint(engine, *, root: Path, step: int, state: dict, rank: int, to
     dist.barrier()
     if rank == 0:
         write_atomic(path / MARKER, json.dumps({"step": step, "top1": top1, "world_size": dist.get_world_size(),
-                                                 "time": time.time()}))
+                                                 "time": time.time(), "files": file_sizes(path)}))
         write_atomic(root / "latest", tag)
         _prune(root, keep=keep)
     dist.barrier()
     return path
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """The size of every file in the checkpoint `path` (its marker aside), by path relative to it."""
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(Path(path).rglob("*"))
+            if f.is_file() and f.name != MARKER}
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with the files of the complete checkpoint `path`, or None: one missing or of
+    another size than the save wrote (a copy cut short, a file replaced; checkpoints from before
+    the sizes were recorded: not checked), or a torch file whose zip directory is unreadable. Cheap
+    (no file is read through); `unreadable` checks the contents."""
+    try:
+        sizes = checkpoint_info(path).get("files", {})
+    except (OSError, ValueError) as e:
+        return f"{Path(path) / MARKER} cannot be read ({e})"
+    for name, size in sizes.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{file} is missing (the save wrote {size:,} bytes)"
+        if (actual := file.stat().st_size) != size:
+            return f"{file} is {actual:,} bytes, the save wrote {size:,} (cut short or changed since)"
+    for file in sorted(Path(path).rglob("*.pt")):
+        if _zipped(file):
+            try:
+                zipfile.ZipFile(file).close()
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{file} is no readable torch file ({e}): cut short or overwritten"
+    return None
+
+
+def unreadable(files: list[Path]) -> str | None:
+    """The first of the torch `files` whose contents no longer match the checksums torch wrote
+    (its zip records' CRC-32), or None. torch.load checks none of them: a changed byte in a
+    tensor loads as a wrong weight or moment, silently."""
+    for file in files:
+        if _zipped(file):
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    if (record := archive.testzip()) is not None:
+                        return f"{file}: its record {record} does not match its checksum (changed since the save)"
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{file} cannot be read ({e})"
+    return None
+
+
+def _zipped(file: Path) -> bool:
+    """Whether `file` is in torch's zip format (the default since torch 1.6; the legacy one has no
+    directory to check)."""
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def complete_checkpoints(root: Path) -> tuple[list[Path], list[Path]]:
@@ -128,11 +182,35 @@ def find_resume(resume: str | None, root: Path) -> tuple[Path | None, list[Path]
     if resume is None:
         return None, partial
     if resume == "auto":
+        if complete and (why := damage(complete[-1])):
+            raise CheckpointError(refusal(complete[-1], why, auto=True))
         return (complete[-1] if complete else None), partial
     path = Path(resume)
     if not (path / MARKER).is_file():
         raise CheckpointError(f"--resume {not_a_checkpoint(path)}")
+    if why := damage(path):
+        raise CheckpointError(refusal(path, why))
     return path, partial
+
+
+def share_unreadable(path: Path, *, rank: int, world: int) -> str | None:
+    """Why the checkpoint `path` cannot be resumed from (its refusal), found in this rank's share of
+    its torch files (each rank reads 1/world of them through: their checksums), or None."""
+    files = sorted(Path(path).rglob("*.pt"))[rank::world]
+    return refusal(path, why) if (why := unreadable(files)) else None
+
+
+def refusal(path: Path, why: str, *, auto: bool = False) -> str:
+    """A damaged checkpoint `path` refused (`auto`: the newest, found by --resume auto), and what
+    to do instead: restore the file, or go on from the complete checkpoint before it."""
+    earlier = [p for p in complete_checkpoints(path.parent)[0] if p.name < path.name]
+    what = "--resume auto: the newest complete checkpoint is damaged" if auto else f"--resume {path} is damaged"
+    if not earlier:
+        return f"{what}: {why}; restore the file, or " + ("start over (--overwrite_output_dir)" if auto else
+                                                          "pass another checkpoint")
+    return (f"{what}: {why}; restore the file, or go on from the complete checkpoint before it: --resume {earlier[-1]} "
+            f"(resuming from an earlier checkpoint of its run sets the later ones aside in OUTPUT/abandoned/, "
+            f"{path.name} with them)")
 
 
 def checkpoints_under(path: Path) -> tuple[Path, list[Path]]:

@@ -51,8 +51,8 @@ from train.args import ConfigError, TrainArgs, out_of_range, parse_args, trainin
 from train.augment import erase_batch, mix_batch
 from train.checkpoint import (EMA_FILE, FROZEN_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info,
                               checkpoint_path, complete_checkpoints, drop_universal, export_model, folder_bytes,
-                              load_checkpoint, record_top1, save_checkpoint, save_frozen, universal_checkpoint,
-                              universal_gaps, write_failure)
+                              load_checkpoint, record_top1, save_checkpoint, save_frozen, share_unreadable,
+                              universal_checkpoint, universal_gaps, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, Interrupted, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner,
@@ -366,12 +366,19 @@ def _begin(run: Run, config: dict, *, resume: Path | None, state: dict, other_ra
 def _resume_point(args: TrainArgs, output_dir: Path, *, rank: int, world: int, classes: list[str], order: dict,
                   problems: list[str]) -> tuple[Path | None, dict]:
     """The checkpoint this run resumes from, agreed by every rank, and this rank's trainer state in
-    it (None and {} for a fresh run); the output dir is claimed before anything in it is read."""
+    it (None and {} for a fresh run); the output dir is claimed before anything in it is read, and
+    the checkpoint's files are checked before any is loaded (rank 0: all there, as saved; each rank:
+    the checksums of its share)."""
     problems += claim_output_dir(output_dir, rank=rank) if output_dir.is_dir() else []
     resume, resume_problems = agreed_resume(args, output_dir, rank=rank)
     problems += resume_problems
     if resume is None:
         return None, {}
+    damaged = [why] if (why := share_unreadable(resume, rank=rank, world=world)) else []
+    agree(damaged)  # before any rank loads a file another rank found changed
+    if damaged:
+        problems += damaged
+        return resume, {}
     return resume, read_trainer_state(resume, rank=rank, world=world, classes=classes, order=order, problems=problems)
 
 
