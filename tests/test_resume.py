@@ -427,6 +427,24 @@ def test_a_resumed_run_applies_its_new_settings_and_sets_the_line_it_leaves_asid
                      "(--max_steps 18 trains 8 more)"):
         assert expected in refused.stderr, refused.stderr[-3000:]
 
+    # --export best passes over an earlier checkpoint damaged since for the next best, and says so
+    step5 = out / "checkpoints" / "step-00000005"
+    marker = json.loads((step5 / "complete.json").read_text())
+    (step5 / "complete.json").write_text(json.dumps({**marker, "top1": 1.0}))  # the best of all
+    flip_a_byte(step5 / "mp_rank_00_model_states.pt")
+    on = [a if a != str(step4) else "auto" for a in branch]
+    on[on.index("--max_steps") + 1] = "12"
+    done = train(on)
+    scores = {p.parent.name: json.loads(p.read_text())["top1"] for p in (out / "checkpoints").glob("*/complete.json")}
+    assert sorted(scores)[0] == step5.name and sorted(scores)[-1] == "step-00000012"  # the pruning keeps the best
+    best = max((top1, name) for name, top1 in scores.items() if name != step5.name)[1]
+    assert (f"(from {best}, the best by eval top-1; passed over {step5.name}, damaged: "
+            f"{step5 / 'mp_rank_00_model_states.pt'}: its record ") in done.stdout, done.stdout[-2000:]
+    exported = load_file(out / "model" / "model.safetensors")
+    straight = torch.load(out / "checkpoints" / best / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    shared = [k for k in exported if k in straight]
+    assert shared and all(torch.equal(exported[k], straight[k].float()) for k in shared)
+
 
 def test_a_run_that_goes_back_to_end_at_an_earlier_checkpoint_writes_that_steps_final_eval(files, tmp_path):
     """Going back to an earlier checkpoint with --max_steps at its step (the run kept as it was there,

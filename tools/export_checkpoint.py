@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoImageProcessor
 
-from train.checkpoint import FROZEN_FILE, MARKER, MODEL_FILES, damage, export_model, not_a_checkpoint, unreadable
+from train.checkpoint import FROZEN_FILE, MARKER, MODEL_FILES, any_damage, export_model, not_a_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.checkpoint / MARKER).is_file():
         print(f"export_checkpoint: error: {not_a_checkpoint(args.checkpoint)}", file=sys.stderr)
         return 2
-    if why := damage(args.checkpoint) or unreadable(sorted(args.checkpoint.rglob("*.pt"))):
+    if why := any_damage(args.checkpoint):
         print(f"export_checkpoint: error: {args.checkpoint} is damaged: {why}", file=sys.stderr)
         return 2
     if not files.is_dir():

@@ -124,11 +124,11 @@ def damage(path: Path) -> str | None:
         if (actual := file.stat().st_size) != size:
             return f"{file} is {actual:,} bytes, the save wrote {size:,} (cut short or changed since)"
     for file in sorted(Path(path).rglob("*.pt")):
-        if _zipped(file):
-            try:
+        try:
+            if _zipped(file):
                 zipfile.ZipFile(file).close()
-            except (zipfile.BadZipFile, OSError) as e:
-                return f"{file} is no readable torch file ({e}): cut short or overwritten"
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{file} is no readable torch file ({e}): cut short or overwritten"
     return None
 
 
@@ -137,14 +137,20 @@ def unreadable(files: list[Path]) -> str | None:
     (its zip records' CRC-32), or None. torch.load checks none of them: a changed byte in a
     tensor loads as a wrong weight or moment, silently."""
     for file in files:
-        if _zipped(file):
-            try:
+        try:
+            if _zipped(file):
                 with zipfile.ZipFile(file) as archive:
                     if (record := archive.testzip()) is not None:
                         return f"{file}: its record {record} does not match its checksum (changed since the save)"
-            except (zipfile.BadZipFile, OSError) as e:
-                return f"{file} cannot be read ({e})"
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{file} cannot be read ({e})"
     return None
+
+
+def any_damage(path: Path) -> str | None:
+    """What is wrong with the complete checkpoint `path` (`damage`, then every torch file read
+    through: `unreadable`), or None: for one process about to read all of it (an export)."""
+    return damage(path) or unreadable(sorted(Path(path).rglob("*.pt")))
 
 
 def _zipped(file: Path) -> bool:

@@ -49,10 +49,10 @@ from pipelines.shards import ShardFormatError, load_classes, load_manifest
 from pipelines.spec import ProcessorError, processor_at_size, spec_from_processor
 from train.args import ConfigError, TrainArgs, out_of_range, parse_args, training_only_given
 from train.augment import erase_batch, mix_batch
-from train.checkpoint import (EMA_FILE, FROZEN_FILE, MODEL_FILES, CheckpointError, WriteError, checkpoint_info,
-                              checkpoint_path, complete_checkpoints, drop_universal, export_model, folder_bytes,
-                              load_checkpoint, record_top1, save_checkpoint, save_frozen, share_unreadable,
-                              universal_checkpoint, universal_gaps, write_failure)
+from train.checkpoint import (EMA_FILE, FROZEN_FILE, MODEL_FILES, CheckpointError, WriteError, any_damage,
+                              checkpoint_info, checkpoint_path, complete_checkpoints, drop_universal, export_model,
+                              folder_bytes, load_checkpoint, record_top1, save_checkpoint, save_frozen,
+                              share_unreadable, universal_checkpoint, universal_gaps, write_failure)
 from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, Interrupted, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner,
@@ -1394,16 +1394,21 @@ def _keys_log(run: Run) -> Path:
 
 def export_choice(run: Run) -> tuple[Path | None, str]:
     """The checkpoint to export and why: with --export best, the complete one with the best eval
-    top-1 (the newest among equals; the pruning keeps it), else, or without evals, the last; None
-    with --save_steps 0 (this run saved nothing to export)."""
+    top-1 (the newest among equals; the pruning keeps it; a damaged one is passed over, and the why
+    says so), else, or without evals, the last; None with --save_steps 0 (this run saved nothing to
+    export)."""
     if not run.save_steps:
         return None, "--save_steps 0"
+    passed = ""
     if run.args.export == "best":
         scored = [(checkpoint_info(p).get("top1"), p.name, p) for p in complete_checkpoints(run.checkpoints)[0]]
-        scored = [s for s in scored if s[0] is not None]
-        if scored:
-            return max(scored)[2], "the best by eval top-1"
-    return run.last_saved, "the last"
+        for _, _, path in sorted((s for s in scored if s[0] is not None), reverse=True):
+            # an earlier line's checkpoint may have been damaged since (this run's last one was just
+            # written); rank 0 alone exports
+            if path == run.last_saved or run.rank != 0 or not (why := any_damage(path)):
+                return path, "the best by eval top-1" + passed
+            passed += f"; passed over {path.name}, damaged: {why}"
+    return run.last_saved, "the last" + passed
 
 
 def average_buffers(module: torch.nn.Module) -> None:
