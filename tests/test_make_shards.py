@@ -584,3 +584,28 @@ def test_symlinked_folders_are_followed_each_once(tmp_path):
     manifest = make_shards(src=src, out=tmp_path / "out", val_fraction=0, workers=1, progress=False)
     assert manifest["splits"]["train"]["per_class"] == {"ant": 3, "bee": 3}
     assert manifest["duplicates"]["copies"] == 0
+
+
+def test_what_is_no_file_under_an_image_name_is_skipped_at_once(tmp_path):
+    """A named pipe or a device under an image's name (a link to /dev/zero, a pipe left by a
+    capture tool) would block the run forever or read without end; a broken link cannot be read:
+    each is skipped, counted and named, and the run goes on."""
+    src = tmp_path / "src"
+    for i in range(4):
+        write(src / "ant" / f"{i}.jpg", encode(photo(i, (40, 30)), "JPEG", quality=90))
+        write(src / "bee" / f"{i}.jpg", encode(photo(10 + i, (40, 30)), "JPEG", quality=90))
+    os.mkfifo(src / "ant" / "stream.jpg")
+    os.mkfifo(src / "bee" / "pipe")  # no extension: its first bytes are asked for, without waiting
+    (src / "ant" / "zero.jpg").symlink_to("/dev/zero")
+    (src / "bee" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    result = run_tool(src, tmp_path / "out", "--val-fraction", "0", "--max-bad-fraction", "0.5", "--workers", "1",
+                      timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["splits"]["train"]["per_class"] == {"ant": 4, "bee": 4}
+    assert manifest["skipped_counts"] == {"not_a_file": 3, "unreadable": 1}
+    reasons = {s["path"]: (s["reason"], s["detail"]) for s in manifest["skipped"]}
+    assert reasons["ant/stream.jpg"] == ("not_a_file", f"{src / 'ant' / 'stream.jpg'} is a named pipe, not a file")
+    assert reasons["ant/zero.jpg"] == ("not_a_file", f"{src / 'ant' / 'zero.jpg'} is a device, not a file")
+    assert reasons["bee/pipe"][0] == "not_a_file" and reasons["bee/gone.jpg"][0] == "unreadable"
+    assert "No such file or directory" in reasons["bee/gone.jpg"][1]

@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -99,6 +100,22 @@ class Source:
 
 # --- one image ----------------------------------------------------------------------------
 
+class NotAFile(OSError):
+    """A named pipe or a device under an input's name: reading it would block, or never end."""
+
+
+def open_file(path: str | Path):
+    """`path` opened for reading, a regular file (links followed); else NotAFile, at once (the
+    open does not wait for a named pipe's writer)."""
+    f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")  # no effect on a regular file's reads
+    if not stat.S_ISREG(mode := os.fstat(f.fileno()).st_mode):
+        f.close()
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "no regular file"
+        raise NotAFile(f"{path} is {kind}, not a file")
+    return f
+
+
 def convert_image(image: str | bytes | None, opts: EncodeOptions) -> tuple[str, bytes | str | None, list[str], int]:
     """("ok", new jpeg bytes, conversion reasons, digest), ("ok", None, [], digest) for an input to
     copy as it is (cheaper than sending its bytes between processes), or ("skip", reason, [detail], 0).
@@ -107,8 +124,10 @@ def convert_image(image: str | bytes | None, opts: EncodeOptions) -> tuple[str, 
     data = image
     if isinstance(image, str):
         try:
-            with open(image, "rb") as f:
+            with open_file(image) as f:
                 data = f.read()
+        except NotAFile as e:
+            return "skip", "not_a_file", [str(e)], 0
         except OSError as e:
             return "skip", "unreadable", [str(e)], 0
     if not data:
@@ -227,10 +246,10 @@ def is_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return True
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             return image_format(f.read(16)) is not None
     except OSError:
-        return True  # unreadable: checked, and named, as an input
+        return True  # unreadable, or no file: checked, and named, as an input
 
 
 def find_sources(src: Path, *, classes_file: Path | None):
