@@ -1131,12 +1131,13 @@ def break_sample(split_dir: Path, key: str) -> Path:
 def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, tmp_path):
     """A preempted job: SIGTERM to all its processes (as SLURM sends it; the launcher relays it too
     and kills the ranks 30 s later). Every rank stops after the same step, saved complete, and
-    --resume auto trains on from it to the end, each step once. W&B logs offline, as by default: its
-    process ends with the job's signal (the launcher ends rank 0's children too), and the next
-    log failed rank 0, so that a preempted run saved nothing; now W&B's logging stops there."""
+    --resume auto trains on from it to the end, each step once; the log interval cut by the stop is
+    logged at the stop. W&B logs offline, as by default: its process ends with the job's signal
+    (the launcher ends rank 0's children too), and the next log failed rank 0, so that a preempted
+    run saved nothing; now W&B's logging stops there."""
     out = tmp_path / "run"
     args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "150",
-            "--micro_batch_size", "6", "--log_steps", "1", "--save_steps", "100", "--eval_steps", "100", "--record_keys"]
+            "--micro_batch_size", "6", "--log_steps", "7", "--save_steps", "100", "--eval_steps", "100", "--record_keys"]
     job = subprocess.Popen(launcher(ranks=2) + args, start_new_session=True, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "WANDB_MODE": "offline"}, cwd=ROOT)
     try:
@@ -1161,7 +1162,7 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
 
     done = train(args + ["--resume", "auto"], env={"WANDB_MODE": "disabled"})
     assert f"(step {step})" in done.stdout
-    assert sorted(losses_by_step(out)) == list(range(1, 151))
+    assert sorted(losses_by_step(out)) == sorted({*range(7, 151, 7), step, 150})
     for rank in (0, 1):  # 3 steps an epoch: every epoch's 36 samples once, across the stop
         keys = keys_by_step(out, rank)
         assert [s for s, _ in keys] == list(range(1, 151))
@@ -1242,6 +1243,24 @@ def test_ctrl_c_twice_stops_at_once_without_saving(files, tmp_path):
     assert re.findall(r"train: rank 1: .*", output) in (
         [], ["train: rank 1: stopping: rank 0 was stopped by Ctrl-C at step 5, without saving"]), output[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003"]
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line():
+    """Ctrl-C in the first seconds of a run, while torch, DeepSpeed and transformers load, printed
+    each rank's KeyboardInterrupt traceback from deep inside an import."""
+    job = subprocess.Popen([sys.executable, str(ROOT / "train" / "main.py"), "--help"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_default_sigint)
+    try:
+        deadline = time.monotonic() + 60
+        while "libtorch_cpu" not in Path(f"/proc/{job.pid}/maps").read_text():  # torch loads: seconds to go
+            assert time.monotonic() < deadline and job.poll() is None
+            time.sleep(0.01)
+        job.send_signal(signal.SIGINT)
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == 130 and err == "\ntrain: stopped by Ctrl-C while loading its libraries; nothing was done\n", err
+    assert "usage" not in out
 
 
 @pytest.mark.parametrize("via", ["deepspeed", "torchrun"])

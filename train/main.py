@@ -17,6 +17,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repo's packages, not train/'s modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+
+def _stopped_while_loading(signum, frame) -> None:
+    """Ctrl-C while the libraries load (seconds, before main's handlers): one line, not each
+    rank's KeyboardInterrupt traceback from deep inside an import."""
+    import os
+
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print("\ntrain: stopped by Ctrl-C while loading its libraries; nothing was done", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not where the job ignores it)
+        signal.signal(signal.SIGINT, _stopped_while_loading)
+
 import contextlib
 import dataclasses
 import faulthandler
@@ -850,7 +867,9 @@ def fit(run: Run) -> str:
             advance(run, batches, meter, bar)
             profiler.after_step()
             bar.update(1)
-            if preemption.due():
+            if preemption.due():  # the same step on every rank
+                if meter["steps"]:  # the steps since the last log: the resumed run's first row starts after them
+                    log_train(run, meter, bar)
                 preemption.stop()
     except Exception:
         preemption.failed = True
