@@ -352,7 +352,9 @@ def test_ctrl_c_while_workers_check_is_one_line(tmp_path):
     for c in range(2):
         for i in range(3):
             write(src / f"c{c}" / f"{i}.png", encode(photo(c * 3 + i, (40, 30)), "PNG"))
-    os.mkfifo(src / "c1" / "9.png")  # a read that never ends: the workers are at work when Ctrl-C comes
+    big = encode(Image.new("RGB", (8000, 8000), (120, 80, 40)), "PNG")  # 64 MP: a second or so to check each
+    for i in range(12):  # the workers are at work when Ctrl-C comes
+        write(src / "c1" / f"big{i}.png", big)
     with open(errors, "w") as stderr:
         proc = subprocess.Popen([*MAKE_SHARDS, str(src), str(out), "--workers", "2"], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=stderr)

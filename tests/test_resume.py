@@ -1107,6 +1107,30 @@ def test_a_rank_ends_with_its_exit_code_whatever_its_daemon_threads_do(tmp_path,
     assert done.stdout == "pool ran\nthe last line, not flushed yetatexit ran\n"
 
 
+FAILED_RANK = """
+import atexit, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import train.main as trainer
+
+trainer.run_training = lambda args: 1  # a rank that stops after a peer's death, on its way out
+# the launcher's SIGTERM to every rank once one has exited, as this one exits
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.5)))
+trainer.exit_rank(trainer.main(["--ds_config", "ds_configs/zero2.json"]))
+"""
+
+
+def test_a_rank_on_its_way_out_exits_with_its_code_whatever_the_launcher_sends(tmp_path):
+    """A rank done with its stop (its code 1) was killed by the launcher's SIGTERM if it came
+    during the exit (main set SIGTERM's default action back): its peers then found it killed by
+    SIGTERM and named it as the cause, not the rank that died first (seen in CI under torchrun)."""
+    script = tmp_path / "failed_rank.py"
+    script.write_text(FAILED_RANK)
+    done = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr and "SIGTERM" not in done.stderr, done.stderr[-3000:]
+
+
 def break_sample(split_dir: Path, key: str) -> Path:
     """Overwrites the JPEG of `key` with zeros in place and records the shard's new sha256 in the
     manifest, as shards written bad from the start would be: only decoding can find it."""

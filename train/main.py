@@ -157,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
               f"was saved", file=sys.stderr, flush=True)
         teardown_wandb()  # a run begun in setup
         return 128 + e.signum
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the way out is done: exit's own cleanup is not interrupted
+    finally:  # the way out is done: exit's own cleanup is not interrupted, and the launcher's SIGTERM (to
+        # every rank once one has exited) no longer decides how this rank ends: killed by it, a rank on its
+        # way out after a peer's death passed for the cause in the others' message (the watcher still ends
+        # a rank that has not exited SIGTERM_GRACE_S after it)
+        hold_sigterm()
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
 
