@@ -157,14 +157,18 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     assert complete[-2:] == ["step-00000006", "step-00000008"]
     assert all((p / "complete.json").exists() for p in (resumed / "checkpoints").glob("step-*"))
     # one W&B run, continued: both offline run folders carry the same run id, and the resumed part
-    # logs steps 5 and 6 again on the trainer's step axis (online, W&B drops them on its own axis)
+    # logs steps 5 and 6 again on the trainer's step axis (online, W&B drops them on its own axis),
+    # and the rows up to step 4 that the killed part's W&B process had not written
     from test_train import wandb_history
 
     run_ids = {p.name.rsplit("-", 1)[-1] for p in (resumed / "wandb").glob("offline-run-*")}
     assert len(list((resumed / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
-    resumed_history = wandb_history(resumed, 1)[0]
-    assert sorted(resumed_history) == [5, 6, 7, 8]
+    killed_history, resumed_history = wandb_history(resumed, 0)[0], wandb_history(resumed, 1)[0]
+    lacking = {m["step"] for m in metrics(resumed)
+               if m["step"] <= 4 and not set(m) - {"step"} <= set(killed_history.get(m["step"], ()))}
+    assert sorted(resumed_history) == sorted(lacking | {5, 6, 7, 8}), (sorted(killed_history), sorted(resumed_history))
     assert [resumed_history[s]["train/loss"] for s in range(5, 9)] == pytest.approx([got[s] for s in range(5, 9)])
+    assert_wandb_holds(resumed)
 
     # a checkpoint damaged since its save (a copy cut short, a changed byte, which torch.load reads
     # as a wrong weight without a word) is refused before any file loads, naming the file and the
@@ -202,6 +206,19 @@ def test_killed_mid_save_and_resumed_equals_straight_through(files, tmp_path):
     aside = next((damaged / "abandoned").iterdir())
     assert sorted(p.name for p in aside.glob("step-*")) == ["step-00000006", "step-00000008"]
     assert (aside / "step-00000008" / cut.name).stat().st_size == size - 1000  # set aside as found
+
+
+def assert_wandb_holds(out: Path) -> None:
+    """The offline W&B runs in OUT/wandb, together, hold every value of OUT/metrics.jsonl at its step."""
+    from test_train import wandb_history
+
+    charted: dict[int, dict] = {}
+    for run in range(len(list((out / "wandb").glob("offline-run-*")))):
+        for at, row in wandb_history(out, run)[0].items():
+            charted.setdefault(at, {}).update(row)
+    for row in metrics(out):
+        values = {k: v for k, v in row.items() if k != "step"}
+        assert {k: charted.get(row["step"], {}).get(k) for k in values} == pytest.approx(values), row["step"]
 
 
 def flip_a_byte(file: Path) -> str:
@@ -1184,9 +1201,16 @@ def test_sigterm_saves_the_agreed_step_on_every_rank_and_resume_goes_on(files, t
     assert len(re.findall(r"main\.py\", line \d+ in fit$", output, re.M)) == 2, output[-3000:]  # each rank's loop
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
 
-    done = train(args + ["--resume", "auto"], env={"WANDB_MODE": "disabled"})
+    done = train(args + ["--resume", "auto"], env={"WANDB_MODE": "offline"})
     assert f"(step {step})" in done.stdout
     assert sorted(losses_by_step(out)) == sorted({*range(7, 151, 7), step, 150})
+    # W&B has every row metrics.jsonl has: the resumed run logs again the rows its stopped part lost
+    # with its process (ended by the job's SIGTERM before it wrote them)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in runs}) == 1  # one W&B run, continued
+    assert_wandb_holds(out)
+    relogged = re.search(r"logged again: (\d+) row\(s\) of steps (\d+)-(\d+) that its stopped part", done.stdout)
+    assert relogged and int(relogged.group(3)) == step, done.stdout[-3000:]
     for rank in (0, 1):  # 3 steps an epoch: every epoch's 36 samples once, across the stop
         keys = keys_by_step(out, rank)
         assert [s for s, _ in keys] == list(range(1, 151))

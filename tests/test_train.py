@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tarfile
@@ -22,29 +21,7 @@ from PIL import Image
 
 from conftest import (ROOT, TINY_RESNET, TINY_VIT, common, evals, finish, free_port, launcher, metrics, photo,
                       train, two_nodes)
-
-def wandb_records(run_file: Path):
-    """The protobuf records of an offline W&B run file (LevelDB-style log: 32 KiB blocks, 7-byte
-    record headers); wandb 0.31 has no Python reader for it."""
-    from wandb.proto import wandb_internal_pb2
-
-    raw, pos, chunk = run_file.read_bytes(), 7, b""
-    assert raw[:4] == b":W&B"
-    while pos + 7 <= len(raw):
-        if (left := 32768 - pos % 32768) < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        if length == 0 and kind == 0:  # block padding
-            pos += left
-            continue
-        chunk += raw[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a full record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunk)
-            chunk = b""
-            yield record
+from train.metrics import wandb_records
 
 
 def wandb_history(output_dir: Path, run: int = 0) -> tuple[dict[int, dict], dict]:
@@ -61,7 +38,7 @@ def wandb_history(output_dir: Path, run: int = 0) -> tuple[dict[int, dict], dict
             config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
         elif kind == "metric":
             axes[record.metric.glob_name or record.metric.name] = record.metric.step_metric
-    assert axes.get("*") == "trainer/step", axes
+    assert not history or axes.get("*") == "trainer/step", axes  # (a run whose process was killed may hold nothing)
     return history, config
 
 

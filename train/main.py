@@ -504,7 +504,10 @@ def _open_logger(run: Run, config: dict, *, run_id: str | None, name: str, resum
                            name=name, config=config, run_id=run_id, resume_step=resume_step)
     if run.logger.fallback:
         return f"W&B offline: {mode} failed ({run.logger.fallback}); `wandb sync DIR` uploads it later"
-    return f"W&B {mode} ({why})"
+    relogged = run.logger.relogged
+    return f"W&B {mode} ({why})" + (
+        f"; logged again: {len(relogged)} row(s) of steps {relogged[0]}-{relogged[-1]} that its stopped part had "
+        f"not written" if relogged else "")
 
 
 def setup_eval(args: TrainArgs) -> Run:

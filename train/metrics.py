@@ -15,6 +15,7 @@ import json
 import netrc
 import os
 import socket
+import struct
 import sys
 import urllib.parse
 from pathlib import Path
@@ -65,6 +66,7 @@ class RunLogger:
     def __init__(self, *, output_dir: Path, enabled: bool, mode: str, project: str, name: str, config: dict,
                  run_id: str | None, resume_step: int | None):
         self.enabled, self.run, self.fallback, self.lost = enabled, None, None, False
+        self.relogged: list[int] = []  # the steps of the rows logged again (replay_lost)
         self.path = Path(output_dir) / "metrics.jsonl"
         if not enabled:
             return
@@ -72,6 +74,9 @@ class RunLogger:
         if mode != "disabled":
             import wandb
 
+            # what the offline run's earlier parts wrote: W&B's process, ended with a preempted job,
+            # loses what it had not written yet (a short run's whole history)
+            held = wandb_rows(Path(output_dir) / "wandb", run_id) if run_id and mode == "offline" else None
             if mode == "online" and (why := wandb_unreachable()):
                 mode, self.fallback = "offline", why
             init = dict(project=project, name=name, dir=str(output_dir), config=config, id=run_id,
@@ -88,6 +93,18 @@ class RunLogger:
             # the dead run's, and the resumed ones lost
             self.run.define_metric(STEP)
             self.run.define_metric("*", step_metric=STEP)
+            if held is not None:
+                self.replay_lost(held)
+
+    def replay_lost(self, held: dict[int, set[str]]) -> None:
+        """Logs to W&B again the rows of metrics.jsonl (up to the step resumed from) that its earlier
+        parts do not hold (`held`: wandb_rows), in their order, on their steps."""
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            row = json.loads(line)
+            step = row.pop("step")
+            if not set(row) <= held.get(step, set()):
+                self._to_wandb(lambda: self.run.log({**row, STEP: step}))
+                self.relogged.append(step)
 
     @property
     def run_id(self) -> str | None:
@@ -185,6 +202,51 @@ def teardown_wandb() -> None:
     if "wandb" in sys.modules:
         with contextlib.suppress(Exception):
             sys.modules["wandb"].teardown()
+
+
+def wandb_records(run_file: Path):
+    """The protobuf records of a W&B run file (run-ID.wandb: a LevelDB-style log of 32 KiB blocks
+    with 7-byte record headers; wandb has no reader for it), up to a record cut short (its process
+    ended while writing)."""
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, chunk, block = run_file.read_bytes(), 7, b"", 32768
+    if raw[:4] != b":W&B":
+        return
+    while pos + 7 <= len(raw):
+        if (left := block - pos % block) < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if length == 0 and kind == 0:  # block padding
+            pos += left
+            continue
+        if pos + 7 + length > len(raw):
+            return
+        chunk += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(chunk)
+            except DecodeError:
+                return
+            chunk = b""
+            yield record
+
+
+def wandb_rows(folder: Path, run_id: str) -> dict[int, set[str]]:
+    """{trainer step: the names logged at it} in the offline W&B runs of `run_id` in `folder`
+    (OUTPUT/wandb): what `wandb sync` uploads of them."""
+    held: dict[int, set[str]] = {}
+    for run_file in sorted(folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        for record in wandb_records(run_file):
+            if record.WhichOneof("record_type") == "history":
+                row = {(i.key or "/".join(i.nested_key)): i.value_json for i in record.history.item}
+                if STEP in row:
+                    held.setdefault(int(json.loads(row[STEP])), set()).update(row)
+    return held
 
 
 def truncate_log(path: Path, *, after: int) -> None:
