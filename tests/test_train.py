@@ -21,18 +21,19 @@ from PIL import Image
 
 from conftest import (ROOT, TINY_RESNET, TINY_VIT, common, evals, finish, free_port, launcher, metrics, photo,
                       train, two_nodes)
-from train.metrics import wandb_records
+from train.metrics import history_row, wandb_records
 
 
 def wandb_history(output_dir: Path, run: int = 0) -> tuple[dict[int, dict], dict]:
     """({trainer step: logged values}, run config) of the run-th offline W&B run (in time order);
     asserts that every chart follows the trainer's step."""
     run_file = sorted((output_dir / "wandb").glob("offline-run-*/run-*.wandb"))[run]
+    assert run_file.read_bytes()[:4] == b":W&B", run_file  # (wandb_records reads nothing of another file)
     history, config, axes = {}, {}, {}
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            row = {name: json.loads(value) for name, value in history_row(record).items()}
             history.setdefault(row["trainer/step"], {}).update(row)
         elif kind == "run":
             config = {i.key: json.loads(i.value_json) for i in record.run.config.update}

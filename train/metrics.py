@@ -236,6 +236,11 @@ def wandb_records(run_file: Path):
             yield record
 
 
+def history_row(record) -> dict[str, str]:
+    """{name: value as JSON} of a W&B history record (a row that `run.log` logged)."""
+    return {(i.key or "/".join(i.nested_key)): i.value_json for i in record.history.item}
+
+
 def wandb_rows(folder: Path, run_id: str) -> dict[int, set[str]]:
     """{trainer step: the names logged at it} in the offline W&B runs of `run_id` in `folder`
     (OUTPUT/wandb): what `wandb sync` uploads of them."""
@@ -243,7 +248,7 @@ def wandb_rows(folder: Path, run_id: str) -> dict[int, set[str]]:
     for run_file in sorted(folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
         for record in wandb_records(run_file):
             if record.WhichOneof("record_type") == "history":
-                row = {(i.key or "/".join(i.nested_key)): i.value_json for i in record.history.item}
+                row = history_row(record)
                 if STEP in row:
                     held.setdefault(int(json.loads(row[STEP])), set()).update(row)
     return held
