@@ -9,7 +9,6 @@ import io
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -199,26 +198,6 @@ def read_with_dali(split_dir: Path, *, batch_size: int = 8) -> list[tuple[str, i
 
 
 # --- the trainer under the real launcher (tests/test_train.py, tests/test_resume.py) ---------------
-
-@pytest.fixture(scope="session", autouse=True)
-def no_leaked_shared_memory():
-    """Jobs the tests kill cannot remove DeepSpeed's 66 MB /dev/shm all-reduce buffers (a clean
-    exit of train/main.py does); remove what this session left: those created since it started
-    that no process maps. A running job's ranks map theirs (another pytest session's, on this
-    machine: deleted, its ranks would wait for each other's forever), a moment after creating it."""
-    import time
-
-    start = time.time()
-    yield
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        with contextlib.suppress(OSError):
-            mapped.update(re.findall(r"/dev/shm/(deepspeed_allreduce_buffer_\S+)", maps.read_text()))
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
-        with contextlib.suppress(OSError):
-            if start <= path.stat().st_mtime < time.time() - 5 and path.name not in mapped:
-                path.unlink()
-
 
 TINY_RESNET, TINY_VIT = soak.MODELS["resnet"], soak.MODELS["vit"]  # the tiny models tools/soak.py trains
 

@@ -64,7 +64,8 @@ def losses_by_step(out: Path) -> dict[int, float]:
 
 
 def shm_left(done: subprocess.CompletedProcess) -> list[str]:
-    """DeepSpeed's all-reduce buffers in /dev/shm (66 MB a rank) that the job `done` left behind."""
+    """DeepSpeed's all-reduce buffers in /dev/shm (66 MB a rank) that the job `done` left behind: its
+    CPU ranks no longer build the op that creates them (train/distributed.py), which never removed them."""
     port = done.args[done.args.index("--master_port") + 1]
     return [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")]
 
@@ -601,12 +602,16 @@ sys.path.insert(0, root)
 import deepspeed, torch
 from deepspeed import comm as dist
 from train.checkpoint import weights_are_finite
+from train.config import resolve_optimizer
+from train.distributed import no_shm_op
 
+no_shm_op()  # as the trainer's CPU ranks: no op to compile
 deepspeed.init_distributed(verbose=False)
 rank, world = dist.get_rank(), dist.get_world_size()
 model = torch.nn.Linear(5, 4)  # 20 + 4 elements: ZeRO-3 pads each to a multiple of 3 ranks
 config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+resolve_optimizer(config, device_type="cpu")
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 padding = 0
 for p in engine.module.parameters():
@@ -1409,11 +1414,11 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
-    extensions = tmp_path / "torch_extensions"  # TORCH_EXTENSIONS_DIR/NAME: copies of the ops a CPU job loads
-    for name, builder in (("deepspeed_shm_comm", "ShareMemCommBuilder"), ("fused_adam", "FusedAdamBuilder")):
-        get_accelerator().create_op_builder(builder).load()  # built once, as any CPU job does
-        shutil.copytree(_get_build_directory(name, verbose=False), extensions / name)
-    lock = extensions / "deepspeed_shm_comm" / "lock"
+    # TORCH_EXTENSIONS_DIR/NAME: a copy of the one op a CPU job loads, ZeRO-Offload's CPU Adam
+    extensions = tmp_path / "torch_extensions"
+    get_accelerator().create_op_builder("CPUAdamBuilder").load()  # built once, as the first such job does
+    shutil.copytree(_get_build_directory("cpu_adam", verbose=False), extensions / "cpu_adam")
+    lock = extensions / "cpu_adam" / "lock"
     lock.touch()
     held = extensions / "other_op" / "lock"  # an op another process builds now: its lock is left alone
     held.parent.mkdir()
@@ -1425,7 +1430,7 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     os.utime(held, (time.time() - 1200, time.time() - 1200))
     env = {**os.environ, "WANDB_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(extensions)}
     out, log = tmp_path / "run", tmp_path / "job.log"
-    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "2",
+    args = ["--ds_config", "ds_configs/zero3_offload.json", *common(files, "photos", "vit", out), "--max_steps", "2",
             "--micro_batch_size", "6", "--save_steps", "0"]
     with open(log, "w") as sink:
         job = subprocess.Popen(launcher(ranks=2) + args, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
@@ -1448,6 +1453,7 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     assert f"train: removed {lock.resolve()}, 20 min old and held by no process here" in done.stderr
     assert "train: done, 2 steps" in done.stdout and not lock.exists()
     assert held.exists() and "other_op" not in output + done.stderr
+    assert sorted(p.name for p in extensions.iterdir() if p.is_dir()) == ["cpu_adam", "other_op"]  # no other op built
 
     # a rank that PeerWatch ends with os._exit first removes the locks it holds, and only those
     from torch.utils.file_baton import FileBaton

@@ -62,10 +62,12 @@ def test_two_ranks_train_evaluate_and_export(files, tmp_path, zero):
     out = tmp_path / "run"
     done = train(["--ds_config", f"ds_configs/{zero}.json", *common(files, "digits", "resnet", out),
                   "--epochs", "2", "--micro_batch_size", "32", "--lr", "3e-3", "--log_steps", "5", "--eval_resize", "pillow",
-                  *(["--channels_last"] if zero == "zero3" else [])])
+                  *(["--channels_last"] if zero == "zero3" else [])], env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ops")})
     assert "best eval top-1" in done.stdout and str(out / "model") in done.stdout
     config = json.loads((out / "run_config.json").read_text())
     assert config["world_size"] == 2 and config["deepspeed"]["zero_optimization"]["stage"] == int(zero[-1])
+    # CPU ranks compile no DeepSpeed op (its shared-memory all-reduce, its CPU fused Adam): torch's AdamW
+    assert config["deepspeed"]["optimizer"]["params"]["torch_adam"] is True and not (tmp_path / "ops").exists()
     assert config["deepspeed"]["train_batch_size"] == 64
     from transformers import AutoModelForImageClassification  # counted before ZeRO-3 partitions the parameters
     exported = AutoModelForImageClassification.from_pretrained(out / "model")
@@ -120,6 +122,9 @@ def test_every_shipped_deepspeed_config_trains_the_same(files, tmp_path):
         train(["--ds_config", f"ds_configs/{name}.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
                "--micro_batch_size", "6", "--log_steps", "1", "--wandb_mode", "disabled", "--eval_steps", "5"])
         losses[name] = [m["train/loss"] for m in metrics(out) if "train/loss" in m] + [evals(out)[-1]["eval/loss"]]
+        # ZeRO-Offload keeps DeepSpeed's CPU Adam, the op GPU runs offload to; the others run torch's AdamW on CPU
+        optimizer = json.loads((out / "run_config.json").read_text())["deepspeed"]["optimizer"]["params"]
+        assert optimizer.get("torch_adam") is (None if name == "zero3_offload" else True), name
     assert len(losses["zero1"]) == 6
     for name in ("zero2", "zero3", "zero3_offload"):
         assert losses[name] == pytest.approx(losses["zero1"], rel=1e-4), name

@@ -115,6 +115,18 @@ def resolve_precision(config: dict, args: TrainArgs, *, device_type: str, proble
     return precision
 
 
+def resolve_optimizer(config: dict, *, device_type: str) -> None:
+    """On CPU ranks, DeepSpeed's Adam or AdamW runs as torch's (the config's `torch_adam`, unless it
+    says otherwise): DeepSpeed's own CPU fused Adam is a C++ op compiled on a machine's first run
+    (2 minutes on 2 cores, before the first step) for the same update. With ZeRO-Offload DeepSpeed's
+    CPU Adam stays: the op that GPU runs offloading the optimizer use."""
+    optimizer = config.get("optimizer", {})
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if device_type == "cpu" and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
+            and offload.get("device", "none") in ("none", None):
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+
+
 def resolve_schedule(config: dict, args: TrainArgs, *, total_steps: int, warmup_steps: int):
     """The learning-rate schedule. A `scheduler` section in the config is DeepSpeed's, its "auto"
     values filled here (returns None). Without one, --lr_scheduler picks Hugging Face's

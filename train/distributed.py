@@ -25,6 +25,7 @@ from typing import Callable, NoReturn
 import deepspeed
 import psutil
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from train.perf import release_build_locks
 
@@ -129,10 +130,7 @@ def distributed():
     try:
         yield
     finally:
-        try:
-            dist.destroy_process_group()
-        finally:
-            _shm_buffer().unlink(missing_ok=True)
+        dist.destroy_process_group()
 
 
 def srun_env(environ) -> dict[str, str] | None:
@@ -201,9 +199,8 @@ def lost_peer(error: BaseException) -> bool:
 
 def release_rank_files() -> None:
     """What a rank that ends by os._exit (every finally skipped) must still remove: the build locks
-    it holds and its all-reduce buffer in /dev/shm."""
+    it holds."""
     release_build_locks()
-    _shm_buffer().unlink(missing_ok=True)
 
 
 class PeerWatch:
@@ -368,10 +365,7 @@ class PeerWatch:
 
     def _count_out(self) -> None:
         """This rank stops: it counts itself out and waits until all have (LINGER_S at most); rank 0,
-        which hosts the store, then until every other rank has made its last store call. It removes
-        the all-reduce buffers of its node's ranks found dead (a killed rank leaves its own)."""
-        for rank in self.dead:
-            _shm_buffer(rank).unlink(missing_ok=True)
+        which hosts the store, then until every other rank has made its last store call."""
         if self.store is None:  # gone with rank 0: nothing to wait for
             return
         with contextlib.suppress(Exception):
@@ -578,6 +572,7 @@ def _init_distributed() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
         os.environ.setdefault(key, value)
+    no_shm_op()
     try:
         deepspeed.init_distributed(verbose=False)
     except dist.DistError as e:
@@ -585,6 +580,16 @@ def _init_distributed() -> None:
             raise
         print(f"train: rank {os.environ['RANK']}: {why}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def no_shm_op() -> None:
+    """Before `deepspeed.init_distributed` on CPU ranks: DeepSpeed's CPU accelerator compiles a
+    shared-memory all-reduce op on a machine's first job (1.5 minutes on 2 cores) that only its
+    inference all-reduce uses (training's collectives are gloo's), and each rank's 66 MB buffer of
+    it in /dev/shm outlived every killed job. It is marked unbuildable, as DeepSpeed's own probe
+    marks an op a machine cannot build."""
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def rendezvous_failure(error: Exception) -> str | None:
@@ -606,15 +611,6 @@ def rendezvous_failure(error: Exception) -> str | None:
                 f"it did not start (its node's launcher log says why), or {os.environ.get('MASTER_ADDR')} is not "
                 f"its node's address from here (--master_addr)")
     return None
-
-
-def _shm_buffer(rank: int | None = None) -> Path:
-    """The shared-memory file of this rank's (or `rank`'s) CPU all-reduce. DeepSpeed creates one of
-    66 MB per rank when all ranks share a machine (ops/csrc/cpu/comm/shm.cpp) and never unlinks it:
-    left alone, every run leaks it into /dev/shm (RAM) until the machine runs out of memory."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                               f"{os.environ.get('MASTER_PORT')}_{rank}")
 
 
 def agree(problems: list[str]) -> None:

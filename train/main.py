@@ -70,7 +70,8 @@ from train.checkpoint import (EMA_FILE, FROZEN_FILE, MODEL_FILES, CheckpointErro
                               checkpoint_info, checkpoint_path, complete_checkpoints, drop_universal, export_model,
                               folder_bytes, load_checkpoint, record_top1, save_checkpoint, save_frozen,
                               share_unreadable, universal_checkpoint, universal_gaps, write_failure)
-from train.config import find_autos, load_ds_config, resolve_batch, resolve_precision, resolve_schedule
+from train.config import (find_autos, load_ds_config, resolve_batch, resolve_optimizer, resolve_precision,
+                          resolve_schedule)
 from train.data import BaselineLoader, SyntheticLoader, builtin_digits
 from train.distributed import (LOOP_SAVES, Interrupted, PeerWatch, Terminated, agree, cpu_share, deepspeed_runner,
                                distributed, exit_rank, few_cores, hold_sigterm, lost_peer, watch_sigterm)
@@ -291,6 +292,7 @@ def setup(args: TrainArgs) -> Run:
     data, manifest, classes, eval_samples = _data(args, local_rank=local_rank, problems=problems)
     ds_config = resolve_batch(load_ds_config(args.ds_config, problems), args, world_size=world, problems=problems)
     precision = resolve_precision(ds_config, args, device_type=device.type, problems=problems)
+    resolve_optimizer(ds_config, device_type=device.type)
     model, image_processor, head = _model(args, builtin=builtin, classes=classes, problems=problems)
     model, image_processor, spec, resampled = _at_image_size(args, model, image_processor, problems)
     frozen = freeze_backbone(model) if args.freeze_backbone and model is not None else 0
