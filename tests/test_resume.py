@@ -1411,14 +1411,11 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     (an exception, which releases what a rank holds, not the signal's default death); once older than
     any build it is removed and the run trains. A lock some process holds is left alone, and a rank
     ended by os._exit removes only the locks it holds."""
-    from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
-
-    # TORCH_EXTENSIONS_DIR/NAME: a copy of the one op a CPU job loads, ZeRO-Offload's CPU Adam
+    # TORCH_EXTENSIONS_DIR/NAME/lock: a lock of the op a job whose config asks for DeepSpeed's own
+    # Adam loads (on CPU ranks, its CPU fused Adam); the job waits for it before it builds anything
     extensions = tmp_path / "torch_extensions"
-    get_accelerator().create_op_builder("CPUAdamBuilder").load()  # built once, as the first such job does
-    shutil.copytree(_get_build_directory("cpu_adam", verbose=False), extensions / "cpu_adam")
-    lock = extensions / "cpu_adam" / "lock"
+    lock = extensions / "fused_adam" / "lock"
+    lock.parent.mkdir(parents=True)
     lock.touch()
     held = extensions / "other_op" / "lock"  # an op another process builds now: its lock is left alone
     held.parent.mkdir()
@@ -1430,11 +1427,14 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     os.utime(held, (time.time() - 1200, time.time() - 1200))
     env = {**os.environ, "WANDB_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(extensions)}
     out, log = tmp_path / "run", tmp_path / "job.log"
-    args = ["--ds_config", "ds_configs/zero3_offload.json", *common(files, "photos", "vit", out), "--max_steps", "2",
+    args = ["--ds_config", "ds_configs/zero2.json", *common(files, "photos", "vit", out), "--max_steps", "2",
             "--micro_batch_size", "6", "--save_steps", "0"]
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config["optimizer"]["params"]["torch_adam"] = False
+    (tmp_path / "ds_adam.json").write_text(json.dumps(config))
     with open(log, "w") as sink:
-        job = subprocess.Popen(launcher(ranks=2) + args, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                               start_new_session=True)
+        job = subprocess.Popen(launcher(ranks=2) + ["--ds_config", str(tmp_path / "ds_adam.json"), *args[2:]],
+                               stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     try:
         wait_for_text(log, "is held by no process on this machine", job=job)
         time.sleep(2)  # the ranks wait for the lock
@@ -1453,7 +1453,8 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
     assert f"train: removed {lock.resolve()}, 20 min old and held by no process here" in done.stderr
     assert "train: done, 2 steps" in done.stdout and not lock.exists()
     assert held.exists() and "other_op" not in output + done.stderr
-    assert sorted(p.name for p in extensions.iterdir() if p.is_dir()) == ["cpu_adam", "other_op"]  # no other op built
+    # the first job waited without building; the second (torch's AdamW on CPU ranks) loaded no op
+    assert [p.name for p in extensions.rglob("*") if p.is_file() and not p.name.startswith("cpuinfo-")] == ["lock"]
 
     # a rank that PeerWatch ends with os._exit first removes the locks it holds, and only those
     from torch.utils.file_baton import FileBaton

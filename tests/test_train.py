@@ -122,9 +122,8 @@ def test_every_shipped_deepspeed_config_trains_the_same(files, tmp_path):
         train(["--ds_config", f"ds_configs/{name}.json", *common(files, "photos", "resnet", out), "--max_steps", "5",
                "--micro_batch_size", "6", "--log_steps", "1", "--wandb_mode", "disabled", "--eval_steps", "5"])
         losses[name] = [m["train/loss"] for m in metrics(out) if "train/loss" in m] + [evals(out)[-1]["eval/loss"]]
-        # ZeRO-Offload keeps DeepSpeed's CPU Adam, the op GPU runs offload to; the others run torch's AdamW on CPU
-        optimizer = json.loads((out / "run_config.json").read_text())["deepspeed"]["optimizer"]["params"]
-        assert optimizer.get("torch_adam") is (None if name == "zero3_offload" else True), name
+        # torch's AdamW on CPU ranks, ZeRO-Offload's too: no CPU Adam op to compile first
+        assert json.loads((out / "run_config.json").read_text())["deepspeed"]["optimizer"]["params"]["torch_adam"]
     assert len(losses["zero1"]) == 6
     for name in ("zero2", "zero3", "zero3_offload"):
         assert losses[name] == pytest.approx(losses["zero1"], rel=1e-4), name

@@ -117,13 +117,11 @@ def resolve_precision(config: dict, args: TrainArgs, *, device_type: str, proble
 
 def resolve_optimizer(config: dict, *, device_type: str) -> None:
     """On CPU ranks, DeepSpeed's Adam or AdamW runs as torch's (the config's `torch_adam`, unless it
-    says otherwise): DeepSpeed's own CPU fused Adam is a C++ op compiled on a machine's first run
-    (2 minutes on 2 cores, before the first step) for the same update. With ZeRO-Offload DeepSpeed's
-    CPU Adam stays: the op that GPU runs offloading the optimizer use."""
+    says otherwise): DeepSpeed's own CPU Adams are C++ ops compiled on a machine's first run (its
+    fused Adam 2 minutes on 2 cores, ZeRO-Offload's CPU Adam 2.5, before the first step) for the same
+    update. GPU runs keep DeepSpeed's: its fused Adam, and the CPU Adam where they offload."""
     optimizer = config.get("optimizer", {})
-    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
-    if device_type == "cpu" and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
-            and offload.get("device", "none") in ("none", None):
+    if device_type == "cpu" and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
         optimizer.setdefault("params", {}).setdefault("torch_adam", True)
 
 
