@@ -584,7 +584,7 @@ def _init_distributed() -> None:
 
 def no_shm_op() -> None:
     """Before `deepspeed.init_distributed` on CPU ranks: DeepSpeed's CPU accelerator compiles a
-    shared-memory all-reduce op on a machine's first job (1.5 minutes on 2 cores) that only its
+    shared-memory all-reduce op on a machine's first job (46 s on 2 idle cores) that only its
     inference all-reduce uses (training's collectives are gloo's), and each rank's 66 MB buffer of
     it in /dev/shm outlived every killed job. It is marked unbuildable, as DeepSpeed's own probe
     marks an op a machine cannot build."""
