@@ -47,6 +47,32 @@ def wait_for_text(log: Path, text: str, *, job: subprocess.Popen, timeout: float
         time.sleep(0.05)
 
 
+def wait_in_frame(job: subprocess.Popen, log: Path, frame: str, *, ranks: int = 2, timeout: float = 180) -> None:
+    """Until each of the `ranks` ranks of the running `job` has `frame` (a file name) in its stacks:
+    a rank prints them into the job's `log` on SIGUSR1 (faulthandler, once its handler is set, which
+    /proc's SigCgt says), one rank at a time."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while len(found := [p for p in psutil.Process(job.pid).children(recursive=True)
+                        if "train/main.py" in " ".join(p.cmdline())]) < ranks:
+        assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
+    for rank in found:
+        while True:
+            assert time.monotonic() < deadline and job.poll() is None, f"rank not in {frame}: {log.read_text()[-5000:]}"
+            status = Path(f"/proc/{rank.pid}/status").read_text()
+            if int(re.search(r"SigCgt:\s*(\w+)", status).group(1), 16) >> (signal.SIGUSR1 - 1) & 1:
+                start = log.stat().st_size
+                rank.send_signal(signal.SIGUSR1)
+                time.sleep(0.5)
+                with open(log) as f:
+                    f.seek(start)
+                    if frame in f.read():  # (no thread but the main one calls torch's build lock)
+                        break
+            time.sleep(0.5)
+
+
 def wait_for_step(out: Path, step: int, *, job: subprocess.Popen, timeout: float = 300) -> None:
     """Until the running `job` has logged the train loss of `step` in OUT/metrics.jsonl."""
     wait_for([out / "metrics.jsonl"], timeout, job=job)
@@ -1437,7 +1463,9 @@ def test_build_locks_of_killed_runs_are_named_or_removed_and_sigterm_in_setup_st
                                stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     try:
         wait_for_text(log, "is held by no process on this machine", job=job)
-        time.sleep(2)  # the ranks wait for the lock
+        # SIGTERM once both ranks wait for the lock (a rank still in a collective or in C++ runs no
+        # handler: it stops on its peer's word instead, as it should, but that is not what is tested)
+        wait_in_frame(job, log, "file_baton.py")
         os.killpg(job.pid, signal.SIGTERM)
         job.wait(timeout=60)
     finally:

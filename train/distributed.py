@@ -74,7 +74,7 @@ def watch_sigterm() -> None:
         while not (got := {signal.SIGTERM, signal.SIGINT} & set(os.read(read, 64))) or LOOP_SAVES.is_set():
             pass
         time.sleep(SIGTERM_GRACE_S)
-        release_rank_files()
+        release_build_locks()  # os._exit skips every finally
         how = Terminated(max(got))
         print(f"train: rank {os.environ.get('RANK', 0)}: {how.how} while blocked outside Python; exiting",
               file=sys.stderr, flush=True)
@@ -195,12 +195,6 @@ def lost_peer(error: BaseException) -> bool:
     """Whether an error is a collective's that lost a peer (gloo's connection reset, NCCL's remote
     error, torch's DistError), a symptom of another rank's end rather than this rank's own failure."""
     return isinstance(error, dist.DistError) or any(text in str(error) for text in LOST_PEER)
-
-
-def release_rank_files() -> None:
-    """What a rank that ends by os._exit (every finally skipped) must still remove: the build locks
-    it holds."""
-    release_build_locks()
 
 
 class PeerWatch:
@@ -464,12 +458,12 @@ class PeerWatch:
             if since is not None and time.monotonic() - since > self.silent_s:
                 self.say(f"stopping: lost contact with rank 0: the job's store (on {os.environ.get('MASTER_ADDR')}) "
                          f"has not answered for {self.silent_s:g} s{self._at()}: rank 0 froze, or its node is down")
-                release_rank_files()
+                release_build_locks()
                 os._exit(1)
 
     def _exit(self, code: int) -> NoReturn:
         self._count_out()  # the launcher ends the others once this rank exits
-        release_rank_files()  # os._exit skips every finally
+        release_build_locks()  # os._exit skips every finally
         os._exit(code)
 
 
