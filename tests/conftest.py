@@ -293,19 +293,30 @@ def finish(job: subprocess.Popen, *, timeout: float) -> tuple[str, str | None]:
                              f"stacks last):\n{out[-20000:]}\n{(err or '')[-20000:]}") from None
 
 
-def signal_ranks(job: subprocess.Popen, signum: int) -> int:
-    """Sends `signum` to the trainer's ranks among the job's processes (not to the launcher), half a
-    second apart (what they print on it then does not interleave in the job's output); how many."""
+def rank_processes(job: subprocess.Popen) -> list:
+    """The trainer's ranks among the job's processes (psutil's), not the launcher."""
     import psutil
 
-    sent = 0
+    ranks = []
     for proc in [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             command = [part for part in proc.cmdline()[1:] if part != "-u"]
             if command and command[0].endswith("main.py"):  # a rank; the launcher runs deepspeed's modules
-                time.sleep(0.5 if sent else 0)
-                proc.send_signal(signum)
-                sent += 1
+                ranks.append(proc)
+    return ranks
+
+
+def signal_ranks(job: subprocess.Popen, signum: int) -> int:
+    """Sends `signum` to the trainer's ranks (not to the launcher), half a second apart (what they
+    print on it then does not interleave in the job's output); how many."""
+    import psutil
+
+    sent = 0
+    for proc in rank_processes(job):
+        with contextlib.suppress(psutil.Error):
+            time.sleep(0.5 if sent else 0)
+            proc.send_signal(signum)
+            sent += 1
     return sent
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import (ROOT, common, evals, finish, launcher, metrics, photo, signal_ranks, train,
-                      two_nodes)
+from conftest import (ROOT, common, evals, finish, launcher, metrics, photo, rank_processes, signal_ranks,
+                      train, two_nodes)
 from pipelines.shards import file_sha256
 
 
@@ -51,11 +51,8 @@ def wait_in_frame(job: subprocess.Popen, log: Path, frame: str, *, ranks: int = 
     """Until each of the `ranks` ranks of the running `job` has `frame` (a file name) in its stacks:
     a rank prints them into the job's `log` on SIGUSR1 (faulthandler, once its handler is set, which
     /proc's SigCgt says), one rank at a time."""
-    import psutil
-
     deadline = time.monotonic() + timeout
-    while len(found := [p for p in psutil.Process(job.pid).children(recursive=True)
-                        if "train/main.py" in " ".join(p.cmdline())]) < ranks:
+    while len(found := rank_processes(job)) < ranks:
         assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-3000:]
         time.sleep(0.1)
     for rank in found:
