@@ -561,7 +561,7 @@ def test_random_erasing_and_drop_path_train_and_resume_exactly(files, tmp_path):
     run(tmp_path / "resumed", *recipe, "--max_steps", "3", "--resume",
         str(tmp_path / "straight" / "checkpoints" / "step-00000002"))
     assert list(losses(tmp_path / "resumed")) == [3]
-    assert losses(tmp_path / "resumed")[3] == pytest.approx(losses(tmp_path / "straight")[3], rel=1e-5)
+    assert losses(tmp_path / "resumed")[3] == losses(tmp_path / "straight")[3]
     run(tmp_path / "plain", "--drop_path", "0.2", "--max_steps", "1")  # no erasing: another first loss
     assert losses(tmp_path / "plain")[1] != pytest.approx(losses(tmp_path / "straight")[1], rel=1e-6)
 
@@ -1371,7 +1371,7 @@ def test_compile_trains_the_same_under_zero3_with_gradient_checkpointing_and_res
     train(["--ds_config", "ds_configs/zero3.json", *common(files, "digits", "vit", out), "--max_steps", "4",
            "--micro_batch_size", "16", "--log_steps", "1", "--save_steps", "2", "--gradient_checkpointing",
            "--wandb_mode", "disabled", "--compile", "--resume", "auto"])
-    assert [m["train/loss"] for m in metrics(out) if "train/loss" in m] == pytest.approx(runs["compiled"], rel=1e-5)
+    assert [m["train/loss"] for m in metrics(out) if "train/loss" in m] == runs["compiled"]
 
 
 def test_metrics_that_cannot_be_written_are_a_write_error_naming_the_file(tmp_path):

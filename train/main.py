@@ -381,6 +381,8 @@ def _begin(run: Run, config: dict, *, resume: Path | None, state: dict, other_ra
             truncate_log(log, after=run.step)
     wandb = _open_logger(run, config, resume_step=run.step if resume else None,
                          **_wandb_line(run, state, resume=resume, branched=branched))
+    if run.best["top1"] is not None:  # a new line's W&B run (branched) has none until its first eval
+        _summarize_best(run)
     if run.rank == 0:
         print(_banner(run, config, resumed=resume, changes=changes, wandb=wandb))
 
@@ -1388,7 +1390,7 @@ def log_eval(run: Run, result: dict) -> None:
     run.last_eval = {"step": run.step, **result}
     _note_best(run, result["eval/top1"])
     run.logger.log(run.step, result)
-    run.logger.summarize({"eval/best_top1": run.best["top1"], "eval/best_step": run.best["step"]})
+    _summarize_best(run)
     if samples is not None:
         pixels, true, predicted = samples
         run.logger.log_samples(run.step, images=viewable(pixels, mean=run.spec.pixel_mean, std=run.spec.pixel_std),
@@ -1408,6 +1410,11 @@ def _note_best(run: Run, top1: float) -> None:
     as exported)."""
     if run.best["top1"] is None or top1 >= run.best["top1"]:
         run.best = {"top1": top1, "step": run.step}
+
+
+def _summarize_best(run: Run) -> None:
+    """The best eval so far in W&B's summary (the runs table's columns), not charted."""
+    run.logger.summarize({"eval/best_top1": run.best["top1"], "eval/best_step": run.best["step"]})
 
 
 def record_keys(run: Run, micro_batches: list[dict]) -> None:
